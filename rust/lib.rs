@@ -1,0 +1,24 @@
+//! meshstore's core: the hot path of a replicated entity-component store.
+//!
+//! - `hlc`: hybrid logical clock.
+//! - `strategy`: merge strategies dispatched on a component's Any type URL.
+//! - `entity`: one entity's CRDT state and its wire form.
+//! - `table`: the entity table (writes, merges, deletes, change log, quarantine).
+//! - `watch`: bounded, coalescing watcher queues.
+//! - `python` (feature "python"): the pyo3 bindings behind `meshstore._core`.
+pub mod entity;
+pub mod error;
+pub mod hlc;
+pub mod intern;
+pub mod strategy;
+pub mod table;
+pub mod watch;
+pub mod wire;
+
+#[cfg(feature = "python")]
+mod python;
+
+/// Types generated from proto/entity/v1/entity.proto.
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/entity.v1.rs"));
+}
