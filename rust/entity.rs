@@ -219,9 +219,10 @@ pub fn entity_hlc(e: &pb::Entity) -> Option<Timestamp> {
     (!e.hlc_node.is_empty()).then(|| Timestamp { physical: e.hlc_physical, logical: e.hlc_logical, node: intern(&e.hlc_node) })
 }
 
-/// A replica's full state, as `changes_since` and the relay carry it.
-pub fn state_from_replica(e: &pb::Entity, reg: &Registry, source: Sym) -> Result<EntityState, String> {
-    let mut s = EntityState::new(Arc::from(e.id.as_str()), source);
+/// A replica's full state, as `changes_since` and the relay carry it, received from
+/// `source` (None: the node of its latest change).
+pub fn state_from_replica(e: &pb::Entity, reg: &Registry, source: Option<Sym>) -> Result<EntityState, String> {
+    let mut s = EntityState::new(Arc::from(e.id.as_str()), intern(""));
     s.etype = e.r#type;
     s.presence = entity_hlc(e);
     s.tombstone = e.deleted_version.as_ref().map(timestamp_of).transpose()?;
@@ -237,9 +238,8 @@ pub fn state_from_replica(e: &pb::Entity, reg: &Registry, source: Sym) -> Result
         reg.rank(type_url, &any.value).map_err(|m| format!("component '{key}' ({}): {m}", any.type_url))?;
         s.set_cell(Cell { key: intern(key), type_url, version: version_of(v)?, value: any.value.clone().into() });
     }
-    if s.presence.is_none() && s.tombstone.is_none() {
-        return Err("replica state has neither a version (hlc fields) nor a tombstone".into());
-    }
+    let latest = s.presence.max(s.tombstone).ok_or("replica state has neither a version (hlc fields) nor a tombstone")?;
+    s.source = source.unwrap_or(latest.node);
     Ok(s)
 }
 
@@ -408,7 +408,7 @@ mod tests {
         assert_eq!((e.hlc_physical, e.hlc_node.as_str()), (5_000_000_123, "a"));
         assert_eq!(e.updated_at.unwrap().nanos, 123);
         assert_eq!(e.deleted_version.as_ref().unwrap().physical, 2);
-        let back = state_from_replica(&e, &Registry::default(), intern("a")).unwrap();
+        let back = state_from_replica(&e, &Registry::default(), None).unwrap();
         assert_eq!(back.cells, s.cells);
         assert_eq!((back.presence, back.tombstone, back.meta_version), (s.presence, s.tombstone, s.meta_version));
         assert_eq!((back.created_at, back.expiry, back.etype), (s.created_at, s.expiry, s.etype));

@@ -430,7 +430,8 @@ impl Table {
 
     // ---- replication -----------------------------------------------------------------
 
-    /// Joins a replica's state (received from `source`). Returns true if ours changed.
+    /// Joins a replica's state received from node `source` (empty: the node of its latest
+    /// change). Returns true if ours changed.
     pub fn merge(&mut self, bytes: &[u8], source: &str) -> Result<bool> {
         if bytes.len() > self.opts.max_entity_bytes {
             return self.invalid(format!("replica state is {} bytes, over the limit", bytes.len()));
@@ -440,7 +441,8 @@ impl Table {
             Err(err) => return self.invalid(format!("malformed entity bytes: {err}")),
         };
         self.check_identity(&e)?;
-        let remote = match state_from_replica(&e, &self.registry, intern(source)) {
+        let source = (!source.is_empty()).then(|| intern(source));
+        let remote = match state_from_replica(&e, &self.registry, source) {
             Ok(s) => s,
             Err(m) => return self.invalid(format!("entity '{}': {m}", e.id)),
         };

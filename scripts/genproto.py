@@ -29,6 +29,8 @@ def generate(out_dir: pathlib.Path) -> None:
         for generated in sorted(pathlib.Path(tmp).rglob("*_pb2*.py*")):
             text = re.sub(r"^from (\w+)\.v1 import (\w+_pb2)",
                           r"from meshstore.pb import \2", generated.read_text(), flags=re.M)
+            if generated.name.endswith("_grpc.py") and "class " not in text:
+                continue  # a proto without services
             (out_dir / generated.name).write_text(text)
 
 

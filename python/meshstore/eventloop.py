@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Hashable
 from types import TracebackType
 
-__all__ = ["EventLoop"]
+__all__ = ["EventLoop", "default_loop"]
 
 log = logging.getLogger("meshstore.eventloop")
 
@@ -259,3 +259,16 @@ class EventLoop:
         if len(self._heap) > (1 + _STALE_FACTOR) * len(self._timers):
             self._heap = [(when, gen, key) for key, (gen, when, _) in self._timers.items()]
             heapq.heapify(self._heap)
+
+
+_default: EventLoop | None = None
+_default_lock = threading.Lock()
+
+
+def default_loop() -> EventLoop:
+    """The process's shared loop (started on first use): one loop for every timer."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = EventLoop().start()
+        return _default

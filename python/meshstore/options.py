@@ -1,0 +1,57 @@
+"""Store configuration: the seed's functional-options idea as one validated dataclass.
+
+``Store()`` works with defaults; ``Store(StoreOptions(node_id="a"))`` or
+``Store(node_id="a", tombstone_ttl=60)`` override what they name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+import socket
+
+from meshstore.eventloop import EventLoop
+
+
+def default_node_id() -> str:
+    """Hostname plus a random suffix, so two stores on one host never share an id."""
+    return f"{socket.gethostname()}-{secrets.token_hex(3)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreOptions:
+    node_id: str = dataclasses.field(default_factory=default_node_id)
+    #: Seconds a remote version may be ahead of the local wall clock.
+    max_clock_offset: float = 0.5
+    #: Seconds a tombstone is kept at most (collected earlier once every peer acked it).
+    tombstone_ttl: float = 3600.0
+    #: Events a watcher queues before it coalesces per entity.
+    watch_queue: int = 1024
+    #: Largest entity accepted, in bytes.
+    max_entity_bytes: int = 1 << 20
+    #: The loop that owns this store's timers (TTL expiry, maintenance); default: the
+    #: process's shared loop.
+    event_loop: EventLoop | None = None
+    #: Seconds between maintenance passes (quarantine release, tombstone collection).
+    maintenance_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.node_id, str) or not self.node_id.strip():
+            raise ValueError(f"node_id must be a non-empty string, got {self.node_id!r}")
+        for name in ("max_clock_offset", "tombstone_ttl", "maintenance_interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        for name in ("watch_queue", "max_entity_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.event_loop is not None and not isinstance(self.event_loop, EventLoop):
+            raise TypeError(f"event_loop must be a meshstore EventLoop, got {type(self.event_loop).__name__}")
+
+    def replace(self, **changes: object) -> StoreOptions:
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown store option(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)

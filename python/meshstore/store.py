@@ -1,0 +1,238 @@
+"""The Store: meshstore's Python API over the Rust core.
+
+Entities go in and out as ``entity_pb2.Entity`` messages (or, on ingest paths, their
+serialized bytes); the core holds the table, merges per component key and emits events.
+The store owns its timers on an ``EventLoop``: entity expiry (``set_ttl`` and
+``expiry_time``) and a periodic maintenance pass (quarantine release, tombstone TTL).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+
+from meshstore._core import Core, UpdateResult
+from meshstore.errors import InvalidEntityError
+from meshstore.eventloop import EventLoop, default_loop
+from meshstore.options import StoreOptions
+from meshstore.pb import entity_pb2
+from meshstore.watcher import Watcher
+
+Entity = entity_pb2.Entity
+_ENTITY_TYPES = frozenset(entity_pb2.EntityType.values())
+
+
+def _serialized(entity: Any, what: str = "entity") -> bytes:
+    """An entity's wire bytes; messages are serialized, bytes pass through untouched."""
+    if isinstance(entity, Entity):
+        return entity.SerializeToString()
+    if isinstance(entity, (bytes, bytearray, memoryview)):
+        return bytes(entity)
+    raise TypeError(f"{what} must be an entity_pb2.Entity or its serialized bytes, got {type(entity).__name__}")
+
+
+def _check_id(entity_id: Any) -> str:
+    if not isinstance(entity_id, str):
+        raise TypeError(f"entity id must be a str, got {type(entity_id).__name__}")
+    if not entity_id:
+        raise InvalidEntityError("entity id is empty")
+    return entity_id
+
+
+class Store:
+    """A replicated entity-component store (thread-safe).
+
+    ``Store()``, ``Store(StoreOptions(node_id="a"))`` or ``Store(node_id="a", ...)``.
+    """
+
+    def __init__(self, options: StoreOptions | None = None, **overrides: Any) -> None:
+        if options is not None and not isinstance(options, StoreOptions):
+            raise TypeError(f"options must be a StoreOptions, got {type(options).__name__}")
+        self.options = (options or StoreOptions()).replace(**overrides) if overrides else (options or StoreOptions())
+        o = self.options
+        self._core = Core(o.node_id, o.max_clock_offset, o.tombstone_ttl, o.max_entity_bytes)
+        self._loop: EventLoop = o.event_loop or default_loop()
+        self._timer_prefix = ("meshstore.store", id(self))
+        # Timers hold the store weakly, so an unclosed store can still be collected.
+        ref = weakref.ref(self)
+        self._core.set_expiry_hook(lambda changes: (s := ref()) and s._schedule_expiries(changes))
+        self._schedule_maintenance(ref)
+
+    # ---- identity ----------------------------------------------------------------------
+
+    @property
+    def node_id(self) -> str:
+        return self._core.node_id
+
+    @property
+    def seq(self) -> int:
+        """The store's latest change sequence number."""
+        return self._core.seq
+
+    # ---- writes ------------------------------------------------------------------------
+
+    def create(self, entity: Entity) -> Entity:
+        """Creates the entity; AlreadyExistsError if it is live."""
+        return self._core.create(_serialized(entity)).entity
+
+    def update(self, entity: Entity, *, strict: bool = False) -> UpdateResult:
+        """Writes the keys the entity carries, each checked against the version it was
+        based on (``versions[key]``, else the entity hlc fields, else blind). Stale keys
+        are skipped and reported, or with ``strict`` fail the whole update. NotFoundError
+        if the entity is not live."""
+        return self._core.update(_serialized(entity), strict)
+
+    def put(self, entity: Entity) -> UpdateResult:
+        """Upsert: ``update`` that creates the entity if needed."""
+        return self._core.put(_serialized(entity))
+
+    def put_many(self, entities: Iterable[Entity | bytes]) -> list[UpdateResult]:
+        """Upserts a batch in one call into the core (messages or serialized bytes).
+        All-or-nothing: an invalid entity fails the batch, naming its index."""
+        if isinstance(entities, (bytes, Entity)):
+            raise TypeError("put_many takes an iterable of entities; use put for one")
+        return self._core.put_many([_serialized(e, f"put_many item {i}") for i, e in enumerate(entities)])
+
+    def delete(self, entity_id: str) -> None:
+        """Deletes with a tombstone; NotFoundError if the entity is not live."""
+        self._core.delete(_check_id(entity_id))
+
+    def set_ttl(self, entity_id: str, seconds: float) -> None:
+        """Deletes the entity ``seconds`` from now (its ``expiry_time``, which replicates)."""
+        _check_id(entity_id)
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0:
+            raise ValueError(f"ttl must be a positive number of seconds, got {seconds!r}")
+        expiry = timestamp_pb2.Timestamp()
+        expiry.FromNanoseconds(time.time_ns() + int(seconds * 1e9))
+        self._core.update(Entity(id=entity_id, expiry_time=expiry).SerializeToString(), False)
+
+    # ---- reads -------------------------------------------------------------------------
+
+    def get(self, entity_id: str) -> Entity:
+        """The live entity with its component ``versions``; NotFoundError otherwise."""
+        return Entity.FromString(self._core.get(_check_id(entity_id)))
+
+    def list(self, type_filter: int = 0) -> list[Entity]:
+        """Live entities (of one ``EntityType`` unless 0), ordered by id."""
+        return [Entity.FromString(b) for b in self._core.list(self._check_type(type_filter))]
+
+    # ---- replication -------------------------------------------------------------------
+
+    def merge(self, entity: Entity | bytes, *, source: str = "") -> bool:
+        """Joins a replica's state (as ``changes_since`` gives it). True if ours changed.
+        ``source``: the node it came from (default: the node of its latest change)."""
+        return self._core.merge(_serialized(entity), source)
+
+    def changes_since(self, seq: int) -> tuple[list[Entity], int]:
+        """Every entity changed after ``seq`` in its replica state (tombstones included),
+        and the seq to pass next time. CursorExpiredError if ``seq`` predates a collected
+        tombstone."""
+        states, last = self._core.changes_since(self._check_seq(seq))
+        return [Entity.FromString(b) for b in states], last
+
+    def collect_tombstones(self, acked_seq: int | None = None) -> int:
+        """Forgets tombstones every peer acknowledged (change seq <= ``acked_seq``) or
+        older than ``tombstone_ttl``; returns how many."""
+        return self._core.collect_tombstones(None if acked_seq is None else self._check_seq(acked_seq))
+
+    # ---- watching ----------------------------------------------------------------------
+
+    def watch(
+        self,
+        type_filter: int = 0,
+        include_existing: bool = False,
+        since_seq: int | None = None,
+        components: Sequence[str] | None = None,
+        min_interval: float = 0.0,
+    ) -> Watcher:
+        """A feed of changes. ``include_existing``: every live entity first (CREATED);
+        ``since_seq``: resume after that cursor (every entity changed since, current
+        state); ``components``: project these keys; ``min_interval``: at most one event
+        per entity per interval (the latest)."""
+        if components is not None:
+            if isinstance(components, str) or not all(isinstance(c, str) and c for c in components):
+                raise TypeError("components must be a list of non-empty component keys")
+            components = list(components)
+        if isinstance(min_interval, bool) or not isinstance(min_interval, (int, float)) or not math.isfinite(min_interval) or min_interval < 0:
+            raise ValueError(f"min_interval must be a non-negative number of seconds, got {min_interval!r}")
+        since = None if since_seq is None else self._check_seq(since_seq)
+        handle = self._core.watch(
+            self._check_type(type_filter), components, float(min_interval),
+            self.options.watch_queue, bool(include_existing), since,
+        )
+        return Watcher(handle)
+
+    # ---- strategies --------------------------------------------------------------------
+
+    def register_strategy(
+        self,
+        type_url: str,
+        merge: str,
+        *,
+        field: int | None = None,
+        order: Sequence[int] | None = None,
+        finite: Sequence[int] = (),
+    ) -> None:
+        """Sets how components of ``type_url`` merge: ``"lww"``, ``"max"`` (wire field
+        ``field``, optionally ranked by ``order``) or ``"lww_tiebreak"`` (``field`` breaks
+        exact version ties). ``finite``: float fields that must not be NaN/inf. Every node
+        of a mesh must register the same strategies."""
+        self._core.register(type_url, merge, field, None if order is None else list(order), list(finite))
+
+    # ---- maintenance -------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._core.stats())
+
+    def close(self) -> None:
+        """Cancels this store's timers (the shared loop keeps running)."""
+        for key in (self._timer("maintenance"),):
+            self._loop.cancel(key)
+        self._core.set_expiry_hook(None)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _timer(self, *what: object) -> tuple:
+        return (*self._timer_prefix, *what)
+
+    def _schedule_expiries(self, changes: list[tuple[str, tuple[int, int] | None]]) -> None:
+        ref = weakref.ref(self)
+        for entity_id, when in changes:
+            key = self._timer("expire", entity_id)
+            if when is None:
+                self._loop.cancel(key)
+            else:
+                self._loop.schedule(key, when[0] + when[1] / 1e9,
+                                    lambda i=entity_id, w=when: (s := ref()) and s._core.expire(i, w))
+
+    def _schedule_maintenance(self, ref: weakref.ref) -> None:
+        def maintain() -> None:
+            store = ref()
+            if store is None:
+                return
+            store._core.release_quarantine()
+            store._core.collect_tombstones(None)
+            store._schedule_maintenance(ref)
+
+        self._loop.schedule(self._timer("maintenance"), time.time() + self.options.maintenance_interval, maintain)
+
+    @staticmethod
+    def _check_type(type_filter: Any) -> int:
+        if isinstance(type_filter, bool) or not isinstance(type_filter, int) or type_filter not in _ENTITY_TYPES:
+            raise ValueError(f"type_filter must be an EntityType value {sorted(_ENTITY_TYPES)}, got {type_filter!r}")
+        return type_filter
+
+    @staticmethod
+    def _check_seq(seq: Any) -> int:
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+            raise ValueError(f"seq must be a non-negative int, got {seq!r}")
+        return seq

@@ -1,0 +1,473 @@
+//! The pyo3 bindings behind `meshstore._core`: a thin layer over `Table`. Entities cross
+//! as serialized `entity.v1.Entity` bytes; results and events decode lazily in Python.
+//!
+//! Locking: the table sits behind one mutex. Calls that may run long (batches, lists,
+//! scans) release the GIL first; no thread ever waits for the GIL while holding the
+//! table lock (watcher and expiry callbacks run after it is released), so the two
+//! locks cannot deadlock.
+use crate::entity::WallTime;
+use crate::error::Error;
+use crate::hlc::system_wall_ns;
+use crate::intern::{intern, Sym};
+use crate::strategy::{Merge, Rule};
+use crate::table::{Options, Table, WriteMode, WriteOutcome};
+use crate::watch::{Event, Watch, WatchSpec};
+use crate::wire::{put_bytes_field, put_len_prefix, put_varint_field};
+use parking_lot::Mutex;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::sync::GILOnceCell;
+use pyo3::types::{PyBytes, PyDict, PyList};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+static ENTITY_CLASS: GILOnceCell<Py<PyAny>> = GILOnceCell::new();
+static ERRORS: GILOnceCell<Py<PyModule>> = GILOnceCell::new();
+
+/// Decodes entity bytes into an `entity_pb2.Entity` message.
+fn decode_entity(py: Python<'_>, bytes: &[u8]) -> PyResult<PyObject> {
+    let cls = ENTITY_CLASS.get_or_try_init(py, || -> PyResult<_> {
+        Ok(py.import("meshstore.pb.entity_pb2")?.getattr("Entity")?.unbind())
+    })?;
+    Ok(cls.call_method1(py, "FromString", (PyBytes::new(py, bytes),))?)
+}
+
+/// Maps a core error onto the exception classes of `meshstore.errors`.
+fn py_err(py: Python<'_>, err: Error) -> PyErr {
+    let module = match ERRORS.get_or_try_init(py, || py.import("meshstore.errors").map(|m| m.unbind())) {
+        Ok(m) => m.bind(py),
+        Err(e) => return e,
+    };
+    let (class, entity_id, keys): (&str, Option<String>, Vec<String>) = match &err {
+        Error::Invalid(_) => ("InvalidEntityError", None, vec![]),
+        Error::NotFound(id) => ("NotFoundError", Some(id.clone()), vec![]),
+        Error::AlreadyExists(id) => ("AlreadyExistsError", Some(id.clone()), vec![]),
+        Error::Stale { id, keys } => ("StaleWriteError", Some(id.clone()), keys.clone()),
+        Error::ClockSkew { id, .. } => ("ClockSkewError", Some(id.clone()), vec![]),
+        Error::CursorExpired { .. } => ("CursorExpiredError", None, vec![]),
+    };
+    let build = || -> PyResult<PyErr> {
+        let exc = module.getattr(class)?.call1((err.to_string(),))?;
+        exc.setattr("entity_id", entity_id)?;
+        exc.setattr("keys", keys)?;
+        Ok(PyErr::from_value(exc))
+    };
+    build().unwrap_or_else(|e| e)
+}
+
+fn names(syms: &[Sym]) -> Vec<&'static str> {
+    syms.iter().map(|s| s.as_str()).collect()
+}
+
+/// The outcome of one write: the entity after it (decoded on first access) and which
+/// keys were applied, skipped as stale, or left unchanged (same bytes).
+#[pyclass(module = "meshstore._core", frozen, name = "UpdateResult")]
+pub struct PyUpdateResult {
+    outcome: WriteOutcome,
+    entity: OnceLock<PyObject>,
+}
+
+#[pymethods]
+impl PyUpdateResult {
+    #[getter]
+    fn entity(&self, py: Python<'_>) -> PyResult<PyObject> {
+        if let Some(e) = self.entity.get() {
+            return Ok(e.clone_ref(py));
+        }
+        let e = decode_entity(py, &self.outcome.entity)?;
+        Ok(self.entity.get_or_init(|| e).clone_ref(py))
+    }
+    #[getter]
+    fn entity_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.outcome.entity)
+    }
+    #[getter]
+    fn entity_id(&self) -> &str {
+        &self.outcome.id
+    }
+    #[getter]
+    fn applied(&self) -> Vec<&'static str> {
+        names(&self.outcome.applied)
+    }
+    #[getter]
+    fn stale(&self) -> Vec<&'static str> {
+        names(&self.outcome.stale)
+    }
+    #[getter]
+    fn unchanged(&self) -> Vec<&'static str> {
+        names(&self.outcome.unchanged)
+    }
+    #[getter]
+    fn created(&self) -> bool {
+        self.outcome.created
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "UpdateResult(id={:?}, applied={:?}, stale={:?}, unchanged={:?}, created={})",
+            &*self.outcome.id,
+            self.applied(),
+            self.stale(),
+            self.unchanged(),
+            self.outcome.created
+        )
+    }
+}
+
+fn result(outcome: WriteOutcome) -> PyUpdateResult {
+    PyUpdateResult { outcome, entity: OnceLock::new() }
+}
+
+/// One change seen by a watcher.
+#[pyclass(module = "meshstore._core", frozen, name = "Event")]
+pub struct PyEvent {
+    event: Event,
+    entity: OnceLock<PyObject>,
+}
+
+#[pymethods]
+impl PyEvent {
+    /// `store_pb2.EventType`: 1 CREATED, 2 UPDATED, 3 DELETED.
+    #[getter]
+    fn r#type(&self) -> i32 {
+        self.event.kind as i32
+    }
+    #[getter]
+    fn seq(&self) -> u64 {
+        self.event.seq
+    }
+    #[getter]
+    fn entity_id(&self) -> &str {
+        &self.event.id
+    }
+    #[getter]
+    fn origin_node(&self) -> &'static str {
+        self.event.source.as_str()
+    }
+    #[getter]
+    fn entity(&self, py: Python<'_>) -> PyResult<PyObject> {
+        if let Some(e) = self.entity.get() {
+            return Ok(e.clone_ref(py));
+        }
+        let e = decode_entity(py, &self.event.entity)?;
+        Ok(self.entity.get_or_init(|| e).clone_ref(py))
+    }
+    #[getter]
+    fn entity_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.event.entity)
+    }
+    /// The event as serialized `store.v1.EntityEvent` bytes (for the wire, no decode).
+    fn to_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        let e = &self.event;
+        let mut out = Vec::with_capacity(e.entity.len() + 32);
+        put_varint_field(&mut out, 1, e.kind as u64);
+        put_len_prefix(&mut out, 2, e.entity.len());
+        out.extend_from_slice(&e.entity);
+        put_bytes_field(&mut out, 3, e.source.as_str().as_bytes());
+        put_varint_field(&mut out, 4, e.seq);
+        PyBytes::new(py, &out)
+    }
+    fn __repr__(&self) -> String {
+        let kind = ["", "CREATED", "UPDATED", "DELETED"][self.event.kind as usize];
+        format!("Event({kind} {:?} seq={} from {:?})", &*self.event.id, self.event.seq, self.event.source.as_str())
+    }
+}
+
+/// A watcher's queue, as seen from Python.
+#[pyclass(module = "meshstore._core", frozen)]
+pub struct WatchHandle {
+    watch: Arc<Watch>,
+    core: Py<Core>,
+}
+
+#[pymethods]
+impl WatchHandle {
+    #[getter]
+    fn id(&self) -> u64 {
+        self.watch.id
+    }
+    /// Up to `max` events, waiting up to `timeout` seconds for the first (GIL released).
+    fn poll(&self, py: Python<'_>, max: usize, timeout: f64) -> Vec<PyEvent> {
+        let timeout = Duration::from_secs_f64(timeout.max(0.0));
+        let watch = self.watch.clone();
+        let events = if timeout.is_zero() { watch.poll(max, timeout) } else { py.allow_threads(|| watch.poll(max, timeout)) };
+        events.into_iter().map(|event| PyEvent { event, entity: OnceLock::new() }).collect()
+    }
+    /// For async consumers: (ready, seconds until a held event falls due). When not ready,
+    /// `waker` is called (with no arguments) on the next event.
+    fn arm(&self, waker: PyObject) -> (bool, Option<f64>) {
+        let core = self.core.get();
+        core.wakers.lock().insert(self.watch.id, waker);
+        let (ready, due) = self.watch.arm();
+        if ready {
+            core.wakers.lock().remove(&self.watch.id);
+        }
+        (ready, due.map(|d| d.as_secs_f64()))
+    }
+    fn close(&self, py: Python<'_>) {
+        let core = self.core.get();
+        py.allow_threads(|| core.table.lock().unwatch(self.watch.id));
+        core.wakers.lock().remove(&self.watch.id);
+    }
+    #[getter]
+    fn closed(&self) -> bool {
+        self.watch.is_closed()
+    }
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.watch.stats();
+        let d = PyDict::new(py);
+        d.set_item("queued", s.queued)?;
+        d.set_item("held", s.held)?;
+        d.set_item("coalesced", s.coalesced)?;
+        d.set_item("delivered", s.delivered)?;
+        d.set_item("coalescing", s.coalescing)?;
+        Ok(d)
+    }
+}
+
+#[pyclass(module = "meshstore._core", frozen)]
+pub struct Core {
+    table: Mutex<Table>,
+    wakers: Mutex<HashMap<u64, PyObject>>,
+    on_expiry: Mutex<Option<PyObject>>,
+    wall_offset_ns: Arc<AtomicI64>,
+}
+
+impl Core {
+    /// Runs `op` on the table, then (locks released) wakes async watchers and reports
+    /// expiry changes to Python.
+    fn run<T>(&self, py: Python<'_>, release_gil: bool, op: impl FnOnce(&mut Table) -> T + Send) -> PyResult<T>
+    where
+        T: Send,
+    {
+        let work = || {
+            let mut t = self.table.lock();
+            let out = op(&mut t);
+            (out, std::mem::take(&mut t.wake), std::mem::take(&mut t.expiry_changes))
+        };
+        let (out, wake, expiries) = if release_gil { py.allow_threads(work) } else { work() };
+        if !wake.is_empty() {
+            let wakers: Vec<PyObject> = {
+                let mut w = self.wakers.lock();
+                wake.iter().filter_map(|id| w.remove(id)).collect()
+            };
+            for waker in wakers {
+                waker.call0(py)?;
+            }
+        }
+        if !expiries.is_empty() {
+            let hook = self.on_expiry.lock().as_ref().map(|h| h.clone_ref(py));
+            if let Some(hook) = hook {
+                let changes: Vec<(String, Option<(i64, i32)>)> =
+                    expiries.into_iter().map(|(id, when)| (id.to_string(), when)).collect();
+                hook.call1(py, (changes,))?;
+            }
+        }
+        Ok(out)
+    }
+
+    fn write(&self, py: Python<'_>, bytes: &[u8], mode: WriteMode, strict: bool) -> PyResult<PyUpdateResult> {
+        self.run(py, false, |t| t.write(bytes, mode, strict))?.map(result).map_err(|e| py_err(py, e))
+    }
+}
+
+#[pymethods]
+impl Core {
+    #[new]
+    #[pyo3(signature = (node_id, max_clock_offset, tombstone_ttl, max_entity_bytes))]
+    fn new(node_id: String, max_clock_offset: f64, tombstone_ttl: f64, max_entity_bytes: usize) -> PyResult<Self> {
+        if node_id.is_empty() {
+            return Err(PyValueError::new_err("node_id must not be empty"));
+        }
+        let offset = Arc::new(AtomicI64::new(0));
+        let shift = offset.clone();
+        let wall = Box::new(move || system_wall_ns().saturating_add_signed(shift.load(Ordering::Relaxed)));
+        let opts = Options {
+            node_id,
+            max_clock_offset_ns: (max_clock_offset * 1e9) as u64,
+            tombstone_ttl_ns: (tombstone_ttl * 1e9) as u64,
+            max_entity_bytes,
+            ..Options::default()
+        };
+        Ok(Core {
+            table: Mutex::new(Table::new(opts, wall)),
+            wakers: Mutex::new(HashMap::new()),
+            on_expiry: Mutex::new(None),
+            wall_offset_ns: offset,
+        })
+    }
+
+    fn create(&self, py: Python<'_>, bytes: &[u8]) -> PyResult<PyUpdateResult> {
+        self.write(py, bytes, WriteMode::Create, false)
+    }
+
+    fn update(&self, py: Python<'_>, bytes: &[u8], strict: bool) -> PyResult<PyUpdateResult> {
+        self.write(py, bytes, WriteMode::Update, strict)
+    }
+
+    fn put(&self, py: Python<'_>, bytes: &[u8]) -> PyResult<PyUpdateResult> {
+        self.write(py, bytes, WriteMode::Put, false)
+    }
+
+    /// Upserts a batch of serialized entities atomically (all checked before any applies).
+    fn put_many<'py>(&self, py: Python<'py>, batch: Vec<Vec<u8>>) -> PyResult<Bound<'py, PyList>> {
+        let slices: Vec<&[u8]> = batch.iter().map(|b| b.as_slice()).collect();
+        let outcomes = self.run(py, true, |t| t.put_many(&slices))?.map_err(|e| py_err(py, e))?;
+        PyList::new(py, outcomes.into_iter().map(result))
+    }
+
+    fn delete(&self, py: Python<'_>, entity_id: &str) -> PyResult<()> {
+        self.run(py, false, |t| t.delete(entity_id))?.map_err(|e| py_err(py, e))
+    }
+
+    fn get<'py>(&self, py: Python<'py>, entity_id: &str) -> PyResult<Bound<'py, PyBytes>> {
+        let bytes = self.run(py, false, |t| t.get(entity_id))?.map_err(|e| py_err(py, e))?;
+        Ok(PyBytes::new(py, &bytes))
+    }
+
+    fn list<'py>(&self, py: Python<'py>, type_filter: i32) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+        let all = self.run(py, true, |t| t.list(type_filter))?;
+        Ok(all.iter().map(|b| PyBytes::new(py, b)).collect())
+    }
+
+    /// Joins a replica state received from node `source`; True if ours changed.
+    fn merge(&self, py: Python<'_>, bytes: &[u8], source: &str) -> PyResult<bool> {
+        self.run(py, false, |t| t.merge(bytes, source))?.map_err(|e| py_err(py, e))
+    }
+
+    #[pyo3(signature = (seq, limit = usize::MAX, skip_source = None))]
+    fn changes_since<'py>(
+        &self,
+        py: Python<'py>,
+        seq: u64,
+        limit: usize,
+        skip_source: Option<&str>,
+    ) -> PyResult<(Vec<Bound<'py, PyBytes>>, u64)> {
+        let skip = skip_source.map(intern);
+        let (states, last) = self.run(py, true, |t| t.changes_since(seq, limit, skip))?.map_err(|e| py_err(py, e))?;
+        Ok((states.iter().map(|b| PyBytes::new(py, b)).collect(), last))
+    }
+
+    /// Deletes the entity if its expiry is still (seconds, nanos); True if it did.
+    fn expire(&self, py: Python<'_>, entity_id: &str, when: WallTime) -> PyResult<bool> {
+        self.run(py, false, |t| t.expire(entity_id, when))
+    }
+
+    #[pyo3(signature = (acked_seq = None))]
+    fn collect_tombstones(&self, py: Python<'_>, acked_seq: Option<u64>) -> PyResult<usize> {
+        self.run(py, true, |t| t.collect_tombstones(acked_seq))
+    }
+
+    /// Merges quarantined versions whose time has come.
+    fn release_quarantine(&self, py: Python<'_>) -> PyResult<()> {
+        self.run(py, false, |t| t.release_quarantine())
+    }
+
+    #[pyo3(signature = (type_filter, components, min_interval, capacity, include_existing, since_seq))]
+    fn watch(
+        slf: &Bound<'_, Self>,
+        type_filter: i32,
+        components: Option<Vec<String>>,
+        min_interval: f64,
+        capacity: usize,
+        include_existing: bool,
+        since_seq: Option<u64>,
+    ) -> PyResult<WatchHandle> {
+        let py = slf.py();
+        let spec = WatchSpec {
+            type_filter,
+            projection: components.map(|c| c.iter().map(|k| intern(k)).collect()),
+            min_interval: Duration::from_secs_f64(min_interval.max(0.0)),
+            capacity: capacity.max(1),
+        };
+        let watch = slf.get().run(py, true, |t| t.watch(spec, include_existing, since_seq))?.map_err(|e| py_err(py, e))?;
+        Ok(WatchHandle { watch, core: slf.clone().unbind() })
+    }
+
+    /// Registers the merge strategy of a type URL: "lww", "max" or "lww_tiebreak".
+    #[pyo3(signature = (type_url, merge, field = None, order = None, finite = None))]
+    fn register(
+        &self,
+        type_url: &str,
+        merge: &str,
+        field: Option<u32>,
+        order: Option<Vec<u64>>,
+        finite: Option<Vec<u32>>,
+    ) -> PyResult<()> {
+        if type_url.is_empty() {
+            return Err(PyValueError::new_err("type_url must not be empty"));
+        }
+        let need_field = || {
+            field.filter(|f| *f > 0).ok_or_else(|| PyValueError::new_err(format!("merge '{merge}' needs a field number > 0")))
+        };
+        let merge = match merge {
+            "lww" => Merge::Lww,
+            "max" => Merge::Max { field: need_field()?, order },
+            "lww_tiebreak" => Merge::LwwTieBreak { field: need_field()? },
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "unknown merge strategy '{other}' (expected lww, max or lww_tiebreak)"
+                )))
+            }
+        };
+        self.table.lock().registry.register(type_url, Rule { merge, finite: finite.unwrap_or_default() });
+        Ok(())
+    }
+
+    /// Called with [(entity_id, (seconds, nanos) | None), ...] when expiries change.
+    #[pyo3(signature = (hook = None))]
+    fn set_expiry_hook(&self, hook: Option<PyObject>) {
+        *self.on_expiry.lock() = hook;
+    }
+
+    /// Shifts this store's wall clock (tests: clock jumps and skew).
+    fn set_wall_offset(&self, seconds: f64) {
+        self.wall_offset_ns.store((seconds * 1e9) as i64, Ordering::Relaxed);
+    }
+
+    #[getter]
+    fn node_id(&self) -> &'static str {
+        self.table.lock().node().as_str()
+    }
+
+    #[getter]
+    fn seq(&self) -> u64 {
+        self.table.lock().seq()
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let t = self.table.lock();
+        let d = PyDict::new(py);
+        let (alive, dead) = t.entity_count();
+        let c = &t.counters;
+        d.set_item("node_id", t.node().as_str())?;
+        d.set_item("entities", alive)?;
+        d.set_item("tombstones", dead)?;
+        d.set_item("seq", t.seq())?;
+        d.set_item("log_entries", t.log_len())?;
+        d.set_item("payload_bytes", t.payload_bytes())?;
+        d.set_item("writes", c.writes)?;
+        d.set_item("stale_keys", c.stale_keys)?;
+        d.set_item("rejected", c.rejected)?;
+        d.set_item("merges", c.merges)?;
+        d.set_item("merges_changed", c.merges_changed)?;
+        d.set_item("quarantined", c.quarantined)?;
+        d.set_item("quarantine_pending", t.quarantined_entities())?;
+        d.set_item("quarantine_released", c.released)?;
+        d.set_item("tombstones_collected", c.collected)?;
+        d.set_item("expired", c.expired)?;
+        d.set_item("watchers", t.watchers().len())?;
+        d.set_item("coalesced", t.watchers().iter().map(|w| w.stats().coalesced).sum::<u64>())?;
+        Ok(d)
+    }
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Core>()?;
+    m.add_class::<PyUpdateResult>()?;
+    m.add_class::<PyEvent>()?;
+    m.add_class::<WatchHandle>()?;
+    Ok(())
+}
