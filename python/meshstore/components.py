@@ -1,0 +1,55 @@
+"""Component keys and helpers to pack, read and build entities.
+
+A component is a protobuf Any under a named key; its type URL picks the merge strategy.
+These are the keys the services agree on, and the small helpers every caller needs.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+from meshstore.pb import entity_pb2
+
+POSITION = "position"
+VELOCITY = "velocity"
+CLASSIFICATION = "classification"
+THREAT = "threat"
+APPROVAL = "approval"
+TASK_CATALOG = "task_catalog"
+FUSION = "fusion"
+SOURCE = "source"
+
+M = TypeVar("M", bound=Message)
+
+
+def type_url(message_class: type[Message]) -> str:
+    return f"type.googleapis.com/{message_class.DESCRIPTOR.full_name}"
+
+
+def pack(message: Message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def unpack(entity: entity_pb2.Entity, key: str, message_class: type[M]) -> M | None:
+    """The component under ``key`` as ``message_class``, or None if absent.
+    TypeError if the key holds another type."""
+    if key not in entity.components:
+        return None
+    packed = entity.components[key]
+    message = message_class()
+    if not packed.Unpack(message):
+        raise TypeError(f"entity '{entity.id}' component '{key}' holds {packed.type_url}, not {type_url(message_class)}")
+    return message
+
+
+def make_entity(entity_id: str, entity_type: int = entity_pb2.ENTITY_TYPE_UNSPECIFIED, **components: Message) -> entity_pb2.Entity:
+    """``make_entity("t1", ENTITY_TYPE_TRACK, position=PositionComponent(lat=1, lon=2))``."""
+    entity = entity_pb2.Entity(id=entity_id, type=entity_type)
+    for key, message in components.items():
+        entity.components[key].CopyFrom(pack(message))
+    return entity
