@@ -30,7 +30,7 @@ test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: build
-	$(VENV)/bin/meshstore demo $(DEMO_ARGS)
+	$(PY) -m meshstore.demo $(DEMO_ARGS)
 
 bench: build
 	cargo bench --bench merge

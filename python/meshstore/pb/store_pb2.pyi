@@ -154,3 +154,22 @@ class PublishSummary(_message.Message):
     rejected: int
     errors: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, applied: _Optional[int] = ..., stale: _Optional[int] = ..., rejected: _Optional[int] = ..., errors: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetStatsResponse(_message.Message):
+    __slots__ = ("node_id", "values")
+    class ValuesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    values: _containers.ScalarMap[str, float]
+    def __init__(self, node_id: _Optional[str] = ..., values: _Optional[_Mapping[str, float]] = ...) -> None: ...

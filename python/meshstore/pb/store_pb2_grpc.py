@@ -79,6 +79,11 @@ class EntityStoreServiceStub:
                 request_serializer=store_dot_v1_dot_store__pb2.PublishRequest.SerializeToString,
                 response_deserializer=store_dot_v1_dot_store__pb2.PublishSummary.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/store.v1.EntityStoreService/GetStats',
+                request_serializer=store_dot_v1_dot_store__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=store_dot_v1_dot_store__pb2.GetStatsResponse.FromString,
+                _registered_method=True)
 
 
 class EntityStoreServiceServicer:
@@ -139,6 +144,12 @@ class EntityStoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EntityStoreServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -186,6 +197,11 @@ def add_EntityStoreServiceServicer_to_server(servicer, server):
                     servicer.PublishEntities,
                     request_deserializer=store_dot_v1_dot_store__pb2.PublishRequest.FromString,
                     response_serializer=store_dot_v1_dot_store__pb2.PublishSummary.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=store_dot_v1_dot_store__pb2.GetStatsRequest.FromString,
+                    response_serializer=store_dot_v1_dot_store__pb2.GetStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -431,6 +447,33 @@ class EntityStoreService:
             '/store.v1.EntityStoreService/PublishEntities',
             store_dot_v1_dot_store__pb2.PublishRequest.SerializeToString,
             store_dot_v1_dot_store__pb2.PublishSummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/store.v1.EntityStoreService/GetStats',
+            store_dot_v1_dot_store__pb2.GetStatsRequest.SerializeToString,
+            store_dot_v1_dot_store__pb2.GetStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,
