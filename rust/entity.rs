@@ -46,10 +46,20 @@ impl Cell {
             .then_with(|| self.value.cmp(&other.value))
     }
 
+    /// What the cell counts for in size limits.
+    pub fn bytes(&self) -> usize {
+        cell_bytes(self.key, self.type_url, self.value.len())
+    }
+
     /// Alive unless written at or before the tombstone.
     pub fn is_live(&self, tombstone: Option<Timestamp>) -> bool {
         tombstone.is_none_or(|t| self.version.ts > t)
     }
+}
+
+/// Approximate bytes of one cell in memory and on the wire: value, key, type URL and version.
+pub fn cell_bytes(key: Sym, type_url: Sym, value_len: usize) -> usize {
+    value_len + key.as_str().len() + type_url.as_str().len() + 48
 }
 
 /// A protobuf Timestamp (seconds, nanos).
@@ -185,8 +195,7 @@ impl EntityState {
 
     /// Approximate bytes held in memory and on the wire: what size limits count.
     pub fn payload_bytes(&self) -> usize {
-        self.id.len()
-            + self.cells.iter().map(|c| c.value.len() + c.key.as_str().len() + c.type_url.as_str().len() + 48).sum::<usize>()
+        self.id.len() + self.cells.iter().map(Cell::bytes).sum::<usize>()
     }
 }
 

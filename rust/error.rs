@@ -5,13 +5,14 @@ use std::fmt;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Error {
     /// Bad input: malformed bytes, empty id, oversize entity, unparsable component.
-    Invalid(String),
+    /// `msg` says it all; `id` and `key` name the entity and component when known.
+    Invalid { msg: String, id: Option<String>, key: Option<String> },
     NotFound(String),
     AlreadyExists(String),
     /// `strict` update with stale keys: nothing was applied.
     Stale { id: String, keys: Vec<String> },
     /// A version from the future (beyond the max clock offset).
-    ClockSkew { id: String, what: String, ahead_ms: f64, max_ms: f64 },
+    ClockSkew { id: String, key: Option<String>, what: String, ahead_ms: f64, max_ms: f64 },
     /// A `since_seq` cursor older than a collected tombstone.
     CursorExpired { seq: u64, floor: u64 },
 }
@@ -19,13 +20,13 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         match self {
-            Error::Invalid(m) => write!(f, "{m}"),
+            Error::Invalid { msg, .. } => write!(f, "{msg}"),
             Error::NotFound(id) => write!(f, "entity '{id}' not found"),
             Error::AlreadyExists(id) => write!(f, "entity '{id}' already exists"),
             Error::Stale { id, keys } => {
                 write!(f, "entity '{id}': stale write of {keys:?} (a newer version is stored); nothing applied")
             }
-            Error::ClockSkew { id, what, ahead_ms, max_ms } => write!(
+            Error::ClockSkew { id, what, ahead_ms, max_ms, .. } => write!(
                 f,
                 "entity '{id}': {what} is {ahead_ms:.1} ms ahead of the local clock (max offset {max_ms:.1} ms)"
             ),
@@ -40,3 +41,9 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {}
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn invalid(id: Option<&str>, key: Option<&str>, msg: String) -> Error {
+        Error::Invalid { msg, id: id.map(str::to_owned), key: key.map(str::to_owned) }
+    }
+}

@@ -41,11 +41,11 @@ fn py_err(py: Python<'_>, err: Error) -> PyErr {
         Err(e) => return e,
     };
     let (class, entity_id, keys): (&str, Option<String>, Vec<String>) = match &err {
-        Error::Invalid(_) => ("InvalidEntityError", None, vec![]),
+        Error::Invalid { id, key, .. } => ("InvalidEntityError", id.clone(), key.iter().cloned().collect()),
         Error::NotFound(id) => ("NotFoundError", Some(id.clone()), vec![]),
         Error::AlreadyExists(id) => ("AlreadyExistsError", Some(id.clone()), vec![]),
         Error::Stale { id, keys } => ("StaleWriteError", Some(id.clone()), keys.clone()),
-        Error::ClockSkew { id, .. } => ("ClockSkewError", Some(id.clone()), vec![]),
+        Error::ClockSkew { id, key, .. } => ("ClockSkewError", Some(id.clone()), key.iter().cloned().collect()),
         Error::CursorExpired { .. } => ("CursorExpiredError", None, vec![]),
     };
     let build = || -> PyResult<PyErr> {
@@ -133,8 +133,14 @@ impl PyEvent {
     fn r#type(&self) -> i32 {
         self.event.kind as i32
     }
+    /// The resume cursor: `watch(since_seq=event.seq)` misses nothing after this event.
     #[getter]
     fn seq(&self) -> u64 {
+        self.event.cursor
+    }
+    /// The store seq of the (latest) change this event reports.
+    #[getter]
+    fn change_seq(&self) -> u64 {
         self.event.seq
     }
     #[getter]
@@ -165,7 +171,7 @@ impl PyEvent {
         put_len_prefix(&mut out, 2, e.entity.len());
         out.extend_from_slice(&e.entity);
         put_bytes_field(&mut out, 3, e.source.as_str().as_bytes());
-        put_varint_field(&mut out, 4, e.seq);
+        put_varint_field(&mut out, 4, e.cursor);
         PyBytes::new(py, &out)
     }
     fn __repr__(&self) -> String {
@@ -205,10 +211,15 @@ impl WatchHandle {
         }
         (ready, due.map(|d| d.as_secs_f64()))
     }
-    fn close(&self, py: Python<'_>) {
+    /// Closes the watcher and wakes its consumers (iteration ends).
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
         let core = self.core.get();
         py.allow_threads(|| core.table.lock().unwatch(self.watch.id));
-        core.wakers.lock().remove(&self.watch.id);
+        let waker = core.wakers.lock().remove(&self.watch.id);
+        match waker {
+            Some(w) => w.call0(py).map(drop),
+            None => Ok(()),
+        }
     }
     #[getter]
     fn closed(&self) -> bool {
@@ -253,7 +264,10 @@ impl Core {
                 wake.iter().filter_map(|id| w.remove(id)).collect()
             };
             for waker in wakers {
-                waker.call0(py)?;
+                // A consumer's broken waker must not fail the write that woke it.
+                if let Err(e) = waker.call0(py) {
+                    e.write_unraisable(py, None);
+                }
             }
         }
         if !expiries.is_empty() {
@@ -347,6 +361,12 @@ impl Core {
         let skip = skip_source.map(intern);
         let (states, last) = self.run(py, true, |t| t.changes_since(seq, limit, skip))?.map_err(|e| py_err(py, e))?;
         Ok((states.iter().map(|b| PyBytes::new(py, b)).collect(), last))
+    }
+
+    /// One entity's replica state and its change seq, or None if unknown.
+    fn replica_state<'py>(&self, py: Python<'py>, entity_id: &str) -> PyResult<Option<(Bound<'py, PyBytes>, u64)>> {
+        let found = self.run(py, false, |t| t.replica_state(entity_id))?;
+        Ok(found.map(|(b, seq)| (PyBytes::new(py, &b), seq)))
     }
 
     /// Deletes the entity if its expiry is still (seconds, nanos); True if it did.

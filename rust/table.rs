@@ -61,6 +61,12 @@ struct NewCell {
     base: Option<Timestamp>,
 }
 
+impl NewCell {
+    fn bytes(&self) -> usize {
+        cell_bytes(self.key, self.type_url, self.value.len())
+    }
+}
+
 #[derive(Debug)]
 pub struct WriteOutcome {
     pub id: Arc<str>,
@@ -142,15 +148,15 @@ impl Table {
 
     // ---- local writes ----------------------------------------------------------------
 
-    fn invalid<T>(&mut self, msg: String) -> Result<T> {
+    fn invalid<T>(&mut self, id: Option<&str>, key: Option<&str>, msg: String) -> Result<T> {
         self.counters.rejected += 1;
-        Err(Error::Invalid(msg))
+        Err(Error::invalid(id, key, msg))
     }
 
     /// Decodes and checks a write against everything but the stored state.
     pub fn prepare(&mut self, bytes: &[u8]) -> Result<Prepared> {
         if bytes.len() > self.opts.max_entity_bytes {
-            return self.invalid(format!(
+            return self.invalid(None, None, format!(
                 "entity is {} bytes, over the limit of {} bytes",
                 bytes.len(),
                 self.opts.max_entity_bytes
@@ -158,45 +164,51 @@ impl Table {
         }
         let e = match pb::Entity::decode(bytes) {
             Ok(e) => e,
-            Err(err) => return self.invalid(format!("malformed entity bytes: {err}")),
+            Err(err) => return self.invalid(None, None, format!("malformed entity bytes: {err}")),
         };
         self.prepare_entity(e)
     }
 
-    fn prepare_entity(&mut self, e: pb::Entity) -> Result<Prepared> {
+    fn prepare_entity(&mut self, mut e: pb::Entity) -> Result<Prepared> {
         self.check_identity(&e)?;
-        let id = e.id.as_str();
+        let id = std::mem::take(&mut e.id);
         let fallback_base = entity_hlc(&e);
         let mut cells = Vec::with_capacity(e.components.len());
-        for (key, any) in &e.components {
+        for (key, any) in std::mem::take(&mut e.components) {
             if key.is_empty() || key.starts_with('@') {
-                return self.invalid(format!("entity '{id}': component key {key:?} is empty or reserved ('@...')"));
+                let msg = format!("entity '{id}': component key {key:?} is empty or reserved ('@...')");
+                return self.invalid(Some(&id), Some(&key), msg);
             }
             if any.type_url.is_empty() {
-                return self.invalid(format!("entity '{id}': component '{key}' has an empty type URL"));
+                let msg = format!("entity '{id}': component '{key}' has an empty type URL");
+                return self.invalid(Some(&id), Some(&key), msg);
             }
             let type_url = intern(&any.type_url);
             if let Err(m) = self.registry.rank(type_url, &any.value) {
-                return self.invalid(format!("entity '{id}': component '{key}' ({}): {m}", any.type_url));
+                let msg = format!("entity '{id}': component '{key}' ({}): {m}", any.type_url);
+                return self.invalid(Some(&id), Some(&key), msg);
             }
-            let base = match e.versions.get(key) {
+            let base = match e.versions.get(&key) {
                 Some(v) => match version_of(v) {
                     Ok(v) => Some(v.ts),
-                    Err(m) => return self.invalid(format!("entity '{id}': version of '{key}': {m}")),
+                    Err(m) => {
+                        let msg = format!("entity '{id}': version of '{key}': {m}");
+                        return self.invalid(Some(&id), Some(&key), msg);
+                    }
                 },
                 None => fallback_base,
             };
             if let Some(b) = base {
-                self.check_skew(id, &format!("the base version of '{key}'"), b)?;
+                self.check_skew(&id, Some(&key), || format!("the base version of '{key}'"), b)?;
             }
-            cells.push(NewCell { key: intern(key), type_url, value: any.value.clone().into(), base });
+            cells.push(NewCell { key: intern(&key), type_url, value: any.value.into(), base });
         }
         let expiry = match &e.expiry_time {
             None => None,
             Some(t) => match wall_time_from(t) {
                 Ok((0, 0)) => Some(None),
                 Ok(t) => Some(Some(t)),
-                Err(m) => return self.invalid(format!("entity '{id}': expiry_time: {m}")),
+                Err(m) => return self.invalid(Some(&id), None, format!("entity '{id}': expiry_time: {m}")),
             },
         };
         Ok(Prepared { id: Arc::from(id), etype: e.r#type, expiry, cells })
@@ -204,23 +216,25 @@ impl Table {
 
     fn check_identity(&mut self, e: &pb::Entity) -> Result<()> {
         if e.id.is_empty() {
-            return self.invalid("entity id is empty".into());
+            return self.invalid(None, None, "entity id is empty".into());
         }
         if e.id.len() > self.opts.max_id_bytes {
-            return self.invalid(format!("entity id is {} bytes, over the limit of {}", e.id.len(), self.opts.max_id_bytes));
+            let msg = format!("entity id is {} bytes, over the limit of {}", e.id.len(), self.opts.max_id_bytes);
+            return self.invalid(None, None, msg);
         }
         if !(0..=3).contains(&e.r#type) {
-            return self.invalid(format!("entity '{}': unknown entity type {}", e.id, e.r#type));
+            return self.invalid(Some(&e.id), None, format!("entity '{}': unknown entity type {}", e.id, e.r#type));
         }
         Ok(())
     }
 
-    fn check_skew(&mut self, id: &str, what: &str, t: Timestamp) -> Result<()> {
+    fn check_skew(&mut self, id: &str, key: Option<&str>, what: impl FnOnce() -> String, t: Timestamp) -> Result<()> {
         self.clock.check_skew(t.physical).map_err(|s| {
             self.counters.rejected += 1;
             Error::ClockSkew {
                 id: id.into(),
-                what: what.into(),
+                key: key.map(str::to_owned),
+                what: what(),
                 ahead_ms: s.ahead_ns as f64 / 1e6,
                 max_ms: s.max_offset_ns as f64 / 1e6,
             }
@@ -249,19 +263,6 @@ impl Table {
             match stored.live_cell(c.key) {
                 Some(s) if c.base.is_some_and(|b| s.version.ts > b) => stale.push(c.key),
                 Some(s) if s.type_url == c.type_url && *s.value == *c.value => unchanged.push(c.key),
-                Some(s) if self.registry.rule(s.type_url).merge.uses_epoch()
-                    != self.registry.rule(c.type_url).merge.uses_epoch() =>
-                {
-                    let id = p.id.to_string();
-                    return self.invalid(format!(
-                        "entity '{id}': component '{}' holds {} (merge {}); {} (merge {}) cannot replace it",
-                        c.key.as_str(),
-                        s.type_url.as_str(),
-                        self.registry.rule(s.type_url).merge.describe(),
-                        c.type_url.as_str(),
-                        self.registry.rule(c.type_url).merge.describe()
-                    ));
-                }
                 _ => applied.push(c.key),
             }
         }
@@ -270,17 +271,17 @@ impl Table {
             return Err(Error::Stale { id: p.id.to_string(), keys: stale.iter().map(|k| k.as_str().to_string()).collect() });
         }
         let type_change = p.etype != 0 && p.etype != stored.etype;
-        let expiry_change = p.expiry.is_some_and(|x| x != stored.expiry);
-        let grows: usize = p.cells.iter().filter(|c| applied.contains(&c.key)).map(|c| c.value.len()).sum();
-        if grows > 0 && stored.payload_bytes() + grows > self.opts.max_entity_bytes {
-            let id = p.id.to_string();
-            return self.invalid(format!("entity '{id}' would grow past the limit of {} bytes", self.opts.max_entity_bytes));
+        // A write that brings an entity back does not inherit the expiry of its old life.
+        let expiry = if was_alive { p.expiry } else { Some(p.expiry.flatten()) };
+        let expiry_change = expiry.is_some_and(|x| x != stored.expiry);
+        let changed = !applied.is_empty() || type_change || expiry_change || !was_alive;
+        let unchanged_entity = (!changed).then(|| stored.to_bytes(View::USER));
+        if !applied.is_empty() {
+            self.check_size(&p.id, None, p.cells.iter().map(|c| (c.key, c.bytes())))?;
         }
         self.counters.writes += 1;
         self.counters.stale_keys += stale.len() as u64;
-        let changed = !applied.is_empty() || type_change || expiry_change || !was_alive;
-        if !changed {
-            let entity = stored.to_bytes(View::USER);
+        if let Some(entity) = unchanged_entity {
             return Ok(WriteOutcome { id: p.id, entity, applied, stale, unchanged, created: false });
         }
 
@@ -288,8 +289,11 @@ impl Table {
         let mut state = self.entities.remove(&p.id).unwrap_or_else(|| EntityState::new(p.id.clone(), ts.node));
         let expiry_before = state.is_alive().then_some(state.expiry).flatten();
         for c in p.cells.into_iter().filter(|c| applied.contains(&c.key)) {
-            let epoch = if self.registry.rule(c.type_url).merge.uses_epoch() {
-                state.cell(c.key).map_or(0, |s| s.version.epoch) + 1
+            // Epochs count causal depth for max strategies. A key that held a max cell
+            // keeps counting whatever its new type, so the new cell outranks the old one.
+            let stored_epoch = state.cell(c.key).map_or(0, |s| s.version.epoch);
+            let epoch = if self.registry.rule(c.type_url).merge.uses_epoch() || stored_epoch > 0 {
+                stored_epoch + 1
             } else {
                 0
             };
@@ -300,7 +304,7 @@ impl Table {
             if type_change {
                 state.etype = p.etype;
             }
-            if let Some(x) = p.expiry {
+            if let Some(x) = expiry {
                 state.expiry = x;
             }
             state.meta_version = Some(ts);
@@ -322,14 +326,46 @@ impl Table {
         self.commit(p, mode, strict)
     }
 
+    /// Fails if writing `cells` (key, bytes) over the entity's live cells, and over
+    /// `earlier` writes of the same batch, would take it past the size limit.
+    fn check_size(
+        &mut self,
+        id: &Arc<str>,
+        earlier: Option<&mut AHashMap<Sym, usize>>,
+        cells: impl Iterator<Item = (Sym, usize)>,
+    ) -> Result<()> {
+        let mut own = AHashMap::new();
+        let sizes = earlier.unwrap_or(&mut own);
+        if let Some(s) = self.entities.get(id) {
+            for c in s.cells.iter().filter(|c| c.is_live(s.tombstone)) {
+                sizes.entry(c.key).or_insert(c.bytes());
+            }
+        }
+        sizes.extend(cells);
+        let total = id.len() + sizes.values().sum::<usize>();
+        if total > self.opts.max_entity_bytes {
+            let msg = format!("entity '{id}' would hold {total} bytes, over the limit of {}", self.opts.max_entity_bytes);
+            return self.invalid(Some(id), None, msg);
+        }
+        Ok(())
+    }
+
     /// Upserts a batch: every entity is checked before any is applied.
     pub fn put_many(&mut self, batch: &[&[u8]]) -> Result<Vec<WriteOutcome>> {
         let mut prepared = Vec::with_capacity(batch.len());
+        let mut sizes: AHashMap<Arc<str>, AHashMap<Sym, usize>> = AHashMap::new();
         for (i, bytes) in batch.iter().enumerate() {
-            prepared.push(self.prepare(bytes).map_err(|e| match e {
-                Error::Invalid(m) => Error::Invalid(format!("batch item {i}: {m}")),
+            let item = |e: Error| match e {
+                Error::Invalid { msg, id, key } => Error::Invalid { msg: format!("batch item {i}: {msg}"), id, key },
                 other => other,
-            })?);
+            };
+            let p = self.prepare(bytes).map_err(item)?;
+            let earlier = sizes.entry(p.id.clone()).or_default();
+            let mut earlier = std::mem::take(earlier);
+            let checked = self.check_size(&p.id, Some(&mut earlier), p.cells.iter().map(|c| (c.key, c.bytes())));
+            sizes.insert(p.id.clone(), earlier);
+            checked.map_err(item)?;
+            prepared.push(p);
         }
         Ok(prepared
             .into_iter()
@@ -428,23 +464,29 @@ impl Table {
         Ok((out, last))
     }
 
+    /// One entity's replica state (tombstoned ones too), with its change seq.
+    pub fn replica_state(&mut self, id: &str) -> Option<(Vec<u8>, u64)> {
+        self.release_quarantine();
+        self.entities.get(id).map(|s| (s.to_bytes(View::REPLICA), s.seq))
+    }
+
     // ---- replication -----------------------------------------------------------------
 
     /// Joins a replica's state received from node `source` (empty: the node of its latest
     /// change). Returns true if ours changed.
     pub fn merge(&mut self, bytes: &[u8], source: &str) -> Result<bool> {
         if bytes.len() > self.opts.max_entity_bytes {
-            return self.invalid(format!("replica state is {} bytes, over the limit", bytes.len()));
+            return self.invalid(None, None, format!("replica state is {} bytes, over the limit", bytes.len()));
         }
         let e = match pb::Entity::decode(bytes) {
             Ok(e) => e,
-            Err(err) => return self.invalid(format!("malformed entity bytes: {err}")),
+            Err(err) => return self.invalid(None, None, format!("malformed entity bytes: {err}")),
         };
         self.check_identity(&e)?;
         let source = (!source.is_empty()).then(|| intern(source));
         let remote = match state_from_replica(&e, &self.registry, source) {
             Ok(s) => s,
-            Err(m) => return self.invalid(format!("entity '{}': {m}", e.id)),
+            Err(m) => return self.invalid(Some(&e.id), None, format!("entity '{}': {m}", e.id)),
         };
         self.counters.merges += 1;
         self.release_quarantine();
@@ -660,5 +702,5 @@ fn event_for(w: &Watch, s: &EntityState, kind: EventKind, shared: Option<&mut Op
         (None, Some(shared)) => shared.get_or_insert_with(|| s.to_bytes(View::USER).into()).clone(),
         (None, None) => s.to_bytes(View::USER).into(),
     };
-    Event { seq: s.seq, kind, id: s.id.clone(), source: s.source, entity }
+    Event { seq: s.seq, cursor: s.seq, kind, id: s.id.clone(), source: s.source, entity }
 }

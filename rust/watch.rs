@@ -6,6 +6,12 @@
 //! slow consumer still ends on the true state. Once drained the queue is plain again.
 //! `min_interval` holds back an entity's events until the interval since its last one
 //! has passed, then releases the latest.
+//!
+//! Both reorder events, so an event's change seq is not a safe resume point: a folded
+//! event can jump ahead of older pending ones. Each delivered event therefore carries a
+//! `cursor`: the highest seq such that every change up to it has been delivered (the
+//! first change folded into each pending slot bounds it). Resuming from the last
+//! delivered cursor misses nothing; it equals the change seq when nothing was reordered.
 use crate::intern::Sym;
 use parking_lot::{Condvar, Mutex};
 use std::cmp::Reverse;
@@ -32,7 +38,10 @@ impl EventKind {
 
 #[derive(Clone, Debug)]
 pub struct Event {
+    /// The change this event reports (the latest one folded into it).
     pub seq: u64,
+    /// Resume point, set on delivery (see the module docs).
+    pub cursor: u64,
     pub kind: EventKind,
     pub id: Arc<str>,
     /// Node the change came from.
@@ -48,10 +57,16 @@ pub struct WatchSpec {
     pub capacity: usize,
 }
 
+/// A pending event and the seq of the first change folded into it.
+struct Slot {
+    event: Event,
+    first_seq: u64,
+}
+
 #[derive(Default)]
 struct Queue {
-    /// Pending events; `None` marks a slot whose event was folded into an earlier one.
-    events: VecDeque<Option<Event>>,
+    /// Pending events in first-pending order; `None` marks a slot folded into an earlier one.
+    events: VecDeque<Option<Slot>>,
     /// Ticket of the first slot in `events` (tickets only grow).
     base: u64,
     /// While coalescing: entity -> ticket of its pending event.
@@ -60,7 +75,7 @@ struct Queue {
     coalesced: u64,
     delivered: u64,
     last_sent: HashMap<Arc<str>, Instant>,
-    held: HashMap<Arc<str>, Event>,
+    held: HashMap<Arc<str>, Slot>,
     held_due: BinaryHeap<Reverse<(Instant, u64)>>,
     held_ids: HashMap<u64, Arc<str>>,
     held_serial: u64,
@@ -103,8 +118,7 @@ impl Watch {
         if !self.spec.min_interval.is_zero() {
             let now = Instant::now();
             if let Some(held) = q.held.get_mut(&event.id) {
-                let kind = held.kind.then(event.kind);
-                *held = Event { kind, ..event };
+                held.event = Event { kind: held.event.kind.then(event.kind), ..event };
                 q.coalesced += 1;
                 return false;
             }
@@ -114,30 +128,33 @@ impl Watch {
                     let serial = q.held_serial;
                     q.held_due.push(Reverse((last + self.spec.min_interval, serial)));
                     q.held_ids.insert(serial, event.id.clone());
-                    q.held.insert(event.id.clone(), event);
+                    let first_seq = event.seq;
+                    q.held.insert(event.id.clone(), Slot { event, first_seq });
                     return false;
                 }
             }
             q.last_sent.insert(event.id.clone(), now);
         }
-        self.enqueue(&mut q, event)
+        let first_seq = event.seq;
+        self.enqueue(&mut q, Slot { event, first_seq })
     }
 
-    fn enqueue(&self, q: &mut Queue, event: Event) -> bool {
+    fn enqueue(&self, q: &mut Queue, slot: Slot) -> bool {
+        let event = slot.event;
         if q.pending.is_none() && q.live >= self.spec.capacity {
             start_coalescing(q);
         }
         let ticket = q.base + q.events.len() as u64;
         if let Some(pending) = &mut q.pending {
             if let Some(&t) = pending.get(&event.id) {
-                let slot = q.events[(t - q.base) as usize].as_mut().expect("pending slot holds an event");
-                *slot = Event { kind: slot.kind.then(event.kind), ..event };
+                let pending = q.events[(t - q.base) as usize].as_mut().expect("pending slot holds an event");
+                pending.event = Event { kind: pending.event.kind.then(event.kind), ..event };
                 q.coalesced += 1;
                 return false;
             }
             pending.insert(event.id.clone(), ticket);
         }
-        q.events.push_back(Some(event));
+        q.events.push_back(Some(Slot { event, first_seq: slot.first_seq }));
         q.live += 1;
         self.ready.notify_one();
         std::mem::take(&mut q.armed)
@@ -151,9 +168,9 @@ impl Watch {
             }
             q.held_due.pop();
             let id = q.held_ids.remove(&serial).expect("held serial has an id");
-            if let Some(event) = q.held.remove(&id) {
+            if let Some(slot) = q.held.remove(&id) {
                 q.last_sent.insert(id, now);
-                wake |= self.enqueue(q, event);
+                wake |= self.enqueue(q, slot);
             }
         }
         wake
@@ -165,16 +182,18 @@ impl Watch {
 
     fn take(q: &mut Queue, max: usize) -> Vec<Event> {
         let mut out = Vec::with_capacity(max.min(q.live));
+        let held_first = q.held.values().map(|s| s.first_seq).min().unwrap_or(u64::MAX);
         while out.len() < max {
             let Some(slot) = q.events.pop_front() else { break };
             q.base += 1;
-            if let Some(event) = slot {
-                if let Some(pending) = &mut q.pending {
-                    pending.remove(&event.id);
-                }
-                q.live -= 1;
-                out.push(event);
+            let Some(Slot { mut event, .. }) = slot else { continue };
+            if let Some(pending) = &mut q.pending {
+                pending.remove(&event.id);
             }
+            q.live -= 1;
+            let next_first = q.events.iter().flatten().next().map_or(u64::MAX, |s| s.first_seq);
+            event.cursor = event.seq.min(next_first.min(held_first).saturating_sub(1));
+            out.push(event);
         }
         if q.live == 0 {
             q.events.clear();
@@ -243,18 +262,18 @@ impl Watch {
 fn start_coalescing(q: &mut Queue) {
     let mut pending: HashMap<Arc<str>, u64> = HashMap::with_capacity(q.live * 2);
     for i in 0..q.events.len() {
-        let Some(event) = q.events[i].take() else { continue };
+        let Some(slot) = q.events[i].take() else { continue };
         let ticket = q.base + i as u64;
-        match pending.get(&event.id) {
+        match pending.get(&slot.event.id) {
             Some(&first) => {
-                let slot = q.events[(first - q.base) as usize].as_mut().expect("first slot is live");
-                *slot = Event { kind: slot.kind.then(event.kind), ..event };
+                let kept = q.events[(first - q.base) as usize].as_mut().expect("first slot is live");
+                kept.event = Event { kind: kept.event.kind.then(slot.event.kind), ..slot.event };
                 q.coalesced += 1;
                 q.live -= 1;
             }
             None => {
-                pending.insert(event.id.clone(), ticket);
-                q.events[i] = Some(event);
+                pending.insert(slot.event.id.clone(), ticket);
+                q.events[i] = Some(slot);
             }
         }
     }
@@ -267,7 +286,7 @@ mod tests {
     use crate::intern::intern;
 
     fn ev(seq: u64, id: &str, kind: EventKind) -> Event {
-        Event { seq, kind, id: Arc::from(id), source: intern("n"), entity: Arc::from(&b""[..]) }
+        Event { seq, cursor: seq, kind, id: Arc::from(id), source: intern("n"), entity: Arc::from(&b""[..]) }
     }
 
     fn watch(capacity: usize, min_interval: Duration) -> Watch {
@@ -282,10 +301,16 @@ mod tests {
         w.push(ev(3, "a", EventKind::Updated));
         w.push(ev(4, "c", EventKind::Created));
         w.push(ev(5, "b", EventKind::Deleted));
-        let got: Vec<_> = w.poll(10, Duration::ZERO).into_iter().map(|e| (e.seq, e.id.to_string(), e.kind)).collect();
+        let got: Vec<_> =
+            w.poll(10, Duration::ZERO).into_iter().map(|e| (e.seq, e.cursor, e.id.to_string(), e.kind)).collect();
         assert_eq!(
             got,
-            [(3, "a".into(), EventKind::Created), (5, "b".into(), EventKind::Deleted), (4, "c".into(), EventKind::Created)]
+            [
+                // a's event jumped ahead of b's first change (seq 2): resuming must start at 1.
+                (3, 1, "a".into(), EventKind::Created),
+                (5, 3, "b".into(), EventKind::Deleted),
+                (4, 4, "c".into(), EventKind::Created)
+            ]
         );
         let s = w.stats();
         assert_eq!((s.coalesced, s.coalescing), (2, false));

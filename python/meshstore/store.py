@@ -135,6 +135,18 @@ class Store:
         states, last = self._core.changes_since(self._check_seq(seq))
         return [Entity.FromString(b) for b in states], last
 
+    def replica_changes(self, seq: int, *, limit: int | None = None,
+                        skip_source: str | None = None) -> tuple[list[bytes], int]:
+        """``changes_since`` for relays: serialized states, at most ``limit`` of them,
+        without those whose latest change came from ``skip_source`` (echo suppression).
+        Returns them and the seq they cover up to."""
+        limit = 2**63 if limit is None else self._check_seq(limit)
+        return self._core.changes_since(self._check_seq(seq), limit, skip_source)
+
+    def replica_state(self, entity_id: str) -> tuple[bytes, int] | None:
+        """One entity's serialized replica state (deleted ones too) and its change seq."""
+        return self._core.replica_state(_check_id(entity_id))
+
     def collect_tombstones(self, acked_seq: int | None = None) -> int:
         """Forgets tombstones every peer acknowledged (change seq <= ``acked_seq``) or
         older than ``tombstone_ttl``; returns how many."""

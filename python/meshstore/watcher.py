@@ -75,7 +75,10 @@ class Watcher:
             woken = loop.create_future()
 
             def wake(fut: asyncio.Future = woken) -> None:
-                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+                try:
+                    loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+                except RuntimeError:
+                    pass  # that event loop is closed: nobody is waiting any more
 
             ready, due = self._handle.arm(wake)
             if ready:

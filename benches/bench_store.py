@@ -1,0 +1,405 @@
+"""Benchmarks of meshstore.Store from Python, each against a baseline in the same run.
+
+- B2: ``Store.update`` of 100k tracks, each update writing position + velocity with
+  the versions as read (messages built before the clock starts, so every update
+  applies), without and with a watcher attached (drained between rounds), against the
+  plain-Python ``ReferenceStore`` (benches/reference_store.py) doing the same.
+  Targets: >= 400k updates/s and >= 3x the reference.
+- B3: ``put_many`` in batches of 1,000 (100k tracks per round), from messages and from
+  pre-serialized bytes, against the reference. Target (bytes): >= 1M entity updates/s
+  and >= 8x the reference.
+- B6: memory per track at 100k 4-component tracks (position, velocity, source,
+  threat): RSS growth in a fresh subprocess, against the same entities held as
+  serialized bytes (``Store.get`` bytes, versions included) in a Python dict.
+  Target: < 1 KiB per track.
+
+Tracks carry position, velocity, threat and source; every round writes new position
+and velocity values, so each write changes the store (checked through ``seq``).
+Throughput is per entity write, from the best round (both sides alike); means are in
+``extra_info`` too. Runs only when benchmarks are asked for:
+``pytest benches/bench_store.py --benchmark-only -s``
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from google.protobuf import any_pb2
+from pytest_benchmark.fixture import BenchmarkFixture
+
+from meshstore import Store
+from meshstore.components import type_url
+from meshstore.pb import entity_pb2 as pb
+
+sys.path.insert(0, str(Path(__file__).parent))
+from reference_store import ReferenceStore  # noqa: E402
+
+N = 100_000
+BATCH = 1_000
+ROUNDS = 3
+WARMUP = 1
+
+B2_TARGET_PER_S = 400_000
+B2_TARGET_RATIO = 3.0
+B3_TARGET_PER_S = 1_000_000
+B3_TARGET_RATIO = 8.0
+B6_TARGET_BYTES = 1024
+
+Entity = pb.Entity
+AnyMsg = any_pb2.Any
+POSITION_URL = type_url(pb.PositionComponent)
+VELOCITY_URL = type_url(pb.VelocityComponent)
+IDS = [f"track-{i:06d}" for i in range(N)]
+THREATS = [AnyMsg(type_url=type_url(pb.ThreatComponent), value=pb.ThreatComponent(level=lvl).SerializeToString()) for lvl in range(1, 5)]
+SOURCES = [
+    AnyMsg(type_url=type_url(pb.SourceComponent), value=pb.SourceComponent(sensor_id=f"radar-{k}", sensor_type="radar").SerializeToString())
+    for k in range(8)
+]
+
+pytestmark = pytest.mark.benchmark(group="store")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def only_when_benchmarking(request: pytest.FixtureRequest) -> None:
+    # Autouse and module-scoped, so it runs before the 100k-entity stores are built.
+    if not request.config.getoption("benchmark_only"):
+        pytest.skip("benchmarks run only with --benchmark-only")
+
+
+# ---- entities ----------------------------------------------------------------------------
+
+
+def kinematics(i: int, gen: int) -> tuple[AnyMsg, AnyMsg]:
+    """Position and velocity of track ``i`` in round ``gen`` (different every round)."""
+    pos = pb.PositionComponent(lat=30.0 + i * 1e-5 + gen * 1e-4, lon=-120.0 + i * 2e-5 + gen * 1e-4, alt=500.0 + gen)
+    vel = pb.VelocityComponent(speed=100.0 + i % 50 + gen, heading=float(i % 360))
+    return (AnyMsg(type_url=POSITION_URL, value=pos.SerializeToString()), AnyMsg(type_url=VELOCITY_URL, value=vel.SerializeToString()))
+
+
+def track(i: int, gen: int) -> Entity:
+    """A blind put of a whole 4-component track, as a sensor feed sends it."""
+    pos, vel = kinematics(i, gen)
+    comps = {"position": pos, "velocity": vel, "threat": THREATS[i % 4], "source": SOURCES[i % 8]}
+    return Entity(id=IDS[i], type=pb.ENTITY_TYPE_TRACK, components=comps)
+
+
+def track_batches(gen: int, serialized: bool, n: int = N) -> list[list]:
+    batches = []
+    for start in range(0, n, BATCH):
+        batch = [track(i, gen) for i in range(start, min(start + BATCH, n))]
+        batches.append([e.SerializeToString() for e in batch] if serialized else batch)
+    return batches
+
+
+def kinematics_updates(read: Callable[[str], Entity], gen: int) -> list[Entity]:
+    """One update per track: new position + velocity, based on the versions as read."""
+    out = []
+    for i, eid in enumerate(IDS):
+        versions = read(eid).versions
+        pos, vel = kinematics(i, gen)
+        out.append(
+            Entity(
+                id=eid,
+                components={"position": pos, "velocity": vel},
+                versions={"position": versions["position"], "velocity": versions["velocity"]},
+            )
+        )
+    return out
+
+
+def populate(put_many: Callable[[list], object]) -> None:
+    for batch in track_batches(0, serialized=True):
+        put_many(batch)
+
+
+# ---- timing helpers ----------------------------------------------------------------------
+
+
+def timed_rounds(setup: Callable[[], tuple], run: Callable, rounds: int = ROUNDS, warmup: int = WARMUP) -> list[float]:
+    """Seconds per round of ``run(*setup()[0])``, as pytest-benchmark's pedantic mode does."""
+    times = []
+    for k in range(warmup + rounds):
+        args, _ = setup()
+        start = time.perf_counter()
+        run(*args)
+        elapsed = time.perf_counter() - start
+        if k >= warmup:
+            times.append(elapsed)
+    return times
+
+
+def verdict(value: float, target: float) -> str:
+    return "MET" if value >= target else "MISSED"
+
+
+class Gen:
+    """Round numbers: every round writes values no earlier round wrote."""
+
+    def __init__(self) -> None:
+        self._count = itertools.count(1)
+
+    def __call__(self) -> int:
+        return next(self._count)
+
+
+# ---- B2: Store.update ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def b2_stores() -> Iterator[tuple[Store, ReferenceStore, Gen]]:
+    store = Store(node_id="b2")
+    ref = ReferenceStore(node_id="b2")
+    populate(store.put_many)
+    populate(ref.put_many)
+    yield store, ref, Gen()
+    store.close()
+
+
+@pytest.mark.parametrize("watcher", [False, True], ids=["no-watcher", "watcher"])
+def test_b2_update(
+    benchmark: BenchmarkFixture, b2_stores: tuple[Store, ReferenceStore, Gen], watcher: bool, bench_report: Callable[[str], None]
+) -> None:
+    store, ref, gen = b2_stores
+    watch = store.watch() if watcher else None
+    ref_queue = ref.watch() if watcher else None
+    events = {"store": 0, "reference": 0}
+
+    def store_setup() -> tuple:
+        if watch is not None:
+            events["store"] += len(watch.drain())
+        gc.collect()
+        return (kinematics_updates(store.get, gen()),), {}
+
+    def ref_setup() -> tuple:
+        if ref_queue is not None:
+            events["reference"] += len(ref_queue)
+            ref_queue.clear()
+        gc.collect()
+        return (kinematics_updates(ref.get, gen()),), {}
+
+    def store_run(msgs: list[Entity]) -> None:
+        update = store.update
+        for m in msgs:
+            update(m)
+
+    def ref_run(msgs: list[Entity]) -> None:
+        update = ref.update
+        for m in msgs:
+            update(m)
+
+    seq0 = store.seq
+    benchmark.pedantic(store_run, setup=store_setup, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
+    assert store.seq - seq0 == N * (ROUNDS + WARMUP), "every update must apply"
+    coalesced = 0
+    if watch is not None:
+        events["store"] += len(watch.drain())
+        coalesced = watch.stats()["coalesced"]
+        watch.close()
+        assert events["store"] + coalesced == N * (ROUNDS + WARMUP)
+
+    rseq0 = ref.seq
+    ref_times = timed_rounds(ref_setup, ref_run)
+    assert ref.seq - rseq0 == N * (ROUNDS + WARMUP)
+    if ref_queue is not None:
+        events["reference"] += len(ref_queue)
+        ref._watchers.clear()
+        assert events["reference"] == N * (ROUNDS + WARMUP)
+
+    best = N / benchmark.stats.stats.min
+    ref_best = N / min(ref_times)
+    ratio = best / ref_best
+    info = benchmark.extra_info
+    info["entities"] = N
+    info["watcher"] = watcher
+    info["updates_per_s"] = round(best)
+    info["updates_per_s_mean"] = round(N / benchmark.stats.stats.mean)
+    info["us_per_update"] = round(1e6 / best, 3)
+    info["reference_updates_per_s"] = round(ref_best)
+    info["reference_updates_per_s_mean"] = round(N * len(ref_times) / sum(ref_times))
+    info["reference_us_per_update"] = round(1e6 / ref_best, 3)
+    info["ratio_vs_reference"] = round(ratio, 2)
+    info["target_updates_per_s"] = B2_TARGET_PER_S
+    info["target_ratio"] = B2_TARGET_RATIO
+    info["watcher_events"] = events["store"]
+    info["watcher_coalesced"] = coalesced
+    bench_report(
+        f"B2 Store.update pos+vel, {N // 1000}k tracks, {'with' if watcher else 'no'} watcher: "
+        f"{best / 1e3:,.0f}k updates/s ({1e6 / best:.2f} us) [target {B2_TARGET_PER_S // 1000}k: {verdict(best, B2_TARGET_PER_S)}]; "
+        f"reference {ref_best / 1e3:,.0f}k/s ({1e6 / ref_best:.2f} us); "
+        f"ratio {ratio:.2f}x [target {B2_TARGET_RATIO:g}x: {verdict(ratio, B2_TARGET_RATIO)}]"
+    )
+
+
+# ---- B3: put_many ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def b3_stores() -> Iterator[tuple[Store, ReferenceStore, Gen]]:
+    store = Store(node_id="b3")
+    ref = ReferenceStore(node_id="b3")
+    populate(store.put_many)
+    populate(ref.put_many)
+    yield store, ref, Gen()
+    store.close()
+
+
+@pytest.mark.parametrize("form", ["messages", "bytes"])
+def test_b3_put_many(
+    benchmark: BenchmarkFixture, b3_stores: tuple[Store, ReferenceStore, Gen], form: str, bench_report: Callable[[str], None]
+) -> None:
+    store, ref, gen = b3_stores
+    serialized = form == "bytes"
+
+    def setup() -> tuple:
+        gc.collect()
+        return (track_batches(gen(), serialized),), {}
+
+    def store_run(batches: list[list]) -> None:
+        put_many = store.put_many
+        for batch in batches:
+            put_many(batch)
+
+    def ref_run(batches: list[list]) -> None:
+        put_many = ref.put_many
+        for batch in batches:
+            put_many(batch)
+
+    seq0 = store.seq
+    benchmark.pedantic(store_run, setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
+    assert store.seq - seq0 == N * (ROUNDS + WARMUP), "every put must apply"
+    rseq0 = ref.seq
+    ref_times = timed_rounds(setup, ref_run)
+    assert ref.seq - rseq0 == N * (ROUNDS + WARMUP)
+
+    best = N / benchmark.stats.stats.min
+    ref_best = N / min(ref_times)
+    ratio = best / ref_best
+    info = benchmark.extra_info
+    info["entities"] = N
+    info["batch"] = BATCH
+    info["form"] = form
+    info["entity_updates_per_s"] = round(best)
+    info["entity_updates_per_s_mean"] = round(N / benchmark.stats.stats.mean)
+    info["us_per_entity"] = round(1e6 / best, 3)
+    info["reference_entity_updates_per_s"] = round(ref_best)
+    info["reference_entity_updates_per_s_mean"] = round(N * len(ref_times) / sum(ref_times))
+    info["reference_us_per_entity"] = round(1e6 / ref_best, 3)
+    info["ratio_vs_reference"] = round(ratio, 2)
+    rate_note, ratio_note = "", " (no target)"
+    if serialized:
+        info["target_entity_updates_per_s"] = B3_TARGET_PER_S
+        info["target_ratio"] = B3_TARGET_RATIO
+        rate_note = f" [target {B3_TARGET_PER_S / 1e6:g}M: {verdict(best, B3_TARGET_PER_S)}]"
+        ratio_note = f" [target {B3_TARGET_RATIO:g}x: {verdict(ratio, B3_TARGET_RATIO)}]"
+    bench_report(
+        f"B3 put_many x{BATCH} from {form}, {N // 1000}k tracks/round: "
+        f"{best / 1e3:,.0f}k entity updates/s ({1e6 / best:.2f} us){rate_note}; "
+        f"reference {ref_best / 1e3:,.0f}k/s ({1e6 / ref_best:.2f} us); ratio {ratio:.2f}x{ratio_note}"
+    )
+
+
+# ---- B6: memory per track --------------------------------------------------------------
+
+_B6_PRELUDE = f"""
+import gc, json, os, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+"""
+
+# Fills a Store with N tracks in batches built and dropped on the way, so only what the
+# store keeps stays; then writes every track as Store.get returns it, for the baseline.
+_B6_STORE = (
+    _B6_PRELUDE
+    + """
+from bench_store import N, BATCH, IDS, track
+from meshstore import Store
+warm = Store(node_id="b6")          # one-time allocations (interned keys, code paths) first
+warm.put_many([track(i, 0).SerializeToString() for i in range(10)])
+warm.close(); del warm
+store = Store(node_id="b6")
+gc.collect()
+before = rss()
+for start in range(0, N, BATCH):
+    store.put_many([track(i, 0).SerializeToString() for i in range(start, start + BATCH)])
+gc.collect()
+after = rss()
+stats = store.stats()
+lengths = []
+with open(sys.argv[1], "wb") as f:
+    for eid in IDS:
+        b = store.get(eid).SerializeToString()
+        lengths.append(len(b))
+        f.write(b)
+print(json.dumps({"before": before, "after": after, "entities": stats["entities"],
+                  "payload_bytes": stats["payload_bytes"], "lengths": lengths}))
+"""
+)
+
+# Holds the same tracks, serialized as Store.get returns them, in a dict by id.
+_B6_DICT = (
+    _B6_PRELUDE
+    + """
+from array import array
+with open(sys.argv[1], "rb") as f:
+    blob = f.read()
+lengths = array("I", json.loads(sys.stdin.read()))
+gc.collect()
+before = rss()
+held = {}
+offset = 0
+for i, n in enumerate(lengths):
+    held[f"track-{i:06d}"] = blob[offset:offset + n]
+    offset += n
+gc.collect()
+after = rss()
+print(json.dumps({"before": before, "after": after, "entities": len(held)}))
+"""
+)
+
+
+def _run(code: str, *args: str, stdin: str = "") -> dict:
+    out = subprocess.run([sys.executable, "-c", code, *args], input=stdin, capture_output=True, text=True, check=False, timeout=120)
+    if out.returncode != 0:
+        raise RuntimeError(f"B6 subprocess failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_b6_memory_per_track(benchmark: BenchmarkFixture, tmp_path: Path, bench_report: Callable[[str], None]) -> None:
+    blob = tmp_path / "tracks.bin"
+    results: dict[str, dict] = {}
+
+    def measure() -> None:
+        results["store"] = _run(_B6_STORE, str(blob))
+        results["dict"] = _run(_B6_DICT, str(blob), stdin=json.dumps(results["store"]["lengths"]))
+
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    s, d = results["store"], results["dict"]
+    assert s["entities"] == d["entities"] == N
+    per_track = (s["after"] - s["before"]) / N
+    per_track_dict = (d["after"] - d["before"]) / N
+    ratio = per_track / per_track_dict
+    serialized = sum(s["lengths"]) / N
+    info = benchmark.extra_info
+    info["entities"] = N
+    info["bytes_per_track"] = round(per_track, 1)
+    info["dict_of_bytes_per_track"] = round(per_track_dict, 1)
+    info["serialized_bytes_per_track"] = round(serialized, 1)
+    info["core_payload_bytes_per_track"] = round(s["payload_bytes"] / N, 1)
+    info["ratio_vs_dict_of_bytes"] = round(ratio, 2)
+    info["target_bytes_per_track"] = B6_TARGET_BYTES
+    bench_report(
+        f"B6 memory, {N // 1000}k 4-component tracks: {per_track:,.0f} B/track RSS growth "
+        f"[target < {B6_TARGET_BYTES}: {'MET' if per_track < B6_TARGET_BYTES else 'MISSED'}]; "
+        f"dict of serialized entities {per_track_dict:,.0f} B/track ({serialized:.0f} B serialized); "
+        f"ratio {ratio:.2f}x"
+    )

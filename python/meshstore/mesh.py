@@ -1,0 +1,342 @@
+"""The receiving side of the mesh: ``mesh.v1.MeshService`` over a Store.
+
+A peer's relay (``meshstore.relay``) opens ``Push``, says Hello, and streams batches of
+replica states; this servicer answers with its own Hello, merges every state of a batch
+with ``source`` = the sender's node id, and acknowledges each batch in order. See
+``proto/mesh/v1/mesh.proto`` for the exchange.
+
+Bad input at this boundary never takes the node down:
+
+- a Hello claiming this node's own id: FAILED_PRECONDITION (two nodes share an id, or a
+  node lists itself as a peer); an empty id or a stream not starting with Hello:
+  INVALID_ARGUMENT; an undecodable message: INVALID_ARGUMENT;
+- a state the store refuses (malformed bytes, invalid entity): counted (``stats()``,
+  per peer and in total), logged (the first few per stream, then every 1000th),
+  skipped; the batch is still acknowledged (with the count in ``Ack.rejected``), so
+  the sender neither stalls nor resends it forever;
+- a state stamped too far ahead of our clock: merged into the store's quarantine by the
+  store itself (``stats()["quarantined"]``), released once our clock catches up.
+
+``add_mesh_service(server, store)`` registers the service on a ``grpc.aio`` server the
+caller owns; ``start_node(store)`` starts one serving the mesh (and the
+``EntityStoreService`` when ``meshstore.server`` is importable) for tests and tools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+import time
+import weakref
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from meshstore.errors import MeshstoreError
+from meshstore.pb import mesh_pb2
+from meshstore.store import Store
+
+try:  # structured key=value logging (meshstore.logs); plain logging works without it
+    from meshstore.logs import event as _log_event
+except ImportError:  # pragma: no cover
+    def _log_event(logger: logging.Logger, level: int, msg: str, /, exc_info: Any = None, **fields: Any) -> None:
+        if logger.isEnabledFor(level):
+            logger.log(level, "%s %s", msg, " ".join(f"{k}={v}" for k, v in fields.items()), exc_info=exc_info)
+
+__all__ = [
+    "PUSH_METHOD",
+    "SERVICE_NAME",
+    "MeshNode",
+    "MeshServicer",
+    "add_mesh_service",
+    "incarnation_of",
+    "start_node",
+]
+
+log = logging.getLogger("meshstore.mesh")
+
+SERVICE_NAME = "mesh.v1.MeshService"
+PUSH_METHOD = f"/{SERVICE_NAME}/Push"
+#: Largest message a node accepts (a batch is capped well below it by the relay).
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# Rejected states logged per stream before logging only every _LOG_EVERY-th one.
+_LOG_FIRST = 5
+_LOG_EVERY = 1000
+
+_NOTHING = object()
+
+_incarnations: weakref.WeakKeyDictionary[Store, int] = weakref.WeakKeyDictionary()
+
+
+def incarnation_of(store: Store) -> int:
+    """The random incarnation of this store object (one per start of a node's store):
+    a peer that sees it change knows this node lost its state."""
+    try:
+        return _incarnations[store]
+    except KeyError:
+        return _incarnations.setdefault(store, secrets.randbits(64) or 1)
+
+
+def _raw_request(data: bytes) -> mesh_pb2.RawPushRequest | None:
+    """Decodes a PushRequest keeping each state's bytes; None if undecodable (the
+    handler answers INVALID_ARGUMENT instead of gRPC's opaque INTERNAL)."""
+    try:
+        return mesh_pb2.RawPushRequest.FromString(data)
+    except DecodeError:
+        return None
+
+
+@dataclasses.dataclass
+class _PeerIn:
+    """What one sending node did to us (all its streams)."""
+
+    node_id: str
+    incarnation: int = 0
+    streams: int = 0
+    open_streams: int = 0
+    batches: int = 0
+    states: int = 0
+    changed: int = 0
+    rejected: int = 0
+    bytes: int = 0
+    last_seq: int = 0
+    last_error: str = ""
+    last_seen: float = 0.0
+
+
+class MeshServicer:
+    """``mesh.v1.MeshService``: merges what peers push into ``store``."""
+
+    def __init__(self, store: Store, *, incarnation: int | None = None) -> None:
+        if not isinstance(store, Store):
+            raise TypeError(f"store must be a meshstore Store, got {type(store).__name__}")
+        self.store = store
+        self.incarnation = incarnation_of(store) if incarnation is None else incarnation
+        self._peers: dict[str, _PeerIn] = {}
+        self.refused_self = 0  # hellos that claimed our own node id
+        self.refused_invalid = 0  # streams refused as malformed (no hello, bad message)
+        self.rejected_states = 0
+        self.streams_open = 0
+        self._hello = mesh_pb2.PushResponse(
+            hello=mesh_pb2.Hello(node_id=store.node_id, incarnation=self.incarnation)).SerializeToString()
+
+    # ---- registration --------------------------------------------------------------------
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """A generic handler: requests decoded as RawPushRequest (states stay bytes),
+        responses pre-serialized."""
+        push = grpc.stream_stream_rpc_method_handler(
+            self.push, request_deserializer=_raw_request, response_serializer=lambda b: b)
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {"Push": push})
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers((self.handler(),))
+
+    # ---- the RPC -------------------------------------------------------------------------
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,
+                      **fields: Any) -> None:
+        _log_event(log, logging.WARNING, "mesh stream refused", code=code.name, reason=message,
+                   peer_address=context.peer(), node_id=self.store.node_id, **fields)
+        await context.abort(code, message)
+
+    async def push(self, requests: AsyncIterator[mesh_pb2.RawPushRequest | None],
+                   context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        own = self.store.node_id
+        first: Any = _NOTHING
+        async for first in requests:
+            break
+        if first is _NOTHING:
+            return  # the sender went away before saying anything
+        if first is None or not first.HasField("hello"):
+            self.refused_invalid += 1
+            what = "an undecodable message" if first is None else "a Batch" if first.HasField("batch") \
+                else "an empty message"
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                               f"a Push stream must start with a Hello, got {what}")
+            return
+        hello = first.hello
+        if not hello.node_id:
+            self.refused_invalid += 1
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "Hello.node_id is empty")
+            return
+        if hello.node_id == own:
+            self.refused_self += 1
+            await self._refuse(
+                context, grpc.StatusCode.FAILED_PRECONDITION,
+                f"peer claims this node's own id '{own}': two nodes share a node id, "
+                f"or a node lists itself as a peer", claimed=hello.node_id)
+            return
+        sender = hello.node_id
+        peer = self._peers.get(sender)
+        if peer is None:
+            peer = self._peers[sender] = _PeerIn(sender)
+        restarted = peer.incarnation not in (0, hello.incarnation)
+        peer.incarnation = hello.incarnation
+        peer.streams += 1
+        peer.open_streams += 1
+        self.streams_open += 1
+        _log_event(log, logging.INFO, "mesh peer stream opened", node_id=own, peer=sender,
+                   peer_incarnation=f"{hello.incarnation:016x}", peer_restarted=restarted,
+                   peer_address=context.peer())
+        logged = 0
+        merge = self.store.merge
+        try:
+            yield self._hello
+            async for request in requests:
+                if request is None or not request.HasField("batch"):
+                    self.refused_invalid += 1
+                    what = "an undecodable message" if request is None else "a second Hello" \
+                        if request.HasField("hello") else "an empty message"
+                    await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"expected a Batch after the Hello, got {what}", peer=sender)
+                    return
+                batch = request.batch
+                rejected = changed = 0
+                first_error = ""
+                for state in batch.states:
+                    peer.bytes += len(state)
+                    try:
+                        if merge(state, source=sender):
+                            changed += 1
+                    except Exception as exc:  # noqa: BLE001 - one bad state must not end the stream
+                        rejected += 1
+                        message = f"{type(exc).__name__}: {exc}"
+                        first_error = first_error or message
+                        peer.last_error = message
+                        total = peer.rejected + rejected
+                        if logged < _LOG_FIRST or total % _LOG_EVERY == 0:
+                            logged += 1
+                            _log_event(log, logging.WARNING, "mesh state rejected", node_id=own, peer=sender,
+                                       error=message, state_bytes=len(state), rejected_total=total,
+                                       exc_info=None if isinstance(exc, (MeshstoreError, ValueError, TypeError)) else exc)
+                peer.batches += 1
+                peer.states += len(batch.states)
+                peer.changed += changed
+                peer.rejected += rejected
+                peer.last_seq = batch.last_seq
+                peer.last_seen = time.time()
+                self.rejected_states += rejected
+                yield mesh_pb2.PushResponse(ack=mesh_pb2.Ack(
+                    seq=batch.last_seq, rejected=rejected, changed=changed,
+                    first_error=first_error[:500])).SerializeToString()
+        finally:
+            peer.open_streams -= 1
+            self.streams_open -= 1
+            _log_event(log, logging.INFO, "mesh peer stream closed", node_id=own, peer=sender,
+                       batches=peer.batches, states=peer.states, rejected=peer.rejected)
+
+    # ---- observability -------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Totals and, per sending node, streams, batches, states (received, changed
+        ours, rejected as bad input), bytes and the last acknowledged seq."""
+        return {
+            "node_id": self.store.node_id,
+            "incarnation": self.incarnation,
+            "streams_open": self.streams_open,
+            "refused_self": self.refused_self,
+            "refused_invalid": self.refused_invalid,
+            "rejected_states": self.rejected_states,
+            "peers": {node: dataclasses.asdict(p) for node, p in self._peers.items()},
+        }
+
+
+def add_mesh_service(server: grpc.aio.Server, store: Store, *, incarnation: int | None = None) -> MeshServicer:
+    """Registers ``mesh.v1.MeshService`` over ``store`` on ``server`` (before it starts).
+    Give the server ``grpc.max_receive_message_length`` >= the relays' batch size
+    (``DEFAULT_MAX_MESSAGE_BYTES`` is ample)."""
+    servicer = MeshServicer(store, incarnation=incarnation)
+    servicer.add_to_server(server)
+    return servicer
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+@dataclasses.dataclass
+class MeshNode:
+    """A started node: ``address`` to dial, ``servicer`` for stats, ``stop()``."""
+
+    store: Store
+    server: grpc.aio.Server
+    servicer: MeshServicer
+    host: str
+    port: int
+    store_service: bool
+    _stopped: bool = False
+
+    @property
+    def address(self) -> str:
+        return _address(self.host, self.port)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stops listening and ends open streams (after ``grace`` seconds). The store
+        stays open. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.server.stop(grace)
+
+
+def _add_store_service(server: grpc.aio.Server, store: Store) -> bool:
+    """Adds meshstore.server's EntityStoreService if that module offers it."""
+    try:
+        from meshstore import server as store_server
+    except Exception:  # noqa: BLE001 - optional: any import failure means "not available"
+        return False
+    servicer_class = getattr(store_server, "EntityStoreServicer", None)
+    if servicer_class is None:
+        return False
+    try:
+        servicer = servicer_class(store)
+        if hasattr(servicer, "add_to_server"):
+            servicer.add_to_server(server)
+        else:
+            from meshstore.pb import store_pb2_grpc
+            store_pb2_grpc.add_EntityStoreServiceServicer_to_server(servicer, server)
+    except Exception as exc:  # noqa: BLE001
+        _log_event(log, logging.WARNING, "entity store service not added", error=repr(exc))
+        return False
+    return True
+
+
+async def start_node(store: Store, host: str = "127.0.0.1", port: int = 0, *,
+                     store_service: bool = True,
+                     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                     incarnation: int | None = None) -> MeshNode:
+    """Starts a grpc.aio server on ``host:port`` (0: any free port) serving the mesh over
+    ``store`` (and the EntityStoreService when available and ``store_service``).
+    OSError if the address cannot be bound."""
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
+    ])
+    servicer = add_mesh_service(server, store, incarnation=incarnation)
+    with_store = store_service and _add_store_service(server, store)
+    wanted = _address(host, port)
+    try:
+        bound = server.add_insecure_port(wanted)
+    except RuntimeError as exc:
+        await server.stop(None)
+        raise OSError(f"cannot listen on {wanted}: {exc}") from exc
+    if not bound:
+        await server.stop(None)
+        raise OSError(f"cannot listen on {wanted}: address in use or not available")
+    await server.start()
+    return MeshNode(store, server, servicer, host, bound, with_store)
+
+
+async def _main() -> None:  # pragma: no cover - manual smoke run: python -m meshstore.mesh
+    node = await start_node(Store())
+    print(f"mesh node {node.store.node_id} on {node.address}")
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    asyncio.run(_main())

@@ -1,0 +1,609 @@
+"""The sending side of the mesh: push this node's changes to every peer.
+
+``Relay(store, ["host:port", ...])`` runs one task per peer in asyncio. Each task dials
+the peer (``grpc.aio`` insecure channel), opens ``mesh.v1.MeshService/Push``, says Hello
+(node id, incarnation) and reads the peer's Hello. Per peer it keeps a watermark:
+(peer incarnation, acknowledged seq). A new incarnation (the peer restarted with an
+empty store, or this relay never saw it) means a full sync from seq 0; the same one
+means resuming after the acknowledged seq. It then streams batches of
+``store.replica_changes(cursor, limit=batch_size, skip_source=peer)`` (echo
+suppression: a peer is never sent the changes that came from it), several batches in
+flight, and waits for new changes on a store watcher (a projection on a key no entity
+has, so events stay tiny) with a poll of ``store.seq`` as a fallback (a merge that only
+changes a dead entity takes a seq but emits no event). A broken stream or an unreachable
+peer is retried with exponential backoff and jitter (``backoff_initial`` doubling up to
+``backoff_max``), forever: convergence after a partition heals needs no new write and no
+restart. A batch not acknowledged within ``ack_timeout`` (or an idle stream whose
+heartbeat is not acknowledged) counts as a broken stream.
+
+Budget (``meshstore.budget``): changes are read into a per-peer pending map (one latest
+state per entity; the read cursor advances) and sent by priority (DELETE > HIGH > MEDIUM
+> LOW > NONE > position-only) as the peer's token bucket allows; DELETE and HIGH
+bypass it. The acknowledged watermark only moves to a seq once no state at or below it
+is still pending (``Batch.last_seq`` says so), so a reconnect resends whatever was
+deferred. Unlimited (the default unless ``MESH_BANDWIDTH_BPS`` is set): states go out
+in seq order as read.
+
+Tombstones: every ``collect_interval`` the relay calls
+``store.collect_tombstones(min acknowledged seq over all peers)``, once every peer has
+acknowledged something in its current incarnation.
+
+``stats()`` gives, per peer: connected, sent states/bytes/batches, acknowledged seq,
+lag (``store.seq - acked``), pending, retries, full syncs... Connection changes are
+logged as structured lines on ``meshstore.relay``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+
+from meshstore.budget import BudgetConfig, Pending, PendingQueue, Priority, priority_of
+from meshstore.errors import CursorExpiredError
+from meshstore.mesh import DEFAULT_MAX_MESSAGE_BYTES, PUSH_METHOD, _log_event, incarnation_of
+from meshstore.pb import entity_pb2, mesh_pb2
+from meshstore.store import Store
+
+__all__ = ["ChannelFactory", "Relay", "RelayError", "default_channel"]
+
+log = logging.getLogger("meshstore.relay")
+
+#: The projection of the relay's wake-up watcher: a key no entity has, so every event
+#: carries only the entity's id and versions-free header.
+WAKE_COMPONENT = "__meshstore_relay_wake__"
+
+ChannelFactory = Callable[[str], grpc.aio.Channel]
+
+
+class RelayError(Exception):
+    """A peer broke the protocol, or a stream stalled."""
+
+
+def default_channel(address: str) -> grpc.aio.Channel:
+    """An insecure channel of its own (no connection shared with other channels)."""
+    return grpc.aio.insecure_channel(address, options=[
+        ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+        ("grpc.use_local_subchannel_pool", 1),
+        ("grpc.enable_retries", 0),
+    ])
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def _entity_id(state: bytes) -> str:
+    """An entity's id from its serialized state without decoding it: the core writes
+    field 1 (id) first. Falls back to a full decode."""
+    try:
+        if state[0] == 0x0A:
+            length = shift = 0
+            i = 1
+            while True:
+                byte = state[i]
+                i += 1
+                length |= (byte & 0x7F) << shift
+                if byte < 0x80:
+                    break
+                shift += 7
+            if i + length <= len(state):
+                return state[i:i + length].decode()
+    except (IndexError, UnicodeDecodeError):
+        pass
+    return entity_pb2.Entity.FromString(state).id
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _positive(name: str, value: Any, *, integer: bool = False) -> Any:
+    bad = isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
+    if bad or (not integer and not math.isfinite(value)) or value <= 0:
+        kind = "a positive integer" if integer else "a positive number"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return value
+
+
+class _Peer:
+    """One peer: its watermark (incarnation, acked seq), budget, pending map, counters."""
+
+    def __init__(self, address: str, budget: BudgetConfig, clock: Callable[[], float]) -> None:
+        self.address = address
+        self.node_id = ""
+        self.incarnation: int | None = None
+        self.acked = 0
+        self.acked_once = False
+        # Changes up to this seq may predate the peer's current incarnation: send them
+        # even if they came from it (its old self), i.e. no echo suppression below it.
+        self.no_skip_until = 0
+        self.connected = False
+        self.pending = PendingQueue()
+        self.bucket = budget.bucket(clock)
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task | None = None
+        self.connects = 0
+        self.retries = 0
+        self.full_syncs = 0
+        self.snapshots = 0
+        self.sent_states = 0
+        self.sent_bytes = 0
+        self.batches = 0
+        self.empty_batches = 0
+        self.heartbeats = 0
+        self.peer_rejected = 0
+        self.peer_changed = 0
+        self.last_error = ""
+        self.connected_since = 0.0
+
+
+@dataclasses.dataclass
+class _Session:
+    """One open Push stream."""
+
+    cursor: int  # the store seq read up to (into the pending map)
+    inflight: deque = dataclasses.field(default_factory=deque)  # (last_seq, sent at)
+    sent_mark: int = -1  # last_seq of the latest batch sent
+    last_send: float = 0.0
+
+
+class Relay:
+    """Pushes ``store``'s changes to ``peers`` (``host:port`` each). Use inside a
+    running event loop: ``await relay.start()`` ... ``await relay.stop()``, or
+    ``async with Relay(...) as relay:``."""
+
+    def __init__(
+        self,
+        store: Store,
+        peers: Sequence[str],
+        node_id: str | None = None,
+        *,
+        batch_size: int = 512,
+        max_batch_bytes: int = 1 << 20,
+        window: int = 8,
+        backoff_initial: float = 0.05,
+        backoff_max: float = 2.0,
+        connect_timeout: float = 5.0,
+        ack_timeout: float = 15.0,
+        heartbeat_interval: float = 5.0,
+        poll_interval: float = 0.1,
+        collect_interval: float = 1.0,
+        collect_tombstones: bool = True,
+        bandwidth_bps: float | None = None,
+        burst_bytes: float | None = None,
+        incarnation: int | None = None,
+        channel_factory: ChannelFactory | None = None,
+        seed: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not isinstance(store, Store):
+            raise TypeError(f"store must be a meshstore Store, got {type(store).__name__}")
+        if isinstance(peers, str) or not all(isinstance(p, str) and p.strip() for p in peers):
+            raise ValueError(f"peers must be a list of 'host:port' strings, got {peers!r}")
+        peers = [p.strip() for p in peers]
+        if len(set(peers)) != len(peers):
+            raise ValueError(f"peers has duplicates: {peers!r}")
+        if node_id is not None and node_id != store.node_id:
+            raise ValueError(f"relay node_id {node_id!r} must be the store's node_id {store.node_id!r} "
+                             f"(peers record it as the source of what this relay sends)")
+        self.store = store
+        self.node_id = store.node_id
+        self.incarnation = incarnation_of(store) if incarnation is None else incarnation
+        self.batch_size = _positive("batch_size", batch_size, integer=True)
+        self.max_batch_bytes = _positive("max_batch_bytes", max_batch_bytes, integer=True)
+        self.window = _positive("window", window, integer=True)
+        self.backoff_initial = _positive("backoff_initial", backoff_initial)
+        self.backoff_max = max(_positive("backoff_max", backoff_max), backoff_initial)
+        self.connect_timeout = _positive("connect_timeout", connect_timeout)
+        self.ack_timeout = _positive("ack_timeout", ack_timeout)
+        self.heartbeat_interval = _positive("heartbeat_interval", heartbeat_interval)
+        self.poll_interval = _positive("poll_interval", poll_interval)
+        self.collect_interval = _positive("collect_interval", collect_interval)
+        self.collect_enabled = bool(collect_tombstones)
+        self.budget = BudgetConfig.from_env(bandwidth_bps, burst_bytes)
+        self._channel_factory = channel_factory or default_channel
+        self._rng = random.Random(seed)
+        self._clock = clock
+        self._peers = [_Peer(address, self.budget, clock) for address in peers]
+        self._hello = mesh_pb2.RawPushRequest(
+            hello=mesh_pb2.Hello(node_id=self.node_id, incarnation=self.incarnation)).SerializeToString()
+        self._tasks: list[asyncio.Task] = []
+        self._watcher = None
+        self._running = False
+        self.collect_mark = 0
+        self.tombstones_collected = 0
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    @property
+    def peers(self) -> list[str]:
+        return [p.address for p in self._peers]
+
+    async def start(self) -> Relay:
+        """Starts the peer tasks (idempotent)."""
+        if self._running:
+            return self
+        self._running = True
+        self._watcher = self.store.watch(components=[WAKE_COMPONENT])
+        self._tasks.append(asyncio.create_task(self._wake_loop(), name=f"relay-wake-{self.node_id}"))
+        for peer in self._peers:
+            peer.task = asyncio.create_task(self._run_peer(peer), name=f"relay-{self.node_id}->{peer.address}")
+            self._tasks.append(peer.task)
+        if self.collect_enabled:
+            self._tasks.append(asyncio.create_task(self._collect_loop(), name=f"relay-collect-{self.node_id}"))
+        _log_event(log, logging.INFO, "relay started", node_id=self.node_id, peers=",".join(self.peers),
+                   incarnation=f"{self.incarnation:016x}", bandwidth_bps=self.budget.bandwidth_bps,
+                   burst_bytes=self.budget.burst_bytes)
+        return self
+
+    async def stop(self) -> None:
+        """Cancels the peer tasks and closes their streams (idempotent)."""
+        if not self._running:
+            return
+        self._running = False
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
+        _log_event(log, logging.INFO, "relay stopped", node_id=self.node_id)
+
+    async def __aenter__(self) -> Relay:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ---- observability -------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """The relay's counters, and per peer (by address) its link's."""
+        seq = self.store.seq
+        peers = {}
+        for p in self._peers:
+            peers[p.address] = {
+                "node_id": p.node_id,
+                "incarnation": p.incarnation or 0,
+                "connected": p.connected,
+                "connects": p.connects,
+                "retries": p.retries,
+                "full_syncs": p.full_syncs,
+                "snapshots": p.snapshots,
+                "sent_states": p.sent_states,
+                "sent_bytes": p.sent_bytes,
+                "batches": p.batches,
+                "empty_batches": p.empty_batches,
+                "heartbeats": p.heartbeats,
+                "acked_seq": p.acked,
+                "acked_once": p.acked_once,
+                "lag": max(0, seq - p.acked),
+                "pending": len(p.pending),
+                "coalesced": p.pending.coalesced,
+                "deferred": p.pending.deferred,
+                "bypassed": p.pending.bypassed,
+                "budget_tokens": None if p.bucket.unlimited else round(p.bucket.tokens),
+                "peer_rejected": p.peer_rejected,
+                "peer_changed": p.peer_changed,
+                "last_error": p.last_error,
+            }
+        return {
+            "node_id": self.node_id,
+            "incarnation": self.incarnation,
+            "running": self._running,
+            "seq": seq,
+            "bandwidth_bps": self.budget.bandwidth_bps,
+            "collect_mark": self.collect_mark,
+            "tombstones_collected": self.tombstones_collected,
+            "peers": peers,
+        }
+
+    def synced(self) -> bool:
+        """Every peer connected, caught up (acked == store.seq) and nothing pending."""
+        seq = self.store.seq
+        return all(p.connected and p.acked >= seq and not p.pending for p in self._peers)
+
+    # ---- tombstones ----------------------------------------------------------------------
+
+    def collect_once(self) -> int:
+        """Collects tombstones every peer acknowledged; 0 until each peer acked once."""
+        if not self._peers or not all(p.acked_once for p in self._peers):
+            return 0
+        mark = min(p.acked for p in self._peers)
+        if mark <= self.collect_mark:
+            return 0
+        collected = self.store.collect_tombstones(mark)
+        self.collect_mark = mark
+        self.tombstones_collected += collected
+        if collected:
+            _log_event(log, logging.DEBUG, "tombstones collected", node_id=self.node_id, count=collected,
+                       acked_seq=mark)
+        return collected
+
+    async def _collect_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.collect_interval)
+            try:
+                self.collect_once()
+            except Exception as exc:  # noqa: BLE001 - keep collecting
+                _log_event(log, logging.WARNING, "tombstone collection failed", node_id=self.node_id,
+                           error=_describe(exc))
+
+    # ---- wake-up -------------------------------------------------------------------------
+
+    async def _wake_loop(self) -> None:
+        watcher = self._watcher
+        while not watcher.closed:
+            event = await watcher.aget(timeout=1.0)
+            if event is None:
+                continue
+            watcher.drain()
+            for peer in self._peers:
+                peer.wake.set()
+
+    # ---- one peer ------------------------------------------------------------------------
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling = min(self.backoff_max, self.backoff_initial * 2 ** min(attempt, 32))
+        return self._rng.uniform(ceiling / 2, ceiling)
+
+    async def _run_peer(self, peer: _Peer) -> None:
+        attempt = 0
+        failing_since: float | None = None
+        while True:
+            peer.connected_since = 0.0
+            try:
+                await self._session(peer)
+                error = "stream ended"
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise  # the relay is stopping
+                error = "stream cancelled (channel closed)"  # grpc.aio cancels calls of a closed channel
+            except Exception as exc:  # noqa: BLE001 - any failure: back off and retry
+                error = _describe(exc)
+            was_connected = peer.connected_since > 0
+            peer.last_error = error
+            peer.retries += 1
+            if was_connected:
+                attempt = 0
+            delay = self._backoff(attempt)
+            attempt += 1
+            if was_connected:
+                failing_since = None
+                _log_event(log, logging.WARNING, "mesh peer disconnected", node_id=self.node_id,
+                           peer=peer.address, peer_node=peer.node_id, error=error, acked_seq=peer.acked,
+                           lag=max(0, self.store.seq - peer.acked), retry_in_s=round(delay, 3))
+            elif failing_since is None:
+                failing_since = time.monotonic()
+                _log_event(log, logging.WARNING, "mesh peer unreachable", node_id=self.node_id,
+                           peer=peer.address, error=error, retry_in_s=round(delay, 3))
+            else:
+                _log_event(log, logging.DEBUG, "mesh peer still unreachable", node_id=self.node_id,
+                           peer=peer.address, error=error, attempt=attempt,
+                           down_s=round(time.monotonic() - failing_since, 1), retry_in_s=round(delay, 3))
+            await asyncio.sleep(delay)
+
+    async def _session(self, peer: _Peer) -> None:
+        """One connection: handshake, then batches and acks until something breaks."""
+        channel = self._channel_factory(peer.address)
+        call = None
+        tasks: list[asyncio.Task] = []
+        try:
+            call = channel.stream_stream(PUSH_METHOD, request_serializer=_identity,
+                                         response_deserializer=mesh_pb2.PushResponse.FromString)()
+            await asyncio.wait_for(call.write(self._hello), self.connect_timeout)
+            reply = await asyncio.wait_for(call.read(), self.connect_timeout)
+            if reply is grpc.aio.EOF:
+                raise RelayError("peer closed the stream before its Hello")
+            if not reply.HasField("hello") or not reply.hello.node_id:
+                raise RelayError("peer did not answer with a Hello")
+            hello = reply.hello
+            if hello.node_id == self.node_id:
+                raise RelayError(f"peer at {peer.address} has this node's own id '{self.node_id}' "
+                                 f"(a node listed as its own peer, or two nodes sharing an id)")
+            full = hello.incarnation != peer.incarnation or hello.node_id != peer.node_id
+            if full:
+                if peer.node_id and peer.node_id != hello.node_id:
+                    _log_event(log, logging.WARNING, "mesh peer changed node id", node_id=self.node_id,
+                               peer=peer.address, was=peer.node_id, now=hello.node_id)
+                peer.node_id = hello.node_id
+                peer.incarnation = hello.incarnation
+                peer.acked = 0
+                peer.acked_once = False
+                peer.no_skip_until = self.store.seq
+                peer.full_syncs += 1
+            session = _Session(cursor=peer.acked, last_send=time.monotonic())
+            peer.pending.clear()
+            peer.connected = True
+            peer.connects += 1
+            peer.connected_since = time.time()
+            _log_event(log, logging.INFO, "mesh peer connected", node_id=self.node_id, peer=peer.address,
+                       peer_node=hello.node_id, peer_incarnation=f"{hello.incarnation:016x}",
+                       sync="full" if full else "resume", from_seq=session.cursor, seq=self.store.seq)
+            tasks = [asyncio.create_task(self._read_acks(peer, call, session)),
+                     asyncio.create_task(self._write_batches(peer, call, session))]
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task.cancelled():
+                    raise RelayError("stream cancelled (channel closed)")
+                if task.exception() is not None:
+                    raise task.exception()
+        finally:
+            peer.connected = False
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            if call is not None:
+                call.cancel()
+            await channel.close(None)
+
+    async def _read_acks(self, peer: _Peer, call: Any, session: _Session) -> None:
+        while True:
+            reply = await call.read()
+            if reply is grpc.aio.EOF:
+                raise RelayError("peer ended the stream")
+            if not reply.HasField("ack"):
+                raise RelayError("peer sent something other than an Ack after its Hello")
+            ack = reply.ack
+            if not session.inflight:
+                raise RelayError(f"peer acknowledged seq {ack.seq} with no batch in flight")
+            expected, _ = session.inflight.popleft()
+            if ack.seq != expected:
+                raise RelayError(f"peer acknowledged seq {ack.seq}, expected {expected}")
+            if ack.seq > peer.acked:
+                peer.acked = ack.seq
+            peer.acked_once = True
+            peer.peer_changed += ack.changed
+            if ack.rejected:
+                peer.peer_rejected += ack.rejected
+                _log_event(log, logging.WARNING, "mesh peer rejected states", node_id=self.node_id,
+                           peer=peer.address, rejected=ack.rejected, error=ack.first_error)
+            peer.wake.set()
+
+    async def _write_batches(self, peer: _Peer, call: Any, session: _Session) -> None:
+        while True:
+            peer.wake.clear()
+            if await self._step(peer, call, session):
+                await asyncio.sleep(0)  # let acks and other peers in
+                continue
+            timeout = self.poll_interval
+            if peer.pending and len(session.inflight) < self.window:
+                head = peer.pending.peek()
+                timeout = min(timeout, max(peer.bucket.delay(head.size), 0.001))
+            if session.inflight:
+                timeout = min(timeout, max(0.001, session.inflight[0][1] + self.ack_timeout - time.monotonic()))
+            try:
+                await asyncio.wait_for(peer.wake.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    async def _step(self, peer: _Peer, call: Any, session: _Session) -> bool:
+        """Reads new changes and sends what the window and budget allow; True if it made
+        progress (so more may be ready at once)."""
+        now = time.monotonic()
+        if session.inflight and now - session.inflight[0][1] > self.ack_timeout:
+            raise RelayError(f"no Ack within {self.ack_timeout}s (seq {session.inflight[0][0]})")
+        if len(session.inflight) >= self.window:
+            return False
+        queue = peer.pending
+        if peer.bucket.unlimited and not queue and self.store.seq > session.cursor:
+            # Fast path: nothing deferred, no budget: a chunk of changes goes out as read.
+            read = self._read(peer, session)
+            if read is not None:
+                states, last = read
+                if sum(map(len, states)) + 16 * len(states) <= self.max_batch_bytes:
+                    session.cursor = max(session.cursor, last)
+                    await self._send(peer, call, session, states, session.cursor, heartbeat=False)
+                    return True
+                self._queue(peer, session, states, last)
+        read = self._fill(peer, session)
+        batch = queue.take(peer.bucket, self.batch_size, self.max_batch_bytes) if queue else []
+        mark = session.cursor
+        lowest = queue.min_seq()
+        if lowest is not None:
+            mark = min(mark, lowest - 1)
+        heartbeat = now - session.last_send >= self.heartbeat_interval
+        if batch or mark > session.sent_mark or heartbeat:
+            await self._send(peer, call, session, batch, mark, heartbeat=heartbeat and not batch)
+            return True
+        return read
+
+    def _read(self, peer: _Peer, session: _Session) -> tuple[list[bytes], int] | None:
+        """The next chunk of changes after the cursor (echo-suppressed), or None after
+        falling back to a snapshot (the cursor predates a collected tombstone)."""
+        skip = None if session.cursor < peer.no_skip_until else peer.node_id
+        try:
+            return self.store.replica_changes(session.cursor, limit=self.batch_size, skip_source=skip)
+        except CursorExpiredError:
+            self._snapshot(peer, session)
+            return None
+
+    def _queue(self, peer: _Peer, session: _Session, states: list[bytes], last: int) -> None:
+        """Puts a chunk read after the cursor into the pending map; moves the cursor."""
+        # Each state's seq is above the cursor: the cursor + 1 is a safe lower bound for
+        # the watermark (the core does not return per-state seqs).
+        base = session.cursor + 1
+        limited = not peer.bucket.unlimited
+        put = peer.pending.put
+        for state in states:
+            put(_entity_id(state), state, base, priority_of(state) if limited else Priority.NONE)
+        session.cursor = max(session.cursor, last)
+
+    def _fill(self, peer: _Peer, session: _Session) -> bool:
+        """Reads changes after the cursor into the pending map: one batch's worth when
+        unlimited (they go out at once), up to 8 batches' worth with a budget (so a
+        DELETE or HIGH behind a backlog is found and coalescing works)."""
+        limited = not peer.bucket.unlimited
+        reads = 0
+        while self.store.seq > session.cursor and reads < 8:
+            if not limited and len(peer.pending) >= self.batch_size:
+                break
+            reads += 1
+            read = self._read(peer, session)
+            if read is not None:
+                self._queue(peer, session, *read)
+        return reads > 0
+
+    def _snapshot(self, peer: _Peer, session: _Session) -> None:
+        """The cursor predates a collected tombstone: queue every live entity at or below
+        the store's floor, then continue from the floor."""
+        store = self.store
+        low, high = session.cursor, store.seq  # low expired, high valid
+        while high - low > 1:
+            mid = (low + high) // 2
+            try:
+                store.replica_changes(mid, limit=0)
+                high = mid
+            except CursorExpiredError:
+                low = mid
+        floor = high
+        limited = not peer.bucket.unlimited
+        queued = 0
+        for entity in store.list():
+            found = store.replica_state(entity.id)
+            if found is not None and found[1] <= floor:
+                state, seq = found
+                peer.pending.put(entity.id, state, seq, priority_of(state) if limited else Priority.NONE)
+                queued += 1
+        session.cursor = floor
+        peer.no_skip_until = max(peer.no_skip_until, store.seq)
+        peer.snapshots += 1
+        _log_event(log, logging.INFO, "mesh peer resync from snapshot", node_id=self.node_id, peer=peer.address,
+                   reason="cursor older than a collected tombstone", floor=floor, live_entities=queued)
+
+    async def _send(self, peer: _Peer, call: Any, session: _Session, batch: list, mark: int, *,
+                    heartbeat: bool) -> None:
+        states = [p.state if isinstance(p, Pending) else p for p in batch]
+        data = mesh_pb2.RawPushRequest(batch=mesh_pb2.RawBatch(states=states, last_seq=mark)).SerializeToString()
+        now = time.monotonic()
+        session.inflight.append((mark, now))
+        session.sent_mark = max(session.sent_mark, mark)
+        session.last_send = now
+        await asyncio.wait_for(call.write(data), self.ack_timeout)
+        peer.sent_bytes += len(data)
+        if batch:
+            peer.batches += 1
+            peer.sent_states += len(batch)
+        elif heartbeat:
+            peer.heartbeats += 1
+        else:
+            peer.empty_batches += 1

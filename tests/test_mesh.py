@@ -1,0 +1,604 @@
+"""The mesh over real gRPC on 127.0.0.1: MeshService (meshstore.mesh) receiving, Relay
+(meshstore.relay) sending, budget (meshstore.budget) deciding the order.
+
+Every scenario runs on its own event loop (``partition.run``) with nodes from
+``partition.Cluster``; a partition cuts a node off both ways at the network edge and a
+heal lets the same relays reconnect on their own. Outcomes are awaited with
+``eventually`` (polling with a timeout); the only waits without a condition are the
+bounded observation windows that check nothing more happens (quiescence).
+
+Knobs: MESHSTORE_MESH_RANDOM_SECONDS (default 15) and MESHSTORE_MESH_SEED for the
+randomized run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+
+import grpc
+import pytest
+
+from meshstore import Store
+from meshstore.components import VELOCITY, make_entity, unpack
+from meshstore.mesh import PUSH_METHOD, incarnation_of, start_node
+from meshstore.pb import entity_pb2 as pb
+from meshstore.pb import mesh_pb2
+from meshstore.relay import Relay
+from partition import Cluster, eventually, run
+
+TRACK = pb.ENTITY_TYPE_TRACK
+THREAT_URL = "type.googleapis.com/entity.v1.ThreatComponent"
+
+
+# ---- helpers ----------------------------------------------------------------------------
+
+
+def track(entity_id: str, *, speed: float | None = None, threat: int | None = None,
+          lat: float | None = None) -> pb.Entity:
+    components = {}
+    if speed is not None:
+        components["velocity"] = pb.VelocityComponent(speed=speed, heading=90)
+    if threat is not None:
+        components["threat"] = pb.ThreatComponent(level=threat)
+    if lat is not None:
+        components["position"] = pb.PositionComponent(lat=lat, lon=1.0)
+    return make_entity(entity_id, TRACK, **components)
+
+
+def has(store: Store, entity_id: str) -> bool:
+    return store.replica_state(entity_id) is not None and any(e.id == entity_id for e in store.list())
+
+
+def alive(store: Store, entity_id: str) -> bool:
+    try:
+        store.get(entity_id)
+        return True
+    except KeyError:
+        return False
+
+
+def speed(store: Store, entity_id: str) -> float | None:
+    try:
+        v = unpack(store.get(entity_id), VELOCITY, pb.VelocityComponent)
+    except KeyError:
+        return None
+    return None if v is None else v.speed
+
+
+def threat(store: Store, entity_id: str) -> int | None:
+    try:
+        t = unpack(store.get(entity_id), "threat", pb.ThreatComponent)
+    except KeyError:
+        return None
+    return None if t is None else t.level
+
+
+def lat(store: Store, entity_id: str) -> float | None:
+    try:
+        p = unpack(store.get(entity_id), "position", pb.PositionComponent)
+    except KeyError:
+        return None
+    return None if p is None else p.lat
+
+
+def view(store: Store) -> list[bytes]:
+    """What users see, byte for byte (live entities with versions, ordered by id)."""
+    return [e.SerializeToString(deterministic=True) for e in store.list()]
+
+
+def same_everywhere(stores: list[Store]) -> bool:
+    first = view(stores[0])
+    return all(view(s) == first for s in stores[1:])
+
+
+def total_sent(cluster: Cluster) -> tuple[int, int]:
+    states = batches = 0
+    for node in cluster.nodes.values():
+        s, b = node.sent()
+        states += s
+        batches += b
+    return states, batches
+
+
+async def quiet_for(cluster: Cluster, seconds: float) -> tuple[int, int]:
+    """Asserts no state or batch is sent during an observation window; returns the counts."""
+    before = total_sent(cluster)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        assert total_sent(cluster) == before, f"sends after quiescence: {before} -> {total_sent(cluster)}"
+    return before
+
+
+class RawPeer:
+    """A hand-driven MeshService client, to send what a correct relay never would."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.aio.insecure_channel(address)
+        self.call = self.channel.stream_stream(PUSH_METHOD, request_serializer=lambda b: b,
+                                               response_deserializer=mesh_pb2.PushResponse.FromString)()
+
+    async def send(self, data: bytes) -> None:
+        await self.call.write(data)
+
+    async def hello(self, node_id: str, incarnation: int = 7) -> mesh_pb2.Hello:
+        await self.send(mesh_pb2.PushRequest(hello=mesh_pb2.Hello(node_id=node_id, incarnation=incarnation))
+                        .SerializeToString())
+        reply = await asyncio.wait_for(self.call.read(), 5)
+        assert reply.HasField("hello"), reply
+        return reply.hello
+
+    async def batch(self, states: list[bytes], last_seq: int) -> mesh_pb2.Ack:
+        await self.send(mesh_pb2.RawPushRequest(batch=mesh_pb2.RawBatch(states=states, last_seq=last_seq))
+                        .SerializeToString())
+        reply = await asyncio.wait_for(self.call.read(), 5)
+        assert reply.HasField("ack"), reply
+        return reply.ack
+
+    async def error(self) -> grpc.aio.AioRpcError:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await asyncio.wait_for(self.call.read(), 5)
+        return info.value
+
+    async def close(self) -> None:
+        self.call.cancel()
+        await self.channel.close(None)
+
+
+# ---- protocol ---------------------------------------------------------------------------
+
+
+def test_raw_wire_views_match_the_typed_messages():
+    state = make_entity("t1", TRACK, velocity=pb.VelocityComponent(speed=3))
+    typed = mesh_pb2.PushRequest(batch=mesh_pb2.Batch(states=[state], last_seq=42))
+    raw = mesh_pb2.RawPushRequest.FromString(typed.SerializeToString())
+    assert raw.batch.last_seq == 42
+    assert pb.Entity.FromString(raw.batch.states[0]) == state
+    assert mesh_pb2.PushRequest.FromString(raw.SerializeToString()) == typed
+    hello = mesh_pb2.RawPushRequest(hello=mesh_pb2.Hello(node_id="a", incarnation=5))
+    assert mesh_pb2.PushRequest.FromString(hello.SerializeToString()).hello.node_id == "a"
+
+
+def test_incarnation_is_per_store_object():
+    a, b = Store(node_id="a"), Store(node_id="a")
+    try:
+        assert incarnation_of(a) == incarnation_of(a) != 0
+        assert incarnation_of(a) != incarnation_of(b)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_relay_validates_its_arguments():
+    store = Store(node_id="a")
+    try:
+        with pytest.raises(ValueError, match="peers"):
+            Relay(store, "127.0.0.1:1")
+        with pytest.raises(ValueError, match="duplicates"):
+            Relay(store, ["127.0.0.1:1", "127.0.0.1:1"])
+        with pytest.raises(ValueError, match="node_id"):
+            Relay(store, ["127.0.0.1:1"], node_id="b")
+        with pytest.raises(ValueError, match="batch_size"):
+            Relay(store, ["127.0.0.1:1"], batch_size=0)
+        with pytest.raises(ValueError, match="MESH_BANDWIDTH_BPS|bandwidth"):
+            Relay(store, ["127.0.0.1:1"], bandwidth_bps=-1)
+        with pytest.raises(TypeError):
+            Relay(object(), ["127.0.0.1:1"])  # type: ignore[arg-type]
+        assert Relay(store, ["127.0.0.1:1"], node_id="a").peers == ["127.0.0.1:1"]
+    finally:
+        store.close()
+
+
+# ---- replication in a full mesh ---------------------------------------------------------
+
+
+def test_full_mesh_create_update_delete_reach_every_node():
+    async def scenario():
+        async with Cluster("abc") as c:
+            a, b, cc = c["a"].store, c["b"].store, c["c"].store
+            a.create(track("t1", speed=10, threat=pb.THREAT_LEVEL_NONE))
+            await eventually(lambda: all(has(s, "t1") for s in (b, cc)), what="create reaches b and c")
+            b.update(track("t1", speed=20))
+            await eventually(lambda: speed(a, "t1") == speed(cc, "t1") == 20, what="update from b")
+            cc.delete("t1")
+            await eventually(lambda: not any(alive(s, "t1") for s in (a, b, cc)), what="delete from c")
+            await c.settle()
+            assert same_everywhere(c.stores())
+            for node in c.nodes.values():
+                for peer in node.peer_stats().values():
+                    assert peer["connected"] and peer["lag"] == 0
+                    assert peer["full_syncs"] == 1  # the first connection only
+    run(scenario())
+
+
+def test_seed_scenario_conflicting_writes_across_a_partition():
+    async def scenario():
+        async with Cluster("abc") as c:
+            a, b, cc = c["a"].store, c["b"].store, c["c"].store
+            relays = [n.relay for n in c.nodes.values()]
+            a.create(track("track-1", speed=10, threat=pb.THREAT_LEVEL_NONE))
+            await eventually(lambda: has(b, "track-1") and has(cc, "track-1"))
+            await c.settle()
+
+            await c["b"].partition()
+            a.update(track("track-1", speed=100, threat=pb.THREAT_LEVEL_LOW))
+            b.update(track("track-1", speed=400, threat=pb.THREAT_LEVEL_HIGH))  # the later write
+            await eventually(lambda: speed(cc, "track-1") == 100, what="a's write reaches c")
+            await eventually(lambda: not any(p["connected"] for p in c["b"].peer_stats().values()),
+                             what="b's relay sees its peers unreachable")
+            # Neither side sees the other's write while partitioned.
+            assert (speed(a, "track-1"), threat(a, "track-1")) == (100, pb.THREAT_LEVEL_LOW)
+            assert (speed(cc, "track-1"), threat(cc, "track-1")) == (100, pb.THREAT_LEVEL_LOW)
+            assert (speed(b, "track-1"), threat(b, "track-1")) == (400, pb.THREAT_LEVEL_HIGH)
+
+            await c["b"].heal()  # no new write, no relay restart
+            await eventually(
+                lambda: all((speed(s, "track-1"), threat(s, "track-1")) == (400, pb.THREAT_LEVEL_HIGH)
+                            for s in (a, b, cc)),
+                timeout=15, what="every node converges on HIGH threat and the later velocity")
+            await c.settle()
+            assert same_everywhere(c.stores())
+            assert [n.relay for n in c.nodes.values()] == relays
+            assert all(p["connects"] >= 2 for p in c["b"].peer_stats().values())
+            assert c["a"].peer_stats()[c["b"].address]["retries"] >= 1
+    run(scenario())
+
+
+def test_entities_created_on_both_sides_of_a_partition_reach_every_node():
+    async def scenario():
+        async with Cluster("abc") as c:
+            await c.settle()
+            await c["c"].partition()
+            for i in range(20):
+                c["a"].store.put(track(f"a{i}", lat=i))
+                c["c"].store.put(track(f"c{i}", lat=-i))
+            c["b"].store.put(track("b0", lat=0.5))
+            c["c"].store.delete("c3")
+            await eventually(lambda: all(has(c["b"].store, f"a{i}") for i in range(20)))
+            assert not any(has(c["c"].store, f"a{i}") for i in range(20))
+            assert not any(has(c["a"].store, f"c{i}") for i in range(20))
+            await c["c"].heal()
+            await eventually(lambda: all(len(s.list()) == 40 for s in c.stores()), timeout=15,
+                             what="all 40 live entities everywhere")
+            await c.settle()
+            assert same_everywhere(c.stores())
+            assert not any(alive(s, "c3") for s in c.stores())
+    run(scenario())
+
+
+# ---- topologies and echo ----------------------------------------------------------------
+
+
+def test_line_topology_forwards_through_the_middle_without_loops():
+    async def scenario():
+        async with Cluster("abc", links=[("a", "b"), ("b", "c")]) as c:
+            await c.settle()
+            for i in range(50):
+                c["a"].store.put(track(f"e{i}", lat=i))
+            c["c"].store.put(track("from-c", lat=1))
+            await eventually(lambda: len(c["c"].store.list()) == 51 and len(c["a"].store.list()) == 51,
+                             what="a's writes reach c through b, and back")
+            await c.settle()
+            assert same_everywhere(c.stores())
+            states, _ = await quiet_for(c, 1.0)
+            # a->b 50, b->c 50, c->b 1, b->a 1; echo suppression sends nothing back.
+            assert states == 102, c["b"].peer_stats()
+    run(scenario())
+
+
+def test_one_write_in_a_three_node_mesh_is_sent_a_bounded_number_of_times():
+    async def scenario():
+        async with Cluster("abc") as c:
+            await c.settle()
+            before, _ = total_sent(c)
+            c["a"].store.put(track("echo", speed=1))
+            await eventually(lambda: all(has(s, "echo") for s in c.stores()))
+            await c.settle()
+            after, _ = await quiet_for(c, 1.0)
+            # Each node's copy changes once, and each change goes to each peer at most
+            # once: <= 3 nodes x 2 peers = 6; echo suppression usually makes it 4.
+            assert 2 <= after - before <= 6, after - before
+    run(scenario())
+
+
+def test_a_restarted_node_gets_a_full_sync():
+    async def scenario():
+        async with Cluster("abc") as c:
+            c["a"].store.put(track("from-a", speed=1))
+            c["c"].store.put(track("from-c", speed=2))
+            c["c"].store.put(track("gone", speed=3))
+            c["c"].store.delete("gone")
+            await eventually(lambda: all(has(s, "from-a") and has(s, "from-c") for s in c.stores()))
+            await c.settle()
+            old_incarnation = incarnation_of(c["c"].store)
+
+            await c["c"].restart()  # empty store, same node id and port, new incarnation
+            fresh = c["c"].store
+            assert incarnation_of(fresh) != old_incarnation and fresh.list() == []
+            # Its own earlier write comes back too (peers hold it with source "c").
+            await eventually(lambda: has(fresh, "from-a") and has(fresh, "from-c"), timeout=15,
+                             what="full sync of the restarted node")
+            assert not alive(fresh, "gone")
+            # Each peer noticed the new incarnation and synced it from seq 0.
+            for name in "ab":
+                await eventually(lambda: c[name].peer_stats()[c["c"].address]["full_syncs"] == 2)
+                assert c[name].peer_stats()[c["c"].address]["incarnation"] == incarnation_of(fresh)
+            fresh.put(track("after-restart", speed=4))
+            await eventually(lambda: all(has(s, "after-restart") for s in c.stores()))
+            await c.settle()
+            assert same_everywhere(c.stores())
+    run(scenario())
+
+
+def test_tombstones_are_collected_once_every_peer_acknowledged_them():
+    async def scenario():
+        async with Cluster("abc") as c:
+            c["a"].store.put(track("x", speed=1))
+            await eventually(lambda: all(has(s, "x") for s in c.stores()))
+            await c.settle()
+            await c["c"].partition()
+            c["a"].store.delete("x")
+            await eventually(lambda: not alive(c["b"].store, "x"))
+            await eventually(lambda: c["a"].peer_stats()[c["b"].address]["lag"] == 0)
+            # c has not acknowledged the delete: a keeps the tombstone.
+            assert c["a"].relay.collect_once() == 0
+            assert c["a"].store.stats()["tombstones"] == 1
+            await c["c"].heal()
+            await eventually(lambda: all(s.stats()["tombstones"] == 0 and s.stats()["entities"] == 0
+                                         for s in c.stores()), timeout=15, what="tombstones collected")
+            assert all(n.relay.stats()["tombstones_collected"] == 1 for n in c.nodes.values())
+            assert all(s.replica_state("x") is None for s in c.stores())
+    run(scenario())
+
+
+# ---- budget -----------------------------------------------------------------------------
+
+
+def test_a_tiny_budget_sends_high_and_delete_first_and_loses_nothing():
+    async def scenario():
+        budget = {"bandwidth_bps": 3000, "burst_bytes": 1500}
+        async with Cluster("ab", per_node_relay_options={"a": budget}) as c:
+            a, b = c["a"].store, c["b"].store
+            a.put(track("doomed", lat=0))
+            await eventually(lambda: has(b, "doomed"), what="a first entity within the burst")
+            await c.settle()
+            for i in range(60):  # ~8 KB of position-only updates: a few seconds of budget
+                a.put(track(f"low{i}", lat=i))
+            a.put(track("hot", threat=pb.THREAT_LEVEL_HIGH))
+            a.delete("doomed")
+            await eventually(lambda: threat(b, "hot") == pb.THREAT_LEVEL_HIGH and not alive(b, "doomed"),
+                             timeout=1.5, what="HIGH and DELETE arrive promptly")
+            assert sum(has(b, f"low{i}") for i in range(60)) < 60  # low ones still deferred
+            # A backlogged entity updated repeatedly is coalesced, not queued per update.
+            for k in range(10):
+                a.put(track("low59", lat=1000 + k))
+                await asyncio.sleep(0.06)  # let the relay read each version
+            stats = c["a"].peer_stats()[c["b"].address]
+            assert stats["pending"] <= 62  # bounded by the number of entities
+            await eventually(lambda: all(lat(b, f"low{i}") == i for i in range(59)) and lat(b, "low59") == 1009,
+                             timeout=20, what="every low-priority update arrives as budget allows")
+            stats = c["a"].peer_stats()[c["b"].address]
+            assert stats["coalesced"] >= 1 and stats["deferred"] >= 1 and stats["bypassed"] >= 2
+            await c.settle()
+            assert same_everywhere(c.stores())
+    run(scenario())
+
+
+# ---- bad input at the mesh boundary -----------------------------------------------------
+
+
+def test_malformed_states_are_counted_skipped_and_acknowledged(caplog):
+    async def scenario():
+        store = Store(node_id="recv")
+        node = await start_node(store, store_service=False)
+        peer = RawPeer(node.address)
+        try:
+            hello = await peer.hello("evil")
+            assert hello.node_id == "recv" and hello.incarnation == incarnation_of(store)
+            other = Store(node_id="evil")
+            other.put(track("ok", speed=5))
+            good = other.replica_state("ok")[0]
+            other.close()
+            ack = await peer.batch([b"\xff\xfe garbage", good, b""], last_seq=9)
+            assert (ack.seq, ack.rejected, ack.changed) == (9, 2, 1)
+            assert "malformed" in ack.first_error or "Invalid" in ack.first_error
+            assert has(store, "ok")
+            ack = await peer.batch([], last_seq=10)  # the stream goes on
+            assert (ack.seq, ack.rejected) == (10, 0)
+            stats = node.servicer.stats()
+            assert stats["rejected_states"] == 2 and stats["peers"]["evil"]["rejected"] == 2
+            assert stats["peers"]["evil"]["changed"] == 1
+            await peer.send(b"\xff\xff\xff")  # not even a PushRequest
+            err = await peer.error()
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "undecodable" in err.details()
+        finally:
+            await peer.close()
+
+        for first in (mesh_pb2.RawPushRequest(batch=mesh_pb2.RawBatch(last_seq=1)).SerializeToString(),):
+            peer = RawPeer(node.address)
+            await peer.send(first)
+            err = await peer.error()
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "Hello" in err.details()
+            await peer.close()
+        peer = RawPeer(node.address)
+        await peer.hello("evil")
+        await peer.send(mesh_pb2.PushRequest(hello=mesh_pb2.Hello(node_id="evil")).SerializeToString())
+        err = await peer.error()
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "second Hello" in err.details()
+        await peer.close()
+        peer = RawPeer(node.address)
+        await peer.send(mesh_pb2.PushRequest(hello=mesh_pb2.Hello(node_id="")).SerializeToString())
+        err = await peer.error()
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "empty" in err.details()
+        await peer.close()
+        # The node is alive and serving.
+        peer = RawPeer(node.address)
+        await peer.hello("friend")
+        assert (await peer.batch([], last_seq=1)).seq == 1
+        await peer.close()
+        assert node.servicer.stats()["refused_invalid"] == 4
+        await node.stop(0)
+        store.close()
+
+    with caplog.at_level(logging.WARNING, logger="meshstore"):
+        run(scenario())
+    assert any("rejected" in r.getMessage() for r in caplog.records)
+
+
+def test_a_peer_claiming_our_own_node_id_is_refused():
+    async def scenario():
+        store = Store(node_id="me")
+        node = await start_node(store, store_service=False)
+        peer = RawPeer(node.address)
+        await peer.send(mesh_pb2.PushRequest(hello=mesh_pb2.Hello(node_id="me", incarnation=1)).SerializeToString())
+        err = await peer.error()
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "own id 'me'" in err.details()
+        await peer.close()
+        # A relay configured with itself as a peer: refused, reported, retried, harmless.
+        relay = Relay(store, [node.address], backoff_initial=0.01, backoff_max=0.05)
+        async with relay:
+            await eventually(lambda: relay.stats()["peers"][node.address]["retries"] >= 2)
+            link = relay.stats()["peers"][node.address]
+            assert not link["connected"] and "own id" in link["last_error"]
+            assert "FAILED_PRECONDITION" in link["last_error"]
+        assert node.servicer.stats()["refused_self"] >= 3
+        store.put(track("still-fine", speed=1))
+        assert has(store, "still-fine")
+        await node.stop(0)
+        store.close()
+    run(scenario())
+
+
+def test_states_from_a_peer_whose_clock_is_far_ahead_wait_in_quarantine():
+    async def scenario():
+        async with Cluster("ab") as c:
+            a, b = c["a"].store, c["b"].store
+            await c.settle()
+            a._core.set_wall_offset(30.0)  # a's clock runs 30 s ahead
+            a.put(track("future", speed=7))
+            await eventually(lambda: b.stats()["quarantine_pending"] == 1, what="b quarantines a's state")
+            await eventually(lambda: c["a"].peer_stats()[c["b"].address]["lag"] == 0, what="acknowledged")
+            assert not has(b, "future") and b.stats()["quarantined"] >= 1
+            b.put(track("local", speed=1))  # b keeps working
+            await eventually(lambda: has(a, "local"))
+            b._core.set_wall_offset(30.5)  # b's clock catches up: released, nothing lost
+            await eventually(lambda: speed(b, "future") == 7, what="released from quarantine")
+            assert b.stats()["quarantine_pending"] == 0 and b.stats()["quarantine_released"] >= 1
+            await c.settle()
+            assert same_everywhere(c.stores())
+    run(scenario())
+
+
+# ---- randomized partitions --------------------------------------------------------------
+
+
+def _ts(v: pb.Version) -> tuple[int, int, str]:
+    return v.physical, v.logical, v.node
+
+
+def _cell_key(v: pb.Version, rank: int) -> tuple:
+    """A cell's place in the merge order (docs/merge.md): after_delete, epoch, field
+    rank, version."""
+    after = _ts(v.after_delete) if v.HasField("after_delete") else (0, 0, "")
+    return after, v.epoch, rank, _ts(v)
+
+
+def _rank(entity: pb.Entity, key: str) -> int:
+    if key != "threat":
+        return 0
+    return pb.ThreatComponent.FromString(entity.components[key].value).level
+
+
+def test_randomized_partitions_heals_and_conflicting_writes_converge():
+    seconds = float(os.environ.get("MESHSTORE_MESH_RANDOM_SECONDS", "15"))
+    seed = int(os.environ.get("MESHSTORE_MESH_SEED", str(random.randrange(1 << 30))))
+    rng = random.Random(seed)
+    names = "abcd"
+    ids = [f"r{i}" for i in range(30)]
+
+    async def scenario():
+        # A version acknowledged by a local write: (id, key, cell order key), and deletes.
+        writes: list[tuple[str, str, tuple]] = []
+        deletes: dict[str, list[tuple]] = {}
+        counts = {"partition": 0, "heal": 0, "write": 0, "delete": 0}
+        async with Cluster(names) as c:
+            await c.settle()
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                roll = rng.random()
+                cut = [n for n in names if c[n].partitioned]
+                if roll < 0.05 and len(cut) < 3:
+                    await c[rng.choice([n for n in names if n not in cut])].partition()
+                    counts["partition"] += 1
+                elif roll < 0.10 and cut:
+                    await c[rng.choice(cut)].heal()
+                    counts["heal"] += 1
+                else:
+                    store = c[rng.choice(names)].store
+                    entity_id = rng.choice(ids)
+                    if roll < 0.2 and alive(store, entity_id):
+                        store.delete(entity_id)
+                        state = pb.Entity.FromString(store.replica_state(entity_id)[0])
+                        deletes.setdefault(entity_id, []).append(_ts(state.deleted_version))
+                        counts["delete"] += 1
+                    else:
+                        key = rng.choice(["position", "velocity", "threat"])
+                        if key == "position":
+                            e = track(entity_id, lat=rng.uniform(-80, 80))
+                        elif key == "velocity":
+                            e = track(entity_id, speed=rng.uniform(0, 500))
+                        else:
+                            e = track(entity_id, threat=rng.choice([1, 2, 3, 4]))
+                        result = store.put(e)
+                        if key in result.applied:
+                            written = result.entity
+                            writes.append((entity_id, key, _cell_key(written.versions[key], _rank(written, key))))
+                            counts["write"] += 1
+                await asyncio.sleep(rng.uniform(0, 0.02))
+            for n in names:
+                if c[n].partitioned:
+                    await c[n].heal()
+
+            def converged() -> bool:
+                if not c.synced() or not same_everywhere(c.stores()):
+                    return False
+                for entity_id in ids:  # replica states equal (or collected) everywhere
+                    found = {s.replica_state(entity_id) for s in c.stores()}
+                    states = {f[0] for f in found if f is not None}
+                    if len(states) > 1:
+                        return False
+                return True
+
+            await eventually(converged, timeout=30, interval=0.1, what=f"convergence (seed {seed})")
+
+            store = c["a"].store
+            for entity_id, key, written in writes:
+                if any(t >= written[3] for t in deletes.get(entity_id, [])):
+                    continue  # superseded by a newer delete (its tombstone may be collected since)
+                found = store.replica_state(entity_id)
+                assert found is not None, (seed, entity_id, key)
+                final = pb.Entity.FromString(found[0])
+                assert key in final.components, (seed, entity_id, key)
+                have = _cell_key(final.versions[key], _rank(final, key))
+                assert have >= written, (seed, entity_id, key, have, written)
+            for entity_id, tombstones in deletes.items():
+                found = store.replica_state(entity_id)
+                if found is None:
+                    continue  # collected
+                final = pb.Entity.FromString(found[0])
+                if final.HasField("deleted_version"):
+                    assert _ts(final.deleted_version) >= max(tombstones), (seed, entity_id)
+                else:  # collected, then written again: nothing from before the delete survives
+                    for key, version in final.versions.items():
+                        if key != "@entity":
+                            assert _ts(version) > max(tombstones), (seed, entity_id, key)
+        assert counts["write"] > 50 and counts["partition"] >= 1, counts
+        return counts
+
+    counts = run(scenario(), timeout=seconds + 60)
+    print(f"randomized mesh run: seed={seed} seconds={seconds} {counts}")
