@@ -68,7 +68,7 @@ def merge_baseline(batches: list[list[bytes]]) -> float:
     for _ in range(3):
         stores = [Store(node_id=f"base{i}") for i in range(len(batches))]
         start = time.perf_counter()
-        for store, states in zip(stores, batches):
+        for store, states in zip(stores, batches, strict=True):
             for state in states:
                 store.merge(state, source="x")
         best = min(best, time.perf_counter() - start)
@@ -102,9 +102,14 @@ class Rounds:
             self.loop.run_until_complete(self.cluster.stop())
             self.cluster = None
 
-    def record_bytes(self) -> None:
-        self.sent_bytes.append(sum(p["sent_bytes"] for n in self.cluster.nodes.values()
-                                   for p in n.peer_stats().values()))
+    def total_bytes(self) -> int:
+        return sum(p["sent_bytes"] for n in self.cluster.nodes.values() for p in n.peer_stats().values())
+
+    def timed(self, phase) -> None:
+        """Runs ``phase`` (a coroutine function) and records the bytes it sent, all links."""
+        before = self.total_bytes()
+        self.loop.run_until_complete(phase())
+        self.sent_bytes.append(self.total_bytes() - before)
 
 
 def report(benchmark: BenchmarkFixture, baseline: float, rounds: Rounds, relay_options: dict) -> None:
@@ -117,6 +122,7 @@ def report(benchmark: BenchmarkFixture, baseline: float, rounds: Rounds, relay_o
     benchmark.extra_info["bandwidth_bps_per_link"] = relay_options.get("bandwidth_bps", 0)
     if rounds.sent_bytes:
         benchmark.extra_info["bytes_sent_all_links"] = max(rounds.sent_bytes)
+        benchmark.extra_info["mb_per_s_all_links"] = round(max(rounds.sent_bytes) / mean / 1e6, 1)
     print(f"\nB5 {benchmark.name}: mean {mean:.3f}s min {benchmark.stats.stats.min:.3f}s, "
           f"baseline {baseline:.3f}s, ratio {mean / baseline:.1f}x, budget "
           f"{relay_options.get('bandwidth_bps', 0) or 'unlimited'}")
@@ -144,8 +150,7 @@ def test_b5_fanout_10k_changes_reach_every_node(benchmark: BenchmarkFixture, loo
             b_done, c_done = b.seq + N, c.seq + N
             cluster["a"].store.put_many(batch)
             await eventually(lambda: b.seq >= b_done and c.seq >= c_done, timeout=60, interval=0.002)
-        loop.run_until_complete(go())
-        rounds.record_bytes()
+        rounds.timed(go)
 
     try:
         benchmark.pedantic(fanout, setup=setup, rounds=ROUNDS, iterations=1)
@@ -201,8 +206,7 @@ def test_b5_converge_after_a_partition_with_10k_divergent_entities(
                                          for p in n.peer_stats().values()), timeout=60, interval=0.002)
             connect_times.append(time.perf_counter() - start)
             await eventually(cluster.synced, timeout=60, interval=0.002)
-        loop.run_until_complete(go())
-        rounds.record_bytes()
+        rounds.timed(go)
 
     try:
         benchmark.pedantic(heal, setup=setup, rounds=ROUNDS, iterations=1)

@@ -297,7 +297,10 @@ impl Table {
             } else {
                 0
             };
-            let version = Version { ts, epoch, after_delete: state.tombstone };
+            // The stored cell may have been written over a tombstone we do not hold yet
+            // (quarantined): the new cell must outrank it all the same.
+            let after_delete = state.tombstone.max(state.cell(c.key).and_then(|s| s.version.after_delete));
+            let version = Version { ts, epoch, after_delete };
             state.set_cell(Cell { key: c.key, type_url: c.type_url, version, value: c.value });
         }
         if type_change || expiry_change || state.meta_version.is_none() {
@@ -560,9 +563,15 @@ impl Table {
             future.expiry = s.expiry.take();
         }
         future.created_at = s.created_at;
-        // Cells kept now must not refer to a tombstone held back.
-        let now = (s.presence.is_some() || s.tombstone.is_some()).then_some(s);
-        (now, Some(future))
+        if s.presence.is_none() && s.tombstone.is_none() {
+            // Nothing left to merge now: the metadata waits with the rest, or it would be
+            // lost (and a later re-encoding would invent a register from the presence).
+            future.meta_version = future.meta_version.or(s.meta_version.take());
+            future.etype = s.etype;
+            future.expiry = future.expiry.or(s.expiry.take());
+            return (None, Some(future));
+        }
+        (Some(s), Some(future))
     }
 
     /// Merges quarantined parts whose time has come.

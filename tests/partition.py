@@ -188,7 +188,7 @@ class Cluster:
         per_node = per_node_relay_options or {}
         self.nodes = {n: Node(n, p, store_options=store_options,
                               relay_options={**(relay_options or {}), **per_node.get(n, {})})
-                      for n, p in zip(names, ports)}
+                      for n, p in zip(names, ports, strict=True)}
         if links is None:
             links = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
         self.links = [tuple(link) for link in links]

@@ -526,14 +526,13 @@ def test_publish_counts_applied_stale_and_rejected_without_ending_the_stream(ser
 def test_publish_raw_garbage_and_core_refusals_are_counted(server: ServerThread) -> None:
     store = server.store
     store.put(track("t1"))
-    # A key that holds a lww type cannot switch to a max type: refused by the core
-    # (inside a batch as well as alone).
-    clash = make_entity("t1", TRACK, position=entity_pb2.ThreatComponent(level=1))
+    # Refused by the core's validation (a non-finite position), inside a batch as alone.
+    refused = track("t1", lat=float("nan"))
     raw = server.channel.stream_unary(PUBLISH)  # bytes in, bytes out
     payloads = [
         store_pb2.PublishRequest(entity=track("ok1")).SerializeToString(),
         b"\xff\xff\xff",  # not a PublishRequest
-        store_pb2.PublishRequest(entity=clash).SerializeToString(),
+        store_pb2.PublishRequest(entity=refused).SerializeToString(),
         # Field 1 twice: protobuf merges them into one entity.
         store_pb2.PublishRequest(entity=entity_pb2.Entity(id="m1")).SerializeToString()
         + store_pb2.PublishRequest(entity=track("m1")).SerializeToString(),
@@ -542,7 +541,7 @@ def test_publish_raw_garbage_and_core_refusals_are_counted(server: ServerThread)
     summary = store_pb2.PublishSummary.FromString(raw(iter(payloads), timeout=TIMEOUT))
     assert (summary.applied, summary.stale, summary.rejected) == (3, 0, 2), summary
     assert any("malformed PublishRequest" in e for e in summary.errors)
-    assert any("cannot replace" in e for e in summary.errors)
+    assert any("finite" in e for e in summary.errors)
     assert {e.id for e in store.list()} == {"ok1", "ok2", "m1", "t1"}
     assert position(store.get("m1")) == (1.0, 2.0)
 
@@ -607,3 +606,40 @@ def test_port_zero_binds_a_free_port_and_a_taken_port_is_an_error(server: Server
             server.call(start_server(other, port=70000))
     finally:
         other.close()
+
+
+# ---- structured logs --------------------------------------------------------------------
+
+def test_log_lines_are_key_value_or_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import json
+
+    from meshstore import logs
+    from meshstore.logs import event
+
+    logger = logging.getLogger("meshstore")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    try:
+        out = io.StringIO()
+        logs.setup("debug", stream=out)
+        event(logging.getLogger("meshstore.server"), logging.INFO, "request failed", code="NOT_FOUND",
+              error="entity 'x y' not found", n=3)
+        line = out.getvalue().strip()
+        assert line.startswith("ts=") and " level=info logger=meshstore.server msg=\"request failed\"" in line
+        assert line.endswith("code=NOT_FOUND error=\"entity 'x y' not found\" n=3")
+
+        out = io.StringIO()
+        logs.setup("info", json=True, stream=out)  # replaces the previous handler
+        event(logging.getLogger("meshstore.server"), logging.WARNING, "listening", address="127.0.0.1:1")
+        event(logging.getLogger("meshstore.server"), logging.DEBUG, "hidden")
+        (line,) = out.getvalue().strip().splitlines()
+        record = json.loads(line)
+        assert record["msg"] == "listening" and record["address"] == "127.0.0.1:1" and record["level"] == "warning"
+        assert len([h for h in logger.handlers if isinstance(h, logs._Handler)]) == 1
+
+        monkeypatch.setenv(logs.ENV_LEVEL, "WARNING")
+        assert logs.parse_level(None) == logging.WARNING
+        with pytest.raises(ValueError, match="unknown log level"):
+            logs.parse_level("loud")
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved

@@ -68,6 +68,8 @@ _LOG_FIRST = 5
 _LOG_EVERY = 1000
 
 _NOTHING = object()
+# Refusals of bad input: logged without a traceback (anything else gets one).
+_BAD_INPUT = (MeshstoreError, ValueError, TypeError)
 
 _incarnations: weakref.WeakKeyDictionary[Store, int] = weakref.WeakKeyDictionary()
 
@@ -147,9 +149,7 @@ class MeshServicer:
     async def push(self, requests: AsyncIterator[mesh_pb2.RawPushRequest | None],
                    context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         own = self.store.node_id
-        first: Any = _NOTHING
-        async for first in requests:
-            break
+        first: Any = await anext(aiter(requests), _NOTHING)
         if first is _NOTHING:
             return  # the sender went away before saying anything
         if first is None or not first.HasField("hello"):
@@ -213,7 +213,7 @@ class MeshServicer:
                             logged += 1
                             _log_event(log, logging.WARNING, "mesh state rejected", node_id=own, peer=sender,
                                        error=message, state_bytes=len(state), rejected_total=total,
-                                       exc_info=None if isinstance(exc, (MeshstoreError, ValueError, TypeError)) else exc)
+                                       exc_info=None if isinstance(exc, _BAD_INPUT) else exc)
                 peer.batches += 1
                 peer.states += len(batch.states)
                 peer.changed += changed

@@ -759,7 +759,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
     (
         proptest::collection::vec(op(), 0..30),
         proptest::collection::vec(op(), 0..30),
-        prop_oneof![Just(false), Just(true)],
+        prop_oneof![1 => Just(false), 2 => Just(true)],
         any::<u64>(),
     )
         .prop_map(|(early, late, ahead, seed)| Scenario { early, late, ahead, seed })
@@ -825,7 +825,11 @@ fn run_property(cases: u32, strategy: impl Strategy<Value = Scenario>, test: fn(
 #[test]
 fn replicas_converge_under_random_delivery_and_quarantine() {
     run_property(CONVERGENCE_CASES, scenario(), converges);
-    // The generator must actually reach the paths this property is about.
+    // The generator must actually reach the paths this property is about (checked when
+    // enough cases ran for that to be near certain).
+    if config(CONVERGENCE_CASES).cases < 1000 {
+        return;
+    }
     assert!(QUARANTINED.load(AtOrd::Relaxed) > 0, "no case exercised the quarantine");
     assert!(RELEASED.load(AtOrd::Relaxed) > 0, "no case released a quarantine");
     assert!(STALE.load(AtOrd::Relaxed) > 0, "no case made a stale write");
@@ -839,4 +843,4 @@ fn local_writes_outrank_what_they_replace() {
     run_property(CONVERGENCE_CASES, scenario(), writes_dominate);
 }
 
-const CONVERGENCE_CASES: u32 = 3000;
+const CONVERGENCE_CASES: u32 = 8000;
