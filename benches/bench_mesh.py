@@ -49,6 +49,15 @@ def only_when_benchmarking(request: pytest.FixtureRequest) -> None:
         pytest.skip("benchmarks run only with --benchmark-only")
 
 
+@pytest.fixture
+def say(request: pytest.FixtureRequest):
+    """benches/conftest.py's summary reporter when present, else a plain print."""
+    try:
+        return request.getfixturevalue("bench_report")
+    except pytest.FixtureLookupError:
+        return lambda line: print(line, flush=True)
+
+
 @pytest.fixture(scope="module")
 def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop = asyncio.new_event_loop()
@@ -112,7 +121,7 @@ class Rounds:
         self.sent_bytes.append(self.total_bytes() - before)
 
 
-def report(benchmark: BenchmarkFixture, baseline: float, rounds: Rounds, relay_options: dict) -> None:
+def report(benchmark: BenchmarkFixture, say, baseline: float, rounds: Rounds, relay_options: dict) -> None:
     mean = benchmark.stats.stats.mean
     benchmark.extra_info["entities"] = N
     benchmark.extra_info["seconds_mean"] = round(mean, 4)
@@ -123,14 +132,16 @@ def report(benchmark: BenchmarkFixture, baseline: float, rounds: Rounds, relay_o
     if rounds.sent_bytes:
         benchmark.extra_info["bytes_sent_all_links"] = max(rounds.sent_bytes)
         benchmark.extra_info["mb_per_s_all_links"] = round(max(rounds.sent_bytes) / mean / 1e6, 1)
-    print(f"\nB5 {benchmark.name}: mean {mean:.3f}s min {benchmark.stats.stats.min:.3f}s, "
-          f"baseline {baseline:.3f}s, ratio {mean / baseline:.1f}x, budget "
-          f"{relay_options.get('bandwidth_bps', 0) or 'unlimited'}")
+    budget = relay_options.get("bandwidth_bps", 0)
+    say(f"B5 {benchmark.name}: mean {mean:.3f}s min {benchmark.stats.stats.min:.3f}s for {N} entities; "
+                 f"in-process merge baseline {baseline:.3f}s (ratio {mean / baseline:.1f}x); "
+                 f"budget {f'{budget / 1e6:g} MB/s per link' if budget else 'unlimited'}")
 
 
 @pytest.mark.benchmark(group="mesh-b5-fanout")
 @pytest.mark.parametrize("budgeted", [False, True], ids=["unbudgeted", "budgeted"])
-def test_b5_fanout_10k_changes_reach_every_node(benchmark: BenchmarkFixture, loop, budgeted: bool) -> None:
+def test_b5_fanout_10k_changes_reach_every_node(benchmark: BenchmarkFixture, say, loop,
+                                               budgeted: bool) -> None:
     relay_options = dict(BUDGET) if budgeted else {}
     batch = entities("e", position=lambda i: pb.PositionComponent(lat=i % 90, lon=i % 180))
     source = Store(node_id="src")
@@ -160,13 +171,13 @@ def test_b5_fanout_10k_changes_reach_every_node(benchmark: BenchmarkFixture, loo
         assert cluster["b"].store.list() == first == cluster["c"].store.list()
     finally:
         rounds.close()
-    report(benchmark, baseline, rounds, relay_options)
+    report(benchmark, say, baseline, rounds, relay_options)
 
 
 @pytest.mark.benchmark(group="mesh-b5-heal")
 @pytest.mark.parametrize("budgeted", [False, True], ids=["unbudgeted", "budgeted"])
 def test_b5_converge_after_a_partition_with_10k_divergent_entities(
-        benchmark: BenchmarkFixture, loop, budgeted: bool) -> None:
+        benchmark: BenchmarkFixture, say, loop, budgeted: bool) -> None:
     relay_options = dict(BUDGET) if budgeted else {}
     initial = entities("d", position=lambda i: pb.PositionComponent(lat=1, lon=2))
     on_a = entities("d", velocity=lambda i: pb.VelocityComponent(speed=100 + i))
@@ -218,4 +229,4 @@ def test_b5_converge_after_a_partition_with_10k_divergent_entities(
     finally:
         rounds.close()
     benchmark.extra_info["reconnect_s_mean"] = round(sum(connect_times) / len(connect_times), 4)
-    report(benchmark, baseline, rounds, relay_options)
+    report(benchmark, say, baseline, rounds, relay_options)

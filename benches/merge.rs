@@ -260,12 +260,13 @@ fn main() {
     }
     println!("x decode = median time per entity / median time of a bare prost decode of the same kind of bytes");
     println!("           (merge/decode ratio: > 1 means the merge costs more than decoding alone)");
-    let med = |name: &str| rows.iter().find(|r| r.name == name).map(|r| r.median * 1e9);
+    // The best reps: the least disturbed by other load on the machine.
+    let best = |name: &str| rows.iter().find(|r| r.name == name).map(|r| r.best * 1e9);
     if let (Some(dec), Some(to_state), Some(join), Some(merge)) =
-        (med(DECODE), med(TO_STATE), med(JOIN_UPDATE), med(MERGE_UPDATE))
+        (best(DECODE), best(TO_STATE), best(JOIN_UPDATE), best(MERGE_UPDATE))
     {
         println!();
-        println!("where a steady-state Table::merge (gen2 -> gen1, {merge:.0} ns) goes, from the medians above:");
+        println!("where a steady-state Table::merge (gen2 -> gen1, {merge:.0} ns) goes, from the best reps above:");
         println!("  prost decode                                  {dec:>8.0} ns  {:>5.1}%", 100.0 * dec / merge);
         println!(
             "  state_from_replica (intern, rank, cells)      {:>8.0} ns  {:>5.1}%",
@@ -287,11 +288,12 @@ fn main() {
         ("EntityState::join on decoded states (new entity)", JOIN_NEW),
     ] {
         let Some(r) = rows.iter().find(|r| r.name == name) else { continue };
-        let rate = 1.0 / r.median;
+        let (rate, top) = (1.0 / r.median, 1.0 / r.best);
         println!(
-            "B1 target >= {:.0}M merges/s | {what:<52} {:>6.3}M/s -> {:<6} ({:.2}x of target)",
+            "B1 target >= {:.0}M merges/s | {what:<52} {:>6.3}M/s median ({:.3}M/s best) -> {:<6} ({:.2}x of target)",
             TARGET_PER_S / 1e6,
             rate / 1e6,
+            top / 1e6,
             if rate >= TARGET_PER_S { "MET" } else { "MISSED" },
             rate / TARGET_PER_S
         );

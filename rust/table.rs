@@ -449,7 +449,7 @@ impl Table {
     /// Returns them with the seq the caller has now seen.
     pub fn changes_since(&mut self, seq: u64, limit: usize, skip_source: Option<Sym>) -> Result<(Vec<Vec<u8>>, u64)> {
         self.release_quarantine();
-        if seq < self.floor {
+        if self.cursor_expired(seq) {
             return Err(Error::CursorExpired { seq, floor: self.floor });
         }
         let mut out = Vec::new();
@@ -599,6 +599,12 @@ impl Table {
 
     // ---- tombstones ------------------------------------------------------------------
 
+    /// A cursor before a collected tombstone would miss that delete. Seq 0 asks for a
+    /// full snapshot, which the log always holds.
+    fn cursor_expired(&self, seq: u64) -> bool {
+        seq != 0 && seq < self.floor
+    }
+
     /// Forgets deleted entities acknowledged by every peer (change seq <= `acked`) or
     /// older than the tombstone TTL. Returns how many were collected.
     pub fn collect_tombstones(&mut self, acked: Option<u64>) -> usize {
@@ -635,7 +641,7 @@ impl Table {
     pub fn watch(&mut self, spec: WatchSpec, include_existing: bool, since: Option<u64>) -> Result<Arc<Watch>> {
         self.release_quarantine();
         if let Some(seq) = since {
-            if seq < self.floor {
+            if self.cursor_expired(seq) {
                 return Err(Error::CursorExpired { seq, floor: self.floor });
             }
         }

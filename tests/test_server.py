@@ -442,6 +442,19 @@ def test_watch_min_interval_coalesces_per_entity(server: ServerThread) -> None:
     stream.close()
 
 
+def test_watch_min_interval_releases_an_event_held_while_the_stream_is_idle(server: ServerThread) -> None:
+    stream = Stream(server, min_interval_ms=100)
+    server.store.put(track("t1", lat=0.0))
+    stream.wait(1)  # the server is now parked, waiting for the next event
+    time.sleep(0.05)  # let it park (a longer park only makes the case harder)
+    server.store.put(track("t1", lat=1.0))  # within the interval: held back, then due
+    started = time.monotonic()
+    second = stream.wait(2)[1]
+    assert position(second.entity) == (1.0, 2.0)
+    assert time.monotonic() - started < 2.0
+    stream.close()
+
+
 def test_watch_heartbeats_carry_the_store_seq_when_idle(server: ServerThread) -> None:
     server.store.put(track("t0"))
     stream = Stream(server, heartbeat_interval_ms=50)

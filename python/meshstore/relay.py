@@ -259,7 +259,11 @@ class Relay:
         self._running = False
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Bounded: every loop also checks _running, so a cancellation swallowed by a
+        # library's wait_for (a known race on Python 3.11) still ends the task.
+        _, stuck = await asyncio.wait(self._tasks, timeout=5.0)
+        for task in stuck:
+            _log_event(log, logging.ERROR, "relay task did not stop", node_id=self.node_id, task=task.get_name())
         self._tasks.clear()
         if self._watcher is not None:
             self._watcher.close()
@@ -338,7 +342,7 @@ class Relay:
         return collected
 
     async def _collect_loop(self) -> None:
-        while True:
+        while self._running:
             await asyncio.sleep(self.collect_interval)
             try:
                 self.collect_once()
@@ -350,7 +354,7 @@ class Relay:
 
     async def _wake_loop(self) -> None:
         watcher = self._watcher
-        while not watcher.closed:
+        while self._running and not watcher.closed:
             event = await watcher.aget(timeout=1.0)
             if event is None:
                 continue
@@ -367,7 +371,7 @@ class Relay:
     async def _run_peer(self, peer: _Peer) -> None:
         attempt = 0
         failing_since: float | None = None
-        while True:
+        while self._running:
             peer.connected_since = 0.0
             try:
                 await self._session(peer)
@@ -409,8 +413,9 @@ class Relay:
         try:
             call = channel.stream_stream(PUSH_METHOD, request_serializer=_identity,
                                          response_deserializer=mesh_pb2.PushResponse.FromString)()
-            await asyncio.wait_for(call.write(self._hello), self.connect_timeout)
-            reply = await asyncio.wait_for(call.read(), self.connect_timeout)
+            async with asyncio.timeout(self.connect_timeout):
+                await call.write(self._hello)
+                reply = await call.read()
             if reply is grpc.aio.EOF:
                 raise RelayError("peer closed the stream before its Hello")
             if not reply.HasField("hello") or not reply.hello.node_id:
@@ -448,16 +453,16 @@ class Relay:
                     raise task.exception()
         finally:
             peer.connected = False
+            if call is not None:
+                call.cancel()  # a pending read or write ends at once
             for task in tasks:
                 task.cancel()
             if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
-            if call is not None:
-                call.cancel()
+                await asyncio.wait(tasks, timeout=2.0)
             await channel.close(None)
 
     async def _read_acks(self, peer: _Peer, call: Any, session: _Session) -> None:
-        while True:
+        while self._running and not call.done():
             reply = await call.read()
             if reply is grpc.aio.EOF:
                 raise RelayError("peer ended the stream")
@@ -480,7 +485,7 @@ class Relay:
             peer.wake.set()
 
     async def _write_batches(self, peer: _Peer, call: Any, session: _Session) -> None:
-        while True:
+        while self._running and not call.done():
             peer.wake.clear()
             if await self._step(peer, call, session):
                 await asyncio.sleep(0)  # let acks and other peers in
@@ -492,7 +497,8 @@ class Relay:
             if session.inflight:
                 timeout = min(timeout, max(0.001, session.inflight[0][1] + self.ack_timeout - time.monotonic()))
             try:
-                await asyncio.wait_for(peer.wake.wait(), timeout)
+                async with asyncio.timeout(timeout):  # unlike wait_for on 3.11, never swallows a cancel
+                    await peer.wake.wait()
             except TimeoutError:
                 pass
 
@@ -564,31 +570,13 @@ class Relay:
         return reads > 0
 
     def _snapshot(self, peer: _Peer, session: _Session) -> None:
-        """The cursor predates a collected tombstone: queue every live entity at or below
-        the store's floor, then continue from the floor."""
-        store = self.store
-        low, high = session.cursor, store.seq  # low expired, high valid
-        while high - low > 1:
-            mid = (low + high) // 2
-            try:
-                store.replica_changes(mid, limit=0)
-                high = mid
-            except CursorExpiredError:
-                low = mid
-        floor = high
-        limited = not peer.bucket.unlimited
-        queued = 0
-        for entity in store.list():
-            found = store.replica_state(entity.id)
-            if found is not None and found[1] <= floor:
-                state, seq = found
-                peer.pending.put(entity.id, state, seq, priority_of(state) if limited else Priority.NONE)
-                queued += 1
-        session.cursor = floor
-        peer.no_skip_until = max(peer.no_skip_until, store.seq)
+        """The cursor predates a collected tombstone (the peer was away longer than the
+        tombstone TTL): start over from a full snapshot, which cursor 0 always is."""
+        session.cursor = 0
+        peer.no_skip_until = max(peer.no_skip_until, self.store.seq)
         peer.snapshots += 1
         _log_event(log, logging.INFO, "mesh peer resync from snapshot", node_id=self.node_id, peer=peer.address,
-                   reason="cursor older than a collected tombstone", floor=floor, live_entities=queued)
+                   reason="cursor older than a collected tombstone")
 
     async def _send(self, peer: _Peer, call: Any, session: _Session, batch: list, mark: int, *,
                     heartbeat: bool) -> None:
@@ -598,7 +586,8 @@ class Relay:
         session.inflight.append((mark, now))
         session.sent_mark = max(session.sent_mark, mark)
         session.last_send = now
-        await asyncio.wait_for(call.write(data), self.ack_timeout)
+        async with asyncio.timeout(self.ack_timeout):
+            await call.write(data)
         peer.sent_bytes += len(data)
         if batch:
             peer.batches += 1

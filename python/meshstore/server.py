@@ -36,7 +36,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer as _AsyncHealthServicer
+from grpc_health.v1.health import aio as _health_aio
 from grpc_reflection.v1alpha import reflection
 
 from meshstore.components import APPROVAL, unpack
@@ -45,7 +45,6 @@ from meshstore.errors import (
     ClockSkewError,
     CursorExpiredError,
     InvalidEntityError,
-    MeshstoreError,
     NotFoundError,
     StaleWriteError,
 )
@@ -337,31 +336,43 @@ class EntityStoreServicer:
             min_interval=request.min_interval_ms / 1000.0,
         )
         heartbeat = request.heartbeat_interval_ms / 1000.0 or None
+        # Never wait unboundedly when min_interval holds events back: an event held
+        # while we sleep does not wake us (core watcher limitation), so look again
+        # after a fraction of the interval.
+        slice_ = max(0.01, min(request.min_interval_ms / 4000.0, 0.25)) if request.min_interval_ms else None
         stream = _Stream(watcher, asyncio.current_task())
         self._streams.add(stream)
         write = context.write
         aget = watcher.aget
+        clock = asyncio.get_running_loop().time
+        last_write = clock()
         try:
             while True:
+                wait = None if heartbeat is None else max(0.001, heartbeat - (clock() - last_write))
+                if slice_ is not None:
+                    wait = slice_ if wait is None else min(wait, slice_)
                 stream.parked = True
-                ev = await aget(heartbeat)
+                ev = await aget(wait)
                 stream.parked = False
                 if ev is not None:
                     await write(ev.to_bytes())
-                    if ev.seq > cursor:
-                        cursor = ev.seq
-                elif watcher.closed:
+                    cursor = ev.seq  # the core's resume cursor for this event
+                    last_write = clock()
+                    continue
+                if watcher.closed:
                     break
-                else:
-                    # Idle for a heartbeat interval. The store's seq is a safe cursor
-                    # only if nothing is queued or held back for this watcher.
-                    seq = store.seq
-                    pending = watcher.stats()
-                    if pending["queued"]:
-                        continue
-                    if not pending["held"]:
-                        cursor = max(seq, cursor)
-                    await write(_heartbeat_bytes(cursor))
+                if heartbeat is None or clock() - last_write < heartbeat:
+                    continue
+                # Idle for a heartbeat interval. The store's seq is a safe cursor only
+                # if nothing is queued or held back for this watcher.
+                seq = store.seq
+                pending = watcher.stats()
+                if pending["queued"]:
+                    continue
+                if not pending["held"]:
+                    cursor = max(seq, cursor)
+                await write(_heartbeat_bytes(cursor))
+                last_write = clock()
         except asyncio.CancelledError:
             if not stream.shutdown:
                 raise  # the client went away
@@ -485,7 +496,7 @@ class RunningServer:
     store: Store
     server: grpc.aio.Server
     servicer: EntityStoreServicer
-    health: _AsyncHealthServicer
+    health: _health_aio.HealthServicer
     host: str
     port: int
     max_message_bytes: int
@@ -530,7 +541,7 @@ async def start_server(
     ])
     servicer = EntityStoreServicer(store)
     servicer.add_to_server(server)
-    health = _AsyncHealthServicer()
+    health = _health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -571,11 +582,15 @@ async def serve_async(
     stop = stop or asyncio.Event()
     received: list[str] = []
 
+    running = await start_server(store, host, port, max_message_bytes)
+
     def on_signal(sig: signal.Signals) -> None:
         received.append(sig.name)
+        if stop.is_set():  # a second signal: do not wait out the grace period
+            log_event(log, logging.WARNING, "second signal: stopping now", signal=sig.name)
+            loop.create_task(running.server.stop(None))
         stop.set()
 
-    running = await start_server(store, host, port, max_message_bytes)
     installed = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
