@@ -186,10 +186,12 @@ def test_clock_skew_is_out_of_range(server: ServerThread) -> None:
 
 
 def test_expired_cursor_is_out_of_range(server: ServerThread) -> None:
-    create(server, track("t1"))
-    server.store.delete("t1")
+    create(server, track("t0"))
+    create(server, track("t1"))  # seq 2
+    server.store.delete("t1")  # seq 3: a tombstone, then collected
     assert server.store.collect_tombstones(acked_seq=server.store.seq) == 1
-    call = server.stub.WatchEntities(store_pb2.WatchEntitiesRequest(since_seq=0), timeout=TIMEOUT)
+    # A cursor from before the collected tombstone cannot resume without missing the delete.
+    call = server.stub.WatchEntities(store_pb2.WatchEntitiesRequest(since_seq=1), timeout=TIMEOUT)
     with pytest.raises(grpc.RpcError) as info:
         next(call)
     assert info.value.code() == C.OUT_OF_RANGE and "fresh snapshot" in info.value.details()

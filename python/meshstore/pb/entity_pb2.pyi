@@ -138,6 +138,14 @@ class TaskCatalogComponent(_message.Message):
     available_tasks: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, available_tasks: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class TaskComponent(_message.Message):
+    __slots__ = ("state", "updated_at")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    updated_at: _timestamp_pb2.Timestamp
+    def __init__(self, state: _Optional[str] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
 class ThreatComponent(_message.Message):
     __slots__ = ("level",)
     LEVEL_FIELD_NUMBER: _ClassVar[int]
