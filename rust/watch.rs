@@ -130,7 +130,10 @@ impl Watch {
                     q.held_ids.insert(serial, event.id.clone());
                     let first_seq = event.seq;
                     q.held.insert(event.id.clone(), Slot { event, first_seq });
-                    return false;
+                    // Waiting consumers must learn the new due time: a sleeping poll
+                    // re-computes its deadline, an armed async consumer re-arms.
+                    self.ready.notify_one();
+                    return std::mem::take(&mut q.armed);
                 }
             }
             q.last_sent.insert(event.id.clone(), now);

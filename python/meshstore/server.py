@@ -336,10 +336,6 @@ class EntityStoreServicer:
             min_interval=request.min_interval_ms / 1000.0,
         )
         heartbeat = request.heartbeat_interval_ms / 1000.0 or None
-        # Never wait unboundedly when min_interval holds events back: an event held
-        # while we sleep does not wake us (core watcher limitation), so look again
-        # after a fraction of the interval.
-        slice_ = max(0.01, min(request.min_interval_ms / 4000.0, 0.25)) if request.min_interval_ms else None
         stream = _Stream(watcher, asyncio.current_task())
         self._streams.add(stream)
         write = context.write
@@ -349,8 +345,6 @@ class EntityStoreServicer:
         try:
             while True:
                 wait = None if heartbeat is None else max(0.001, heartbeat - (clock() - last_write))
-                if slice_ is not None:
-                    wait = slice_ if wait is None else min(wait, slice_)
                 stream.parked = True
                 ev = await aget(wait)
                 stream.parked = False
