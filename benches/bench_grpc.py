@@ -39,6 +39,7 @@ UPDATES = int(os.environ.get("B4_UPDATES", 100_000))
 TRACKS = int(os.environ.get("B4_TRACKS", 10_000))
 UNARY_CONCURRENCY = int(os.environ.get("B4_UNARY_CONCURRENCY", 16))
 STREAMS = int(os.environ.get("B4_STREAMS", 1))
+PUBLISH_BATCH = int(os.environ.get("B4_PUBLISH_BATCH", 100))
 TARGET_STREAM_UPDATES_PER_S = 100_000
 
 pytestmark = pytest.mark.benchmark(group="grpc-b4")
@@ -77,15 +78,18 @@ def served(tmp: pathlib.Path) -> Iterator[str]:
 
 
 def run_load(addr: str, mode: str) -> dict:
-    args = [sys.executable, str(LOAD), addr, "--mode", mode, "--updates", str(UPDATES), "--tracks", str(TRACKS),
-            "--concurrency", str(UNARY_CONCURRENCY), "--streams", str(STREAMS)]
+    # Modes: unary, stream (one entity per message), stream-batched (PUBLISH_BATCH each).
+    batch = PUBLISH_BATCH if mode == "stream-batched" else 1
+    args = [sys.executable, str(LOAD), addr, "--mode", "unary" if mode == "unary" else "stream",
+            "--updates", str(UPDATES), "--tracks", str(TRACKS),
+            "--concurrency", str(UNARY_CONCURRENCY), "--streams", str(STREAMS), "--batch", str(batch)]
     done = subprocess.run(args, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise RuntimeError(f"load generator failed ({done.returncode}): {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("mode", ["unary", "stream"])
+@pytest.mark.parametrize("mode", ["unary", "stream", "stream-batched"])
 def test_b4_update_throughput(benchmark: BenchmarkFixture, mode: str, tmp_path: pathlib.Path,
                               bench_report: Callable[[str], None]) -> None:
     with served(tmp_path) as addr:
@@ -105,7 +109,7 @@ def test_b4_update_throughput(benchmark: BenchmarkFixture, mode: str, tmp_path: 
     lines = [f"B4 {mode}: {result['updates_per_s']:,} updates/s ({UPDATES:,} updates over {TRACKS:,} tracks "
              f"in {result['seconds']:.2f} s, {'calls in flight' if mode == 'unary' else 'streams'}="
              f"{result['concurrency']}, nproc={os.cpu_count()})"]
-    if mode == "stream":
+    if mode.startswith("stream"):
         info["target_updates_per_s"] = TARGET_STREAM_UPDATES_PER_S
         info["target_met"] = result["updates_per_s"] >= TARGET_STREAM_UPDATES_PER_S
         if "unary" in RESULTS:

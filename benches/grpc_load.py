@@ -1,14 +1,15 @@
 """Load generator for B4 (benches/bench_grpc.py), run as its own process.
 
     python benches/grpc_load.py HOST:PORT --mode unary|stream [--updates 100000]
-        [--tracks 10000] [--concurrency 64] [--streams 1]
+        [--tracks 10000] [--concurrency 64] [--streams 1] [--batch 1]
 
 Builds every request up front (serialized once, outside the timed part), makes sure
 the tracks exist (one untimed PublishEntities stream), then times ``--updates`` position
 updates spread over ``--tracks`` tracks:
 
 - unary: UpdateEntity calls, ``--concurrency`` in flight at once (grpc.aio);
-- stream: PublishEntities, the updates split over ``--streams`` concurrent streams.
+- stream: PublishEntities, the updates split over ``--streams`` concurrent streams,
+  ``--batch`` entities per request (1: one per message, as old clients send).
 
 Requests and responses cross as raw bytes (no client-side protobuf work in the timed
 part). Prints one JSON object: the rate, and the server's own count of writes before
@@ -57,8 +58,11 @@ async def run(args: argparse.Namespace) -> dict:
     seed = [store_pb2.PublishRequest(entity=entity(i, tracks)).SerializeToString() for i in range(tracks)]
     if args.mode == "unary":
         payloads = [store_pb2.UpdateEntityRequest(entity=e).SerializeToString() for e in entities]
-    else:
+    elif args.batch == 1:
         payloads = [store_pb2.PublishRequest(entity=e).SerializeToString() for e in entities]
+    else:
+        b = args.batch
+        payloads = [store_pb2.PublishRequest(entities=entities[k:k + b]).SerializeToString() for k in range(0, n, b)]
     del entities
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
     async with grpc.aio.insecure_channel(args.target, options=options) as channel:
@@ -99,6 +103,7 @@ async def run(args: argparse.Namespace) -> dict:
         "mode": args.mode, "updates": n, "tracks": tracks, "seconds": round(seconds, 4),
         "updates_per_s": round(n / seconds), "applied": applied, "stale": stale, "errors": errors,
         "server_writes": writes, "concurrency": args.concurrency if args.mode == "unary" else args.streams,
+        "batch": args.batch if args.mode == "stream" else 1,
     }
 
 
@@ -110,6 +115,7 @@ def main() -> None:
     parser.add_argument("--tracks", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=64, help="unary calls in flight")
     parser.add_argument("--streams", type=int, default=1, help="concurrent PublishEntities streams")
+    parser.add_argument("--batch", type=int, default=1, help="entities per PublishRequest (stream mode)")
     args = parser.parse_args()
     result = asyncio.run(run(args))
     sys.stdout.write(json.dumps(result) + "\n")

@@ -561,6 +561,20 @@ def test_publish_raw_garbage_and_core_refusals_are_counted(server: ServerThread)
     assert position(store.get("m1")) == (1.0, 2.0)
 
 
+def test_publish_batches_in_one_message_count_each_entity(server: ServerThread) -> None:
+    """A PublishRequest may carry a batch (`entities`); a bad entity in it fails alone."""
+    store = server.store
+    bad = track("b2", threat=entity_pb2.ThreatComponent(level=9))
+    requests = [
+        store_pb2.PublishRequest(entities=[track("b1"), bad, track("b3")]),
+        store_pb2.PublishRequest(entity=track("b4"), entities=[track("b5")]),
+    ]
+    summary = server.stub.PublishEntities(iter(requests), timeout=TIMEOUT)
+    assert (summary.applied, summary.stale, summary.rejected) == (4, 0, 1), summary
+    assert any("b2" in e and "threat" in e for e in summary.errors)
+    assert [e.id for e in store.list()] == ["b1", "b3", "b4", "b5"]
+
+
 def test_publish_keeps_at_most_ten_error_messages(server: ServerThread) -> None:
     requests = [store_pb2.PublishRequest(entity=track("")) for _ in range(25)] + [
         store_pb2.PublishRequest(entity=track("fine"))]

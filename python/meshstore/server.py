@@ -16,8 +16,9 @@ as UNKNOWN, and each failed request is logged with its code.
 
 Fast paths, measured in benches/bench_grpc.py: WatchEntities sends the core's
 pre-serialized ``EntityEvent`` bytes as they are (identity response serializer), and
-PublishEntities takes the raw request bytes, slices the entity out of them without
-decoding and upserts whole chunks with ``Store.put_many``.
+PublishEntities takes the raw request bytes, slices the entities out of them without
+decoding (one per request, or a batch in ``entities``) and upserts whole chunks with
+``Store.put_many``.
 """
 
 from __future__ import annotations
@@ -147,12 +148,13 @@ def _entity_of(request: Any) -> entity_pb2.Entity:
 
 # ---- wire helpers (PublishEntities fast path) -------------------------------------------
 
-def _publish_payload(raw: bytes) -> tuple[bytes | None, str | None]:
-    """The serialized entity of a serialized PublishRequest, or (None, why not).
+def _publish_payloads(raw: bytes) -> tuple[list[bytes], str | None]:
+    """The serialized entities of a serialized PublishRequest, or ([], why not).
 
     Fast path: the request is exactly one field 1 spanning the message (what every
-    protobuf encoder writes), so the entity bytes are a slice. Anything else is decoded
-    properly (repeated fields merge, unknown fields are skipped)."""
+    protobuf encoder writes for a single entity), so the entity bytes are a slice.
+    Anything else is read through the bytes view (batches in field 2, repeated fields,
+    unknown fields); the entities themselves are never decoded here."""
     n = len(raw)
     if n >= 2 and raw[0] == 0x0A:
         length, pos, shift = 0, 1, 0
@@ -162,16 +164,19 @@ def _publish_payload(raw: bytes) -> tuple[bytes | None, str | None]:
             length |= (b & 0x7F) << shift
             if b < 0x80:
                 if pos + length == n:
-                    return raw[pos:], None
+                    return [raw[pos:]], None
                 break
             shift += 7
     try:
-        request = store_pb2.PublishRequest.FromString(raw)
+        view = store_pb2.PublishRequestView.FromString(raw)
     except DecodeError as exc:
-        return None, f"malformed PublishRequest: {exc}"
-    if not request.HasField("entity"):
-        return None, "publish request has no entity"
-    return request.entity.SerializeToString(), None
+        return [], f"malformed PublishRequest: {exc}"
+    # Field 1 may repeat (protobuf merges the occurrences): decode it properly.
+    single = [store_pb2.PublishRequest.FromString(raw).entity.SerializeToString()] if view.entity else []
+    payloads = single + list(view.entities)
+    if not payloads:
+        return [], "publish request has no entity"
+    return payloads, None
 
 
 def _heartbeat_bytes(seq: int) -> bytes:
@@ -402,11 +407,11 @@ class EntityStoreServicer:
         eof = grpc.aio.EOF
         try:
             while (raw := await read()) is not eof:
-                payload, error = _publish_payload(raw)
-                if payload is None:
+                payloads, error = _publish_payloads(raw)
+                if error is not None:
                     tally.reject(error)
                     continue
-                chunk.append(payload)
+                chunk.extend(payloads)
                 if len(chunk) >= PUBLISH_CHUNK:
                     flush()
                 elif timer is None:

@@ -138,10 +138,20 @@ class DenyActionResponse(_message.Message):
     def __init__(self, entity: _Optional[_Union[_entity_pb2.Entity, _Mapping]] = ...) -> None: ...
 
 class PublishRequest(_message.Message):
-    __slots__ = ("entity",)
+    __slots__ = ("entity", "entities")
     ENTITY_FIELD_NUMBER: _ClassVar[int]
+    ENTITIES_FIELD_NUMBER: _ClassVar[int]
     entity: _entity_pb2.Entity
-    def __init__(self, entity: _Optional[_Union[_entity_pb2.Entity, _Mapping]] = ...) -> None: ...
+    entities: _containers.RepeatedCompositeFieldContainer[_entity_pb2.Entity]
+    def __init__(self, entity: _Optional[_Union[_entity_pb2.Entity, _Mapping]] = ..., entities: _Optional[_Iterable[_Union[_entity_pb2.Entity, _Mapping]]] = ...) -> None: ...
+
+class PublishRequestView(_message.Message):
+    __slots__ = ("entity", "entities")
+    ENTITY_FIELD_NUMBER: _ClassVar[int]
+    ENTITIES_FIELD_NUMBER: _ClassVar[int]
+    entity: bytes
+    entities: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, entity: _Optional[bytes] = ..., entities: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class PublishSummary(_message.Message):
     __slots__ = ("applied", "stale", "rejected", "errors")
