@@ -5,9 +5,9 @@
   applies), without and with a watcher attached (drained between rounds), against the
   plain-Python ``ReferenceStore`` (benches/reference_store.py) doing the same.
   Targets: >= 400k updates/s and >= 3x the reference.
-- B3: ``put_many`` in batches of 1,000 (50k of the 100k tracks per round), from messages and from
-  pre-serialized bytes, against the reference. Target (bytes): >= 1M entity updates/s
-  and >= 8x the reference.
+- B3: ``put_many`` in batches of 1,000 (50k of the 100k tracks per round), from
+  messages and from pre-serialized bytes, against the reference. Target (bytes):
+  >= 1M entity updates/s and >= 8x the reference.
 - B6: memory per track at 100k 4-component tracks (position, velocity, source,
   threat): RSS growth in a fresh subprocess, against the same entities held as
   serialized bytes (``Store.get`` bytes, versions included) in a Python dict.
@@ -18,7 +18,9 @@ and velocity values, so each write changes the store (checked through ``seq``). 
 round's input is built untimed, then the Store round runs and the reference runs right
 after on the same input (interleaved); during rounds the pre-existing heap is frozen
 (``gc.freeze``) on both sides, see ``interleaved``. Throughput is per entity write, from
-the best of 3 rounds (both sides alike); means are in ``extra_info`` too. Runs only when benchmarks are asked for:
+the best of 3 rounds (both sides alike); means are in ``extra_info`` too.
+
+Runs only when benchmarks are asked for (~1 minute on 2 cores):
 ``pytest benches/bench_store.py --benchmark-only -s``
 """
 
@@ -47,7 +49,7 @@ from reference_store import ReferenceStore  # noqa: E402
 N = 100_000
 BATCH = 1_000
 # B3 writes half the tracks per round (50 batches), alternating halves, to keep the file
-# under 2 minutes: the reference's message path costs ~50 us per entity.
+# under 2 minutes: the reference costs 30-50 us per entity there.
 B3_PER_ROUND = 50_000
 ROUNDS = 3
 

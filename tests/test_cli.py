@@ -358,3 +358,34 @@ def test_serve_logs_json_lines(tmp_path: pathlib.Path) -> None:
     failure = next(r for r in records if r["msg"] == "request failed")
     assert failure["code"] == "NOT_FOUND" and failure["method"] == "GetEntity" and failure["level"] == "info"
     assert records[-1]["msg"] == "stopped"
+
+
+# ---- mesh -------------------------------------------------------------------------------
+
+def test_two_serve_processes_with_peers_replicate_and_report_their_links(tmp_path: pathlib.Path) -> None:
+    port_a, port_b = free_port(), free_port()
+    addr_a, addr_b = f"127.0.0.1:{port_a}", f"127.0.0.1:{port_b}"
+    a = Served(tmp_path, "--node-id", "mesh-a", "--port", str(port_a), "--peer", addr_b)
+    b = Served(tmp_path, "--node-id", "mesh-b", "--port", str(port_b), MESHSTORE_PEERS=addr_a)
+    try:
+        a.stub.CreateEntity(store_pb2.CreateEntityRequest(entity=make_entity(
+            "m1", entity_pb2.ENTITY_TYPE_TRACK, threat=entity_pb2.ThreatComponent(level=entity_pb2.THREAT_LEVEL_HIGH))),
+            timeout=TIMEOUT)
+        got = wait_for(lambda: (r := run("get", "m1", "--json", addr=addr_b)).returncode == 0 and r,
+                       what="m1 replicated to b")
+        assert json.loads(got.stdout)["id"] == "m1"
+        b.stub.DeleteEntity(store_pb2.DeleteEntityRequest(id="m1"), timeout=TIMEOUT)
+        wait_for(lambda: run("get", "m1", addr=addr_a).returncode == 3, what="the delete replicated to a")
+
+        stats = json.loads(run("stats", "--json", addr=addr_a).stdout)["values"]
+        assert stats[f"peer.{addr_b}.connected"] == 1 and stats[f"peer.{addr_b}.sent_states"] >= 1
+        assert stats[f"peer.{addr_b}.lag"] == 0
+        assert "mesh peers" in run("stats", addr=addr_a).stdout
+    finally:
+        assert a.stop() == 0 and b.stop() == 0
+
+
+def test_serve_refuses_a_malformed_peer(tmp_path: pathlib.Path) -> None:
+    result = subprocess.run([*CLI, "serve", "--port", "0", "--peer", "nowhere"], capture_output=True, text=True,
+                            timeout=TIMEOUT, env=cli_env())
+    assert_one_line_error(result, 2, "--peer must be HOST:PORT")

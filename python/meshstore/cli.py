@@ -442,9 +442,25 @@ def stats_cmd(
     table = Table(title=f"store {resp.node_id} at {store}: {status}", title_justify="left")
     table.add_column("STAT")
     table.add_column("VALUE", justify="right")
+    links: dict[str, dict[str, int | float]] = {}
     for key, value in values.items():
-        table.add_row(key, f"{value:,}" if isinstance(value, int) else f"{value:,.3f}")
-    _console().print(table)
+        if key.startswith("peer."):  # peer.<address>.<counter>
+            address, _, counter = key.removeprefix("peer.").rpartition(".")
+            links.setdefault(address, {})[counter] = value
+        else:
+            table.add_row(key, f"{value:,}" if isinstance(value, int) else f"{value:,.3f}")
+    console = _console()
+    console.print(table)
+    if links:
+        columns = ("connected", "sent_states", "sent_bytes", "acked_seq", "lag", "pending", "coalesced",
+                   "deferred", "retries", "full_syncs")
+        peers = Table(title="mesh peers (this node's relay)", title_justify="left")
+        peers.add_column("PEER")
+        for column in columns:
+            peers.add_column(column.upper(), justify="right")
+        for address, link in sorted(links.items()):
+            peers.add_row(address, *(f"{link.get(c, 0):,}" for c in columns))
+        console.print(peers)
 
 
 # ---- serve ------------------------------------------------------------------------------
@@ -471,10 +487,23 @@ def serve_cmd(
                                            help="debug, info, warning or error.")] = "info",
     log_json: Annotated[bool, typer.Option("--log-json", envvar="MESHSTORE_LOG_JSON",
                                            help="Log JSON lines instead of key=value lines.")] = False,
+    peers: Annotated[list[str] | None, typer.Option(
+        "--peer", envvar="MESHSTORE_PEERS", show_envvar=True, metavar="HOST:PORT",
+        help="Another node to replicate to (repeat for each; the env var takes a space-separated list). "
+             "Every node of a mesh needs its own --node-id.")] = None,
+    bandwidth_bps: Annotated[float | None, typer.Option(
+        "--mesh-bandwidth-bps", envvar="MESH_BANDWIDTH_BPS", show_envvar=True, min=0.0, metavar="BYTES",
+        help="Bytes/s each peer link may send (0: unlimited). DELETE and HIGH-threat changes bypass it; "
+             "the rest waits, coalesced to the latest state per entity, and is sent by priority.")] = None,
+    burst_bytes: Annotated[float | None, typer.Option(
+        "--mesh-burst-bytes", envvar="MESH_BURST_BYTES", show_envvar=True, min=0.0, metavar="BYTES",
+        help="Burst of each peer link's budget (0: one second of bandwidth, at least 64 KiB).")] = None,
 ) -> None:
-    """Run a store server (gRPC store.v1.EntityStoreService, health, reflection) until
-    SIGINT or SIGTERM, then shut down gracefully (open watch streams are ended). Logs go
-    to stderr; the first line says `listening address=HOST:PORT node_id=N`."""
+    """Run a store server (gRPC store.v1.EntityStoreService and mesh.v1.MeshService,
+    health, reflection) until SIGINT or SIGTERM, then shut down gracefully (open watch
+    streams are ended). With --peer it is a mesh node: it pushes its changes to every
+    peer and merges theirs. Logs go to stderr; the first line says
+    `listening address=HOST:PORT node_id=N`."""
     from meshstore import logs
 
     try:
@@ -500,11 +529,22 @@ def serve_cmd(
 
     store = Store(options)
     try:
-        asyncio.run(serve_async(store, host, port, max_message_bytes, grace))
+        asyncio.run(serve_async(store, host, port, max_message_bytes, grace, peers=_peer_list(peers),
+                                bandwidth_bps=bandwidth_bps, burst_bytes=burst_bytes))
     except OSError as exc:
         raise CliError(str(exc)) from None
     finally:
         store.close()
+
+
+def _peer_list(peers: list[str] | None) -> list[str]:
+    """Peer addresses, each checked to be HOST:PORT."""
+    found = [p for raw in peers or [] for p in raw.replace(",", " ").split()]
+    for peer in found:
+        host, _, port = peer.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise CliError(f"--peer must be HOST:PORT, got {peer!r}", EXIT_USAGE)
+    return found
 
 
 # ---- entry point ------------------------------------------------------------------------

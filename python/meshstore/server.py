@@ -30,7 +30,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +50,10 @@ from meshstore.errors import (
     StaleWriteError,
 )
 from meshstore.logs import event as log_event
+from meshstore.mesh import SERVICE_NAME as MESH_SERVICE_NAME
+from meshstore.mesh import MeshServicer, add_mesh_service
 from meshstore.pb import entity_pb2, store_pb2
+from meshstore.relay import Relay
 from meshstore.store import Store
 from meshstore.watcher import Watcher
 
@@ -222,6 +225,9 @@ class EntityStoreServicer:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        # The mesh side of this node, reported by GetStats: set by start_server/serve.
+        self.mesh: MeshServicer | None = None
+        self.relay: Relay | None = None
         self._streams: set[_Stream] = set()
         self._closing = False
         self._started = time.monotonic()
@@ -320,6 +326,16 @@ class EntityStoreServicer:
         values = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float))}
         values["server.watch_streams"] = float(len(self._streams))
         values["server.uptime_seconds"] = round(time.monotonic() - self._started, 3)
+        if self.mesh is not None:
+            mesh = self.mesh.stats()
+            for key in ("streams_open", "refused_self", "refused_invalid", "rejected_states"):
+                values[f"mesh.{key}"] = float(mesh[key])
+        if self.relay is not None:
+            # Per peer link, flattened into the numeric map: peer.<address>.<counter>.
+            for address, link in self.relay.stats()["peers"].items():
+                for key, value in link.items():
+                    if isinstance(value, (bool, int, float)):
+                        values[f"peer.{address}.{key}"] = float(value)
         return store_pb2.GetStatsResponse(node_id=self.store.node_id, values=values)
 
     # ---- streams -------------------------------------------------------------------
@@ -499,6 +515,7 @@ class RunningServer:
     host: str
     port: int
     max_message_bytes: int
+    mesh: MeshServicer
     _stopped: bool = False
 
     @property
@@ -540,13 +557,16 @@ async def start_server(
     ])
     servicer = EntityStoreServicer(store)
     servicer.add_to_server(server)
+    # Every server is also a mesh node: peers push their changes to it.
+    servicer.mesh = add_mesh_service(server, store)
     health = _health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    await health.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    for name in ("", SERVICE_NAME, MESH_SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     if reflection_enabled:
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (SERVICE_NAME, MESH_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
             server)
     wanted = _address(host, port)
     try:
@@ -565,7 +585,7 @@ async def start_server(
         await server.stop(None)
         raise OSError(f"cannot listen on {wanted}: address in use or not available{': ' + reason if reason else ''}")
     await server.start()
-    return RunningServer(store, server, servicer, health, host, bound, max_message_bytes)
+    return RunningServer(store, server, servicer, health, host, bound, max_message_bytes, servicer.mesh)
 
 
 async def serve_async(
@@ -575,13 +595,23 @@ async def serve_async(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     grace: float = 5.0,
     stop: asyncio.Event | None = None,
+    peers: Sequence[str] = (),
+    bandwidth_bps: float | None = None,
+    burst_bytes: float | None = None,
 ) -> None:
-    """Serves until SIGINT/SIGTERM (or ``stop`` is set), then shuts down gracefully."""
+    """Serves until SIGINT/SIGTERM (or ``stop`` is set), then shuts down gracefully.
+    With ``peers`` (host:port of other nodes) this is a mesh node: a relay pushes the
+    store's changes to each, within the bandwidth budget (None: MESH_BANDWIDTH_BPS /
+    MESH_BURST_BYTES)."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     received: list[str] = []
 
+    relay = Relay(store, peers, bandwidth_bps=bandwidth_bps, burst_bytes=burst_bytes) if peers else None
     running = await start_server(store, host, port, max_message_bytes)
+    if relay is not None:
+        running.servicer.relay = relay
+        await relay.start()
 
     def on_signal(sig: signal.Signals) -> None:
         received.append(sig.name)
@@ -598,15 +628,19 @@ async def serve_async(
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
             pass
     log_event(log, logging.INFO, "listening", address=running.address, node_id=store.node_id,
-              max_message_bytes=max_message_bytes, pid=os.getpid())
+              max_message_bytes=max_message_bytes, peers=",".join(peers) or "none", pid=os.getpid())
     try:
         await stop.wait()
         log_event(log, logging.INFO, "shutting down", signal=received[0] if received else "none",
                   watch_streams=running.servicer.open_streams, grace_s=grace)
+        if relay is not None:
+            await relay.stop()
         await running.stop(grace)
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+        if relay is not None:
+            await relay.stop()
         if not running._stopped:
             await running.stop(0)
     log_event(log, logging.INFO, "stopped", address=running.address, node_id=store.node_id)
