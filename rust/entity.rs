@@ -27,7 +27,8 @@ pub struct Cell {
     pub key: Sym,
     pub type_url: Sym,
     pub version: Version,
-    pub value: Box<[u8]>,
+    /// Shared, so snapshots of a state (results, events) cost no copy of the values.
+    pub value: Arc<[u8]>,
 }
 
 impl Cell {

@@ -1,40 +1,47 @@
 //! Process-wide string interning for the few distinct strings every cell repeats:
 //! node ids, component keys and type URLs. A cell stores 4-byte symbols instead of
 //! three heap strings, which is most of what keeps a track under 1 KiB.
-//! Symbols are never freed: the set of such strings is small and bounded in practice.
+//!
+//! Reading a symbol's string takes no lock (the hot path compares them constantly):
+//! strings live in an append-only table of fixed chunks, each filled once. Only
+//! interning a new string takes the write lock. Symbols are never freed: the set of such
+//! strings is small and bounded in practice (at most `CHUNK * CHUNKS`).
+use ahash::AHashMap;
 use parking_lot::RwLock;
-use std::collections::HashMap;
-use std::sync::LazyLock;
+use std::sync::{LazyLock, OnceLock};
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
 pub struct Sym(u32);
 
-struct Interner {
-    ids: HashMap<&'static str, Sym>,
-    strings: Vec<&'static str>,
-}
+const CHUNK: usize = 1 << 12;
+const CHUNKS: usize = 1 << 10;
 
-static INTERNER: LazyLock<RwLock<Interner>> =
-    LazyLock::new(|| RwLock::new(Interner { ids: HashMap::new(), strings: Vec::new() }));
+type Chunk = Box<[OnceLock<&'static str>]>;
+static STRINGS: [OnceLock<Chunk>; CHUNKS] = [const { OnceLock::new() }; CHUNKS];
+static IDS: LazyLock<RwLock<AHashMap<&'static str, Sym>>> = LazyLock::new(|| RwLock::new(AHashMap::new()));
 
 pub fn intern(s: &str) -> Sym {
-    if let Some(&sym) = INTERNER.read().ids.get(s) {
+    if let Some(&sym) = IDS.read().get(s) {
         return sym;
     }
-    let mut table = INTERNER.write();
-    if let Some(&sym) = table.ids.get(s) {
+    let mut ids = IDS.write();
+    if let Some(&sym) = ids.get(s) {
         return sym;
     }
+    let n = ids.len();
+    assert!(n < CHUNK * CHUNKS, "more than {} distinct keys, type URLs and node ids", CHUNK * CHUNKS);
     let leaked: &'static str = Box::leak(s.to_owned().into_boxed_str());
-    let sym = Sym(table.strings.len() as u32);
-    table.strings.push(leaked);
-    table.ids.insert(leaked, sym);
+    let chunk = STRINGS[n / CHUNK].get_or_init(|| (0..CHUNK).map(|_| OnceLock::new()).collect());
+    chunk[n % CHUNK].set(leaked).expect("each slot is filled once, under the write lock");
+    let sym = Sym(n as u32);
+    ids.insert(leaked, sym);
     sym
 }
 
 impl Sym {
     pub fn as_str(self) -> &'static str {
-        INTERNER.read().strings[self.0 as usize]
+        let i = self.0 as usize;
+        STRINGS[i / CHUNK].get().and_then(|chunk| chunk[i % CHUNK].get()).expect("a Sym is only made by intern")
     }
 }
 
@@ -47,5 +54,15 @@ mod tests {
         assert_eq!(intern("position"), intern("position"));
         assert_ne!(intern("position"), intern("velocity"));
         assert_eq!(intern("velocity").as_str(), "velocity");
+    }
+
+    #[test]
+    fn interning_from_threads_agrees() {
+        let handles: Vec<_> = (0..4)
+            .map(|_| std::thread::spawn(|| (0..5000).map(|i| intern(&format!("k{i}"))).collect::<Vec<_>>()))
+            .collect();
+        let all: Vec<Vec<Sym>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        assert!(all.windows(2).all(|w| w[0] == w[1]));
+        assert_eq!(all[0][4321].as_str(), "k4321");
     }
 }

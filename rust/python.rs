@@ -34,6 +34,31 @@ fn decode_entity(py: Python<'_>, bytes: &[u8]) -> PyResult<PyObject> {
     Ok(cls.call_method1(py, "FromString", (PyBytes::new(py, bytes),))?)
 }
 
+/// An entity snapshot encoded and decoded only when Python asks, each at most once:
+/// results and events are cheap to make, and most are never looked at.
+struct LazyEntity {
+    bytes: OnceLock<Vec<u8>>,
+    message: OnceLock<PyObject>,
+}
+
+impl LazyEntity {
+    fn new() -> Self {
+        LazyEntity { bytes: OnceLock::new(), message: OnceLock::new() }
+    }
+
+    fn bytes(&self, encode: impl FnOnce() -> Vec<u8>) -> &[u8] {
+        self.bytes.get_or_init(encode)
+    }
+
+    fn message(&self, py: Python<'_>, encode: impl FnOnce() -> Vec<u8>) -> PyResult<PyObject> {
+        if let Some(m) = self.message.get() {
+            return Ok(m.clone_ref(py));
+        }
+        let m = decode_entity(py, self.bytes(encode))?;
+        Ok(self.message.get_or_init(|| m).clone_ref(py))
+    }
+}
+
 /// Maps a core error onto the exception classes of `meshstore.errors`.
 fn py_err(py: Python<'_>, err: Error) -> PyErr {
     let module = match ERRORS.get_or_try_init(py, || py.import("meshstore.errors").map(|m| m.unbind())) {
@@ -66,22 +91,18 @@ fn names(syms: &[Sym]) -> Vec<&'static str> {
 #[pyclass(module = "meshstore._core", frozen, name = "UpdateResult")]
 pub struct PyUpdateResult {
     outcome: WriteOutcome,
-    entity: OnceLock<PyObject>,
+    entity: LazyEntity,
 }
 
 #[pymethods]
 impl PyUpdateResult {
     #[getter]
     fn entity(&self, py: Python<'_>) -> PyResult<PyObject> {
-        if let Some(e) = self.entity.get() {
-            return Ok(e.clone_ref(py));
-        }
-        let e = decode_entity(py, &self.outcome.entity)?;
-        Ok(self.entity.get_or_init(|| e).clone_ref(py))
+        self.entity.message(py, || self.outcome.entity_bytes())
     }
     #[getter]
     fn entity_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, &self.outcome.entity)
+        PyBytes::new(py, self.entity.bytes(|| self.outcome.entity_bytes()))
     }
     #[getter]
     fn entity_id(&self) -> &str {
@@ -116,14 +137,14 @@ impl PyUpdateResult {
 }
 
 fn result(outcome: WriteOutcome) -> PyUpdateResult {
-    PyUpdateResult { outcome, entity: OnceLock::new() }
+    PyUpdateResult { outcome, entity: LazyEntity::new() }
 }
 
 /// One change seen by a watcher.
 #[pyclass(module = "meshstore._core", frozen, name = "Event")]
 pub struct PyEvent {
     event: Event,
-    entity: OnceLock<PyObject>,
+    entity: LazyEntity,
 }
 
 #[pymethods]
@@ -153,23 +174,20 @@ impl PyEvent {
     }
     #[getter]
     fn entity(&self, py: Python<'_>) -> PyResult<PyObject> {
-        if let Some(e) = self.entity.get() {
-            return Ok(e.clone_ref(py));
-        }
-        let e = decode_entity(py, &self.event.entity)?;
-        Ok(self.entity.get_or_init(|| e).clone_ref(py))
+        self.entity.message(py, || self.event.entity_bytes())
     }
     #[getter]
     fn entity_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, &self.event.entity)
+        PyBytes::new(py, self.entity.bytes(|| self.event.entity_bytes()))
     }
     /// The event as serialized `store.v1.EntityEvent` bytes (for the wire, no decode).
     fn to_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
         let e = &self.event;
-        let mut out = Vec::with_capacity(e.entity.len() + 32);
+        let entity = self.entity.bytes(|| e.entity_bytes());
+        let mut out = Vec::with_capacity(entity.len() + 32);
         put_varint_field(&mut out, 1, e.kind as u64);
-        put_len_prefix(&mut out, 2, e.entity.len());
-        out.extend_from_slice(&e.entity);
+        put_len_prefix(&mut out, 2, entity.len());
+        out.extend_from_slice(entity);
         put_bytes_field(&mut out, 3, e.source.as_str().as_bytes());
         put_varint_field(&mut out, 4, e.cursor);
         PyBytes::new(py, &out)
@@ -198,7 +216,7 @@ impl WatchHandle {
         let timeout = Duration::from_secs_f64(timeout.max(0.0));
         let watch = self.watch.clone();
         let events = if timeout.is_zero() { watch.poll(max, timeout) } else { py.allow_threads(|| watch.poll(max, timeout)) };
-        events.into_iter().map(|event| PyEvent { event, entity: OnceLock::new() }).collect()
+        events.into_iter().map(|event| PyEvent { event, entity: LazyEntity::new() }).collect()
     }
     /// For async consumers: (ready, seconds until a held event falls due). When not ready,
     /// `waker` is called (with no arguments) on the next event.
@@ -325,8 +343,9 @@ impl Core {
     }
 
     /// Upserts a batch of serialized entities atomically (all checked before any applies).
-    fn put_many<'py>(&self, py: Python<'py>, batch: Vec<Vec<u8>>) -> PyResult<Bound<'py, PyList>> {
-        let slices: Vec<&[u8]> = batch.iter().map(|b| b.as_slice()).collect();
+    fn put_many<'py>(&self, py: Python<'py>, batch: Vec<Bound<'py, PyBytes>>) -> PyResult<Bound<'py, PyList>> {
+        // Borrowed straight from the bytes objects (which `batch` keeps alive): no copy.
+        let slices: Vec<&[u8]> = batch.iter().map(|b| b.as_bytes()).collect();
         let outcomes = self.run(py, true, |t| t.put_many(&slices))?.map_err(|e| py_err(py, e))?;
         PyList::new(py, outcomes.into_iter().map(result))
     }

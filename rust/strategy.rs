@@ -16,7 +16,7 @@
 //! Type URL and bytes come last only to make the order total.
 use crate::intern::{intern, Sym};
 use crate::wire::{scan, Field};
-use std::collections::HashMap;
+use ahash::AHashMap as HashMap;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Merge {

@@ -56,7 +56,7 @@ pub struct Prepared {
 struct NewCell {
     key: Sym,
     type_url: Sym,
-    value: Box<[u8]>,
+    value: Arc<[u8]>,
     /// The version the writer based this key on; None for a blind write.
     base: Option<Timestamp>,
 }
@@ -70,13 +70,20 @@ impl NewCell {
 #[derive(Debug)]
 pub struct WriteOutcome {
     pub id: Arc<str>,
-    /// The entity after the write (user view), as `entity.v1.Entity` bytes.
-    pub entity: Vec<u8>,
+    /// The entity after the write (encoded only if asked: `entity_bytes`).
+    pub snapshot: Arc<EntityState>,
     pub applied: Vec<Sym>,
     pub stale: Vec<Sym>,
     pub unchanged: Vec<Sym>,
     /// The write created (or resurrected) the entity.
     pub created: bool,
+}
+
+impl WriteOutcome {
+    /// The entity after the write (user view), as `entity.v1.Entity` bytes.
+    pub fn entity_bytes(&self) -> Vec<u8> {
+        self.snapshot.to_bytes(View::USER)
+    }
 }
 
 #[derive(Default, Debug, Clone)]
@@ -244,15 +251,8 @@ impl Table {
     /// Applies a prepared write. Fails only before changing anything.
     pub fn commit(&mut self, p: Prepared, mode: WriteMode, strict: bool) -> Result<WriteOutcome> {
         self.release_quarantine();
-        let empty;
-        let stored = match self.entities.get(&p.id) {
-            Some(s) => s,
-            None => {
-                empty = EntityState::new(p.id.clone(), self.node());
-                &empty
-            }
-        };
-        let was_alive = stored.is_alive();
+        let stored = self.entities.get(&p.id);
+        let was_alive = stored.is_some_and(EntityState::is_alive);
         match mode {
             WriteMode::Create if was_alive => return Err(Error::AlreadyExists(p.id.to_string())),
             WriteMode::Update if !was_alive => return Err(Error::NotFound(p.id.to_string())),
@@ -260,7 +260,7 @@ impl Table {
         }
         let (mut applied, mut stale, mut unchanged) = (vec![], vec![], vec![]);
         for c in &p.cells {
-            match stored.live_cell(c.key) {
+            match stored.and_then(|s| s.live_cell(c.key)) {
                 Some(s) if c.base.is_some_and(|b| s.version.ts > b) => stale.push(c.key),
                 Some(s) if s.type_url == c.type_url && *s.value == *c.value => unchanged.push(c.key),
                 _ => applied.push(c.key),
@@ -270,28 +270,29 @@ impl Table {
             self.counters.stale_keys += stale.len() as u64;
             return Err(Error::Stale { id: p.id.to_string(), keys: stale.iter().map(|k| k.as_str().to_string()).collect() });
         }
-        let type_change = p.etype != 0 && p.etype != stored.etype;
+        let type_change = p.etype != 0 && p.etype != stored.map_or(0, |s| s.etype);
         // A write that brings an entity back does not inherit the expiry of its old life.
         let expiry = if was_alive { p.expiry } else { Some(p.expiry.flatten()) };
-        let expiry_change = expiry.is_some_and(|x| x != stored.expiry);
+        let expiry_change = expiry.is_some_and(|x| x != stored.and_then(|s| s.expiry));
         let changed = !applied.is_empty() || type_change || expiry_change || !was_alive;
-        let unchanged_entity = (!changed).then(|| stored.to_bytes(View::USER));
         if !applied.is_empty() {
-            self.check_size(&p.id, None, p.cells.iter().map(|c| (c.key, c.bytes())))?;
+            self.check_size(&p.id, &[], &p.cells)?;
         }
         self.counters.writes += 1;
         self.counters.stale_keys += stale.len() as u64;
-        if let Some(entity) = unchanged_entity {
-            return Ok(WriteOutcome { id: p.id, entity, applied, stale, unchanged, created: false });
+        if !changed {
+            let snapshot = Arc::new(self.entities[&p.id].clone());
+            return Ok(WriteOutcome { id: p.id, snapshot, applied, stale, unchanged, created: false });
         }
 
         let ts = self.clock.now();
-        let mut state = self.entities.remove(&p.id).unwrap_or_else(|| EntityState::new(p.id.clone(), ts.node));
+        let state = self.entities.entry(p.id.clone()).or_insert_with(|| EntityState::new(p.id.clone(), ts.node));
         let expiry_before = state.is_alive().then_some(state.expiry).flatten();
         for c in p.cells.into_iter().filter(|c| applied.contains(&c.key)) {
+            let stored = state.cell(c.key);
             // Epochs count causal depth for max strategies. A key that held a max cell
             // keeps counting whatever its new type, so the new cell outranks the old one.
-            let stored_epoch = state.cell(c.key).map_or(0, |s| s.version.epoch);
+            let stored_epoch = stored.map_or(0, |s| s.version.epoch);
             let epoch = if self.registry.rule(c.type_url).merge.uses_epoch() || stored_epoch > 0 {
                 stored_epoch + 1
             } else {
@@ -299,7 +300,7 @@ impl Table {
             };
             // The stored cell may have been written over a tombstone we do not hold yet
             // (quarantined): the new cell must outrank it all the same.
-            let after_delete = state.tombstone.max(state.cell(c.key).and_then(|s| s.version.after_delete));
+            let after_delete = state.tombstone.max(stored.and_then(|s| s.version.after_delete));
             let version = Version { ts, epoch, after_delete };
             state.set_cell(Cell { key: c.key, type_url: c.type_url, version, value: c.value });
         }
@@ -315,13 +316,13 @@ impl Table {
         state.presence = Some(ts);
         state.created_at = state.created_at.or(Some(wall_time_of(ts.physical)));
         state.source = ts.node;
+        if !was_alive {
+            self.tombstoned.remove(&p.id);
+        }
+        self.note_expiry(&p.id, expiry_before);
         let kind = if was_alive { EventKind::Updated } else { EventKind::Created };
-        let entity = state.to_bytes(View::USER);
-        self.tombstoned.remove(&state.id);
-        self.note_expiry(&state, expiry_before);
-        let id = state.id.clone();
-        self.record(state, Some(kind));
-        Ok(WriteOutcome { id, entity, applied, stale, unchanged, created: !was_alive })
+        let snapshot = self.record(&p.id, Some(kind), true).expect("a snapshot was asked for");
+        Ok(WriteOutcome { id: p.id, snapshot, applied, stale, unchanged, created: !was_alive })
     }
 
     pub fn write(&mut self, bytes: &[u8], mode: WriteMode, strict: bool) -> Result<WriteOutcome> {
@@ -329,23 +330,20 @@ impl Table {
         self.commit(p, mode, strict)
     }
 
-    /// Fails if writing `cells` (key, bytes) over the entity's live cells, and over
-    /// `earlier` writes of the same batch, would take it past the size limit.
-    fn check_size(
-        &mut self,
-        id: &Arc<str>,
-        earlier: Option<&mut AHashMap<Sym, usize>>,
-        cells: impl Iterator<Item = (Sym, usize)>,
-    ) -> Result<()> {
-        let mut own = AHashMap::new();
-        let sizes = earlier.unwrap_or(&mut own);
-        if let Some(s) = self.entities.get(id) {
-            for c in s.cells.iter().filter(|c| c.is_live(s.tombstone)) {
-                sizes.entry(c.key).or_insert(c.bytes());
+    /// Fails if writing `cells` over the entity's live cells, and over the `earlier`
+    /// cells (key, bytes) of the same batch, would take it past the size limit.
+    fn check_size(&mut self, id: &Arc<str>, earlier: &[(Sym, usize)], cells: &[NewCell]) -> Result<()> {
+        let mut counted: Vec<Sym> = cells.iter().map(|c| c.key).collect();
+        let mut total = id.len() + cells.iter().map(NewCell::bytes).sum::<usize>();
+        for &(key, bytes) in earlier.iter().rev() {
+            if !counted.contains(&key) {
+                counted.push(key);
+                total += bytes;
             }
         }
-        sizes.extend(cells);
-        let total = id.len() + sizes.values().sum::<usize>();
+        if let Some(s) = self.entities.get(id) {
+            total += s.cells.iter().filter(|c| c.is_live(s.tombstone) && !counted.contains(&c.key)).map(Cell::bytes).sum::<usize>();
+        }
         if total > self.opts.max_entity_bytes {
             let msg = format!("entity '{id}' would hold {total} bytes, over the limit of {}", self.opts.max_entity_bytes);
             return self.invalid(Some(id), None, msg);
@@ -356,18 +354,19 @@ impl Table {
     /// Upserts a batch: every entity is checked before any is applied.
     pub fn put_many(&mut self, batch: &[&[u8]]) -> Result<Vec<WriteOutcome>> {
         let mut prepared = Vec::with_capacity(batch.len());
-        let mut sizes: AHashMap<Arc<str>, AHashMap<Sym, usize>> = AHashMap::new();
+        // The cells (key, bytes) earlier items of the batch write to each entity.
+        let mut written: AHashMap<Arc<str>, Vec<(Sym, usize)>> = AHashMap::with_capacity(batch.len());
         for (i, bytes) in batch.iter().enumerate() {
             let item = |e: Error| match e {
                 Error::Invalid { msg, id, key } => Error::Invalid { msg: format!("batch item {i}: {msg}"), id, key },
                 other => other,
             };
             let p = self.prepare(bytes).map_err(item)?;
-            let earlier = sizes.entry(p.id.clone()).or_default();
-            let mut earlier = std::mem::take(earlier);
-            let checked = self.check_size(&p.id, Some(&mut earlier), p.cells.iter().map(|c| (c.key, c.bytes())));
-            sizes.insert(p.id.clone(), earlier);
-            checked.map_err(item)?;
+            let earlier = written.get(&p.id).map_or(&[][..], Vec::as_slice);
+            if !p.cells.is_empty() {
+                self.check_size(&p.id, earlier, &p.cells).map_err(item)?;
+            }
+            written.entry(p.id.clone()).or_default().extend(p.cells.iter().map(|c| (c.key, c.bytes())));
             prepared.push(p);
         }
         Ok(prepared
@@ -378,17 +377,17 @@ impl Table {
 
     pub fn delete(&mut self, id: &str) -> Result<()> {
         self.release_quarantine();
-        let Some(mut state) = self.entities.remove(id) else { return Err(Error::NotFound(id.into())) };
-        if !state.is_alive() {
-            self.entities.insert(state.id.clone(), state);
+        let Some(state) = self.entities.get_mut(id).filter(|s| s.is_alive()) else {
             return Err(Error::NotFound(id.into()));
-        }
+        };
         let ts = self.clock.now();
+        let expiry_before = state.expiry;
         state.tombstone = Some(ts);
         state.source = ts.node;
-        self.tombstoned.insert(state.id.clone());
-        self.note_expiry(&state, state.expiry);
-        self.record(state, Some(EventKind::Deleted));
+        let id = state.id.clone();
+        self.tombstoned.insert(id.clone());
+        self.note_expiry(&id, expiry_before);
+        self.record(&id, Some(EventKind::Deleted), false);
         Ok(())
     }
 
@@ -402,24 +401,32 @@ impl Table {
         false
     }
 
-    /// Stores a changed state under a new seq and tells the watchers.
-    fn record(&mut self, mut state: EntityState, kind: Option<EventKind>) {
+    /// Gives a stored entity's latest change the next seq and tells the watchers.
+    /// Returns a snapshot of it if `snapshot` is asked for (or None).
+    fn record(&mut self, id: &Arc<str>, kind: Option<EventKind>, snapshot: bool) -> Option<Arc<EntityState>> {
         self.seq += 1;
+        let state = self.entities.get_mut(id).expect("a recorded entity is stored");
         if state.seq != 0 {
             self.log.remove(&state.seq);
         }
         state.seq = self.seq;
         self.log.insert(self.seq, state.id.clone());
-        if let Some(kind) = kind {
-            self.emit(&state, kind);
+        let emit = kind.filter(|_| !self.watchers.is_empty());
+        if !snapshot && emit.is_none() {
+            return None;
         }
-        self.entities.insert(state.id.clone(), state);
+        let snap = Arc::new(state.clone());
+        if let Some(kind) = emit {
+            self.emit(&snap, kind);
+        }
+        Some(snap)
     }
 
-    fn note_expiry(&mut self, state: &EntityState, before: Option<WallTime>) {
+    fn note_expiry(&mut self, id: &Arc<str>, before: Option<WallTime>) {
+        let state = &self.entities[id];
         let after = state.is_alive().then_some(state.expiry).flatten();
         if after != before {
-            self.expiry_changes.push((state.id.clone(), after));
+            self.expiry_changes.push((id.clone(), after));
         }
     }
 
@@ -512,30 +519,32 @@ impl Table {
         if let Some(t) = remote.max_timestamp() {
             self.clock.update(t).expect("quarantine keeps future versions out of the clock");
         }
-        let mut state = self.entities.remove(&remote.id).unwrap_or_else(|| EntityState::new(remote.id.clone(), remote.source));
+        let node = self.node();
+        let state = self.entities.entry(remote.id.clone()).or_insert_with(|| EntityState::new(remote.id.clone(), remote.source));
         let (was_alive, expiry_before) = (state.is_alive(), state.is_alive().then_some(state.expiry).flatten());
         let (changed, remote_lacks) = state.join(&remote, &self.registry);
         if !changed {
-            if state.presence.is_some() || state.tombstone.is_some() {
-                self.entities.insert(state.id.clone(), state);
+            if state.presence.is_none() && state.tombstone.is_none() {
+                self.entities.remove(&remote.id); // an empty remote state made nothing
             }
             return false;
         }
         self.counters.merges_changed += 1;
-        state.source = if remote_lacks { self.node() } else { remote.source };
-        let kind = match (was_alive, state.is_alive()) {
+        state.source = if remote_lacks { node } else { remote.source };
+        let is_alive = state.is_alive();
+        let kind = match (was_alive, is_alive) {
             (false, true) => Some(EventKind::Created),
             (true, true) => Some(EventKind::Updated),
             (true, false) => Some(EventKind::Deleted),
             (false, false) => None,
         };
-        if state.is_alive() {
-            self.tombstoned.remove(&state.id);
+        if is_alive {
+            self.tombstoned.remove(&remote.id);
         } else {
-            self.tombstoned.insert(state.id.clone());
+            self.tombstoned.insert(remote.id.clone());
         }
-        self.note_expiry(&state, expiry_before);
-        self.record(state, kind);
+        self.note_expiry(&remote.id, expiry_before);
+        self.record(&remote.id, kind, false);
         true
     }
 
@@ -662,7 +671,7 @@ impl Table {
                     (false, false) => continue,
                 };
                 if w.matches(s.etype) {
-                    w.push(event_for(&w, s, kind, None));
+                    w.push(event_for(&w, &Arc::new(s.clone()), kind));
                 }
             }
         }
@@ -679,14 +688,10 @@ impl Table {
         });
     }
 
-    fn emit(&mut self, state: &EntityState, kind: EventKind) {
-        if self.watchers.is_empty() {
-            return;
-        }
+    fn emit(&mut self, state: &Arc<EntityState>, kind: EventKind) {
         self.watchers.retain(|w| !w.is_closed());
-        let mut shared: Option<Arc<[u8]>> = None;
         for w in &self.watchers {
-            if w.matches(state.etype) && w.push(event_for(w, state, kind, Some(&mut shared))) {
+            if w.matches(state.etype) && w.push(event_for(w, state, kind)) {
                 self.wake.push(w.id);
             }
         }
@@ -710,12 +715,15 @@ impl Table {
     }
 }
 
-/// The event for one watcher; the unprojected bytes are encoded once and shared.
-fn event_for(w: &Watch, s: &EntityState, kind: EventKind, shared: Option<&mut Option<Arc<[u8]>>>) -> Event {
-    let entity: Arc<[u8]> = match (&w.spec.projection, shared) {
-        (Some(p), _) => s.to_bytes(View { full: false, projection: Some(p) }).into(),
-        (None, Some(shared)) => shared.get_or_insert_with(|| s.to_bytes(View::USER).into()).clone(),
-        (None, None) => s.to_bytes(View::USER).into(),
-    };
-    Event { seq: s.seq, cursor: s.seq, kind, id: s.id.clone(), source: s.source, entity }
+/// The event for one watcher: a shared snapshot, encoded only when delivered.
+fn event_for(w: &Watch, s: &Arc<EntityState>, kind: EventKind) -> Event {
+    Event {
+        seq: s.seq,
+        cursor: s.seq,
+        kind,
+        id: s.id.clone(),
+        source: s.source,
+        state: s.clone(),
+        projection: w.spec.projection.clone(),
+    }
 }

@@ -12,6 +12,7 @@
 //! `cursor`: the highest seq such that every change up to it has been delivered (the
 //! first change folded into each pending slot bounds it). Resuming from the last
 //! delivered cursor misses nothing; it equals the change seq when nothing was reordered.
+use crate::entity::{EntityState, View};
 use crate::intern::Sym;
 use parking_lot::{Condvar, Mutex};
 use std::cmp::Reverse;
@@ -46,13 +47,22 @@ pub struct Event {
     pub id: Arc<str>,
     /// Node the change came from.
     pub source: Sym,
+    /// The entity after the change, shared by every watcher's event.
+    pub state: Arc<EntityState>,
+    /// The watcher's component projection.
+    pub projection: Option<Arc<[Sym]>>,
+}
+
+impl Event {
     /// The entity (user view, projected) as `entity.v1.Entity` bytes.
-    pub entity: Arc<[u8]>,
+    pub fn entity_bytes(&self) -> Vec<u8> {
+        self.state.to_bytes(View { full: false, projection: self.projection.as_deref() })
+    }
 }
 
 pub struct WatchSpec {
     pub type_filter: i32,
-    pub projection: Option<Vec<Sym>>,
+    pub projection: Option<Arc<[Sym]>>,
     pub min_interval: Duration,
     pub capacity: usize,
 }
@@ -289,7 +299,8 @@ mod tests {
     use crate::intern::intern;
 
     fn ev(seq: u64, id: &str, kind: EventKind) -> Event {
-        Event { seq, cursor: seq, kind, id: Arc::from(id), source: intern("n"), entity: Arc::from(&b""[..]) }
+        let state = Arc::new(EntityState::new(Arc::from(id), intern("n")));
+        Event { seq, cursor: seq, kind, id: Arc::from(id), source: intern("n"), state, projection: None }
     }
 
     fn watch(capacity: usize, min_interval: Duration) -> Watch {

@@ -255,7 +255,8 @@ def add_mesh_service(server: grpc.aio.Server, store: Store, *, incarnation: int 
     return servicer
 
 
-def _address(host: str, port: int) -> str:
+def address_of(host: str, port: int) -> str:
+    """host:port to dial (IPv6 hosts bracketed)."""
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
@@ -273,7 +274,7 @@ class MeshNode:
 
     @property
     def address(self) -> str:
-        return _address(self.host, self.port)
+        return address_of(self.host, self.port)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stops listening and ends open streams (after ``grace`` seconds). The store
@@ -319,7 +320,7 @@ async def start_node(store: Store, host: str = "127.0.0.1", port: int = 0, *,
     ])
     servicer = add_mesh_service(server, store, incarnation=incarnation)
     with_store = store_service and _add_store_service(server, store)
-    wanted = _address(host, port)
+    wanted = address_of(host, port)
     try:
         bound = server.add_insecure_port(wanted)
     except RuntimeError as exc:

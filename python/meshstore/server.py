@@ -51,7 +51,7 @@ from meshstore.errors import (
 )
 from meshstore.logs import event as log_event
 from meshstore.mesh import SERVICE_NAME as MESH_SERVICE_NAME
-from meshstore.mesh import MeshServicer, add_mesh_service
+from meshstore.mesh import MeshServicer, add_mesh_service, address_of
 from meshstore.pb import entity_pb2, store_pb2
 from meshstore.relay import Relay
 from meshstore.store import Store
@@ -500,10 +500,6 @@ def _check_bindable(host: str, port: int, wanted: str) -> None:
                 raise OSError(f"cannot listen on {wanted}: {exc.strerror or exc}") from None
 
 
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-
-
 @dataclass
 class RunningServer:
     """A started server: ``port`` (the bound one), ``address`` (host:port to dial)."""
@@ -520,7 +516,7 @@ class RunningServer:
 
     @property
     def address(self) -> str:
-        return _address(self.host, self.port)
+        return address_of(self.host, self.port)
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Graceful shutdown: health NOT_SERVING, open watch streams ended, then
@@ -568,7 +564,7 @@ async def start_server(
             (SERVICE_NAME, MESH_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME),
             server)
-    wanted = _address(host, port)
+    wanted = address_of(host, port)
     try:
         _check_bindable(host, port, wanted)
     except OSError:

@@ -716,7 +716,7 @@ fn hlc_versions_strictly_increase_under_wall_jumps() {
         a.set_wall(now.saturating_add_signed(j * MS as i64));
         let out = a.put(&entity("t1", vec![("position", position(i as f64))]));
         assert_eq!(names(&out.applied), ["position"]);
-        let v = ts(&pb::Entity::decode(out.entity.as_slice()).unwrap().versions["position"]);
+        let v = ts(&pb::Entity::decode(out.entity_bytes().as_slice()).unwrap().versions["position"]);
         if let Some(prev) = last {
             assert!(v > prev, "write {i}: {v:?} !> {prev:?}");
         }
@@ -728,7 +728,7 @@ fn hlc_versions_strictly_increase_under_wall_jumps() {
             let peer = ts(&b.get("t2").versions["position"]);
             a.pull(&mut b);
             let out = a.put(&entity("t1", vec![("position", position(-(i as f64)))]));
-            let v = ts(&pb::Entity::decode(out.entity.as_slice()).unwrap().versions["position"]);
+            let v = ts(&pb::Entity::decode(out.entity_bytes().as_slice()).unwrap().versions["position"]);
             assert!(v > peer && v > last.unwrap());
             last = Some(v);
         }

@@ -1,0 +1,447 @@
+"""An asyncio gRPC client of store.v1 for services.
+
+    async with StoreClient("127.0.0.1:50051", name="classifier") as client:
+        await client.wait_ready()                 # backoff + jitter until the store answers
+        entity = await client.get("track-1")      # NotFoundError, InvalidEntityError... as the Store raises
+        async for event in client.watch(type_filter=TRACK, include_existing=True):
+            ...                                   # survives store restarts (see WatchStream)
+
+What it adds over a bare stub:
+
+- **Errors** are meshstore's: each gRPC status maps to a ``meshstore.errors`` class
+  (``error_from_rpc``); a store that cannot be reached (UNAVAILABLE, DEADLINE_EXCEEDED)
+  raises ``StoreUnavailableError``, the signal for a service to wait and retry.
+- **Connecting** (``wait_ready``) retries GetStats with exponential backoff and jitter
+  (``Backoff``) until the store answers, logging the outage once (not every attempt) and
+  how long it lasted. The channel's own reconnect backoff is capped low so a store that
+  comes back is found within about a second.
+- **Watching** (``watch`` -> ``WatchStream``) resumes after a disconnect with
+  ``since_seq`` = the last event's seq (its resume cursor), so nothing is missed and
+  nothing is re-snapshotted. If the store on the other end is a different one (another
+  node id, or its seq went backwards: a restarted in-memory store), the cursor means
+  nothing there: the stream takes a fresh snapshot and calls ``on_reset`` first. A
+  stream that is silent for longer than ``idle_timeout`` (heartbeats are requested) is
+  considered dead and reconnected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from meshstore.errors import (
+    AlreadyExistsError,
+    ClockSkewError,
+    CursorExpiredError,
+    InvalidEntityError,
+    MeshstoreError,
+    NotFoundError,
+    StaleWriteError,
+)
+from meshstore.logs import event as log_event
+from meshstore.pb import entity_pb2, store_pb2, store_pb2_grpc
+
+__all__ = [
+    "DEFAULT_ADDR",
+    "Backoff",
+    "FailedPreconditionError",
+    "RpcError",
+    "StoreClient",
+    "StoreInfo",
+    "StoreUnavailableError",
+    "UpdateResponse",
+    "WatchStream",
+    "error_from_rpc",
+]
+
+log = logging.getLogger("meshstore.client")
+
+DEFAULT_ADDR = "127.0.0.1:50051"
+ENV_ADDR = "MESHSTORE_ADDR"
+
+_C = grpc.StatusCode
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+    ("grpc.enable_retries", 0),
+    # grpc's own reconnect backoff defaults to 1 s growing to 120 s: a store that comes
+    # back would be found minutes late. Our Backoff paces the attempts instead.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+# ---- errors ------------------------------------------------------------------------------
+
+
+class StoreUnavailableError(MeshstoreError, ConnectionError):
+    """The store could not be reached (or did not answer in time): retry later."""
+
+
+class FailedPreconditionError(MeshstoreError):
+    """The request does not apply to the entity's state (e.g. no pending approval)."""
+
+
+class RpcError(MeshstoreError):
+    """Any other gRPC failure; ``code`` is the grpc.StatusCode."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def error_from_rpc(err: grpc.RpcError, what: str = "request", address: str = "") -> MeshstoreError:
+    """The meshstore error a failed call stands for (the inverse of the server's mapping)."""
+    code = err.code() if callable(getattr(err, "code", None)) else None
+    details = " ".join(((err.details() if callable(getattr(err, "details", None)) else "") or "").split())
+    if code in (_C.UNAVAILABLE, _C.DEADLINE_EXCEEDED):
+        where = f" at {address}" if address else ""
+        return StoreUnavailableError(f"{what}: store{where} unavailable ({code.name.lower()}: {details or 'no details'})")
+    if code == _C.NOT_FOUND:
+        return NotFoundError(details or f"{what}: not found")
+    if code == _C.ALREADY_EXISTS:
+        return AlreadyExistsError(details or f"{what}: already exists")
+    if code == _C.INVALID_ARGUMENT:
+        return InvalidEntityError(details or f"{what}: invalid argument")
+    if code == _C.ABORTED:
+        return StaleWriteError(details or f"{what}: stale write")
+    if code == _C.FAILED_PRECONDITION:
+        return FailedPreconditionError(details or f"{what}: failed precondition")
+    if code == _C.OUT_OF_RANGE:
+        if "cursor" in details or "since_seq" in details or "tombstone" in details:
+            return CursorExpiredError(details)
+        return ClockSkewError(details or f"{what}: out of range")
+    name = code.name if code is not None else "UNKNOWN"
+    return RpcError(f"{what} failed ({name}): {details or 'no details'}", code)
+
+
+# ---- backoff -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with jitter: attempt k waits a random time in
+    [d * (1 - jitter), d] with d = min(maximum, initial * multiplier**k)."""
+
+    initial: float = 0.1
+    maximum: float = 5.0
+    multiplier: float = 2.0
+    jitter: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not (0 < self.initial <= self.maximum) or self.multiplier < 1 or not 0 <= self.jitter <= 1:
+            raise ValueError(f"invalid backoff {self}: need 0 < initial <= maximum, multiplier >= 1, 0 <= jitter <= 1")
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        base = min(self.maximum, self.initial * self.multiplier ** min(attempt, 64))
+        return base * (1.0 - self.jitter * (rng or random).random())
+
+    def delays(self, rng: random.Random | None = None) -> Iterator[float]:
+        attempt = 0
+        while True:
+            yield self.delay(attempt, rng)
+            attempt += 1
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """What GetStats says about the store: its node id and change seq."""
+
+    node_id: str
+    seq: int
+    values: dict[str, float]
+
+
+@dataclass(frozen=True)
+class UpdateResponse:
+    entity: entity_pb2.Entity
+    applied: list[str]
+    stale: list[str]
+
+
+# ---- the client --------------------------------------------------------------------------
+
+
+class StoreClient:
+    """One channel to a store server; every method is a coroutine of the running loop.
+
+    ``name`` labels log lines. ``rpc_timeout`` bounds each unary call (seconds)."""
+
+    def __init__(self, address: str = DEFAULT_ADDR, *, name: str = "client", backoff: Backoff | None = None,
+                 rpc_timeout: float = 5.0, rng: random.Random | None = None) -> None:
+        if not isinstance(address, str) or not address.strip():
+            raise ValueError(f"store address must be HOST:PORT, got {address!r}")
+        self.address = address.strip()
+        self.name = name
+        self.backoff = backoff or Backoff()
+        self.rpc_timeout = rpc_timeout
+        self._rng = rng or random.Random()
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: store_pb2_grpc.EntityStoreServiceStub | None = None
+        self._closed = False
+        #: The last store identity seen (node id), to tell a restarted store from a new one.
+        self.node_id: str | None = None
+        self.outages = 0
+        self.reconnects = 0
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def stub(self) -> store_pb2_grpc.EntityStoreServiceStub:
+        if self._closed:
+            raise RuntimeError(f"store client {self.name!r} is closed")
+        if self._stub is None:
+            self._channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
+            self._stub = store_pb2_grpc.EntityStoreServiceStub(self._channel)
+        return self._stub
+
+    async def close(self) -> None:
+        self._closed = True
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            await channel.close(grace=None)
+
+    async def __aenter__(self) -> StoreClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def wait_ready(self, timeout: float | None = None) -> StoreInfo:
+        """GetStats until the store answers, waiting per ``backoff`` between attempts.
+        Logs one warning when an outage starts and one line when it ends. TimeoutError
+        after ``timeout`` seconds (None: forever; cancel the task to give up)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                info = await self.stats()
+            except StoreUnavailableError as exc:
+                if attempt == 0:
+                    self.outages += 1
+                    log_event(log, logging.WARNING, "store unavailable; retrying with backoff",
+                              client=self.name, store=self.address, error=str(exc))
+                delay = self.backoff.delay(attempt, self._rng)
+                attempt += 1
+                log_event(log, logging.DEBUG, "retrying", client=self.name, store=self.address,
+                          attempt=attempt, delay_s=round(delay, 3))
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"store at {self.address} unavailable for {timeout}s") from exc
+                    delay = min(delay, left)
+                await asyncio.sleep(delay)
+                continue
+            if attempt:
+                self.reconnects += 1
+                log_event(log, logging.INFO, "store reachable again", client=self.name, store=self.address,
+                          node_id=info.node_id, attempts=attempt, outage_s=round(time.monotonic() - started, 3))
+            return info
+
+    # ---- unary calls ---------------------------------------------------------------------
+
+    async def _call(self, what: str, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
+        try:
+            return await method(request, timeout=timeout or self.rpc_timeout, wait_for_ready=False)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, what, self.address) from None
+
+    async def stats(self) -> StoreInfo:
+        resp = await self._call("GetStats", self.stub.GetStats, store_pb2.GetStatsRequest())
+        values = dict(resp.values)
+        info = StoreInfo(resp.node_id, int(values.get("seq", 0)), values)
+        self.node_id = info.node_id
+        return info
+
+    async def get(self, entity_id: str) -> entity_pb2.Entity:
+        """The live entity with its versions; NotFoundError otherwise."""
+        resp = await self._call("GetEntity", self.stub.GetEntity, store_pb2.GetEntityRequest(id=entity_id))
+        return resp.entity
+
+    async def list(self, type_filter: int = 0) -> list[entity_pb2.Entity]:
+        resp = await self._call("ListEntities", self.stub.ListEntities,
+                                store_pb2.ListEntitiesRequest(type_filter=type_filter), timeout=max(self.rpc_timeout, 30.0))
+        return list(resp.entities)
+
+    async def create(self, entity: entity_pb2.Entity) -> entity_pb2.Entity:
+        resp = await self._call("CreateEntity", self.stub.CreateEntity, store_pb2.CreateEntityRequest(entity=entity))
+        return resp.entity
+
+    async def update(self, entity: entity_pb2.Entity, *, strict: bool = False) -> UpdateResponse:
+        """Writes the keys the entity carries against ``entity.versions`` (see Store.update)."""
+        resp = await self._call("UpdateEntity", self.stub.UpdateEntity,
+                                store_pb2.UpdateEntityRequest(entity=entity, strict=strict))
+        return UpdateResponse(resp.entity, list(resp.applied), list(resp.stale))
+
+    async def delete(self, entity_id: str) -> None:
+        await self._call("DeleteEntity", self.stub.DeleteEntity, store_pb2.DeleteEntityRequest(id=entity_id))
+
+    async def approve(self, entity_id: str) -> entity_pb2.Entity:
+        resp = await self._call("ApproveAction", self.stub.ApproveAction,
+                                store_pb2.ApproveActionRequest(entity_id=entity_id))
+        return resp.entity
+
+    async def deny(self, entity_id: str) -> entity_pb2.Entity:
+        resp = await self._call("DenyAction", self.stub.DenyAction, store_pb2.DenyActionRequest(entity_id=entity_id))
+        return resp.entity
+
+    async def publish(self, entities: Iterable[entity_pb2.Entity]) -> store_pb2.PublishSummary:
+        """Upserts a batch over one PublishEntities stream (the ingest path): bad entities
+        are counted in the summary (``rejected``, ``errors``) and skipped."""
+        requests = [store_pb2.PublishRequest(entity=e) for e in entities]
+        try:
+            return await self.stub.PublishEntities(iter(requests), timeout=max(self.rpc_timeout, 30.0),
+                                                   wait_for_ready=False)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, "PublishEntities", self.address) from None
+
+    async def put(self, entity: entity_pb2.Entity) -> None:
+        """Upserts one entity; InvalidEntityError if the store refuses it."""
+        summary = await self.publish([entity])
+        if summary.rejected:
+            raise InvalidEntityError(summary.errors[0] if summary.errors else f"entity '{entity.id}' rejected")
+
+    # ---- watching ------------------------------------------------------------------------
+
+    def watch(self, type_filter: int = 0, *, include_existing: bool = False, since_seq: int | None = None,
+              components: Sequence[str] | None = None, min_interval: float = 0.0,
+              heartbeat_interval: float = 1.0, idle_timeout: float | None = None,
+              on_reset: Callable[[], Awaitable[int | None] | int | None] | None = None) -> WatchStream:
+        """A resumable feed of changes (see ``WatchStream``)."""
+        return WatchStream(self, type_filter, include_existing, since_seq, components, min_interval,
+                           heartbeat_interval, idle_timeout, on_reset)
+
+
+class WatchStream:
+    """``async for event in stream``: store_pb2.EntityEvent objects (never heartbeats).
+
+    An event counts as handled once the consumer asks for the next one; ``cursor`` is then
+    its seq. A consumer that could not handle an event (its write failed because the
+    store went away) calls ``nack()`` before continuing: the stream reconnects and
+    resumes from the previous cursor, so that entity's state comes again.
+
+    Reconnects (after UNAVAILABLE, the server shutting down, or ``idle_timeout`` of
+    silence) wait with the client's backoff and resume with ``since_seq=cursor``
+    (``resumes`` counts them). Against a different store (node id changed, or its seq is
+    below the cursor) or an expired cursor, the stream calls ``on_reset`` (which may return
+    a cursor to resume from, e.g. the seq of a snapshot it listed) and otherwise starts
+    over: a fresh snapshot if ``include_existing``, else live from the store's current seq
+    (``resets`` counts them)."""
+
+    def __init__(self, client: StoreClient, type_filter: int, include_existing: bool, since_seq: int | None,
+                 components: Sequence[str] | None, min_interval: float, heartbeat_interval: float,
+                 idle_timeout: float | None, on_reset: Callable[[], Any] | None) -> None:
+        self.client = client
+        self.type_filter = type_filter
+        self.include_existing = include_existing
+        self.cursor: int | None = since_seq
+        self.components = list(components or [])
+        self.min_interval = min_interval
+        self.heartbeat_interval = heartbeat_interval
+        self.idle_timeout = idle_timeout if idle_timeout is not None else max(5.0, 5 * heartbeat_interval)
+        self.on_reset = on_reset
+        self.resumes = 0
+        self.resets = 0
+        self.events = 0
+        self.connected = False
+        self._nacked = False
+        self._node_id: str | None = None
+
+    def nack(self) -> None:
+        """The last event was not handled: resume from before it (after reconnecting)."""
+        self._nacked = True
+
+    def __aiter__(self) -> AsyncIterator[store_pb2.EntityEvent]:
+        return self._run()
+
+    def _request(self) -> store_pb2.WatchEntitiesRequest:
+        request = store_pb2.WatchEntitiesRequest(
+            type_filter=self.type_filter, components=self.components,
+            min_interval_ms=int(round(self.min_interval * 1000)),
+            heartbeat_interval_ms=int(round(self.heartbeat_interval * 1000)))
+        if self.cursor is not None:
+            request.since_seq = self.cursor
+        else:
+            request.include_existing = self.include_existing
+        return request
+
+    async def _reset(self, why: str, info: StoreInfo) -> None:
+        self.resets += 1
+        log_event(log, logging.WARNING, "watch cursor not valid on this store; starting over",
+                  client=self.client.name, store=self.client.address, reason=why, cursor=self.cursor,
+                  node_id=info.node_id, store_seq=info.seq)
+        self.cursor = None
+        if self.on_reset is not None:
+            result = self.on_reset()
+            if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+                result = await result
+            if isinstance(result, int):
+                self.cursor = result
+
+    async def _run(self) -> AsyncIterator[store_pb2.EntityEvent]:
+        client = self.client
+        first = True
+        while True:
+            info = await client.wait_ready()
+            if self._node_id is not None and info.node_id != self._node_id:
+                await self._reset(f"store node id changed from {self._node_id}", info)
+            elif self.cursor is not None and info.seq < self.cursor:
+                await self._reset(f"store seq {info.seq} is below the cursor", info)
+            self._node_id = info.node_id
+            if self.cursor is None and not self.include_existing:
+                self.cursor = info.seq  # live from here; a reconnect resumes from it
+            request = self._request()
+            call = client.stub.WatchEntities(request, wait_for_ready=False)
+            log_event(log, logging.INFO if not first else logging.DEBUG,
+                      "watch resumed" if not first else "watching", client=client.name, store=client.address,
+                      since_seq=request.since_seq if request.HasField("since_seq") else None,
+                      include_existing=request.include_existing)
+            first = False
+            try:
+                while True:
+                    try:
+                        ev = await asyncio.wait_for(call.read(), self.idle_timeout)
+                    except TimeoutError:
+                        log_event(log, logging.WARNING, "watch silent too long; reconnecting",
+                                  client=client.name, store=client.address, idle_timeout_s=self.idle_timeout)
+                        break
+                    if ev is grpc.aio.EOF:
+                        log_event(log, logging.INFO, "watch ended by the store; resuming",
+                                  client=client.name, cursor=self.cursor)
+                        break
+                    self.connected = True
+                    if ev.type == store_pb2.EVENT_TYPE_HEARTBEAT:
+                        if self.cursor is None or ev.seq > self.cursor:
+                            self.cursor = ev.seq
+                        continue
+                    self._nacked = False
+                    self.events += 1
+                    yield ev
+                    if self._nacked:
+                        log_event(log, logging.INFO, "event not handled; resuming from before it",
+                                  client=client.name, entity_id=ev.entity.id, cursor=self.cursor)
+                        await asyncio.sleep(client.backoff.delay(0, client._rng))
+                        break
+                    if self.cursor is None or ev.seq > self.cursor:
+                        self.cursor = ev.seq
+            except grpc.RpcError as err:
+                exc = error_from_rpc(err, "WatchEntities", client.address)
+                if isinstance(exc, CursorExpiredError):
+                    await self._reset(str(exc), StoreInfo(self._node_id or "", -1, {}))
+                elif not isinstance(exc, StoreUnavailableError):
+                    raise exc from None
+                else:
+                    log_event(log, logging.WARNING, "watch interrupted; will resume", client=client.name,
+                              store=client.address, cursor=self.cursor, error=str(exc))
+            finally:
+                self.connected = False
+                call.cancel()
+            self.resumes += 1

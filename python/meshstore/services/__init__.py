@@ -1,0 +1,172 @@
+"""The pipeline services: sensor-sim, radar-sim, classifier, task-manager, fusion.
+
+Each is an asyncio class with ``async run()`` (until stopped) and ``async stop()``,
+talking to a store over gRPC through ``meshstore.client.StoreClient``; the same object
+runs inside ``meshstore demo`` and as its own CLI subcommand (``services.commands``).
+Every service survives the store going away: writes that fail with
+``StoreUnavailableError`` are retried after the client reconnects (with backoff), and
+watches resume from their cursor. Log lines are structured (``meshstore.logs``) under
+``meshstore.services.<name>``.
+
+This module holds what they share: the ``Service`` base class and small helpers for
+reading components and for writing keys against the version that was read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import Counter
+from typing import Any, TypeVar
+
+from google.protobuf import timestamp_pb2
+from google.protobuf.message import DecodeError, Message
+
+from meshstore.client import DEFAULT_ADDR, Backoff, StoreClient
+from meshstore.logs import event as log_event
+from meshstore.pb import entity_pb2
+
+__all__ = [
+    "ABSENT_NODE",
+    "Service",
+    "base_version",
+    "newer",
+    "read_component",
+    "timestamp",
+    "timestamp_seconds",
+]
+
+M = TypeVar("M", bound=Message)
+
+#: Node of the version sent as the base of a key that was absent when read. The store
+#: needs a base to tell "I read nothing" from a blind write: this one, (0, 0, "-"), is
+#: older than any real write, so a key someone wrote meanwhile is reported stale instead
+#: of being clobbered.
+ABSENT_NODE = "-"
+
+
+def base_version(entity: entity_pb2.Entity, key: str) -> entity_pb2.Version:
+    """The version to send back when writing ``key`` of what was read as ``entity``."""
+    if key in entity.versions:
+        return entity.versions[key]
+    return entity_pb2.Version(node=ABSENT_NODE)
+
+
+def _version_key(v: entity_pb2.Version) -> tuple[int, int, str]:
+    return v.physical, v.logical, v.node
+
+
+def newer(a: entity_pb2.Version | None, b: entity_pb2.Version | None) -> bool:
+    """True if version ``a`` is strictly newer than ``b`` (a missing version is oldest)."""
+    if a is None:
+        return False
+    if b is None:
+        return True
+    return _version_key(a) > _version_key(b)
+
+
+def read_component(entity: entity_pb2.Entity, key: str, message_class: type[M],
+                   log: logging.Logger | None = None) -> M | None:
+    """The component under ``key`` as ``message_class``; None when absent, or (logged at
+    warning) when it holds another type or bytes that do not parse. Type URLs are matched
+    on the message name, as protobuf's ``Any.Unpack`` does."""
+    if key not in entity.components:
+        return None
+    message = message_class()
+    try:
+        ok = entity.components[key].Unpack(message)
+    except DecodeError as exc:
+        ok, why = False, f"unparsable: {exc}"
+    else:
+        why = f"holds {entity.components[key].type_url}"
+    if not ok:
+        if log is not None:
+            log_event(log, logging.WARNING, "ignoring component of unexpected type", entity_id=entity.id,
+                      key=key, expected=message_class.DESCRIPTOR.full_name, problem=why)
+        return None
+    return message
+
+
+def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(round(seconds * 1e9)))
+    return ts
+
+
+def timestamp_seconds(ts: timestamp_pb2.Timestamp) -> float:
+    return ts.seconds + ts.nanos / 1e9
+
+
+def finite(*values: float) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+
+class Service:
+    """Base of the pipeline services.
+
+    Subclasses implement ``_main()`` (runs until cancelled) and may override
+    ``_cleanup()``. ``run()`` returns normally once ``stop()`` is called; ``counters``
+    holds what the service did (for logs, the demo's summary and tests)."""
+
+    name = "service"
+
+    def __init__(self, store: str = DEFAULT_ADDR, *, client: StoreClient | None = None,
+                 backoff: Backoff | None = None) -> None:
+        self.store_address = store
+        self.client = client or StoreClient(store, name=self.name, backoff=backoff)
+        self.log = logging.getLogger(f"meshstore.services.{self.name}")
+        self.counters: Counter[str] = Counter()
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+        self._started_at: float | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def event(self, level: int, msg: str, /, **fields: Any) -> None:
+        log_event(self.log, level, msg, service=self.name, **fields)
+
+    async def run(self) -> None:
+        """Runs until ``stop()`` (or cancellation). Reconnects as needed; never returns early
+        because the store went away."""
+        if self.running:
+            raise RuntimeError(f"{self.name} is already running")
+        self._task = asyncio.current_task()
+        self._stopping = False
+        self._started_at = time.monotonic()
+        self.event(logging.INFO, "starting", store=self.store_address)
+        try:
+            await self._main()
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+        finally:
+            try:
+                await self._cleanup()
+            finally:
+                await self.client.close()
+                self.event(logging.INFO, "stopped", **dict(sorted(self.counters.items())))
+
+    async def stop(self) -> None:
+        """Stops ``run()`` and waits for it to finish (idempotent)."""
+        self._stopping = True
+        task = self._task
+        if task is None or task.done() or task is asyncio.current_task():
+            return
+        task.cancel()
+        await asyncio.wait([task])
+
+    async def _main(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    async def _cleanup(self) -> None:
+        pass
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.counters)
