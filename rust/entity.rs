@@ -34,9 +34,11 @@ pub struct Cell {
 impl Cell {
     /// The total order every merge strategy is (see `strategy`).
     pub fn cmp_merge(&self, other: &Cell, reg: &Registry) -> Ordering {
-        let rank = |c: &Cell| reg.rank(c.type_url, &c.value).unwrap_or_default();
-        let (ra, rb) = (rank(self), rank(other));
         let (a, b) = (&self.version, &other.version);
+        if a == b && self.type_url == other.type_url && Arc::ptr_eq(&self.value, &other.value) {
+            return Ordering::Equal; // the same cell (a snapshot or a re-delivery)
+        }
+        let (ra, rb) = (reg.order_of(self.type_url, &self.value), reg.order_of(other.type_url, &other.value));
         a.after_delete
             .cmp(&b.after_delete)
             .then(a.epoch.cmp(&b.epoch))
@@ -172,10 +174,10 @@ impl EntityState {
             _ => {}
         }
         for theirs in &other.cells {
-            match self.cell(theirs.key) {
-                Some(mine) => match mine.cmp_merge(theirs, reg) {
+            match self.cells.iter().position(|c| c.key == theirs.key) {
+                Some(i) => match self.cells[i].cmp_merge(theirs, reg) {
                     Ordering::Less => {
-                        self.set_cell(theirs.clone());
+                        self.cells[i] = theirs.clone();
                         changed = true;
                     }
                     Ordering::Greater => other_lacks = true,

@@ -101,6 +101,14 @@ impl Registry {
         self.rules.get(&type_url).unwrap_or(&self.default)
     }
 
+    /// What an already validated cell orders by (no scan of the bytes for lww types).
+    pub fn order_of(&self, type_url: Sym, value: &[u8]) -> FieldRank {
+        match self.rule(type_url).merge {
+            Merge::Lww => FieldRank::default(),
+            _ => self.rank(type_url, value).unwrap_or_default(),
+        }
+    }
+
     /// Validates a component's bytes for its type and returns what its strategy orders by.
     pub fn rank(&self, type_url: Sym, value: &[u8]) -> Result<FieldRank, String> {
         let rule = self.rule(type_url);
