@@ -1,6 +1,7 @@
 """The ``meshstore`` command: run a store server, and inspect or drive one over gRPC.
 
-    meshstore serve --port 50051            run a store (Ctrl-C / SIGTERM: graceful stop)
+    meshstore serve --port 50051 [--peer HOST:PORT ...]
+                                            run a store, a mesh node with peers (Ctrl-C / SIGTERM: graceful stop)
     meshstore list [-t track|asset|geo]     live entities
     meshstore get ID                        one entity, its components and versions
     meshstore watch [-t ...] [--existing] [--since SEQ] [--components k,...] [--count N] [--timeout S]
@@ -24,6 +25,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 from collections.abc import Iterator
 from typing import Annotated, Any, NoReturn
@@ -380,6 +382,16 @@ def watch_cmd(
     with _channel(store) as ch:
         call = store_pb2_grpc.EntityStoreServiceStub(ch).WatchEntities(
             request, timeout=timeout if timeout else None, wait_for_ready=False)
+        interrupted = False
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            # Cancel the call rather than raise inside grpc's wait: the stream then ends
+            # at once, however busy the machine, and we report the interrupt below.
+            nonlocal interrupted
+            interrupted = True
+            call.cancel()
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
         try:
             with _rpc_errors(store, "WatchEntities", timeout):
                 try:
@@ -391,10 +403,13 @@ def watch_cmd(
                         if count is not None and seen >= count:
                             break
                 except grpc.RpcError as err:
+                    if interrupted:
+                        raise KeyboardInterrupt from None
                     if timeout and err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                         return  # --timeout elapsed: a normal end
                     raise
         finally:
+            signal.signal(signal.SIGINT, previous)
             call.cancel()
 
 

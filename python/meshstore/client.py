@@ -408,7 +408,10 @@ class WatchStream:
             try:
                 while True:
                     try:
-                        ev = await asyncio.wait_for(call.read(), self.idle_timeout)
+                        # asyncio.timeout, not wait_for: on 3.11 wait_for drops a
+                        # cancellation that races with the read completing.
+                        async with asyncio.timeout(self.idle_timeout):
+                            ev = await call.read()
                     except TimeoutError:
                         log_event(log, logging.WARNING, "watch silent too long; reconnecting",
                                   client=client.name, store=client.address, idle_timeout_s=self.idle_timeout)

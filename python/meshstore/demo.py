@@ -1,5 +1,7 @@
-"""The two-store scenario `make demo` shows: concurrent writes on two replicas that
-cannot see each other, then a merge both ways, and the converged picture.
+"""The two-store replication walk-through (``python -m meshstore.demo``): concurrent
+writes on two replicas that cannot see each other, then a merge both ways, and the
+converged picture. The main demo is the live pipeline, ``meshstore demo``
+(``meshstore.pipeline_demo``).
 
 It exercises the store's real job in one process: different services writing
 different keys never conflict, a writer who read stale state cannot clobber a newer

@@ -30,7 +30,6 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from meshstore.client import DEFAULT_ADDR
 from meshstore.components import APPROVAL, CLASSIFICATION, FUSION, POSITION, SOURCE, TASK, THREAT, VELOCITY
 from meshstore.logs import event as log_event
 from meshstore.pb import entity_pb2 as pb
@@ -122,8 +121,7 @@ def _natural(entity_id: str) -> tuple:
 
 
 def approve_hint(address: str) -> str:
-    flag = "" if address == DEFAULT_ADDR else f" --store {address}"
-    return f"meshstore approve ID{flag}  /  meshstore deny ID{flag}"
+    return f"meshstore approve ID --store {address}  (or deny)"
 
 
 def render(store: Store, address: str, started: float, services: list[Service]) -> Group:
@@ -149,8 +147,8 @@ def render(store: Store, address: str, started: float, services: list[Service]) 
     summary = summarize(store)
     table = Table(title=f"meshstore demo: {len(rows)} tracks, {radar} radar plots, {len(fused_rows)} fused "
                         f"· store {address} · {summary.events} events · {time.monotonic() - started:.0f}s",
-                  title_justify="left", caption=f"approve / deny a PENDING intercept from another terminal: "
-                                                f"{approve_hint(address)}   (Ctrl-C to stop)",
+                  title_justify="left", caption=f"PENDING intercepts: run `{approve_hint(address)}` in another "
+                                                f"terminal. Ctrl-C stops.",
                   caption_justify="left", expand=False)
     for column in ("TRACK", "POSITION", "SPEED", "CLASS", "THREAT", "TASK", "APPROVAL", "FUSED WITH"):
         table.add_column(column, no_wrap=True)
@@ -179,7 +177,7 @@ def render(store: Store, address: str, started: float, services: list[Service]) 
     fused_table = Table(title="fused tracks", title_justify="left", expand=False)
     for column in ("FUSED", "SOURCES", "POSITION", "CONF"):
         fused_table.add_column(column, no_wrap=True)
-    for e, fusion in sorted(fused_rows, key=lambda x: sorted(x[1].source_ids)[0])[:20]:
+    for e, fusion in sorted(fused_rows, key=lambda x: [_natural(i) for i in x[1].source_ids])[:20]:
         fused_table.add_row(e.id, ", ".join(fusion.source_ids), f"{fusion.fused_lat:8.4f} {fusion.fused_lon:9.4f}",
                             f"{fusion.confidence:.2f}")
     health = "  ".join(f"{s.name}:{'ok' if s.running else 'STOPPED'}" for s in services)

@@ -19,14 +19,19 @@ import logging
 import math
 import time
 from collections import Counter
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError, Message
 
-from meshstore.client import DEFAULT_ADDR, Backoff, StoreClient
 from meshstore.logs import event as log_event
 from meshstore.pb import entity_pb2
+
+if TYPE_CHECKING:  # imported when a service is made: `meshstore --help` need not load grpc
+    from meshstore.client import Backoff, StoreClient
+
+#: As meshstore.client.DEFAULT_ADDR.
+DEFAULT_ADDR = "127.0.0.1:50051"
 
 __all__ = [
     "ABSENT_NODE",
@@ -114,6 +119,8 @@ class Service:
 
     def __init__(self, store: str = DEFAULT_ADDR, *, client: StoreClient | None = None,
                  backoff: Backoff | None = None) -> None:
+        from meshstore.client import StoreClient
+
         self.store_address = store
         self.client = client or StoreClient(store, name=self.name, backoff=backoff)
         self.log = logging.getLogger(f"meshstore.services.{self.name}")
@@ -159,8 +166,11 @@ class Service:
         task = self._task
         if task is None or task.done() or task is asyncio.current_task():
             return
-        task.cancel()
-        await asyncio.wait([task])
+        # Cancel until it is done: a cancellation can be lost when it races with an
+        # awaited result (asyncio.wait_for in Python 3.11, third-party code).
+        while not task.done():
+            task.cancel()
+            await asyncio.wait([task], timeout=1.0)
 
     async def _main(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

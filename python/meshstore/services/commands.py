@@ -20,9 +20,11 @@ from typing import Annotated
 import click
 import typer
 
-from meshstore.client import DEFAULT_ADDR
-
 __all__ = ["register"]
+
+# As meshstore.client.DEFAULT_ADDR; not imported from there, so that registering these
+# commands does not load grpc for every `meshstore` invocation.
+DEFAULT_ADDR = "127.0.0.1:50051"
 
 StoreOpt = Annotated[str, typer.Option(
     "--store", "-s", envvar="MESHSTORE_ADDR", show_envvar=True,

@@ -25,9 +25,10 @@ Correlation (``Correlator``, pure, no I/O; a pass every ``interval`` seconds):
 
 The service watches TRACK entities (positions, sources, fusion). A source track that is
 deleted or expires (DELETED event) cascade-deletes the fused entities built on it at
-once. Tracks without a position or a source are not correlated; positions that are not
-finite (or out of range) are ignored with a warning (the store refuses NaN positions,
-but a position can arrive under a type the store does not validate). At start (and on a
+once. Tracks without a position or a source are not correlated. A position that is not
+finite (or out of range) is ignored with a warning, once per track: the track keeps its
+last valid position, if it had one (the store refuses NaN positions, but one can arrive
+under a type URL the store does not validate). At start (and on a
 new store) it lists the tracks first (a complete snapshot), adopts the fused entities it
 finds (restart), then follows the changes since that snapshot; fused entities whose
 sources are gone are deleted by the first pass.

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 
 from meshstore.client import DEFAULT_ADDR, Backoff, StoreClient, StoreUnavailableError
-from meshstore.components import POSITION, SOURCE, VELOCITY, make_entity
+from meshstore.components import make_entity
 from meshstore.pb import entity_pb2 as pb
 from meshstore.services import Service, timestamp
 from meshstore.services.scenario import SCENARIO_EPOCH, Scenario
@@ -119,6 +119,3 @@ class SensorSim(Service):
     def stats(self) -> dict[str, int]:
         return {**super().stats(), "tracks": self.scenario.count}
 
-
-# Keys each sim writes (documented for tests and the demo).
-WRITTEN_KEYS = (POSITION, VELOCITY, SOURCE)

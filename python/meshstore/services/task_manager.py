@@ -229,9 +229,8 @@ class TaskManager(Service):
             await asyncio.gather(timeouts, return_exceptions=True)
 
     async def _cleanup(self) -> None:
-        if self.event_loop is not None or self.deadlines:
-            for entity_id in list(self.deadlines):
-                self._disarm(entity_id)
+        for entity_id in list(self.deadlines):  # the loop is shared: leave no timer behind
+            self._disarm(entity_id)
 
     async def handle(self, ev: store_pb2.EntityEvent) -> None:
         entity = ev.entity

@@ -1,0 +1,146 @@
+"""``meshstore demo`` and the service commands, run as users run them: subprocesses.
+
+Uses ``python -m meshstore.cli demo`` once cli.py registers the pipeline commands, and
+the standalone ``python -m meshstore.services.commands`` until then.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytestmark = pytest.mark.timeout(90)
+
+SUMMARY = re.compile(r"summary: tracks=(?P<tracks>\d+) classified=(?P<classified>\d+) pending=(?P<pending>\d+) "
+                     r"approved=(?P<approved>\d+) denied=(?P<denied>\d+) timed_out=(?P<timed_out>\d+) "
+                     r"fused=(?P<fused>\d+) events=(?P<events>\d+)")
+
+
+def command(name: str) -> list[str]:
+    from meshstore import cli
+
+    if name in {c.name for c in cli.app.registered_commands}:
+        return [sys.executable, "-m", "meshstore.cli", name]
+    return [sys.executable, "-m", "meshstore.services.commands", name]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}
+
+
+class Lines:
+    """Collects a stream's lines on a thread, so the test can wait for one with a timeout."""
+
+    def __init__(self, stream) -> None:
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream) -> None:
+        for line in stream:
+            self._queue.put(line)
+
+    def wait_for(self, pattern: str, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            self.lines.append(line)
+            if re.search(pattern, line):
+                return line
+        raise AssertionError(f"no line matching {pattern!r} within {timeout}s; got: {''.join(self.lines)[-2000:]}")
+
+    def rest(self, timeout: float = 5.0) -> str:
+        """Everything, once the stream has ended (the process exited)."""
+        self._thread.join(timeout)
+        while not self._queue.empty():
+            self.lines.append(self._queue.get_nowait())
+        return "".join(self.lines)
+
+
+def summary_of(output: str) -> dict[str, int]:
+    match = SUMMARY.search(" ".join(output.split()))
+    assert match, f"no summary line in: {output[-2000:]}"
+    return {k: int(v) for k, v in match.groupdict().items()}
+
+
+def test_demo_runs_for_a_duration_and_prints_a_summary() -> None:
+    done = subprocess.run([*command("demo"), "--duration", "5", "--no-live", "--port", "0"],
+                          capture_output=True, text=True, timeout=60, env=env())
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert re.search(r"store listening at 127\.0\.0\.1:\d+", done.stdout)
+    s = summary_of(done.stdout)
+    assert s["tracks"] == 24  # 12 targets, each an EO track and a radar plot
+    assert s["classified"] == 12  # the EO tracks
+    assert s["fused"] >= 10
+    assert s["pending"] >= 1 and s["events"] > 100
+    assert "approvals pending" in done.stdout and "fused tracks" in done.stdout
+
+
+def test_demo_stops_cleanly_on_sigint() -> None:
+    proc = subprocess.Popen([*command("demo"), "--no-live", "--port", "0", "--rate", "5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        out = Lines(proc.stdout)
+        out.wait_for(r"store listening at")
+        out.wait_for(r"classified=[1-9]")  # a status line: the pipeline is running
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=20)
+        stderr = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stdout = out.rest(1.0)
+    assert code == 0, stdout + stderr
+    assert "SIGINT received" in stdout
+    assert summary_of(stdout)["tracks"] == 24
+    assert "Traceback" not in stdout + stderr
+
+
+def test_demo_falls_back_to_a_free_port_when_its_port_is_taken() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([*command("demo"), "--duration", "1", "--no-live", "--port", str(port)],
+                              capture_output=True, text=True, timeout=60, env=env())
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = " ".join(done.stdout.split())
+    assert f"port {port} is not available" in text and "ephemeral port" in text
+    listening = re.search(r"store listening at 127\.0\.0\.1:(\d+)", text)
+    assert listening and int(listening.group(1)) != port
+
+
+def test_a_service_command_waits_for_its_store_and_stops_on_sigterm() -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([*command("classifier"), "--store", f"127.0.0.1:{port}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        err = Lines(proc.stderr)
+        err.wait_for(r"store unavailable; retrying with backoff")
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = err.rest(1.0)
+    assert code == 0, stderr
+    assert "signal received: stopping" in stderr and "msg=stopped" in stderr
+    assert "Traceback" not in stderr
