@@ -9,7 +9,7 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 
 RUST_SOURCES := $(shell find rust proto -type f) Cargo.toml build.rs
 
-.PHONY: all build test demo bench proto clean
+.PHONY: all build test demo demo-replicas bench proto clean
 
 all: build
 
@@ -30,6 +30,9 @@ test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: build
+	$(PY) -m meshstore.cli demo $(DEMO_ARGS)
+
+demo-replicas: build
 	$(PY) -m meshstore.demo $(DEMO_ARGS)
 
 bench: build

@@ -562,6 +562,12 @@ def _peer_list(peers: list[str] | None) -> list[str]:
     return found
 
 
+# The pipeline's commands: sensor-sim, radar-sim, classifier, task-manager, fusion, demo.
+from meshstore.services.commands import register as _register_pipeline  # noqa: E402
+
+_register_pipeline(app)
+
+
 # ---- entry point ------------------------------------------------------------------------
 
 def _fail(message: str, code: int) -> int:

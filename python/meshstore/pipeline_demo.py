@@ -49,6 +49,8 @@ log = logging.getLogger("meshstore.demo")
 APPROVAL_NAMES = {v: k.removeprefix("APPROVAL_STATE_") for k, v in pb.ApprovalState.items()}
 THREAT_NAMES = {v: k.removeprefix("THREAT_LEVEL_") for k, v in pb.ThreatLevel.items()}
 THREAT_STYLE = {"HIGH": "bold red", "MEDIUM": "yellow", "LOW": "cyan", "NONE": "green"}
+#: Rows of the live table (pending approvals and the highest threats first).
+MAX_ROWS = 30
 APPROVAL_STYLE = {"PENDING": "bold magenta", "APPROVED": "bold green", "DENIED": "red", "TIMED_OUT": "yellow"}
 
 
@@ -152,7 +154,16 @@ def render(store: Store, address: str, started: float, services: list[Service]) 
                   caption_justify="left", expand=False)
     for column in ("TRACK", "POSITION", "SPEED", "CLASS", "THREAT", "TASK", "APPROVAL", "FUSED WITH"):
         table.add_column(column, no_wrap=True)
-    for e in sorted(rows, key=lambda x: _natural(x.id)):
+    def priority(e: pb.Entity) -> tuple:
+        approval = read_component(e, APPROVAL, pb.ApprovalComponent)
+        threat = read_component(e, THREAT, pb.ThreatComponent)
+        pending = approval is not None and approval.state == pb.APPROVAL_STATE_PENDING
+        return (not pending, -(threat.level if threat else 0), _natural(e.id))
+
+    shown = sorted(rows, key=priority)[:MAX_ROWS]
+    if len(rows) > len(shown):
+        table.title = f"{table.title} · showing {len(shown)} (pending and highest threat first)"
+    for e in shown:
         pos = read_component(e, POSITION, pb.PositionComponent)
         vel = read_component(e, VELOCITY, pb.VelocityComponent)
         cls = read_component(e, CLASSIFICATION, pb.ClassificationComponent)

@@ -321,12 +321,12 @@ def demo_cmd(
 
 def register(app: typer.Typer) -> None:
     """Adds sensor-sim, radar-sim, classifier, task-manager, fusion and demo to ``app``."""
-    app.command("sensor-sim")(sensor_sim_cmd)
-    app.command("radar-sim")(radar_sim_cmd)
-    app.command("classifier")(classifier_cmd)
-    app.command("task-manager")(task_manager_cmd)
-    app.command("fusion")(fusion_cmd)
-    app.command("demo")(demo_cmd)
+    app.command("sensor-sim", short_help="Simulate an EO sensor: the scenario's targets as tracks.")(sensor_sim_cmd)
+    app.command("radar-sim", short_help="Simulate a radar: noisy plots of the same targets.")(radar_sim_cmd)
+    app.command("classifier", short_help="Classify tracks by speed (classification, threat).")(classifier_cmd)
+    app.command("task-manager", short_help="Threat -> task, with approval requests and timeouts.")(task_manager_cmd)
+    app.command("fusion", short_help="Fuse tracks of different sensors that are close together.")(fusion_cmd)
+    app.command("demo", short_help="Run the whole pipeline in one process, with a live table.")(demo_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:
