@@ -1,7 +1,5 @@
 """``meshstore demo`` and the service commands, run as users run them: subprocesses.
 
-Uses ``python -m meshstore.cli demo`` once cli.py registers the pipeline commands, and
-the standalone ``python -m meshstore.services.commands`` until then.
 """
 
 from __future__ import annotations
@@ -26,11 +24,7 @@ SUMMARY = re.compile(r"summary: tracks=(?P<tracks>\d+) classified=(?P<classified
 
 
 def command(name: str) -> list[str]:
-    from meshstore import cli
-
-    if name in {c.name for c in cli.app.registered_commands}:
-        return [sys.executable, "-m", "meshstore.cli", name]
-    return [sys.executable, "-m", "meshstore.services.commands", name]
+    return [sys.executable, "-m", "meshstore.cli", name]
 
 
 def env() -> dict[str, str]:
@@ -88,6 +82,21 @@ def test_demo_runs_for_a_duration_and_prints_a_summary() -> None:
     assert s["fused"] >= 10
     assert s["pending"] >= 1 and s["events"] > 100
     assert "approvals pending" in done.stdout and "fused tracks" in done.stdout
+
+
+def test_demo_on_a_three_node_mesh_converges_every_view() -> None:
+    done = subprocess.run([*command("demo"), "--nodes", "3", "--duration", "5", "--no-live", "--port", "0"],
+                          capture_output=True, text=True, timeout=60, env=env())
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert re.search(r"and 2 more nodes \(127\.0\.0\.1:\d+, 127\.0\.0\.1:\d+\)", done.stdout)
+    s = summary_of(done.stdout)
+    assert s["tracks"] == 24 and s["classified"] == 12 and s["fused"] >= 10  # written on different nodes
+    rows = re.findall(r"demo-(\d)[\s│]+(\d+)[\s│]+(\d+)[\s│]+(\d+)[\s│]+(\d+)[\s│]+\d+[\s│]+2/2[\s│]+\d+",
+                      done.stdout)
+    assert sorted(r[0] for r in rows) == ["1", "2", "3"], done.stdout[-3000:]
+    assert len({r[1:] for r in rows}) == 1  # every node holds the same picture
+    assert "mesh of 3 nodes: views agree" in done.stdout and "nodes converged: yes" in done.stdout
 
 
 def test_demo_stops_cleanly_on_sigint() -> None:

@@ -12,6 +12,11 @@ run, talking to the store over gRPC. Runs until Ctrl-C / SIGTERM or ``duration``
 prints a summary. ``live=False`` (or a stdout that is not a terminal) prints a status line
 every few seconds instead of the table.
 
+With ``nodes`` > 1 (``meshstore demo --nodes 3``) the store is a mesh of that many
+nodes on loopback, each a store + gRPC server + relay to every other node; the services
+are spread over the nodes (the two sims write to different nodes), and a nodes table shows
+each node's view and whether they agree.
+
 The older two-store replication walk-through is still ``python -m meshstore.demo``.
 """
 
@@ -72,6 +77,7 @@ class DemoConfig:
     thresholds: Thresholds = field(default_factory=Thresholds)
     refresh: float = 0.5
     status_every: float = 2.0
+    nodes: int = 1
 
 
 @dataclass
@@ -126,9 +132,41 @@ def approve_hint(address: str) -> str:
     return f"meshstore approve ID --store {address}  (or deny)"
 
 
-def render(store: Store, address: str, started: float, services: list[Service]) -> Group:
+@dataclass
+class Node:
+    """One store of the demo, its server and (in a mesh) its relay."""
+
+    store: Store
+    running: object  # meshstore.server.RunningServer
+    relay: object | None = None  # meshstore.relay.Relay
+
+    @property
+    def address(self) -> str:
+        return self.running.address
+
+
+def nodes_table(nodes: list[Node]) -> Table:
+    """Each node's view of the picture, and whether they all agree."""
+    views = [summarize(n.store) for n in nodes]
+    same = [(v.tracks, v.classified, v.fused, v.approvals, v.tasks) for v in views]
+    agree = all(x == same[0] for x in same)
+    table = Table(title=f"mesh of {len(nodes)} nodes: {'views agree' if agree else 'converging...'}",
+                  title_justify="left", expand=False)
+    for column in ("NODE", "TRACKS", "CLASSIFIED", "FUSED", "PENDING", "SEQ", "PEERS UP", "LAG"):
+        table.add_column(column, no_wrap=True, justify="left" if column == "NODE" else "right")
+    for node, view in zip(nodes, views):
+        links = node.relay.stats()["peers"].values() if node.relay is not None else []
+        up = sum(1 for link in links if link["connected"])
+        lag = max((link["lag"] for link in links), default=0)
+        table.add_row(node.store.node_id, str(view.tracks), str(view.classified), str(view.fused),
+                      str(view.approvals["PENDING"]), str(view.events), f"{up}/{len(links)}", str(lag))
+    return table
+
+
+def render(store: Store, address: str, started: float, services: list[Service], nodes: list[Node] = ()) -> Group:
     """The live picture: one row per track that is not a radar plot or a fused track, with
-    what the services made of it, and the fused tracks."""
+    what the services made of it, and the fused tracks (as the first node sees them), and
+    in a mesh each node's view."""
     entities = store.list(pb.ENTITY_TYPE_TRACK)
     fused_of: dict[str, tuple[str, pb.FusionComponent]] = {}
     fused_rows = []
@@ -192,7 +230,8 @@ def render(store: Store, address: str, started: float, services: list[Service]) 
         fused_table.add_row(e.id, ", ".join(fusion.source_ids), f"{fusion.fused_lat:8.4f} {fusion.fused_lon:9.4f}",
                             f"{fusion.confidence:.2f}")
     health = "  ".join(f"{s.name}:{'ok' if s.running else 'STOPPED'}" for s in services)
-    return Group(table, fused_table, Text(f"services  {health}", style="dim"))
+    parts = [table, fused_table] + ([nodes_table(nodes)] if len(nodes) > 1 else [])
+    return Group(*parts, Text(f"services  {health}", style="dim"))
 
 
 async def _start_server(store: Store, config: DemoConfig, console: Console):  # -> RunningServer
@@ -208,24 +247,60 @@ async def _start_server(store: Store, config: DemoConfig, console: Console):  # 
         return await start_server(store, config.host, 0)
 
 
+async def _start_nodes(config: DemoConfig, console: Console) -> list[Node]:
+    """The demo's stores and servers; with several, a full mesh of relays between them."""
+    from meshstore.relay import Relay
+    from meshstore.server import start_server
+
+    if config.nodes == 1:
+        store = Store(node_id="demo")
+        return [Node(store, await _start_server(store, config, console))]
+    nodes = []
+    for i in range(config.nodes):
+        store = Store(node_id=f"demo-{i + 1}")
+        running = await (_start_server(store, config, console) if i == 0 else start_server(store, config.host, 0))
+        nodes.append(Node(store, running))
+    for node in nodes:
+        node.relay = Relay(node.store, [n.address for n in nodes if n is not node])
+        await node.relay.start()
+    return nodes
+
+
+async def _converged(nodes: list[Node], timeout: float) -> bool:
+    """Waits up to ``timeout`` for every node to hold the same entities."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = [n.store.list() for n in nodes]
+        if all(s == states[0] for s in states):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.1)
+
+
 async def run_demo(config: DemoConfig, console: Console | None = None) -> int:
-    """Runs the demo; returns the exit code (0, or 1 if a service failed)."""
+    """Runs the demo; returns the exit code (0, or 1 if a service failed or, in a mesh,
+    the nodes did not converge once the services stopped)."""
     console = console or Console()
     live = config.live and console.is_terminal
-    store = Store(node_id="demo")
-    running = await _start_server(store, config, console)
-    address = running.address
-    console.print(f"meshstore demo: store listening at {address} ({config.tracks} targets, seed {config.seed}, "
+    nodes = await _start_nodes(config, console)
+    store, address = nodes[0].store, nodes[0].address
+    mesh = f" and {len(nodes) - 1} more nodes ({', '.join(n.address for n in nodes[1:])})" if len(nodes) > 1 else ""
+    console.print(f"meshstore demo: store listening at {address}{mesh} ({config.tracks} targets, seed {config.seed}, "
                   f"{config.rate:g} ticks/s); {'Ctrl-C to stop' if config.duration is None else f'{config.duration:g}s'}",
                   highlight=False)
     scenario = Scenario(seed=config.seed, count=config.tracks, bbox=config.bbox, speed_min=config.speed_min,
                         speed_max=config.speed_max)
+
+    def at(i: int) -> str:  # spread the services over the nodes: the sims write to different ones
+        return nodes[i % len(nodes)].address
+
     services: list[Service] = [
-        SensorSim(address, scenario, rate=config.rate),
-        RadarSim(address, scenario, rate=config.rate, noise_m=config.radar_noise_m),
-        Classifier(address, config.thresholds),
-        TaskManager(address, approval_timeout=config.approval_timeout),
-        Fusion(address, max_distance=config.max_distance),
+        SensorSim(at(0), scenario, rate=config.rate),
+        RadarSim(at(1), scenario, rate=config.rate, noise_m=config.radar_noise_m),
+        Classifier(at(2), config.thresholds),
+        TaskManager(at(0), approval_timeout=config.approval_timeout),
+        Fusion(at(1), max_distance=config.max_distance),
     ]
     tasks = {asyncio.create_task(s.run(), name=s.name): s for s in services}
 
@@ -265,11 +340,11 @@ async def run_demo(config: DemoConfig, console: Console | None = None) -> int:
         if live:
             from rich.live import Live
 
-            with Live(render(store, address, started, services), console=console,
+            with Live(render(store, address, started, services, nodes), console=console,
                       refresh_per_second=4, transient=False) as display:
                 while not await wait_tick(config.refresh):
-                    display.update(render(store, address, started, services))
-                display.update(render(store, address, started, services))
+                    display.update(render(store, address, started, services, nodes))
+                display.update(render(store, address, started, services, nodes))
         else:
             next_status = started + config.status_every
             while not await wait_tick(min(config.refresh, max(0.05, next_status - time.monotonic()))):
@@ -284,11 +359,20 @@ async def run_demo(config: DemoConfig, console: Console | None = None) -> int:
         # Producers first, so the last writes are judged by the consumers still running.
         for service in services:
             await service.stop()
+        converged = len(nodes) == 1 or await _converged(nodes, timeout=10.0)
         summary = summarize(store)
-        await running.stop(1.0)
-        store.close()
+        views = nodes_table(nodes) if len(nodes) > 1 else None
+        for node in nodes:
+            if node.relay is not None:
+                await node.relay.stop()
+        for node in nodes:
+            await node.running.stop(1.0)
+            node.store.close()
     _print_summary(console, summary, services, time.monotonic() - started)
-    return 1 if failed else 0
+    if views is not None:
+        console.print(views)
+        console.print(f"nodes converged: {'yes' if converged else 'NO'}", highlight=False)
+    return 1 if failed or not converged else 0
 
 
 def _print_summary(console: Console, s: Summary, services: list[Service], elapsed: float) -> None:

@@ -295,6 +295,10 @@ def demo_cmd(
         help="Seconds an intercept request waits for `meshstore approve` before TIMED_OUT.")] = 30.0,
     no_live: Annotated[bool, typer.Option(
         "--no-live", help="Print a status line every 2 s instead of the live table.")] = False,
+    nodes: Annotated[int, typer.Option(
+        "--nodes", min=1, max=5, envvar="DEMO_NODES",
+        help="Run the store as a mesh of this many nodes on loopback (relays between every pair); "
+             "the services are spread over them and a table shows each node's view.")] = 1,
     log_level: Annotated[str, typer.Option("--log-level", envvar="MESHSTORE_LOG_LEVEL",
                                            help="Service logs (stderr): debug, info, warning or error.")] = "warning",
 ) -> None:
@@ -310,7 +314,7 @@ def demo_cmd(
 
     _setup_logs(log_level, False)
     config = DemoConfig(port=port, tracks=tracks, rate=rate, seed=seed, duration=duration, live=not no_live,
-                        approval_timeout=approval_timeout)
+                        approval_timeout=approval_timeout, nodes=nodes)
     try:
         code = asyncio.run(run_demo(config, Console(highlight=False)))
     except OSError as exc:
