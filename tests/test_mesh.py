@@ -726,3 +726,21 @@ def test_randomized_partitions_heals_and_conflicting_writes_converge():
 
     counts = run(scenario(), timeout=seconds + 60)
     print(f"randomized mesh run: seed={seed} seconds={seconds} {counts}")
+
+
+def test_each_link_logs_its_counters_periodically(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario():
+        async with Cluster("ab", relay_options={"stats_interval": 0.05}) as c:
+            with caplog.at_level(logging.INFO, logger="meshstore.relay"):
+                c["a"].store.put(track("s1", speed=5))
+                await eventually(lambda: has(c["b"].store, "s1"))
+
+                def logged_after_the_send():
+                    return [r.fields for r in caplog.records if r.getMessage() == "mesh peer stats"
+                            and r.fields["node_id"] == "a" and r.fields["sent_states"] >= 1]
+
+                await eventually(logged_after_the_send, what="a stats line for a's link to b")
+            fields = logged_after_the_send()[-1]
+            assert fields["peer"] == c["b"].address and fields["connected"] is True
+            assert {"sent_bytes", "acked_seq", "lag", "pending", "coalesced", "deferred", "retries"} <= set(fields)
+    run(scenario())

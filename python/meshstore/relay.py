@@ -180,6 +180,7 @@ class Relay:
         heartbeat_interval: float = 5.0,
         poll_interval: float = 0.1,
         collect_interval: float = 1.0,
+        stats_interval: float = 30.0,
         collect_tombstones: bool = True,
         bandwidth_bps: float | None = None,
         burst_bytes: float | None = None,
@@ -211,6 +212,7 @@ class Relay:
         self.heartbeat_interval = _positive("heartbeat_interval", heartbeat_interval)
         self.poll_interval = _positive("poll_interval", poll_interval)
         self.collect_interval = _positive("collect_interval", collect_interval)
+        self.stats_interval = _positive("stats_interval", stats_interval)
         self.collect_enabled = bool(collect_tombstones)
         self.budget = BudgetConfig.from_env(bandwidth_bps, burst_bytes)
         self._channel_factory = channel_factory or default_channel
@@ -247,6 +249,7 @@ class Relay:
             self._tasks.append(peer.task)
         if self.collect_enabled:
             self._tasks.append(asyncio.create_task(self._collect_loop(), name=f"relay-collect-{self.node_id}"))
+        self._tasks.append(asyncio.create_task(self._stats_loop(), name=f"relay-stats-{self.node_id}"))
         _log_event(log, logging.INFO, "relay started", node_id=self.node_id, peers=",".join(self.peers),
                    incarnation=f"{self.incarnation:016x}", bandwidth_bps=self.budget.bandwidth_bps,
                    burst_bytes=self.budget.burst_bytes)
@@ -349,6 +352,22 @@ class Relay:
             except Exception as exc:  # noqa: BLE001 - keep collecting
                 _log_event(log, logging.WARNING, "tombstone collection failed", node_id=self.node_id,
                            error=_describe(exc))
+
+    # ---- stats in the log ----------------------------------------------------------------
+
+    _LOGGED_STATS = ("connected", "sent_states", "sent_bytes", "acked_seq", "lag", "pending", "coalesced",
+                     "deferred", "retries", "full_syncs")
+
+    def log_stats(self) -> None:
+        """One structured line per peer link with its counters."""
+        for address, link in self.stats()["peers"].items():
+            _log_event(log, logging.INFO, "mesh peer stats", node_id=self.node_id, peer=address,
+                       **{key: link[key] for key in self._LOGGED_STATS})
+
+    async def _stats_loop(self) -> None:
+        while self._running:
+            await asyncio.sleep(self.stats_interval)
+            self.log_stats()
 
     # ---- wake-up -------------------------------------------------------------------------
 
