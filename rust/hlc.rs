@@ -93,6 +93,9 @@ impl Clock {
 
     /// How far `physical` is ahead of the wall clock beyond the allowed offset, if it is.
     pub fn check_skew(&self, physical: u64) -> Result<(), SkewError> {
+        if physical <= self.physical {
+            return Ok(()); // no later than what this clock already issued or adopted
+        }
         let wall = self.wall_ns();
         if physical > wall.saturating_add(self.max_offset_ns) {
             return Err(SkewError { ahead_ns: physical - wall, max_offset_ns: self.max_offset_ns });

@@ -331,18 +331,19 @@ impl Table {
     }
 
     /// Fails if writing `cells` over the entity's live cells, and over the `earlier`
-    /// cells (key, bytes) of the same batch, would take it past the size limit.
+    /// cells (key, bytes; one per key) of the same batch, would take it past the size limit.
     fn check_size(&mut self, id: &Arc<str>, earlier: &[(Sym, usize)], cells: &[NewCell]) -> Result<()> {
-        let mut counted: Vec<Sym> = cells.iter().map(|c| c.key).collect();
+        let written = |key: Sym| cells.iter().any(|c| c.key == key);
         let mut total = id.len() + cells.iter().map(NewCell::bytes).sum::<usize>();
-        for &(key, bytes) in earlier.iter().rev() {
-            if !counted.contains(&key) {
-                counted.push(key);
-                total += bytes;
-            }
-        }
+        // Earlier writes of the batch (one entry per key) that this one does not replace.
+        total += earlier.iter().filter(|&&(key, _)| !written(key)).map(|&(_, bytes)| bytes).sum::<usize>();
         if let Some(s) = self.entities.get(id) {
-            total += s.cells.iter().filter(|c| c.is_live(s.tombstone) && !counted.contains(&c.key)).map(Cell::bytes).sum::<usize>();
+            total += s
+                .cells
+                .iter()
+                .filter(|c| c.is_live(s.tombstone) && !written(c.key) && !earlier.iter().any(|&(k, _)| k == c.key))
+                .map(Cell::bytes)
+                .sum::<usize>();
         }
         if total > self.opts.max_entity_bytes {
             let msg = format!("entity '{id}' would hold {total} bytes, over the limit of {}", self.opts.max_entity_bytes);
@@ -354,7 +355,7 @@ impl Table {
     /// Upserts a batch: every entity is checked before any is applied.
     pub fn put_many(&mut self, batch: &[&[u8]]) -> Result<Vec<WriteOutcome>> {
         let mut prepared = Vec::with_capacity(batch.len());
-        // The cells (key, bytes) earlier items of the batch write to each entity.
+        // The cells (key, bytes) earlier items of the batch write to each entity, one per key.
         let mut written: AHashMap<Arc<str>, Vec<(Sym, usize)>> = AHashMap::with_capacity(batch.len());
         for (i, bytes) in batch.iter().enumerate() {
             let item = |e: Error| match e {
@@ -366,7 +367,13 @@ impl Table {
             if !p.cells.is_empty() {
                 self.check_size(&p.id, earlier, &p.cells).map_err(item)?;
             }
-            written.entry(p.id.clone()).or_default().extend(p.cells.iter().map(|c| (c.key, c.bytes())));
+            let sizes = written.entry(p.id.clone()).or_default();
+            for c in &p.cells {
+                match sizes.iter_mut().find(|(key, _)| *key == c.key) {
+                    Some(size) => size.1 = c.bytes(),
+                    None => sizes.push((c.key, c.bytes())),
+                }
+            }
             prepared.push(p);
         }
         Ok(prepared
