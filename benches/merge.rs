@@ -10,13 +10,14 @@
 //! Measured, N operations per repetition, after a warm-up, best and median of the reps:
 //!
 //! - baseline: `pb::Entity::decode` of the gen1 bytes (prost, no validation);
-//! - decode + `state_from_replica` (what `Table::merge` does before it joins);
+//! - `decode_entity` + `state_from_replica` (what `Table::merge` does before it joins);
 //! - `Table::merge` of bytes: new entities into an empty table, gen2 over gen1 (the
 //!   steady state of replication), gen1 over gen1 (a duplicate delivery, no change);
 //! - `EntityState::join` on pre-decoded states, the same three cases.
 //!
 //! No criterion: `std::time::Instant`, harness = false. Target: >= 5M entity merges/s.
 //! For profiling one path: `B1_ONLY=<part of a row name> B1_REPS=20 perf record ...`.
+use _core::decode::decode_entity;
 use _core::entity::{state_from_replica, EntityState};
 use _core::hlc::system_wall_ns;
 use _core::intern::intern;
@@ -103,7 +104,7 @@ fn make_input() -> Input {
 fn states(bytes: &[Vec<u8>], reg: &Registry) -> Vec<EntityState> {
     bytes
         .iter()
-        .map(|b| state_from_replica(&pb::Entity::decode(b.as_slice()).unwrap(), reg, None).unwrap())
+        .map(|b| state_from_replica(&decode_entity(b).unwrap(), reg, None).unwrap())
         .collect()
 }
 
@@ -147,7 +148,7 @@ impl Row {
 }
 
 const DECODE: &str = "baseline: prost Entity::decode (gen1 bytes)";
-const TO_STATE: &str = "decode + state_from_replica (gen1)";
+const TO_STATE: &str = "decode_entity + state_from_replica (gen1)";
 const MERGE_NEW: &str = "Table::merge bytes: new entity (gen1 -> empty)";
 const MERGE_UPDATE: &str = "Table::merge bytes: newer state (gen2 -> gen1)";
 const MERGE_DUP: &str = "Table::merge bytes: duplicate (gen1 -> gen1)";
@@ -183,7 +184,7 @@ fn main() {
             || Vec::with_capacity(N),
             |out: &mut Vec<EntityState>| {
                 for b in &input.gen1 {
-                    out.push(state_from_replica(&pb::Entity::decode(b.as_slice()).unwrap(), &reg, None).unwrap());
+                    out.push(state_from_replica(&decode_entity(b).unwrap(), &reg, None).unwrap());
                 }
             },
         );
@@ -262,21 +263,17 @@ fn main() {
     println!("           (merge/decode ratio: > 1 means the merge costs more than decoding alone)");
     // The best reps: the least disturbed by other load on the machine.
     let best = |name: &str| rows.iter().find(|r| r.name == name).map(|r| r.best * 1e9);
-    if let (Some(dec), Some(to_state), Some(join), Some(merge)) =
-        (best(DECODE), best(TO_STATE), best(JOIN_UPDATE), best(MERGE_UPDATE))
-    {
+    if let (Some(to_state), Some(join), Some(merge)) = (best(TO_STATE), best(JOIN_UPDATE), best(MERGE_UPDATE)) {
         println!();
         println!("where a steady-state Table::merge (gen2 -> gen1, {merge:.0} ns) goes, from the best reps above:");
-        println!("  prost decode                                  {dec:>8.0} ns  {:>5.1}%", 100.0 * dec / merge);
         println!(
-            "  state_from_replica (intern, rank, cells)      {:>8.0} ns  {:>5.1}%",
-            to_state - dec,
-            100.0 * (to_state - dec) / merge
+            "  decode in place + state_from_replica          {to_state:>8.0} ns  {:>5.1}%",
+            100.0 * to_state / merge
         );
         println!("  EntityState::join                             {join:>8.0} ns  {:>5.1}%", 100.0 * join / merge);
         let rest = merge - to_state - join;
         println!(
-            "  table: map remove/insert, change log, clock,  {rest:>8.0} ns  {:>5.1}%\n    quarantine split, drops of decoded message and remote state",
+            "  table: map lookup, change log, clock,         {rest:>8.0} ns  {:>5.1}%\n    quarantine split, drop of the remote state",
             100.0 * rest / merge
         );
     }

@@ -4,7 +4,7 @@
 //! Also the conversions between that state and `entity.v1.Entity` wire bytes.
 use crate::hlc::Timestamp;
 use crate::intern::{intern, Sym};
-use crate::pb;
+use crate::decode::{RawEntity, RawVersion};
 use crate::strategy::Registry;
 use crate::wire::*;
 use std::cmp::Ordering;
@@ -204,51 +204,47 @@ impl EntityState {
 
 // ---- from wire ---------------------------------------------------------------------
 
-fn timestamp_of(v: &pb::Version) -> Result<Timestamp, String> {
-    if v.node.is_empty() {
+fn timestamp_of(physical: u64, logical: u32, node: &str) -> Result<Timestamp, String> {
+    if node.is_empty() {
         return Err("version has an empty node".into());
     }
-    Ok(Timestamp { physical: v.physical, logical: v.logical, node: intern(&v.node) })
+    Ok(Timestamp { physical, logical, node: intern(node) })
 }
 
-pub fn version_of(v: &pb::Version) -> Result<Version, String> {
+pub fn version_of(v: &RawVersion) -> Result<Version, String> {
     Ok(Version {
-        ts: timestamp_of(v)?,
+        ts: timestamp_of(v.physical, v.logical, v.node)?,
         epoch: v.epoch,
-        after_delete: v.after_delete.as_deref().map(timestamp_of).transpose()?,
+        after_delete: v.after_delete.map(|(p, l, n)| timestamp_of(p, l, n)).transpose()?,
     })
 }
 
-pub fn wall_time_from(t: &prost_types::Timestamp) -> Result<WallTime, String> {
-    if !(0..1_000_000_000).contains(&t.nanos) {
-        return Err(format!("timestamp nanos {} out of range", t.nanos));
-    }
-    Ok((t.seconds, t.nanos))
-}
-
 /// The entity-level HLC fields (6-8) as a timestamp, if the sender set them.
-pub fn entity_hlc(e: &pb::Entity) -> Option<Timestamp> {
-    (!e.hlc_node.is_empty()).then(|| Timestamp { physical: e.hlc_physical, logical: e.hlc_logical, node: intern(&e.hlc_node) })
+pub fn entity_hlc(e: &RawEntity) -> Option<Timestamp> {
+    let (physical, logical, node) = e.hlc;
+    (!node.is_empty()).then(|| Timestamp { physical, logical, node: intern(node) })
 }
 
 /// A replica's full state, as `changes_since` and the relay carry it, received from
 /// `source` (None: the node of its latest change).
-pub fn state_from_replica(e: &pb::Entity, reg: &Registry, source: Option<Sym>) -> Result<EntityState, String> {
-    let mut s = EntityState::new(Arc::from(e.id.as_str()), intern(""));
-    s.etype = e.r#type;
+pub fn state_from_replica(e: &RawEntity, reg: &Registry, source: Option<Sym>) -> Result<EntityState, String> {
+    let mut s = EntityState::new(Arc::from(e.id), intern(""));
+    s.etype = e.etype;
     s.presence = entity_hlc(e);
-    s.tombstone = e.deleted_version.as_ref().map(timestamp_of).transpose()?;
-    s.created_at = e.created_at.as_ref().map(wall_time_from).transpose()?;
-    s.expiry = e.expiry_time.as_ref().map(wall_time_from).transpose()?;
-    s.meta_version = match e.versions.get(META_KEY) {
-        Some(v) => Some(timestamp_of(v)?),
+    s.tombstone = e.deleted_version.map(|v| timestamp_of(v.physical, v.logical, v.node)).transpose()?;
+    s.created_at = e.created_at;
+    s.expiry = e.expiry_time;
+    s.meta_version = match e.version(META_KEY) {
+        Some(v) => Some(timestamp_of(v.physical, v.logical, v.node)?),
         None => s.presence,
     };
-    for (key, any) in &e.components {
-        let v = e.versions.get(key).ok_or_else(|| format!("component '{key}' has no version"))?;
-        let type_url = intern(&any.type_url);
-        reg.rank(type_url, &any.value).map_err(|m| format!("component '{key}' ({}): {m}", any.type_url))?;
-        s.set_cell(Cell { key: intern(key), type_url, version: version_of(v)?, value: any.value.clone().into() });
+    s.cells.reserve_exact(e.components.len());
+    for &(key, url, value) in &e.components {
+        let v = e.version(key).ok_or_else(|| format!("component '{key}' has no version"))?;
+        let type_url = intern(url);
+        reg.rank(type_url, value).map_err(|m| format!("component '{key}' ({url}): {m}"))?;
+        // Components arrive sorted by key, the order cells keep.
+        s.cells.push(Cell { key: intern(key), type_url, version: version_of(v)?, value: value.into() });
     }
     let latest = s.presence.max(s.tombstone).ok_or("replica state has neither a version (hlc fields) nor a tombstone")?;
     s.source = source.unwrap_or(latest.node);
@@ -388,6 +384,7 @@ fn put_ts_fields_6_7_8(out: &mut Vec<u8>, p: Timestamp) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pb;
     use prost::Message;
 
     fn ts(p: u64, node: &str) -> Timestamp {
@@ -420,7 +417,8 @@ mod tests {
         assert_eq!((e.hlc_physical, e.hlc_node.as_str()), (5_000_000_123, "a"));
         assert_eq!(e.updated_at.unwrap().nanos, 123);
         assert_eq!(e.deleted_version.as_ref().unwrap().physical, 2);
-        let back = state_from_replica(&e, &Registry::default(), None).unwrap();
+        let bytes = e.encode_to_vec();
+        let back = state_from_replica(&crate::decode::decode_entity(&bytes).unwrap(), &Registry::default(), None).unwrap();
         assert_eq!(back.cells, s.cells);
         assert_eq!((back.presence, back.tombstone, back.meta_version), (s.presence, s.tombstone, s.meta_version));
         assert_eq!((back.created_at, back.expiry, back.etype), (s.created_at, s.expiry, s.etype));

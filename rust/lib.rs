@@ -2,10 +2,12 @@
 //!
 //! - `hlc`: hybrid logical clock.
 //! - `strategy`: merge strategies dispatched on a component's Any type URL.
+//! - `decode`: entity wire bytes read in place (the write and merge paths).
 //! - `entity`: one entity's CRDT state and its wire form.
 //! - `table`: the entity table (writes, merges, deletes, change log, quarantine).
 //! - `watch`: bounded, coalescing watcher queues.
 //! - `python` (feature "python"): the pyo3 bindings behind `meshstore._core`.
+pub mod decode;
 pub mod entity;
 pub mod error;
 pub mod hlc;

@@ -9,11 +9,10 @@ use crate::entity::*;
 use crate::error::{Error, Result};
 use crate::hlc::{Clock, Timestamp, WallClock};
 use crate::intern::{intern, Sym};
-use crate::pb;
+use crate::decode::{decode_entity, RawEntity};
 use crate::strategy::Registry;
 use crate::watch::{Event, EventKind, Watch, WatchSpec};
 use ahash::{AHashMap, AHashSet};
-use prost::Message;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -169,59 +168,48 @@ impl Table {
                 self.opts.max_entity_bytes
             ));
         }
-        let e = match pb::Entity::decode(bytes) {
+        let e = match decode_entity(bytes) {
             Ok(e) => e,
             Err(err) => return self.invalid(None, None, format!("malformed entity bytes: {err}")),
         };
-        self.prepare_entity(e)
-    }
-
-    fn prepare_entity(&mut self, mut e: pb::Entity) -> Result<Prepared> {
         self.check_identity(&e)?;
-        let id = std::mem::take(&mut e.id);
+        let id = e.id;
         let fallback_base = entity_hlc(&e);
         let mut cells = Vec::with_capacity(e.components.len());
-        for (key, any) in std::mem::take(&mut e.components) {
+        for &(key, url, value) in &e.components {
             if key.is_empty() || key.starts_with('@') {
                 let msg = format!("entity '{id}': component key {key:?} is empty or reserved ('@...')");
-                return self.invalid(Some(&id), Some(&key), msg);
+                return self.invalid(Some(id), Some(key), msg);
             }
-            if any.type_url.is_empty() {
+            if url.is_empty() {
                 let msg = format!("entity '{id}': component '{key}' has an empty type URL");
-                return self.invalid(Some(&id), Some(&key), msg);
+                return self.invalid(Some(id), Some(key), msg);
             }
-            let type_url = intern(&any.type_url);
-            if let Err(m) = self.registry.rank(type_url, &any.value) {
-                let msg = format!("entity '{id}': component '{key}' ({}): {m}", any.type_url);
-                return self.invalid(Some(&id), Some(&key), msg);
+            let type_url = intern(url);
+            if let Err(m) = self.registry.rank(type_url, value) {
+                let msg = format!("entity '{id}': component '{key}' ({url}): {m}");
+                return self.invalid(Some(id), Some(key), msg);
             }
-            let base = match e.versions.get(&key) {
+            let base = match e.version(key) {
                 Some(v) => match version_of(v) {
                     Ok(v) => Some(v.ts),
                     Err(m) => {
                         let msg = format!("entity '{id}': version of '{key}': {m}");
-                        return self.invalid(Some(&id), Some(&key), msg);
+                        return self.invalid(Some(id), Some(key), msg);
                     }
                 },
                 None => fallback_base,
             };
             if let Some(b) = base {
-                self.check_skew(&id, Some(&key), || format!("the base version of '{key}'"), b)?;
+                self.check_skew(id, Some(key), || format!("the base version of '{key}'"), b)?;
             }
-            cells.push(NewCell { key: intern(&key), type_url, value: any.value.into(), base });
+            cells.push(NewCell { key: intern(key), type_url, value: value.into(), base });
         }
-        let expiry = match &e.expiry_time {
-            None => None,
-            Some(t) => match wall_time_from(t) {
-                Ok((0, 0)) => Some(None),
-                Ok(t) => Some(Some(t)),
-                Err(m) => return self.invalid(Some(&id), None, format!("entity '{id}': expiry_time: {m}")),
-            },
-        };
-        Ok(Prepared { id: Arc::from(id), etype: e.r#type, expiry, cells })
+        let expiry = e.expiry_time.map(|t| (t != (0, 0)).then_some(t));
+        Ok(Prepared { id: Arc::from(id), etype: e.etype, expiry, cells })
     }
 
-    fn check_identity(&mut self, e: &pb::Entity) -> Result<()> {
+    fn check_identity(&mut self, e: &RawEntity) -> Result<()> {
         if e.id.is_empty() {
             return self.invalid(None, None, "entity id is empty".into());
         }
@@ -229,8 +217,8 @@ impl Table {
             let msg = format!("entity id is {} bytes, over the limit of {}", e.id.len(), self.opts.max_id_bytes);
             return self.invalid(None, None, msg);
         }
-        if !(0..=3).contains(&e.r#type) {
-            return self.invalid(Some(&e.id), None, format!("entity '{}': unknown entity type {}", e.id, e.r#type));
+        if !(0..=3).contains(&e.etype) {
+            return self.invalid(Some(e.id), None, format!("entity '{}': unknown entity type {}", e.id, e.etype));
         }
         Ok(())
     }
@@ -495,7 +483,7 @@ impl Table {
         if bytes.len() > self.opts.max_entity_bytes {
             return self.invalid(None, None, format!("replica state is {} bytes, over the limit", bytes.len()));
         }
-        let e = match pb::Entity::decode(bytes) {
+        let e = match decode_entity(bytes) {
             Ok(e) => e,
             Err(err) => return self.invalid(None, None, format!("malformed entity bytes: {err}")),
         };
@@ -503,7 +491,7 @@ impl Table {
         let source = (!source.is_empty()).then(|| intern(source));
         let remote = match state_from_replica(&e, &self.registry, source) {
             Ok(s) => s,
-            Err(m) => return self.invalid(Some(&e.id), None, format!("entity '{}': {m}", e.id)),
+            Err(m) => return self.invalid(Some(e.id), None, format!("entity '{}': {m}", e.id)),
         };
         self.counters.merges += 1;
         self.release_quarantine();
