@@ -7,6 +7,9 @@ finished test keeps running on the shared event loop.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import logging
 import time
 from collections.abc import Callable, Iterator
 
@@ -25,6 +28,16 @@ POLL_TIMEOUT = 5.0
 
 
 # ---- fixtures ---------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _restore_meshstore_logging() -> Iterator[None]:
+    """Commands run in-process configure the meshstore logger (no propagation to the
+    root); later tests must see its records through pytest's capture again."""
+    logger = logging.getLogger("meshstore")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 @pytest.fixture
@@ -144,3 +157,19 @@ __all__ = [
     "pack", "position", "push", "raw_component", "snapshot", "source", "sync", "threat", "threat_level",
     "track", "type_url", "unpack", "version_tuple", "wait_for",
 ]
+
+
+async def eventually(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02,
+                     what: str = "condition") -> object:
+    """Polls ``condition`` (sync or async) until truthy and returns that value;
+    AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout}s")
+        await asyncio.sleep(interval)

@@ -26,6 +26,7 @@ from typing import Any
 
 import grpc
 
+from conftest import eventually  # noqa: F401 - re-exported for the mesh tests
 from meshstore import Store
 from meshstore.mesh import MeshNode, start_node
 from meshstore.relay import Relay, default_channel
@@ -59,21 +60,6 @@ class _Blackhole:
 
     def close(self) -> None:
         self._sock.close()
-
-
-async def eventually(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
-                     what: str = "condition") -> None:
-    """Polls ``condition`` (sync or async) until truthy; AssertionError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if isinstance(value, Awaitable):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        await asyncio.sleep(interval)
 
 
 class Node:

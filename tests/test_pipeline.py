@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import sys
 import time
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 from google.protobuf import any_pb2
 
+from conftest import eventually
 from meshstore import Store
 from meshstore.client import Backoff, StoreClient
 from meshstore.components import (
@@ -41,19 +41,6 @@ pytestmark = pytest.mark.timeout(90)
 TRACK = pb.ENTITY_TYPE_TRACK
 RATE = 10.0
 FAST = Backoff(initial=0.05, maximum=0.5)
-
-
-async def until(predicate: Any, timeout: float = 8.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        await asyncio.sleep(0.02)
 
 
 def component(store: Store, entity_id: str, key: str, cls: type) -> Any:
@@ -166,7 +153,7 @@ def test_pipeline_end_to_end(make_store: Any) -> None:
             # Tracks appear and the EO ones are classified by their speed.
             eo_ids = [f"eo-{i}" for i in range(scenario.count)]
             radar_ids = [f"radar-{i}" for i in range(scenario.count)]
-            await until(lambda: all(component(store, i, SOURCE, pb.SourceComponent) for i in eo_ids + radar_ids),
+            await eventually(lambda: all(component(store, i, SOURCE, pb.SourceComponent) for i in eo_ids + radar_ids),
                         what="tracks created")
             expected = {f"eo-{s.index}": classify(s.speed_kts) for s in scenario.states(0)}
 
@@ -177,14 +164,14 @@ def test_pipeline_end_to_end(make_store: Any) -> None:
                     if got is None or threat is None or (got.label, threat.level) != (want.label, want.level):
                         return False
                 return True
-            await until(classified, what="every EO track classified")
+            await eventually(classified, what="every EO track classified")
             assert all(component(store, i, CLASSIFICATION, pb.ClassificationComponent) is None for i in radar_ids)
 
             # EO and radar tracks of the same target are fused (20 m noise, 300 m gate).
             def fused_pairs() -> set[tuple[str, ...]]:
                 return {tuple(unpack(e, FUSION, pb.FusionComponent).source_ids)
                         for e in store.list(TRACK) if FUSION in e.components}
-            await until(lambda: len(fused_pairs() & {(f"eo-{i}", f"radar-{i}") for i in range(6)}) >= 5,
+            await eventually(lambda: len(fused_pairs() & {(f"eo-{i}", f"radar-{i}") for i in range(6)}) >= 5,
                         what="EO/radar pairs fused")
 
             # A fast track reaches PENDING; the CLI approves one and denies another.
@@ -192,14 +179,14 @@ def test_pipeline_end_to_end(make_store: Any) -> None:
             store.put(manual("fast-deny", 10.0, 10.2, speed=900))
             pending = ("track", pb.APPROVAL_STATE_PENDING, CATALOGS["track"])
             for name in ("fast-approve", "fast-deny"):
-                await until(lambda n=name: task_state(store, n) == pending, what=f"{name} pending")
+                await eventually(lambda n=name: task_state(store, n) == pending, what=f"{name} pending")
             code, out = await cli("approve", "fast-approve", "--store", addr)
             assert code == 0, out
-            await until(lambda: task_state(store, "fast-approve") ==
+            await eventually(lambda: task_state(store, "fast-approve") ==
                         ("intercept", pb.APPROVAL_STATE_APPROVED, CATALOGS["intercept"]), what="intercept")
             code, out = await cli("deny", "fast-deny", "--store", addr)
             assert code == 0, out
-            await until(lambda: task_state(store, "fast-deny") == ("idle", pb.APPROVAL_STATE_DENIED, CATALOGS["idle"]),
+            await eventually(lambda: task_state(store, "fast-deny") == ("idle", pb.APPROVAL_STATE_DENIED, CATALOGS["idle"]),
                         what="denied -> idle")
 
             # Co-located EO and radar tracks: one fused entity, cascade-deleted with a source.
@@ -207,46 +194,46 @@ def test_pipeline_end_to_end(make_store: Any) -> None:
             store.put(manual("co-eo", 20.0, 20.0))
             store.put(manual("co-radar", lat, lon, kind="radar"))
             fid = fused_id(["co-eo", "co-radar"])
-            fusion_c = await until(lambda: component(store, fid, FUSION, pb.FusionComponent), what="co-located fused")
+            fusion_c = await eventually(lambda: component(store, fid, FUSION, pb.FusionComponent), what="co-located fused")
             assert list(fusion_c.source_ids) == ["co-eo", "co-radar"]
             assert distance_m(20.0, 20.0, fusion_c.fused_lat, fusion_c.fused_lon) < 5.0  # weighted toward EO
             assert [e.id for e in store.list(TRACK) if FUSION in e.components
                     and "co-eo" in unpack(e, FUSION, pb.FusionComponent).source_ids] == [fid]
             await client.delete("co-eo")
-            await until(lambda: component(store, fid, FUSION, pb.FusionComponent) is None, what="cascade delete")
+            await eventually(lambda: component(store, fid, FUSION, pb.FusionComponent) is None, what="cascade delete")
             passes = fusion.counters["passes"]
-            await until(lambda: fusion.counters["passes"] >= passes + 3, what="more fusion passes")
+            await eventually(lambda: fusion.counters["passes"] >= passes + 3, what="more fusion passes")
             assert component(store, fid, FUSION, pb.FusionComponent) is None  # and it stays deleted
             # ... and when a source expires (its TTL passes: a DELETED event too).
             store.put(manual("ttl-eo", 21.0, 21.0))
             store.put(manual("ttl-radar", 21.0, 21.0001, kind="radar"))
             fid2 = fused_id(["ttl-eo", "ttl-radar"])
-            await until(lambda: component(store, fid2, FUSION, pb.FusionComponent), what="second pair fused")
+            await eventually(lambda: component(store, fid2, FUSION, pb.FusionComponent), what="second pair fused")
             store.set_ttl("ttl-radar", 0.3)
-            await until(lambda: component(store, fid2, FUSION, pb.FusionComponent) is None, what="cascade on expiry")
+            await eventually(lambda: component(store, fid2, FUSION, pb.FusionComponent) is None, what="cascade on expiry")
             assert component(store, "ttl-eo", SOURCE, pb.SourceComponent) is not None
 
             # Restart the task-manager with a 1 s timeout: it rebuilds the pending timer of
             # a request made by the first one (30 s), and times out a new request.
             store.put(manual("fast-pending", 10.0, 10.4, speed=900))
-            await until(lambda: task_state(store, "fast-pending") == pending, what="fast-pending pending")
+            await eventually(lambda: task_state(store, "fast-pending") == pending, what="fast-pending pending")
             requested = component(store, "fast-pending", APPROVAL, pb.ApprovalComponent).requested_at
             await running.stop(manager)
             manager2 = TaskManager(addr, approval_timeout=1, event_loop=timers, backoff=FAST)
             running.start(manager2)
-            await until(lambda: timers.deadline(manager2.timer_key("fast-pending")), what="timer rebuilt")
+            await eventually(lambda: timers.deadline(manager2.timer_key("fast-pending")), what="timer rebuilt")
             assert timers.deadline(manager2.timer_key("fast-pending")) == pytest.approx(
                 requested.seconds + requested.nanos / 1e9 + 30, abs=1e-3)
             store.put(manual("fast-timeout", 10.0, 10.6, speed=900))
-            await until(lambda: task_state(store, "fast-timeout")[1] == pb.APPROVAL_STATE_PENDING)
+            await eventually(lambda: task_state(store, "fast-timeout")[1] == pb.APPROVAL_STATE_PENDING)
             assert component(store, "fast-timeout", APPROVAL, pb.ApprovalComponent).timeout_seconds == 1
-            await until(lambda: task_state(store, "fast-timeout") == ("track", pb.APPROVAL_STATE_TIMED_OUT,
+            await eventually(lambda: task_state(store, "fast-timeout") == ("track", pb.APPROVAL_STATE_TIMED_OUT,
                                                                      CATALOGS["track"]), timeout=5, what="timed out")
             assert task_state(store, "fast-pending")[1] == pb.APPROVAL_STATE_PENDING
 
             # Sensor positions keep advancing; nobody else ever wrote one.
             before = component(store, "eo-0", POSITION, pb.PositionComponent)
-            await until(lambda: component(store, "eo-0", POSITION, pb.PositionComponent) != before,
+            await eventually(lambda: component(store, "eo-0", POSITION, pb.PositionComponent) != before,
                         what="positions advance")
             running.assert_alive()
             await running.stop()
@@ -301,7 +288,7 @@ def test_bad_input_and_a_store_that_goes_away(make_store: Any) -> None:
             running = Running()
             running.start(sensor, classifier, manager, fusion)
             client = StoreClient(addr, backoff=FAST)
-            await until(lambda: component(store, "eo-2", CLASSIFICATION, pb.ClassificationComponent),
+            await eventually(lambda: component(store, "eo-2", CLASSIFICATION, pb.ClassificationComponent),
                         what="pipeline up")
 
             # Bad input: no position, no source, non-finite values, unknown threat values.
@@ -318,11 +305,11 @@ def test_bad_input_and_a_store_that_goes_away(make_store: Any) -> None:
             weird = manual("weird-threat", 40.0, 40.0)
             weird.components[THREAT].CopyFrom(foreign(pb.ThreatComponent(level=42)))
             store.put(weird)
-            await until(lambda: logs.has("fusion", "non-finite", "nan-eo"), what="NaN warning")
-            await until(lambda: logs.has("unknown threat level", "weird-threat"), what="unknown threat warning")
-            await until(lambda: task_state(store, "no-position")[0] == "investigate", what="no-position classified")
+            await eventually(lambda: logs.has("fusion", "non-finite", "nan-eo"), what="NaN warning")
+            await eventually(lambda: logs.has("unknown threat level", "weird-threat"), what="unknown threat warning")
+            await eventually(lambda: task_state(store, "no-position")[0] == "investigate", what="no-position classified")
             passes = fusion.counters["passes"]
-            await until(lambda: fusion.counters["passes"] >= passes + 3)
+            await eventually(lambda: fusion.counters["passes"] >= passes + 3)
             fused_sources = [unpack(e, FUSION, pb.FusionComponent).source_ids
                              for e in store.list(TRACK) if FUSION in e.components]
             assert not any({"nan-eo", "nan-partner", "no-source", "no-position"} & set(s) for s in fused_sources)
@@ -334,7 +321,7 @@ def test_bad_input_and_a_store_that_goes_away(make_store: Any) -> None:
             resumes = classifier.stream.resumes
             await server.stop(0)
             outage_started = time.monotonic()
-            await until(lambda: logs.has("store unavailable") and logs.has("watch interrupted"), what="outage logged")
+            await eventually(lambda: logs.has("store unavailable") and logs.has("watch interrupted"), what="outage logged")
             await asyncio.sleep(0.5)  # an outage of some length, with retries
             running.assert_alive()
             position = component(store, "eo-0", POSITION, pb.PositionComponent)
@@ -342,15 +329,15 @@ def test_bad_input_and_a_store_that_goes_away(make_store: Any) -> None:
             # ... and comes back on the same port: everyone reconnects and resumes.
             server = await start_server(store, "127.0.0.1", port)
             try:
-                await until(lambda: component(store, "eo-0", POSITION, pb.PositionComponent) != position,
+                await eventually(lambda: component(store, "eo-0", POSITION, pb.PositionComponent) != position,
                             what="the sensor publishes again")
                 store.put(manual("after-restart", 45.0, 45.0, speed=200))
-                await until(lambda: task_state(store, "after-restart")[0] == "track", what="new track handled")
+                await eventually(lambda: task_state(store, "after-restart")[0] == "track", what="new track handled")
                 assert component(store, "after-restart", THREAT, pb.ThreatComponent).level == pb.THREAT_LEVEL_MEDIUM
                 lat, lon = offset_position(46.0, 46.0, 20.0, 0.0)
                 store.put(manual("late-eo", 46.0, 46.0))
                 store.put(manual("late-radar", lat, lon, kind="radar"))
-                await until(lambda: component(store, fused_id(["late-eo", "late-radar"]), FUSION, pb.FusionComponent),
+                await eventually(lambda: component(store, fused_id(["late-eo", "late-radar"]), FUSION, pb.FusionComponent),
                             what="fusion resumed")
                 assert classifier.stream.resumes > resumes and classifier.stream.resets == 0  # resumed, not re-snapshot
                 assert manager.stream.resumes >= 1 and fusion.stream.resumes >= 1

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import math
 import random
@@ -24,6 +23,7 @@ import typer
 from google.protobuf import any_pb2
 from typer.testing import CliRunner
 
+from conftest import eventually
 from meshstore import Store
 from meshstore.client import (
     Backoff,
@@ -61,19 +61,6 @@ H = pb.THREAT_LEVEL_HIGH
 
 def arun(coro: Any, timeout: float = 30.0) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-async def until(predicate: Any, timeout: float = 5.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        await asyncio.sleep(0.02)
 
 
 @contextlib.asynccontextmanager
@@ -422,23 +409,23 @@ def test_task_manager_over_grpc_with_a_fake_clock(store: Store) -> None:
             store.put(make_entity("no-threat", TRACK, position=pb.PositionComponent(lat=1, lon=1)))
             pending = ("track", pb.APPROVAL_STATE_PENDING, tm.CATALOGS["track"])
             for name in ("approve-me", "deny-me", "time-me-out", "delete-me", "calm-down"):
-                await until(lambda n=name: _state(store, n) == pending, what=f"{name} pending")
-                await until(lambda n=name: loop.deadline(manager.timer_key(n)) == pytest.approx(clock.now + 30))
-            await until(lambda: _state(store, "low") == ("investigate", None, tm.CATALOGS["investigate"]))
+                await eventually(lambda n=name: _state(store, n) == pending, what=f"{name} pending")
+                await eventually(lambda n=name: loop.deadline(manager.timer_key(n)) == pytest.approx(clock.now + 30))
+            await eventually(lambda: _state(store, "low") == ("investigate", None, tm.CATALOGS["investigate"]))
             assert _state(store, "no-threat") == (None, None, ())
             assert loop.pending() == 5
 
             await client.approve("approve-me")
-            await until(lambda: _state(store, "approve-me") ==
+            await eventually(lambda: _state(store, "approve-me") ==
                         ("intercept", pb.APPROVAL_STATE_APPROVED, tm.CATALOGS["intercept"]), what="intercept")
             await client.deny("deny-me")
-            await until(lambda: _state(store, "deny-me") == ("idle", pb.APPROVAL_STATE_DENIED, tm.CATALOGS["idle"]))
+            await eventually(lambda: _state(store, "deny-me") == ("idle", pb.APPROVAL_STATE_DENIED, tm.CATALOGS["idle"]))
             with pytest.raises(FailedPreconditionError):
                 await client.approve("deny-me")  # nothing pending any more
             store.delete("delete-me")
-            await until(lambda: loop.deadline(manager.timer_key("delete-me")) is None, what="timer cancelled")
+            await eventually(lambda: loop.deadline(manager.timer_key("delete-me")) is None, what="timer cancelled")
             store.update(make_entity("calm-down", threat=pb.ThreatComponent(level=pb.THREAT_LEVEL_MEDIUM)))
-            await until(lambda: _state(store, "calm-down") == ("track", pb.APPROVAL_STATE_UNSPECIFIED,
+            await eventually(lambda: _state(store, "calm-down") == ("track", pb.APPROVAL_STATE_UNSPECIFIED,
                                                               tm.CATALOGS["track"]), what="request withdrawn")
             assert loop.deadline(manager.timer_key("calm-down")) is None
             assert loop.pending() == 1  # only time-me-out's timer is left
@@ -449,7 +436,7 @@ def test_task_manager_over_grpc_with_a_fake_clock(store: Store) -> None:
             assert _state(store, "time-me-out")[1] == pb.APPROVAL_STATE_PENDING
             clock.advance(2)
             loop.wake()
-            await until(lambda: _state(store, "time-me-out") == ("track", pb.APPROVAL_STATE_TIMED_OUT,
+            await eventually(lambda: _state(store, "time-me-out") == ("track", pb.APPROVAL_STATE_TIMED_OUT,
                                                                 tm.CATALOGS["track"]), what="timed out")
             assert manager.counters["approvals_timed_out"] == 1
             assert manager.keys_written <= {TASK, TASK_CATALOG, APPROVAL}
@@ -477,13 +464,13 @@ def test_a_restarted_task_manager_rebuilds_its_timers(store: Store) -> None:
         async with serving(store) as addr:
             manager = tm.TaskManager(addr, approval_timeout=30, event_loop=loop, clock=clock)
             task = asyncio.create_task(manager.run())
-            await until(lambda: _state(store, "overdue")[1] == pb.APPROVAL_STATE_TIMED_OUT, what="overdue timed out")
-            await until(lambda: loop.deadline(manager.timer_key("e")) is not None, what="timer rebuilt")
+            await eventually(lambda: _state(store, "overdue")[1] == pb.APPROVAL_STATE_TIMED_OUT, what="overdue timed out")
+            await eventually(lambda: loop.deadline(manager.timer_key("e")) is not None, what="timer rebuilt")
             assert loop.deadline(manager.timer_key("e")) == pytest.approx(clock.now + 20, abs=1e-3)
             assert _state(store, "e")[1] == pb.APPROVAL_STATE_PENDING
             clock.advance(21)
             loop.wake()
-            await until(lambda: _state(store, "e")[1] == pb.APPROVAL_STATE_TIMED_OUT, what="rebuilt timer fired")
+            await eventually(lambda: _state(store, "e")[1] == pb.APPROVAL_STATE_TIMED_OUT, what="rebuilt timer fired")
             await manager.stop()
             await task
 
