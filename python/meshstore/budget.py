@@ -36,6 +36,7 @@ from enum import IntEnum
 from google.protobuf.message import DecodeError
 
 from meshstore.pb import entity_pb2
+from meshstore.validate import is_number
 
 __all__ = [
     "BYPASS",
@@ -140,11 +141,11 @@ class TokenBucket:
     down to ``-burst`` at most. A clock that goes back refills nothing."""
 
     def __init__(self, rate: float, burst: float | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
+        if not is_number(rate) or rate < 0:
             raise ValueError(f"rate must be a non-negative number of bytes/s (0 = unlimited), got {rate!r}")
         if burst is None or burst == 0:
             burst = max(float(rate), MIN_DEFAULT_BURST)
-        if isinstance(burst, bool) or not isinstance(burst, (int, float)) or not math.isfinite(burst) or burst < 0:
+        if not is_number(burst) or burst < 0:
             raise ValueError(f"burst must be a non-negative number of bytes, got {burst!r}")
         self.rate = float(rate)
         self.burst = float(burst)
@@ -209,7 +210,7 @@ class BudgetConfig:
     def __post_init__(self) -> None:
         for name in ("bandwidth_bps", "burst_bytes"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if not is_number(value) or value < 0:
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
 
     @classmethod

@@ -7,11 +7,11 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import secrets
 import socket
 
 from meshstore.eventloop import EventLoop
+from meshstore.validate import is_number
 
 
 def default_node_id() -> str:
@@ -41,11 +41,11 @@ class StoreOptions:
             raise ValueError(f"node_id must be a non-empty string, got {self.node_id!r}")
         for name in ("max_clock_offset", "tombstone_ttl", "maintenance_interval"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if not is_number(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
         for name in ("watch_queue", "max_entity_bytes"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_number(value, integer=True) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.event_loop is not None and not isinstance(self.event_loop, EventLoop):
             raise TypeError(f"event_loop must be a meshstore EventLoop, got {type(self.event_loop).__name__}")

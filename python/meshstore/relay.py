@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import math
 import random
 import time
 from collections import deque
@@ -52,6 +51,7 @@ from meshstore.errors import CursorExpiredError
 from meshstore.mesh import DEFAULT_MAX_MESSAGE_BYTES, PUSH_METHOD, _log_event, incarnation_of
 from meshstore.pb import entity_pb2, mesh_pb2
 from meshstore.store import Store
+from meshstore.validate import is_number
 
 __all__ = ["ChannelFactory", "Relay", "RelayError", "default_channel"]
 
@@ -110,8 +110,7 @@ def _describe(exc: BaseException) -> str:
 
 
 def _positive(name: str, value: Any, *, integer: bool = False) -> Any:
-    bad = isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
-    if bad or (not integer and not math.isfinite(value)) or value <= 0:
+    if not is_number(value, integer=integer) or value <= 0:
         kind = "a positive integer" if integer else "a positive number"
         raise ValueError(f"{name} must be {kind}, got {value!r}")
     return value

@@ -55,6 +55,7 @@ from meshstore.mesh import MeshServicer, add_mesh_service, address_of
 from meshstore.pb import entity_pb2, store_pb2
 from meshstore.relay import Relay
 from meshstore.store import Store
+from meshstore.validate import is_number
 from meshstore.watcher import Watcher
 
 __all__ = [
@@ -542,9 +543,9 @@ async def start_server(
 ) -> RunningServer:
     """Starts serving ``store`` (port 0: any free port; ``.port`` says which).
     OSError if the address cannot be bound (in use, bad host)."""
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+    if not is_number(port, integer=True) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an int in 0..65535, got {port!r}")
-    if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or max_message_bytes < 1024:
+    if not is_number(max_message_bytes, integer=True) or max_message_bytes < 1024:
         raise ValueError(f"max_message_bytes must be an int >= 1024, got {max_message_bytes!r}")
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", max_message_bytes),

@@ -8,7 +8,6 @@ The store owns its timers on an ``EventLoop``: entity expiry (``set_ttl`` and
 
 from __future__ import annotations
 
-import math
 import time
 import weakref
 from collections.abc import Iterable, Sequence
@@ -21,6 +20,7 @@ from meshstore.errors import InvalidEntityError
 from meshstore.eventloop import EventLoop, default_loop
 from meshstore.options import StoreOptions
 from meshstore.pb import entity_pb2
+from meshstore.validate import is_number
 from meshstore.watcher import Watcher
 
 Entity = entity_pb2.Entity
@@ -105,7 +105,7 @@ class Store:
     def set_ttl(self, entity_id: str, seconds: float) -> None:
         """Deletes the entity ``seconds`` from now (its ``expiry_time``, which replicates)."""
         _check_id(entity_id)
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds <= 0:
+        if not is_number(seconds) or seconds <= 0:
             raise ValueError(f"ttl must be a positive number of seconds, got {seconds!r}")
         expiry = timestamp_pb2.Timestamp()
         expiry.FromNanoseconds(time.time_ns() + int(seconds * 1e9))
@@ -170,7 +170,7 @@ class Store:
             if isinstance(components, str) or not all(isinstance(c, str) and c for c in components):
                 raise TypeError("components must be a list of non-empty component keys")
             components = list(components)
-        if isinstance(min_interval, bool) or not isinstance(min_interval, (int, float)) or not math.isfinite(min_interval) or min_interval < 0:
+        if not is_number(min_interval) or min_interval < 0:
             raise ValueError(f"min_interval must be a non-negative number of seconds, got {min_interval!r}")
         since = None if since_seq is None else self._check_seq(since_seq)
         handle = self._core.watch(
@@ -239,12 +239,12 @@ class Store:
 
     @staticmethod
     def _check_type(type_filter: Any) -> int:
-        if isinstance(type_filter, bool) or not isinstance(type_filter, int) or type_filter not in _ENTITY_TYPES:
+        if not is_number(type_filter, integer=True) or type_filter not in _ENTITY_TYPES:
             raise ValueError(f"type_filter must be an EntityType value {sorted(_ENTITY_TYPES)}, got {type_filter!r}")
         return type_filter
 
     @staticmethod
     def _check_seq(seq: Any) -> int:
-        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+        if not is_number(seq, integer=True) or seq < 0:
             raise ValueError(f"seq must be a non-negative int, got {seq!r}")
         return seq

@@ -40,6 +40,7 @@ from meshstore.errors import InvalidEntityError, NotFoundError
 from meshstore.pb import entity_pb2 as pb
 from meshstore.pb import store_pb2
 from meshstore.services import Service, base_version, newer, read_component
+from meshstore.validate import is_number
 
 __all__ = ["Classification", "Classifier", "Thresholds", "classify", "plan_write"]
 
@@ -76,7 +77,7 @@ def _f32(value: float) -> float:
 
 def classify(speed_kts: float, thresholds: Thresholds = Thresholds()) -> Classification | None:
     """The band of a speed; None for a speed that is not a finite non-negative number."""
-    if isinstance(speed_kts, bool) or not isinstance(speed_kts, (int, float)) or not math.isfinite(speed_kts) or speed_kts < 0:
+    if not is_number(speed_kts) or speed_kts < 0:
         return None
     edges = (0.0, thresholds.low, thresholds.medium, thresholds.high, math.inf)
     band = sum(speed_kts >= edge for edge in edges[1:4])

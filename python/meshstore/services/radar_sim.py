@@ -15,7 +15,6 @@ instants, since ticks are aligned to the wall clock).
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from meshstore.components import make_entity
 from meshstore.pb import entity_pb2 as pb
 from meshstore.services.scenario import SCENARIO_EPOCH, Scenario, offset_position
 from meshstore.services.sensor_sim import SensorSim
+from meshstore.validate import is_number
 
 __all__ = ["RadarSim"]
 
@@ -42,7 +42,7 @@ class RadarSim(SensorSim):
                  backoff: Backoff | None = None) -> None:
         super().__init__(store, scenario, rate=rate, sensor_id=sensor_id, id_prefix=id_prefix, ttl=ttl,
                          clock=clock, client=client, backoff=backoff)
-        if isinstance(noise_m, bool) or not isinstance(noise_m, (int, float)) or not math.isfinite(noise_m) or noise_m < 0:
+        if not is_number(noise_m) or noise_m < 0:
             raise ValueError(f"noise must be >= 0 metres, got {noise_m!r}")
         self.noise_m = float(noise_m)
 

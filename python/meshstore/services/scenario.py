@@ -25,6 +25,8 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from meshstore.validate import is_number
+
 __all__ = [
     "EARTH_RADIUS_M",
     "KNOT_MPS",
@@ -53,7 +55,7 @@ DEFAULT_BBOX = (50.0, 51.0, -1.0, 1.0)
 
 
 def _finite(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_number(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
@@ -141,9 +143,9 @@ class Scenario:
     edge: str = "bounce"
 
     def __post_init__(self) -> None:
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if not is_number(self.seed, integer=True):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
-        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 0:
+        if not is_number(self.count, integer=True) or self.count < 0:
             raise ValueError(f"count must be a non-negative int, got {self.count!r}")
         if not isinstance(self.bbox, BBox):
             raise ValueError(f"bbox must be a BBox, got {type(self.bbox).__name__}")

@@ -26,6 +26,7 @@ from meshstore.components import make_entity
 from meshstore.pb import entity_pb2 as pb
 from meshstore.services import Service, timestamp
 from meshstore.services.scenario import SCENARIO_EPOCH, Scenario
+from meshstore.validate import is_number
 
 __all__ = ["SensorSim"]
 
@@ -42,7 +43,7 @@ class SensorSim(Service):
                  clock: Callable[[], float] = time.time, client: StoreClient | None = None,
                  backoff: Backoff | None = None) -> None:
         super().__init__(store, client=client, backoff=backoff)
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
+        if not is_number(rate) or rate <= 0:
             raise ValueError(f"rate must be a positive number of ticks per second, got {rate!r}")
         if not isinstance(ttl, (int, float)) or not math.isfinite(ttl) or ttl < 0:
             raise ValueError(f"ttl must be >= 0 seconds (0: no expiry), got {ttl!r}")

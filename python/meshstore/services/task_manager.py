@@ -50,6 +50,7 @@ from meshstore.eventloop import EventLoop, default_loop
 from meshstore.pb import entity_pb2 as pb
 from meshstore.pb import store_pb2
 from meshstore.services import Service, base_version, newer, read_component, timestamp, timestamp_seconds
+from meshstore.validate import is_number
 
 __all__ = ["CATALOGS", "Plan", "TaskManager", "plan"]
 
@@ -159,8 +160,7 @@ class TaskManager(Service):
                  event_loop: EventLoop | None = None, clock: Callable[[], float] = time.time,
                  client: StoreClient | None = None, backoff: Backoff | None = None) -> None:
         super().__init__(store, client=client, backoff=backoff)
-        if isinstance(approval_timeout, bool) or not isinstance(approval_timeout, (int, float)) \
-                or not math.isfinite(approval_timeout) or approval_timeout <= 0:
+        if not is_number(approval_timeout) or approval_timeout <= 0:
             raise ValueError(f"approval timeout must be a positive number of seconds, got {approval_timeout!r}")
         self.approval_timeout = float(approval_timeout)
         self.event_loop = event_loop
