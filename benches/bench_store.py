@@ -203,6 +203,21 @@ def unfreeze() -> Iterator[None]:
     gc.unfreeze()
 
 
+def against_reference(benchmark: BenchmarkFixture, ref_times: list[float], per_round: int,
+                      unit: str) -> tuple[float, float, float]:
+    """The store's and the reference's best rates (``unit`` per second) and their ratio,
+    recorded with their means in extra_info."""
+    best = per_round / benchmark.stats.stats.min
+    ref_best = per_round / min(ref_times)
+    info = benchmark.extra_info
+    info[f"{unit}_per_s"] = round(best)
+    info[f"{unit}_per_s_mean"] = round(per_round / benchmark.stats.stats.mean)
+    info[f"reference_{unit}_per_s"] = round(ref_best)
+    info[f"reference_{unit}_per_s_mean"] = round(per_round * len(ref_times) / sum(ref_times))
+    info["ratio_vs_reference"] = round(best / ref_best, 2)
+    return best, ref_best, best / ref_best
+
+
 # ---- B2: Store.update ------------------------------------------------------------------
 
 
@@ -253,19 +268,12 @@ def test_b2_update(
         ref._watchers.remove(ref_queue)
         assert events["reference"] == N * ROUNDS
 
-    best = N / benchmark.stats.stats.min
-    ref_best = N / min(ref_times)
-    ratio = best / ref_best
+    best, ref_best, ratio = against_reference(benchmark, ref_times, N, "updates")
     info = benchmark.extra_info
     info["entities"] = N
     info["watcher"] = watcher
-    info["updates_per_s"] = round(best)
-    info["updates_per_s_mean"] = round(N / benchmark.stats.stats.mean)
     info["us_per_update"] = round(1e6 / best, 3)
-    info["reference_updates_per_s"] = round(ref_best)
-    info["reference_updates_per_s_mean"] = round(N * len(ref_times) / sum(ref_times))
     info["reference_us_per_update"] = round(1e6 / ref_best, 3)
-    info["ratio_vs_reference"] = round(ratio, 2)
     info["target_updates_per_s"] = B2_TARGET_PER_S
     info["target_ratio"] = B2_TARGET_RATIO
     info["watcher_events"] = events["store"]
@@ -307,21 +315,14 @@ def test_b3_put_many(
     assert store.seq - seq0 == B3_PER_ROUND * ROUNDS, "every put must apply"
     assert ref.seq - rseq0 == B3_PER_ROUND * ROUNDS, "every reference put must apply"
 
-    best = B3_PER_ROUND / benchmark.stats.stats.min
-    ref_best = B3_PER_ROUND / min(ref_times)
-    ratio = best / ref_best
+    best, ref_best, ratio = against_reference(benchmark, ref_times, B3_PER_ROUND, "entity_updates")
     info = benchmark.extra_info
     info["entities"] = N
     info["entity_updates_per_round"] = B3_PER_ROUND
     info["batch"] = BATCH
     info["form"] = form
-    info["entity_updates_per_s"] = round(best)
-    info["entity_updates_per_s_mean"] = round(B3_PER_ROUND / benchmark.stats.stats.mean)
     info["us_per_entity"] = round(1e6 / best, 3)
-    info["reference_entity_updates_per_s"] = round(ref_best)
-    info["reference_entity_updates_per_s_mean"] = round(B3_PER_ROUND * len(ref_times) / sum(ref_times))
     info["reference_us_per_entity"] = round(1e6 / ref_best, 3)
-    info["ratio_vs_reference"] = round(ratio, 2)
     rate_note, ratio_note = "", " (no target)"
     if serialized:
         info["target_entity_updates_per_s"] = B3_TARGET_PER_S

@@ -76,6 +76,17 @@ def test_epochs_count_causal_depth_so_a_longer_chain_outranks_a_concurrent_high(
     assert threat_level(a.get("t1")) == threat_level(b.get("t1")) == MEDIUM
 
 
+def rewrite_after_reading(writer, other, key, value_of, seen, message, expected):
+    """The writer reads ``key`` (holding ``seen``), writes ``message`` over it with the
+    version it read, and after an exchange both replicas hold ``expected``."""
+    read = writer.get("t1")
+    assert value_of(read) == seen
+    read.components[key].CopyFrom(pack(message))
+    assert writer.update(read).applied == [key]
+    sync(writer, other)
+    assert value_of(writer.get("t1")) == value_of(other.get("t1")) == expected
+
+
 def test_writer_who_read_high_can_lower_the_threat(pair):
     a, b = pair
     a.put(track("t1", position=position(1, 2)))
@@ -84,12 +95,7 @@ def test_writer_who_read_high_can_lower_the_threat(pair):
     b.put(make_entity("t1", threat=threat(HIGH)))
     sync(a, b)
 
-    read = a.get("t1")
-    assert threat_level(read) == HIGH
-    read.components["threat"].CopyFrom(pack(threat(LOW)))
-    assert a.update(read).applied == ["threat"]
-    sync(a, b)
-    assert threat_level(a.get("t1")) == threat_level(b.get("t1")) == LOW
+    rewrite_after_reading(a, b, "threat", threat_level, HIGH, threat(LOW), LOW)
 
 
 # ---- approval: a denial beats an approval; a new request after a decision supersedes it -----
@@ -113,12 +119,7 @@ def test_new_request_after_a_decision_supersedes_it(pair):
     a.put(make_entity("t1", approval=approval(APPROVED)))
     sync(a, b)
 
-    read = b.get("t1")
-    assert approval_state(read) == DENIED
-    read.components["approval"].CopyFrom(pack(approval(PENDING)))
-    assert b.update(read).applied == ["approval"]
-    sync(a, b)
-    assert approval_state(a.get("t1")) == approval_state(b.get("t1")) == PENDING
+    rewrite_after_reading(b, a, "approval", approval_state, DENIED, approval(PENDING), PENDING)
 
 
 # ---- deletes ----------------------------------------------------------------------------------

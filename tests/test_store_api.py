@@ -191,10 +191,9 @@ def test_update_result_reports_the_write(store):
     assert result.entity == store.get("t1")
 
 
-def test_update_reports_stale_keys_and_applies_the_rest(store):
-    store.put(track("t1", position=position(1, 2)))
-    read = store.get("t1")
-    store.put(make_entity("t1", position=position(5, 5)))  # someone else moves it
+def assert_stale_position_kept(store, read):
+    """Writes back ``read`` (taken before someone moved t1 to 5,5) with a moved position
+    and a new source: the position is stale and kept, the source applies."""
     read.components["position"].CopyFrom(pack(position(0, 0)))
     read.components["source"].CopyFrom(pack(source("s1")))
     result = store.update(read)
@@ -203,6 +202,13 @@ def test_update_reports_stale_keys_and_applies_the_rest(store):
     got = store.get("t1")
     assert latlon(got) == (5, 5)
     assert unpack(got, "source", pb.SourceComponent).sensor_id == "s1"
+
+
+def test_update_reports_stale_keys_and_applies_the_rest(store):
+    store.put(track("t1", position=position(1, 2)))
+    read = store.get("t1")
+    store.put(make_entity("t1", position=position(5, 5)))  # someone else moves it
+    assert_stale_position_kept(store, read)
 
 
 def test_strict_update_with_a_stale_key_raises_and_applies_nothing(store):
@@ -358,14 +364,7 @@ def test_old_client_hlc_fields_are_the_base_of_every_key(store):
     read = _old_client_copy(store.get("t1"))
     assert read.hlc_node == "node-a"
     store.put(make_entity("t1", position=position(5, 5)))  # newer than the old client's read
-    read.components["position"].CopyFrom(pack(position(0, 0)))
-    read.components["source"].CopyFrom(pack(source("s1")))
-    result = store.update(read)
-    assert result.stale == ["position"]
-    assert result.applied == ["source"]
-    got = store.get("t1")
-    assert latlon(got) == (5, 5)
-    assert unpack(got, "source", pb.SourceComponent).sensor_id == "s1"
+    assert_stale_position_kept(store, read)
 
 
 def test_old_client_with_an_up_to_date_hlc_applies(store):
