@@ -1,204 +1,377 @@
-//! The state of one entity: an LWW-element-map of cells (one per component key), a
-//! presence register (the highest version of any write), a tombstone, and a metadata
-//! register (type, expiry). Joining two states is a per-part max, so it is a CRDT join.
-//! Also the conversions between that state and `entity.v1.Entity` wire bytes.
+//! The state of one entity, a delta-state map of multi-value registers (Almeida, Shoker,
+//! Baquero, "Delta State Replicated Data Types", 2018), and its wire form.
+//!
+//! - Each component key holds a set of *siblings*: (dot, HLC stamp, type URL, value).
+//!   Writes that did not see each other survive side by side; the key's merge strategy
+//!   picks the one readers see (`strategy`).
+//! - `ctx`, the entity's causal context, names every write to the entity this replica
+//!   has seen, kept or replaced (see `causal`). Every sibling's dot is in it.
+//! - `deleted`, the latest delete: its dot is in `ctx` (so the siblings the deleter saw
+//!   are gone for good), and its stamp removes every sibling stamped before it, including
+//!   concurrent ones the deleter never saw: deletes win over older concurrent writes,
+//!   newer writes resurrect. A record that arrives again after it was forgotten (a
+//!   delayed copy) is taken back: harmless, since a record is only forgotten once the
+//!   clock has passed its stamp, so every later write is stamped after it.
+//! - The type, expiry and creation time live in a register of their own, the reserved
+//!   key `@entity`, with siblings like any key: a delete clears them, a new life writes
+//!   them afresh, concurrent changes merge.
+//!
+//! `join` keeps a sibling iff both sides hold it or the other side has not seen its dot,
+//! joins the contexts, keeps the later delete and drops what it removes: commutative,
+//! associative and idempotent (`tests/properties.rs`).
+use crate::causal::{Dot, VersionVector};
+use crate::decode::{RawDot, RawEntity, RawVersion};
 use crate::hlc::Timestamp;
 use crate::intern::{intern, Sym};
-use crate::decode::{RawEntity, RawVersion};
 use crate::strategy::Registry;
 use crate::wire::*;
 use std::cmp::Ordering;
 use std::sync::Arc;
 
-/// The `versions` key that carries the metadata register's version on the wire.
+/// The reserved key of the type/expiry register; its version travels in `versions`.
 pub const META_KEY: &str = "@entity";
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Version {
-    pub ts: Timestamp,
-    /// Causal depth, used by `max` strategies only (0 elsewhere).
-    pub epoch: u32,
-    /// The entity tombstone this write was made over.
-    pub after_delete: Option<Timestamp>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Cell {
-    pub key: Sym,
-    pub type_url: Sym,
-    pub version: Version,
-    /// Shared, so snapshots of a state (results, events) cost no copy of the values.
-    pub value: Arc<[u8]>,
-}
-
-impl Cell {
-    /// The total order every merge strategy is (see `strategy`).
-    pub fn cmp_merge(&self, other: &Cell, reg: &Registry) -> Ordering {
-        let (a, b) = (&self.version, &other.version);
-        if a == b && self.type_url == other.type_url && Arc::ptr_eq(&self.value, &other.value) {
-            return Ordering::Equal; // the same cell (a snapshot or a re-delivery)
-        }
-        let (ra, rb) = (reg.order_of(self.type_url, &self.value), reg.order_of(other.type_url, &other.value));
-        a.after_delete
-            .cmp(&b.after_delete)
-            .then(a.epoch.cmp(&b.epoch))
-            .then(ra.rank.cmp(&rb.rank))
-            .then_with(|| a.ts.cmp(&b.ts))
-            .then(ra.tiebreak.cmp(&rb.tiebreak))
-            .then_with(|| self.type_url.as_str().cmp(other.type_url.as_str()))
-            .then_with(|| self.value.cmp(&other.value))
-    }
-
-    /// What the cell counts for in size limits.
-    pub fn bytes(&self) -> usize {
-        cell_bytes(self.key, self.type_url, self.value.len())
-    }
-
-    /// Alive unless written at or before the tombstone.
-    pub fn is_live(&self, tombstone: Option<Timestamp>) -> bool {
-        tombstone.is_none_or(|t| self.version.ts > t)
-    }
-}
-
-/// Approximate bytes of one cell in memory and on the wire: value, key, type URL and version.
-pub fn cell_bytes(key: Sym, type_url: Sym, value_len: usize) -> usize {
-    value_len + key.as_str().len() + type_url.as_str().len() + 48
-}
+/// Type URL of the type/expiry register's values: `Entity` bytes with fields 2, 4 and 10.
+pub const META_URL: &str = "type.googleapis.com/meshstore.EntityMeta";
 
 /// A protobuf Timestamp (seconds, nanos).
 pub type WallTime = (i64, i32);
 
+pub fn wall_time_of(ns: u64) -> WallTime {
+    ((ns / 1_000_000_000) as i64, (ns % 1_000_000_000) as i32)
+}
+
+#[derive(Clone, Debug)]
+pub struct Sibling {
+    pub key: Sym,
+    pub type_url: Sym,
+    /// The write's HLC stamp; its node is the dot's node.
+    pub ts: Timestamp,
+    pub incarnation: u64,
+    pub counter: u64,
+    /// Shared, so snapshots of a state (results, events) cost no copy of the values.
+    pub value: Arc<[u8]>,
+}
+
+impl PartialEq for Sibling {
+    fn eq(&self, o: &Self) -> bool {
+        self.key == o.key
+            && self.dot() == o.dot()
+            && self.ts == o.ts
+            && self.type_url == o.type_url
+            && (Arc::ptr_eq(&self.value, &o.value) || self.value == o.value)
+    }
+}
+
+impl Eq for Sibling {}
+
+impl Sibling {
+    pub fn dot(&self) -> Dot {
+        Dot { node: self.ts.node, incarnation: self.incarnation, counter: self.counter }
+    }
+
+    /// The order readers see siblings of one key in: the greatest is shown (module docs
+    /// of `strategy`).
+    pub fn cmp_rank(&self, other: &Sibling, reg: &Registry) -> Ordering {
+        let (ra, rb) = (reg.order_of(self.type_url, &self.value), reg.order_of(other.type_url, &other.value));
+        ra.rank
+            .cmp(&rb.rank)
+            .then_with(|| self.ts.cmp(&other.ts))
+            .then(ra.tiebreak.cmp(&rb.tiebreak))
+            .then_with(|| self.type_url.as_str().cmp(other.type_url.as_str()))
+            .then_with(|| self.value.cmp(&other.value))
+            .then_with(|| (self.incarnation, self.counter).cmp(&(other.incarnation, other.counter)))
+    }
+
+    /// An arbitrary total order on the content of two copies of one dot.
+    fn cmp_content(&self, other: &Sibling) -> Ordering {
+        (self.ts, self.type_url.as_str(), &self.value).cmp(&(other.ts, other.type_url.as_str(), &other.value))
+    }
+
+    /// Storage order: by key name, then dot.
+    fn cmp_slot(&self, other: &Sibling) -> Ordering {
+        self.key.as_str().cmp(other.key.as_str()).then_with(|| self.dot().sort_key().cmp(&other.dot().sort_key()))
+    }
+
+    /// What the sibling counts for in size limits: value, key, type URL and version.
+    pub fn bytes(&self) -> usize {
+        sibling_bytes(self.key, self.type_url, self.value.len())
+    }
+
+    pub fn is_meta(&self) -> bool {
+        self.key.as_str() == META_KEY
+    }
+}
+
+pub fn sibling_bytes(key: Sym, type_url: Sym, value_len: usize) -> usize {
+    value_len + key.as_str().len() + type_url.as_str().len() + 48
+}
+
+/// What a join did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Joined {
+    pub changed: bool,
+    /// The result holds something the other side did not.
+    pub other_lacks: bool,
+    /// Some of the other side's values were dropped only because the store's summary
+    /// had seen them: the entity's own context does not say so (see `Table::merge`).
+    pub removed_by_summary: bool,
+}
+
+/// Bytes a context entry counts for in size limits.
+pub const CONTEXT_ENTRY_BYTES: usize = 32;
+
+/// An entity's latest delete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeleteRecord {
+    pub ts: Timestamp,
+    pub incarnation: u64,
+    pub counter: u64,
+}
+
+impl DeleteRecord {
+    pub fn dot(&self) -> Dot {
+        Dot { node: self.ts.node, incarnation: self.incarnation, counter: self.counter }
+    }
+}
+
+/// The later of two deletes (stamp, then dot: a total order).
+fn later(a: Option<DeleteRecord>, b: Option<DeleteRecord>) -> Option<DeleteRecord> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(if (y.ts, y.incarnation, y.counter) > (x.ts, x.incarnation, x.counter) { y } else { x }),
+        (x, None) => x,
+        (None, y) => y,
+    }
+}
+
+/// What the type/expiry register holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Meta {
+    pub etype: i32,
+    pub expiry: Option<WallTime>,
+    /// When this life of the entity began.
+    pub created_at: Option<WallTime>,
+}
+
+impl Meta {
+    /// The register's value bytes (`Entity` fields 2, 4 and 10).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        put_varint_field(&mut out, 2, self.etype as u64);
+        if let Some(t) = self.created_at {
+            put_wall(&mut out, 4, t);
+        }
+        if let Some(t) = self.expiry {
+            put_wall(&mut out, 10, t);
+        }
+        out
+    }
+
+    pub fn parse(value: &[u8]) -> Result<Meta, String> {
+        let e = crate::decode::decode_entity(value)?;
+        if !(0..=3).contains(&e.etype) {
+            return Err(format!("unknown entity type {}", e.etype));
+        }
+        Ok(Meta { etype: e.etype, expiry: e.expiry_time, created_at: e.created_at })
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EntityState {
     pub id: Arc<str>,
+    /// Sorted by (key name, dot): a key's siblings are one run.
+    pub sibs: Vec<Sibling>,
+    pub ctx: VersionVector,
+    pub deleted: Option<DeleteRecord>,
+    /// Type, expiry and creation time as the register shows them (derived by `refresh`).
     pub etype: i32,
     pub expiry: Option<WallTime>,
-    /// Version of the metadata register (type, expiry).
-    pub meta_version: Option<Timestamp>,
-    pub presence: Option<Timestamp>,
-    pub tombstone: Option<Timestamp>,
     pub created_at: Option<WallTime>,
-    /// Sorted by key string, one cell per key.
-    pub cells: Vec<Cell>,
+    /// Local, not replicated: the last non-zero type this replica saw, so watchers
+    /// filtering on type still see the entity's delete.
+    pub last_type: i32,
     /// The table's change sequence of this entity's latest change.
     pub seq: u64,
     /// Node the latest change came from (echo suppression).
     pub source: Sym,
 }
 
-pub fn wall_time_of(ns: u64) -> WallTime {
-    ((ns / 1_000_000_000) as i64, (ns % 1_000_000_000) as i32)
-}
-
 impl EntityState {
     pub fn new(id: Arc<str>, source: Sym) -> Self {
         EntityState {
             id,
+            sibs: Vec::new(),
+            ctx: VersionVector::new(),
+            deleted: None,
+            created_at: None,
             etype: 0,
             expiry: None,
-            meta_version: None,
-            presence: None,
-            tombstone: None,
-            created_at: None,
-            cells: Vec::new(),
+            last_type: 0,
             seq: 0,
             source,
         }
     }
 
+    /// Alive while any key holds a value.
     pub fn is_alive(&self) -> bool {
-        match (self.presence, self.tombstone) {
-            (Some(p), Some(t)) => p > t,
-            (Some(_), None) => true,
-            _ => false,
+        !self.sibs.is_empty()
+    }
+
+    /// The run of `key`'s siblings.
+    pub fn key_range(&self, key: Sym) -> std::ops::Range<usize> {
+        let k = key.as_str();
+        let start = self.sibs.partition_point(|s| s.key.as_str() < k);
+        let end = start + self.sibs[start..].partition_point(|s| s.key == key);
+        start..end
+    }
+
+    pub fn siblings(&self, key: Sym) -> &[Sibling] {
+        &self.sibs[self.key_range(key)]
+    }
+
+    /// Each key's run of siblings, in key order.
+    pub fn runs(&self) -> impl Iterator<Item = &[Sibling]> {
+        self.sibs.chunk_by(|a, b| a.key == b.key)
+    }
+
+    /// The value readers see among a key's siblings.
+    pub fn winner<'a>(run: &'a [Sibling], reg: &Registry) -> &'a Sibling {
+        if run.len() == 1 {
+            return &run[0];
+        }
+        run.iter().max_by(|a, b| a.cmp_rank(b, reg)).expect("a run is never empty")
+    }
+
+    /// Replaces every sibling of `s.key` with `s`.
+    pub fn replace_key(&mut self, s: Sibling) {
+        let r = self.key_range(s.key);
+        let at = r.start;
+        self.sibs.splice(r, std::iter::once(s));
+        debug_assert!(self.sibs[at].key.as_str() == META_KEY || at == 0 || self.sibs[at - 1].key != self.sibs[at].key);
+    }
+
+    /// The type/expiry register's value (none: type 0, no expiry, no creation time).
+    pub fn meta(&self, reg: &Registry) -> Meta {
+        let r = self.key_range(intern(META_KEY));
+        if r.is_empty() {
+            return Meta::default();
+        }
+        Meta::parse(&Self::winner(&self.sibs[r], reg).value).unwrap_or_default()
+    }
+
+    /// Re-reads the type/expiry register after a change.
+    pub fn refresh(&mut self, reg: &Registry) {
+        let m = self.meta(reg);
+        (self.etype, self.expiry, self.created_at) = (m.etype, m.expiry, m.created_at);
+        if m.etype != 0 {
+            self.last_type = m.etype;
         }
     }
 
-    pub fn cell(&self, key: Sym) -> Option<&Cell> {
-        self.cells.iter().find(|c| c.key == key)
+    /// The type readers and watchers see: the register's while alive (every replica
+    /// agrees on it), the last one this replica knew once deleted (its delete event
+    /// still carries, and is filtered by, the type it had).
+    pub fn shown_type(&self) -> i32 {
+        if self.is_alive() { self.etype } else { self.last_type }
     }
 
-    pub fn live_cell(&self, key: Sym) -> Option<&Cell> {
-        self.cell(key).filter(|c| c.is_live(self.tombstone))
+    /// The latest stamp of any value or delete: the entity-level HLC.
+    pub fn max_stamp(&self) -> Option<Timestamp> {
+        self.sibs.iter().map(|s| s.ts).chain(self.deleted.map(|d| d.ts)).max()
     }
 
-    /// Inserts or replaces the cell for its key, keeping cells sorted by key.
-    pub fn set_cell(&mut self, cell: Cell) {
-        match self.cells.binary_search_by(|c| c.key.as_str().cmp(cell.key.as_str())) {
-            Ok(i) => self.cells[i] = cell,
-            Err(i) => self.cells.insert(i, cell),
+    /// The latest stamp of any value (the entity-level HLC of a live entity).
+    fn latest_value_stamp(&self) -> Option<Timestamp> {
+        self.sibs.iter().map(|s| s.ts).max()
+    }
+
+    /// Drops every sibling stamped before the delete (their dots stay in the context).
+    fn apply_delete(&mut self) {
+        if let Some(d) = self.deleted {
+            self.sibs.retain(|s| s.ts > d.ts);
         }
     }
 
-    /// Every timestamp in this state (to advance the clock past a merged state).
-    pub fn max_timestamp(&self) -> Option<Timestamp> {
-        let cells = self.cells.iter().flat_map(|c| [Some(c.version.ts), c.version.after_delete]);
-        cells.chain([self.presence, self.tombstone, self.meta_version]).flatten().max()
-    }
-
-    /// Joins `other` into `self`. Returns (changed, other_lacks): whether `self` changed,
-    /// and whether `self` now holds something `other` did not (so `other` still needs it).
-    pub fn join(&mut self, other: &EntityState, reg: &Registry) -> (bool, bool) {
+    /// Joins `other` into `self`. `seen` is the store's context summary: a dot it covers
+    /// was seen by this store even when `self.ctx` does not name it (the entity was
+    /// forgotten after its delete). Returns whether `self` changed, and whether it now
+    /// holds something `other` did not.
+    pub fn join(&mut self, other: &EntityState, seen: &VersionVector) -> Joined {
+        let mut out: Vec<Sibling> = Vec::with_capacity(self.sibs.len().max(other.sibs.len()));
+        let (a, b) = (&self.sibs, &other.sibs);
+        let (mut i, mut j) = (0, 0);
         let mut changed = false;
         let mut other_lacks = false;
-        let mut max_reg = |mine: &mut Option<Timestamp>, theirs: Option<Timestamp>| match (*mine).cmp(&theirs) {
-            Ordering::Less => {
-                *mine = theirs;
-                changed = true;
-            }
-            Ordering::Greater => other_lacks = true,
-            Ordering::Equal => {}
-        };
-        max_reg(&mut self.presence, other.presence);
-        max_reg(&mut self.tombstone, other.tombstone);
-        match self.meta_version.cmp(&other.meta_version) {
-            Ordering::Less => {
-                self.meta_version = other.meta_version;
-                self.etype = other.etype;
-                self.expiry = other.expiry;
-                changed = true;
-            }
-            Ordering::Greater => other_lacks = true,
-            Ordering::Equal => {}
-        }
-        match (self.created_at, other.created_at) {
-            (Some(a), Some(b)) if b < a => {
-                self.created_at = Some(b);
-                changed = true;
-            }
-            (None, Some(b)) => {
-                self.created_at = Some(b);
-                changed = true;
-            }
-            (Some(a), b) if b.is_none_or(|b| a < b) => other_lacks = true,
-            _ => {}
-        }
-        for theirs in &other.cells {
-            match self.cells.iter().position(|c| c.key == theirs.key) {
-                Some(i) => match self.cells[i].cmp_merge(theirs, reg) {
-                    Ordering::Less => {
-                        self.cells[i] = theirs.clone();
+        let mut removed_by_summary = false;
+        while i < a.len() || j < b.len() {
+            let order = match (a.get(i), b.get(j)) {
+                (Some(x), Some(y)) => x.cmp_slot(y),
+                (Some(_), None) => Ordering::Less,
+                _ => Ordering::Greater,
+            };
+            match order {
+                Ordering::Less => {
+                    // Ours only: kept unless the other side saw it (and so removed it).
+                    if other.ctx.contains(&a[i].dot()) {
+                        changed = true;
+                    } else {
+                        out.push(a[i].clone());
+                        other_lacks = true;
+                    }
+                    i += 1;
+                }
+                Ordering::Greater => {
+                    // Theirs only: kept unless we saw it (and so removed it).
+                    let d = b[j].dot();
+                    if self.ctx.contains(&d) {
+                        other_lacks = true;
+                    } else if seen.contains(&d) {
+                        other_lacks = true;
+                        removed_by_summary = true;
+                    } else {
+                        out.push(b[j].clone());
                         changed = true;
                     }
-                    Ordering::Greater => other_lacks = true,
-                    Ordering::Equal => {}
-                },
-                None => {
-                    self.set_cell(theirs.clone());
-                    changed = true;
+                    j += 1;
+                }
+                Ordering::Equal => {
+                    // One dot is one write; should two copies differ (a corrupt peer),
+                    // both sides keep the same one.
+                    if a[i] == b[j] || a[i].cmp_content(&b[j]) == Ordering::Greater {
+                        out.push(a[i].clone());
+                        other_lacks |= a[i] != b[j];
+                    } else {
+                        out.push(b[j].clone());
+                        changed = true;
+                    }
+                    i += 1;
+                    j += 1;
                 }
             }
         }
-        // After the loop self holds every key of other, so more cells means a key other lacks.
-        if self.cells.len() > other.cells.len() {
-            other_lacks = true;
+        self.sibs = out;
+        // The later delete stays: it removes all the earlier one would.
+        let deleted = later(self.deleted, other.deleted);
+        changed |= deleted != self.deleted;
+        other_lacks |= deleted != other.deleted;
+        self.deleted = deleted;
+        changed |= self.ctx.join(&other.ctx);
+        other_lacks |= !self.ctx.covered_by(&other.ctx);
+        let before = self.sibs.len();
+        self.apply_delete();
+        if self.sibs.len() != before {
+            changed = true;
         }
-        (changed, other_lacks)
+        Joined { changed, other_lacks, removed_by_summary }
     }
 
-    /// Approximate bytes held in memory and on the wire: what size limits count.
+    /// What size limits count: every value that replicates and the context.
+    pub fn replica_bytes(&self) -> usize {
+        self.id.len() + self.sibs.iter().map(Sibling::bytes).sum::<usize>() + self.ctx.len() * CONTEXT_ENTRY_BYTES
+    }
+
+    /// Approximate bytes in memory beyond the struct (for stats).
     pub fn payload_bytes(&self) -> usize {
-        self.id.len() + self.cells.iter().map(Cell::bytes).sum::<usize>()
+        self.id.len() + self.sibs.iter().map(|s| s.value.len()).sum::<usize>() + self.ctx.bytes()
     }
 }
 
@@ -211,12 +384,25 @@ fn timestamp_of(physical: u64, logical: u32, node: &str) -> Result<Timestamp, St
     Ok(Timestamp { physical, logical, node: intern(node) })
 }
 
-pub fn version_of(v: &RawVersion) -> Result<Version, String> {
-    Ok(Version {
-        ts: timestamp_of(v.physical, v.logical, v.node)?,
-        epoch: v.epoch,
-        after_delete: v.after_delete.map(|(p, l, n)| timestamp_of(p, l, n)).transpose()?,
-    })
+/// A version's stamp (its node must be set).
+pub fn stamp_of(v: &RawVersion) -> Result<Timestamp, String> {
+    timestamp_of(v.physical, v.logical, v.node)
+}
+
+pub fn dot_of(d: &RawDot) -> Result<Dot, String> {
+    if d.0.is_empty() || d.2 == 0 {
+        return Err(format!("dot ({:?}, {}, {}) has an empty node or a zero counter", d.0, d.1, d.2));
+    }
+    Ok(Dot { node: intern(d.0), incarnation: d.1, counter: d.2 })
+}
+
+/// A version that names a value: its stamp and dot.
+fn stamped_dot(v: &RawVersion) -> Result<(Timestamp, u64, u64), String> {
+    let ts = stamp_of(v)?;
+    if v.counter == 0 {
+        return Err("version has no dot (counter 0): not a replica state".into());
+    }
+    Ok((ts, v.incarnation, v.counter))
 }
 
 /// The entity-level HLC fields (6-8) as a timestamp, if the sender set them.
@@ -225,29 +411,58 @@ pub fn entity_hlc(e: &RawEntity) -> Option<Timestamp> {
     (!node.is_empty()).then(|| Timestamp { physical, logical, node: intern(node) })
 }
 
-/// A replica's full state, as `changes_since` and the relay carry it, received from
-/// `source` (None: the node of its latest change).
+/// A replica's state (as `changes_since` and the relay carry it), received from `source`
+/// (None: the node of its latest change). Validates every value for its strategy.
 pub fn state_from_replica(e: &RawEntity, reg: &Registry, source: Option<Sym>) -> Result<EntityState, String> {
     let mut s = EntityState::new(Arc::from(e.id), intern(""));
-    s.etype = e.etype;
-    s.presence = entity_hlc(e);
-    s.tombstone = e.deleted_version.map(|v| timestamp_of(v.physical, v.logical, v.node)).transpose()?;
-    s.created_at = e.created_at;
-    s.expiry = e.expiry_time;
-    s.meta_version = match e.version(META_KEY) {
-        Some(v) => Some(timestamp_of(v.physical, v.logical, v.node)?),
-        None => s.presence,
-    };
-    s.cells.reserve_exact(e.components.len());
-    for &(key, url, value) in &e.components {
-        let v = e.version(key).ok_or_else(|| format!("component '{key}' has no version"))?;
+    let mut push = |key: &str, url: &str, value: &[u8], v: &RawVersion| -> Result<(), String> {
         let type_url = intern(url);
-        reg.rank(type_url, value).map_err(|m| format!("component '{key}' ({url}): {m}"))?;
-        // Components arrive sorted by key, the order cells keep.
-        s.cells.push(Cell { key: intern(key), type_url, version: version_of(v)?, value: value.into() });
+        if key == META_KEY {
+            Meta::parse(value).map_err(|m| format!("the type/expiry register: {m}"))?;
+        } else {
+            if key.is_empty() || key.starts_with('@') {
+                return Err(format!("component key {key:?} is empty or reserved"));
+            }
+            reg.rank(type_url, value).map_err(|m| format!("component '{key}' ({url}): {m}"))?;
+        }
+        let (ts, incarnation, counter) = stamped_dot(v).map_err(|m| format!("component '{key}': {m}"))?;
+        s.sibs.push(Sibling { key: intern(key), type_url, ts, incarnation, counter, value: value.into() });
+        Ok(())
+    };
+    for &(key, url, value) in &e.components {
+        let v = e.version(key).ok_or_else(|| format!("component '{key}' has no version (not a replica state; use put)"))?;
+        push(key, url, value, v)?;
     }
-    let latest = s.presence.max(s.tombstone).ok_or("replica state has neither a version (hlc fields) nor a tombstone")?;
-    s.source = source.unwrap_or(latest.node);
+    if let Some(v) = e.version(META_KEY) {
+        let meta = Meta { etype: e.etype, expiry: e.expiry_time, created_at: e.created_at };
+        push(META_KEY, META_URL, &meta.to_bytes(), v)?;
+    }
+    for (key, url, value, v) in &e.siblings {
+        push(key, url, value, v)?;
+    }
+    let mut ctx = Vec::with_capacity(e.context.len() + s.sibs.len() + 1);
+    for d in &e.context {
+        let d = dot_of(d).map_err(|m| format!("context: {m}"))?;
+        ctx.push((d.node, d.incarnation, d.counter));
+    }
+    if let Some(v) = &e.deleted_version {
+        let (ts, incarnation, counter) = stamped_dot(v).map_err(|m| format!("deleted_version: {m}"))?;
+        s.deleted = Some(DeleteRecord { ts, incarnation, counter });
+    }
+    ctx.extend(s.sibs.iter().map(|x| (x.ts.node, x.incarnation, x.counter)));
+    ctx.extend(s.deleted.map(|d| (d.ts.node, d.incarnation, d.counter)));
+    s.ctx = VersionVector::from_entries(ctx);
+    if s.ctx.is_empty() {
+        return Err("replica state names no write (no versioned value, delete or context)".into());
+    }
+    s.sibs.sort_by(Sibling::cmp_slot);
+    s.sibs.dedup_by(|later, first| later.key == first.key && later.dot() == first.dot());
+    s.apply_delete();
+    s.refresh(reg);
+    s.source = match source {
+        Some(node) => node,
+        None => s.max_stamp().map(|t| t.node).unwrap_or_else(|| intern("")),
+    };
     Ok(s)
 }
 
@@ -256,7 +471,7 @@ pub fn state_from_replica(e: &RawEntity, reg: &Registry, source: Option<Sym>) ->
 /// Which view of a state to write.
 #[derive(Clone, Copy)]
 pub struct View<'a> {
-    /// The replica view: every cell (dead ones too) and the tombstone.
+    /// The replica view: every sibling, the delete and the context.
     pub full: bool,
     /// Only these component keys (None: all).
     pub projection: Option<&'a [Sym]>,
@@ -277,17 +492,45 @@ fn put_ts(out: &mut Vec<u8>, t: Timestamp) {
     put_bytes_field(out, 3, t.node.as_str().as_bytes());
 }
 
-fn version_len(v: &Version) -> usize {
-    ts_len(v.ts) + varint_field_len(4, v.epoch as u64) + v.after_delete.map_or(0, |a| len_field_len(5, ts_len(a)))
+fn dot_len(d: &Dot) -> usize {
+    bytes_field_len(1, d.node.as_str().as_bytes()) + fixed64_field_len(2, d.incarnation) + varint_field_len(3, d.counter)
 }
 
-fn put_version(out: &mut Vec<u8>, v: &Version) {
-    put_ts(out, v.ts);
-    put_varint_field(out, 4, v.epoch as u64);
-    if let Some(a) = v.after_delete {
-        put_len_prefix(out, 5, ts_len(a));
-        put_ts(out, a);
+fn put_dot(out: &mut Vec<u8>, tag: u32, d: &Dot) {
+    put_len_prefix(out, tag, dot_len(d));
+    put_bytes_field(out, 1, d.node.as_str().as_bytes());
+    put_fixed64_field(out, 2, d.incarnation);
+    put_varint_field(out, 3, d.counter);
+}
+
+/// A Version: stamp, dot and the dots of the key's other siblings.
+struct VersionOut<'a> {
+    ts: Timestamp,
+    incarnation: u64,
+    counter: u64,
+    concurrent: &'a [Dot],
+}
+
+impl VersionOut<'_> {
+    fn len(&self) -> usize {
+        ts_len(self.ts)
+            + fixed64_field_len(6, self.incarnation)
+            + varint_field_len(7, self.counter)
+            + self.concurrent.iter().map(|d| len_field_len(8, dot_len(d))).sum::<usize>()
     }
+
+    fn put(&self, out: &mut Vec<u8>) {
+        put_ts(out, self.ts);
+        put_fixed64_field(out, 6, self.incarnation);
+        put_varint_field(out, 7, self.counter);
+        for d in self.concurrent {
+            put_dot(out, 8, d);
+        }
+    }
+}
+
+fn version_out<'a>(s: &Sibling, concurrent: &'a [Dot]) -> VersionOut<'a> {
+    VersionOut { ts: s.ts, incarnation: s.incarnation, counter: s.counter, concurrent }
 }
 
 fn wall_len(t: WallTime) -> usize {
@@ -300,85 +543,107 @@ fn put_wall(out: &mut Vec<u8>, tag: u32, t: WallTime) {
     put_varint_field(out, 2, t.1 as u64);
 }
 
-fn any_len(c: &Cell) -> usize {
-    bytes_field_len(1, c.type_url.as_str().as_bytes()) + bytes_field_len(2, &c.value)
+fn any_len(s: &Sibling) -> usize {
+    bytes_field_len(1, s.type_url.as_str().as_bytes()) + bytes_field_len(2, &s.value)
+}
+
+fn put_any(out: &mut Vec<u8>, tag: u32, s: &Sibling) {
+    put_len_prefix(out, tag, any_len(s));
+    put_bytes_field(out, 1, s.type_url.as_str().as_bytes());
+    put_bytes_field(out, 2, &s.value);
 }
 
 fn entry_len(key: &str, value_len: usize) -> usize {
     bytes_field_len(1, key.as_bytes()) + len_field_len(2, value_len)
 }
 
+fn put_version_entry(out: &mut Vec<u8>, key: &str, v: &VersionOut) {
+    let len = v.len();
+    put_len_prefix(out, 9, entry_len(key, len));
+    put_bytes_field(out, 1, key.as_bytes());
+    put_len_prefix(out, 2, len);
+    v.put(out);
+}
+
 impl EntityState {
-    fn shown_cells<'a>(&'a self, view: View<'a>) -> impl Iterator<Item = &'a Cell> + 'a {
-        self.cells.iter().filter(move |c| {
-            (view.full || c.is_live(self.tombstone)) && view.projection.is_none_or(|p| p.contains(&c.key))
-        })
-    }
-
-    fn meta_version_shown(&self) -> Option<Version> {
-        self.meta_version.map(|ts| Version { ts, epoch: 0, after_delete: None })
-    }
-
-    /// Writes the state as `entity.v1.Entity` bytes.
-    pub fn encode(&self, view: View, out: &mut Vec<u8>) {
-        let tombstone = if view.full || !self.is_alive() { self.tombstone } else { None };
-        let updated = self.presence.map(|p| wall_time_of(p.physical));
-        let meta = self.meta_version_shown();
+    /// Writes the state as `entity.v1.Entity` bytes: the chosen value of each key in
+    /// `components`/`versions`, and in the replica view the other siblings, the delete
+    /// and the context.
+    pub fn encode(&self, view: View, reg: &Registry, out: &mut Vec<u8>) {
+        let shown = |key: Sym| view.projection.is_none_or(|p| p.contains(&key));
+        // (winner, the run) of each shown key; the type/expiry register apart.
+        let mut chosen: Vec<(&Sibling, &[Sibling])> = Vec::with_capacity(self.sibs.len());
+        let mut meta: Option<(&Sibling, &[Sibling])> = None;
+        for run in self.runs() {
+            let w = Self::winner(run, reg);
+            if w.is_meta() {
+                meta = Some((w, run));
+            } else if shown(w.key) {
+                chosen.push((w, run));
+            }
+        }
+        let latest = if self.is_alive() { self.latest_value_stamp() } else { self.max_stamp() };
         put_bytes_field(out, 1, self.id.as_bytes());
-        put_varint_field(out, 2, self.etype as u64);
-        for c in self.shown_cells(view) {
-            let key = c.key.as_str();
-            put_len_prefix(out, 3, entry_len(key, any_len(c)));
+        put_varint_field(out, 2, if view.full { self.etype } else { self.shown_type() } as u64);
+        for (w, _) in &chosen {
+            let key = w.key.as_str();
+            put_len_prefix(out, 3, entry_len(key, any_len(w)));
             put_bytes_field(out, 1, key.as_bytes());
-            put_len_prefix(out, 2, any_len(c));
-            put_bytes_field(out, 1, c.type_url.as_str().as_bytes());
-            put_bytes_field(out, 2, &c.value);
+            put_any(out, 2, w);
         }
         if let Some(t) = self.created_at {
             put_wall(out, 4, t);
         }
-        if let Some(t) = updated {
-            put_wall(out, 5, t);
+        if let Some(t) = latest {
+            put_wall(out, 5, wall_time_of(t.physical));
+            put_varint_field(out, 6, t.physical);
+            put_varint_field(out, 7, t.logical as u64);
+            put_bytes_field(out, 8, t.node.as_str().as_bytes());
         }
-        if let Some(p) = self.presence {
-            put_ts_fields_6_7_8(out, p);
-        }
-        for c in self.shown_cells(view) {
-            let key = c.key.as_str();
-            put_len_prefix(out, 9, entry_len(key, version_len(&c.version)));
-            put_bytes_field(out, 1, key.as_bytes());
-            put_len_prefix(out, 2, version_len(&c.version));
-            put_version(out, &c.version);
-        }
-        if let Some(m) = meta {
-            put_len_prefix(out, 9, entry_len(META_KEY, version_len(&m)));
-            put_bytes_field(out, 1, META_KEY.as_bytes());
-            put_len_prefix(out, 2, version_len(&m));
-            put_version(out, &m);
+        let mut others: Vec<Dot> = Vec::new();
+        for (w, run) in chosen.iter().chain(meta.as_ref()) {
+            others.clear();
+            if !view.full && run.len() > 1 {
+                others.extend(run.iter().filter(|s| s.dot() != w.dot()).map(Sibling::dot));
+            }
+            put_version_entry(out, w.key.as_str(), &version_out(w, &others));
         }
         if let Some(t) = self.expiry {
             put_wall(out, 10, t);
         }
-        if let Some(p) = self.presence {
-            put_bytes_field(out, 11, p.node.as_str().as_bytes());
+        if let Some(t) = latest {
+            put_bytes_field(out, 11, t.node.as_str().as_bytes());
         }
-        if let Some(t) = tombstone {
-            put_len_prefix(out, 12, ts_len(t));
-            put_ts(out, t);
+        if !view.full {
+            return;
+        }
+        if let Some(d) = self.deleted {
+            let v = VersionOut { ts: d.ts, incarnation: d.incarnation, counter: d.counter, concurrent: &[] };
+            put_len_prefix(out, 12, v.len());
+            v.put(out);
+        }
+        for (w, run) in chosen.iter().chain(meta.as_ref()) {
+            for s in run.iter().filter(|s| s.dot() != w.dot()) {
+                let key = s.key.as_str();
+                let v = version_out(s, &[]);
+                let len = bytes_field_len(1, key.as_bytes()) + len_field_len(2, any_len(s)) + len_field_len(3, v.len());
+                put_len_prefix(out, 13, len);
+                put_bytes_field(out, 1, key.as_bytes());
+                put_any(out, 2, s);
+                put_len_prefix(out, 3, v.len());
+                v.put(out);
+            }
+        }
+        for &(node, incarnation, counter) in self.ctx.entries() {
+            put_dot(out, 14, &Dot { node, incarnation, counter });
         }
     }
 
-    pub fn to_bytes(&self, view: View) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64 + self.payload_bytes() * 2);
-        self.encode(view, &mut out);
+    pub fn to_bytes(&self, view: View, reg: &Registry) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.replica_bytes() * 2);
+        self.encode(view, reg, &mut out);
         out
     }
-}
-
-fn put_ts_fields_6_7_8(out: &mut Vec<u8>, p: Timestamp) {
-    put_varint_field(out, 6, p.physical);
-    put_varint_field(out, 7, p.logical as u64);
-    put_bytes_field(out, 8, p.node.as_str().as_bytes());
 }
 
 #[cfg(test)]
@@ -391,69 +656,100 @@ mod tests {
         Timestamp { physical: p, logical: 0, node: intern(node) }
     }
 
-    fn cell(key: &str, url: &str, value: &[u8], t: Timestamp, epoch: u32) -> Cell {
-        Cell { key: intern(key), type_url: intern(url), version: Version { ts: t, epoch, after_delete: None }, value: value.into() }
+    fn sib(key: &str, value: &[u8], t: Timestamp, counter: u64) -> Sibling {
+        Sibling { key: intern(key), type_url: intern("x/Y"), ts: t, incarnation: 1, counter, value: value.into() }
+    }
+
+    fn state(sibs: Vec<Sibling>) -> EntityState {
+        let mut s = EntityState::new(Arc::from("e"), intern("a"));
+        s.ctx = VersionVector::from_entries(sibs.iter().map(|x| (x.ts.node, x.incarnation, x.counter)).collect());
+        s.sibs = sibs;
+        s.sibs.sort_by(Sibling::cmp_slot);
+        s
     }
 
     #[test]
-    fn encode_round_trips_through_prost() {
-        let mut s = EntityState::new(Arc::from("t1"), intern("a"));
-        s.etype = 2;
-        s.presence = Some(ts(5_000_000_123, "a"));
-        s.meta_version = s.presence;
-        s.created_at = Some((4, 7));
-        s.expiry = Some((99, 0));
-        s.set_cell(cell("position", "type.googleapis.com/entity.v1.PositionComponent", &[0x09, 0, 0, 0, 0, 0, 0, 0xf0, 0x3f], ts(5, "a"), 0));
-        let mut c = cell("threat", "type.googleapis.com/entity.v1.ThreatComponent", &[0x08, 4], ts(6, "b"), 3);
-        c.version.after_delete = Some(ts(2, "c"));
-        s.set_cell(c);
-        s.tombstone = Some(ts(2, "c"));
-        let e = pb::Entity::decode(s.to_bytes(View::REPLICA).as_slice()).unwrap();
-        assert_eq!(e.id, "t1");
-        assert_eq!(e.r#type, 2);
-        assert_eq!(e.components.len(), 2);
-        assert_eq!(e.versions["threat"].epoch, 3);
-        assert_eq!(e.versions["threat"].after_delete.as_ref().unwrap().node, "c");
-        assert_eq!((e.hlc_physical, e.hlc_node.as_str()), (5_000_000_123, "a"));
-        assert_eq!(e.updated_at.unwrap().nanos, 123);
-        assert_eq!(e.deleted_version.as_ref().unwrap().physical, 2);
-        let bytes = e.encode_to_vec();
-        let back = state_from_replica(&crate::decode::decode_entity(&bytes).unwrap(), &Registry::default(), None).unwrap();
-        assert_eq!(back.cells, s.cells);
-        assert_eq!((back.presence, back.tombstone, back.meta_version), (s.presence, s.tombstone, s.meta_version));
-        assert_eq!((back.created_at, back.expiry, back.etype), (s.created_at, s.expiry, s.etype));
-    }
-
-    #[test]
-    fn user_view_hides_dead_cells_and_projects() {
-        let mut s = EntityState::new(Arc::from("t1"), intern("a"));
-        s.presence = Some(ts(10, "a"));
-        s.tombstone = Some(ts(5, "a"));
-        s.set_cell(cell("old", "x/Y", &[0x08, 1], ts(4, "a"), 0));
-        s.set_cell(cell("new", "x/Y", &[0x08, 2], ts(10, "a"), 0));
-        s.set_cell(cell("other", "x/Y", &[0x08, 3], ts(9, "a"), 0));
-        let user = pb::Entity::decode(s.to_bytes(View::USER).as_slice()).unwrap();
-        assert_eq!(user.components.keys().collect::<Vec<_>>(), ["new", "other"]);
-        assert!(user.deleted_version.is_none());
-        let keys = [intern("new")];
-        let projected = s.to_bytes(View { full: false, projection: Some(&keys) });
-        let p = pb::Entity::decode(projected.as_slice()).unwrap();
-        assert_eq!(p.components.keys().collect::<Vec<_>>(), ["new"]);
-    }
-
-    #[test]
-    fn join_reports_what_each_side_lacks() {
+    fn replica_bytes_round_trip_through_prost_and_back() {
         let reg = Registry::default();
-        let mut a = EntityState::new(Arc::from("e"), intern("a"));
-        a.presence = Some(ts(1, "a"));
-        a.set_cell(cell("k1", "x/Y", &[8, 1], ts(1, "a"), 0));
-        let mut b = a.clone();
-        b.presence = Some(ts(2, "b"));
-        b.set_cell(cell("k2", "x/Y", &[8, 2], ts(2, "b"), 0));
+        let mut s = state(vec![
+            sib("k", &[8, 1], ts(5, "a"), 1),
+            sib("k", &[8, 2], ts(6, "b"), 1),
+            sib("z", &[8, 3], ts(7, "a"), 2),
+            Sibling {
+                type_url: intern(META_URL),
+                ..sib(META_KEY, &Meta { etype: 2, expiry: Some((99, 0)), created_at: Some((4, 7)) }.to_bytes(), ts(4, "a"), 3)
+            },
+        ]);
+        s.deleted = Some(DeleteRecord { ts: ts(3, "c"), incarnation: 9, counter: 1 });
+        s.ctx.add(&Dot { node: intern("c"), incarnation: 9, counter: 1 });
+        s.refresh(&reg);
+        assert_eq!((s.etype, s.expiry), (2, Some((99, 0))));
+        let bytes = s.to_bytes(View::REPLICA, &reg);
+        let e = pb::Entity::decode(bytes.as_slice()).unwrap();
+        assert_eq!((e.id.as_str(), e.r#type), ("e", 2));
+        assert_eq!(e.components["k"].value, vec![8, 2], "the later stamp is shown (lww)");
+        assert_eq!(e.siblings.len(), 1);
+        assert_eq!(e.siblings[0].value.as_ref().unwrap().value, vec![8, 1]);
+        assert_eq!(e.context.len(), 3);
+        assert_eq!(e.versions[META_KEY].counter, 3);
+        assert_eq!(e.deleted_version.as_ref().unwrap().node, "c");
+        let back = state_from_replica(&crate::decode::decode_entity(&bytes).unwrap(), &reg, None).unwrap();
+        assert_eq!((back.sibs.clone(), back.ctx.clone(), back.deleted), (s.sibs.clone(), s.ctx.clone(), s.deleted));
+        assert_eq!((back.created_at, back.etype, back.expiry), (s.created_at, s.etype, s.expiry));
+    }
+
+    #[test]
+    fn the_user_view_names_the_concurrent_siblings_in_the_version() {
+        let reg = Registry::default();
+        let s = state(vec![sib("k", &[8, 1], ts(5, "a"), 1), sib("k", &[8, 2], ts(6, "b"), 1)]);
+        let e = pb::Entity::decode(s.to_bytes(View::USER, &reg).as_slice()).unwrap();
+        assert!(e.siblings.is_empty() && e.context.is_empty());
+        let v = &e.versions["k"];
+        assert_eq!((v.node.as_str(), v.counter), ("b", 1));
+        assert_eq!(v.concurrent.len(), 1);
+        assert_eq!(v.concurrent[0].node, "a");
+    }
+
+    #[test]
+    fn join_keeps_unseen_siblings_and_drops_seen_ones() {
+        let empty = VersionVector::new();
+        let a = state(vec![sib("k", &[8, 1], ts(5, "a"), 1)]);
+        // b saw a's write and replaced it
+        let mut b = state(vec![sib("k", &[8, 2], ts(6, "b"), 1)]);
+        b.ctx.join(&a.ctx);
         let mut a2 = a.clone();
-        assert_eq!(a2.join(&b, &reg), (true, false), "b dominates a");
-        assert_eq!(a2.join(&b, &reg), (false, false), "idempotent");
-        let mut b2 = b.clone();
-        assert_eq!(b2.join(&a, &reg), (false, true), "b already has a; a lacks k2");
+        let flags = |j: Joined| (j.changed, j.other_lacks);
+        assert_eq!(flags(a2.join(&b, &empty)), (true, false));
+        assert_eq!(a2.sibs, b.sibs);
+        assert_eq!(flags(a2.join(&b, &empty)), (false, false), "idempotent");
+        // c wrote concurrently: both survive
+        let c = state(vec![sib("k", &[8, 3], ts(4, "c"), 1)]);
+        let mut bc = b.clone();
+        assert_eq!(flags(bc.join(&c, &empty)), (true, true));
+        assert_eq!(bc.sibs.len(), 2);
+    }
+
+    #[test]
+    fn a_delete_removes_older_concurrent_siblings_and_spares_newer_ones() {
+        let empty = VersionVector::new();
+        let mut d = state(vec![]);
+        d.deleted = Some(DeleteRecord { ts: ts(10, "d"), incarnation: 1, counter: 1 });
+        d.ctx.add(&d.deleted.unwrap().dot());
+        let mut older = state(vec![sib("k", &[8, 1], ts(9, "a"), 1)]);
+        older.join(&d, &empty);
+        assert!(!older.is_alive());
+        let mut newer = state(vec![sib("k", &[8, 1], ts(11, "a"), 1)]);
+        newer.join(&d, &empty);
+        assert!(newer.is_alive());
+    }
+
+    #[test]
+    fn a_forgotten_entity_refuses_what_the_store_has_seen() {
+        let seen = VersionVector::from_entries(vec![(intern("a"), 1, 10)]);
+        let old = state(vec![sib("k", &[8, 1], ts(5, "a"), 3)]);
+        let mut forgotten = EntityState::new(Arc::from("e"), intern("x"));
+        let j = forgotten.join(&old, &seen);
+        assert_eq!((j.changed, j.other_lacks, j.removed_by_summary), (true, true, true), "the context is news, the sibling is not");
+        assert!(!forgotten.is_alive());
     }
 }

@@ -5,7 +5,8 @@
 //! - After `update(r)` succeeds, every later `now()` is greater than `r`.
 //! - A remote timestamp more than `max_offset_ns` ahead of the wall clock is refused
 //!   (`SkewError`) and not adopted, so one bad peer cannot drag every clock forward.
-//! - When the logical counter would overflow, physical advances by 1 ns instead.
+//! - When the logical counter would overflow, physical advances by 1 ns instead; at the
+//!   very top of the range (u64::MAX ns, about the year 2554) it saturates, never wraps.
 //! - Timestamps are totally ordered by (physical, logical, node).
 use crate::intern::Sym;
 use std::cmp::Ordering;
@@ -127,11 +128,27 @@ impl Clock {
     fn tick_logical(&mut self) {
         match self.logical.checked_add(1) {
             Some(l) => self.logical = l,
-            None => {
+            None if self.physical < u64::MAX => {
                 self.physical += 1;
                 self.logical = 0;
             }
+            None => {}
         }
+    }
+
+    /// A stamp for a local write that must order after `t` (a delete the writer saw),
+    /// without moving the clock itself past the allowed offset: the clock's next
+    /// reading if that is later, else the stamp just after `t`.
+    pub fn now_after(&mut self, t: Timestamp) -> Timestamp {
+        let now = self.now();
+        if now > t {
+            return now;
+        }
+        let (physical, logical) = match t.logical.checked_add(1) {
+            Some(l) => (t.physical, l),
+            None => (t.physical.saturating_add(1), 0),
+        };
+        Timestamp { physical, logical, node: self.node }
     }
 }
 

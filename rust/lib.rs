@@ -1,12 +1,14 @@
 //! meshstore's core: the hot path of a replicated entity-component store.
 //!
 //! - `hlc`: hybrid logical clock.
+//! - `causal`: dots and version vectors (what a replica has seen).
 //! - `strategy`: merge strategies dispatched on a component's Any type URL.
 //! - `decode`: entity wire bytes read in place (the write and merge paths).
-//! - `entity`: one entity's CRDT state and its wire form.
-//! - `table`: the entity table (writes, merges, deletes, change log, quarantine).
+//! - `entity`: one entity's CRDT state (siblings, context, delete) and its wire form.
+//! - `table`: the entity table (writes, merges, deletes, context summary, change log).
 //! - `watch`: bounded, coalescing watcher queues.
 //! - `python` (feature "python"): the pyo3 bindings behind `meshstore._core`.
+pub mod causal;
 pub mod decode;
 pub mod entity;
 pub mod error;

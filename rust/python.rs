@@ -5,6 +5,7 @@
 //! scans) release the GIL first; no thread ever waits for the GIL while holding the
 //! table lock (watcher and expiry callbacks run after it is released), so the two
 //! locks cannot deadlock.
+use crate::causal::VersionVector;
 use crate::entity::WallTime;
 use crate::error::Error;
 use crate::hlc::system_wall_ns;
@@ -307,18 +308,22 @@ impl Core {
 #[pymethods]
 impl Core {
     #[new]
-    #[pyo3(signature = (node_id, max_clock_offset, tombstone_ttl, max_entity_bytes))]
-    fn new(node_id: String, max_clock_offset: f64, tombstone_ttl: f64, max_entity_bytes: usize) -> PyResult<Self> {
+    #[pyo3(signature = (node_id, incarnation, max_clock_offset, peer_expiry, max_entity_bytes))]
+    fn new(node_id: String, incarnation: u64, max_clock_offset: f64, peer_expiry: f64, max_entity_bytes: usize) -> PyResult<Self> {
         if node_id.is_empty() {
             return Err(PyValueError::new_err("node_id must not be empty"));
+        }
+        if incarnation == 0 {
+            return Err(PyValueError::new_err("incarnation must not be 0"));
         }
         let offset = Arc::new(AtomicI64::new(0));
         let shift = offset.clone();
         let wall = Box::new(move || system_wall_ns().saturating_add_signed(shift.load(Ordering::Relaxed)));
         let opts = Options {
             node_id,
+            incarnation,
             max_clock_offset_ns: (max_clock_offset * 1e9) as u64,
-            tombstone_ttl_ns: (tombstone_ttl * 1e9) as u64,
+            peer_expiry_ns: (peer_expiry * 1e9) as u64,
             max_entity_bytes,
             ..Options::default()
         };
@@ -369,17 +374,35 @@ impl Core {
         self.run(py, false, |t| t.merge(bytes, source))?.map_err(|e| py_err(py, e))
     }
 
-    #[pyo3(signature = (seq, limit = usize::MAX, skip_source = None))]
+    /// Replica states changed after `seq` (module docs of `table`); `unless_seen`: a
+    /// peer's context summary, whose covered entities are skipped.
+    #[pyo3(signature = (seq, limit = usize::MAX, skip_source = None, unless_seen = None))]
     fn changes_since<'py>(
         &self,
         py: Python<'py>,
         seq: u64,
         limit: usize,
         skip_source: Option<&str>,
+        unless_seen: Option<Vec<(String, u64, u64)>>,
     ) -> PyResult<(Vec<Bound<'py, PyBytes>>, u64)> {
         let skip = skip_source.map(intern);
-        let (states, last) = self.run(py, true, |t| t.changes_since(seq, limit, skip))?.map_err(|e| py_err(py, e))?;
+        let seen = unless_seen.map(vector_of);
+        let (states, last) =
+            self.run(py, true, |t| t.changes_since(seq, limit, skip, seen.as_ref()))?.map_err(|e| py_err(py, e))?;
         Ok((states.iter().map(|b| PyBytes::new(py, b)).collect(), last))
+    }
+
+    /// (seq, [(node, incarnation, counter), ...]): the store's context summary, valid as
+    /// of that seq.
+    fn context_summary(&self) -> (u64, Vec<(&'static str, u64, u64)>) {
+        let t = self.table.lock();
+        (t.seq(), t.context_summary().entries().iter().map(|&(n, i, c)| (n.as_str(), i, c)).collect())
+    }
+
+    /// Adds a peer's context summary to ours (see `Table::adopt`); True if ours grew.
+    fn adopt_context(&self, py: Python<'_>, summary: Vec<(String, u64, u64)>) -> PyResult<bool> {
+        let v = vector_of(summary);
+        self.run(py, false, |t| t.adopt(&v))?.map_err(|e| py_err(py, e))
     }
 
     /// One entity's replica state and its change seq, or None if unknown.
@@ -395,12 +418,7 @@ impl Core {
 
     #[pyo3(signature = (acked_seq = None))]
     fn collect_tombstones(&self, py: Python<'_>, acked_seq: Option<u64>) -> PyResult<usize> {
-        self.run(py, true, |t| t.collect_tombstones(acked_seq))
-    }
-
-    /// Merges quarantined versions whose time has come.
-    fn release_quarantine(&self, py: Python<'_>) -> PyResult<()> {
-        self.run(py, false, |t| t.release_quarantine())
+        self.run(py, true, |t| t.collect_deleted(acked_seq))
     }
 
     #[pyo3(signature = (type_filter, components, min_interval, capacity, include_existing, since_seq))]
@@ -450,7 +468,8 @@ impl Core {
                 )))
             }
         };
-        self.table.lock().registry.register(type_url, Rule { merge, finite: finite.unwrap_or_default() });
+        let bounds = finite.unwrap_or_default().into_iter().map(|f| (f, f64::MIN, f64::MAX)).collect();
+        self.table.lock().register(type_url, Rule::new(merge, bounds));
         Ok(())
     }
 
@@ -475,6 +494,11 @@ impl Core {
         self.table.lock().seq()
     }
 
+    #[getter]
+    fn incarnation(&self) -> u64 {
+        self.table.lock().incarnation()
+    }
+
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let t = self.table.lock();
         let d = PyDict::new(py);
@@ -491,15 +515,21 @@ impl Core {
         d.set_item("rejected", c.rejected)?;
         d.set_item("merges", c.merges)?;
         d.set_item("merges_changed", c.merges_changed)?;
-        d.set_item("quarantined", c.quarantined)?;
-        d.set_item("quarantine_pending", t.quarantined_entities())?;
-        d.set_item("quarantine_released", c.released)?;
+        d.set_item("skewed_stamps", c.skewed_stamps)?;
+        d.set_item("incarnation", t.incarnation())?;
+        d.set_item("dot_counter", t.counter())?;
+        d.set_item("context_nodes", t.context_summary().len())?;
+        d.set_item("contexts_adopted", c.adopted)?;
         d.set_item("tombstones_collected", c.collected)?;
         d.set_item("expired", c.expired)?;
         d.set_item("watchers", t.watchers().len())?;
         d.set_item("coalesced", t.watchers().iter().map(|w| w.stats().coalesced).sum::<u64>())?;
         Ok(d)
     }
+}
+
+fn vector_of(entries: Vec<(String, u64, u64)>) -> VersionVector {
+    VersionVector::from_entries(entries.iter().filter(|e| !e.0.is_empty()).map(|(n, i, c)| (intern(n), *i, *c)).collect())
 }
 
 #[pymodule]

@@ -1,19 +1,21 @@
 //! Merge strategies, dispatched on a component's Any type URL.
 //!
-//! Every strategy is a *total order on cells*, and merging two cells keeps the greater,
-//! so merge is commutative, associative and idempotent by construction. The order is
-//! one lexicographic key for every cell (see `Registry::rank`):
+//! Concurrent writes to a key survive side by side as siblings (see `entity`); a
+//! strategy only picks which one readers see. Every strategy is a *total order on
+//! siblings*, the same on every replica, so every replica shows the same value:
 //!
-//!   (after_delete, epoch, field rank, version, tie-break, type URL, value bytes)
+//!   (field rank, HLC stamp, tie-break, type URL, value bytes)
 //!
-//! - `lww` (default, unknown type URLs): epoch and field rank are 0, so version decides.
-//! - `max(field[, order])`: epoch (causal depth) first, then the field's value (or its
-//!   position in `order`), then version. Concurrent writes from the same state tie on
-//!   epoch and the higher value wins; a writer who saw the value can lower it (epoch+1).
-//! - `lww_tiebreak(field)`: lww, the field's value breaks an exact version tie.
-//! - `after_delete` puts every write made after a delete above every cell written
-//!   before it, so a dead cell never shadows a resurrecting write.
+//! - `lww` (default, unknown type URLs): the rank is 0, so the highest stamp wins.
+//! - `max(field[, order])`: the field's value (or its position in `order`) first, the
+//!   stamp breaks ties. A concurrent HIGH threat is never hidden by lower writes made
+//!   without seeing it, while a writer who saw HIGH replaces it (the write removes the
+//!   siblings it saw, whatever their rank).
+//! - `lww_tiebreak(field)`: lww, the field's value breaks an exact stamp tie.
 //! Type URL and bytes come last only to make the order total.
+//!
+//! A rule also bounds the numeric fields of its type (latitude within +-90, ...): a
+//! value outside them, NaN or an infinity, is refused as bad input.
 use crate::intern::{intern, Sym};
 use crate::wire::{scan, Field};
 use ahash::AHashMap as HashMap;
@@ -29,11 +31,6 @@ pub enum Merge {
 }
 
 impl Merge {
-    /// Strategies of one class share the epoch rule; a component key keeps its class.
-    pub fn uses_epoch(&self) -> bool {
-        matches!(self, Merge::Max { .. })
-    }
-
     pub fn describe(&self) -> String {
         match self {
             Merge::Lww => "lww".into(),
@@ -48,10 +45,24 @@ impl Merge {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rule {
     pub merge: Merge,
-    /// Double/float fields that must be finite (NaN and infinities are refused).
-    pub finite: Vec<u32>,
+    /// (field, min, max) of double/float fields: NaN, infinities and values outside
+    /// [min, max] are refused.
+    pub bounds: Vec<(u32, f64, f64)>,
 }
 
+impl Rule {
+    pub fn new(merge: Merge, bounds: Vec<(u32, f64, f64)>) -> Self {
+        Rule { merge, bounds }
+    }
+
+    fn bounds_of(&self, field: u32) -> Option<(f64, f64)> {
+        self.bounds.iter().find(|b| b.0 == field).map(|b| (b.1, b.2))
+    }
+}
+
+const ANY: f64 = f64::MAX;
+
+#[derive(Clone, Debug)]
 pub struct Registry {
     rules: HashMap<Sym, Rule>,
     default: Rule,
@@ -61,26 +72,25 @@ const PREFIX: &str = "type.googleapis.com/entity.v1.";
 
 impl Default for Registry {
     fn default() -> Self {
-        let mut r = Registry { rules: HashMap::new(), default: Rule { merge: Merge::Lww, finite: vec![] } };
-        let lww = |finite: Vec<u32>| Rule { merge: Merge::Lww, finite };
-        r.register(&format!("{PREFIX}PositionComponent"), lww(vec![1, 2, 3]));
-        r.register(&format!("{PREFIX}VelocityComponent"), lww(vec![1, 2]));
-        r.register(&format!("{PREFIX}FusionComponent"), lww(vec![2, 3, 4]));
+        let mut r = Registry { rules: HashMap::new(), default: Rule::new(Merge::Lww, vec![]) };
+        let lat = (-90.0, 90.0);
+        let lon = (-180.0, 180.0);
+        let unit = (0.0, 1.0);
+        let b = |f: u32, (lo, hi): (f64, f64)| (f, lo, hi);
+        // Position: lat, lon, alt (any finite altitude).
+        r.register(&format!("{PREFIX}PositionComponent"), Rule::new(Merge::Lww, vec![b(1, lat), b(2, lon), b(3, (-ANY, ANY))]));
+        // Velocity: speed (knots, not negative), heading (degrees, either convention).
+        r.register(&format!("{PREFIX}VelocityComponent"), Rule::new(Merge::Lww, vec![b(1, (0.0, ANY)), b(2, (-360.0, 360.0))]));
+        r.register(&format!("{PREFIX}FusionComponent"), Rule::new(Merge::Lww, vec![b(2, lat), b(3, lon), b(4, unit)]));
         // ThreatLevel: UNSPECIFIED < NONE < LOW < MEDIUM < HIGH, other values refused.
-        r.register(
-            &format!("{PREFIX}ThreatComponent"),
-            Rule { merge: Merge::Max { field: 1, order: Some(vec![0, 1, 2, 3, 4]) }, finite: vec![] },
-        );
+        r.register(&format!("{PREFIX}ThreatComponent"), Rule::new(Merge::Max { field: 1, order: Some(vec![0, 1, 2, 3, 4]) }, vec![]));
         // ApprovalState ranks: a decision beats a pending request, a denial beats an approval.
         // UNSPECIFIED=0 PENDING=2 AUTO_APPROVED=1 APPROVED=3 TIMED_OUT=5 DENIED=4.
         r.register(
             &format!("{PREFIX}ApprovalComponent"),
-            Rule { merge: Merge::Max { field: 1, order: Some(vec![0, 2, 1, 3, 5, 4]) }, finite: vec![] },
+            Rule::new(Merge::Max { field: 1, order: Some(vec![0, 2, 1, 3, 5, 4]) }, vec![]),
         );
-        r.register(
-            &format!("{PREFIX}ClassificationComponent"),
-            Rule { merge: Merge::LwwTieBreak { field: 2 }, finite: vec![2] },
-        );
+        r.register(&format!("{PREFIX}ClassificationComponent"), Rule::new(Merge::LwwTieBreak { field: 2 }, vec![b(2, unit)]));
         r
     }
 }
@@ -117,17 +127,19 @@ impl Registry {
             Merge::Max { field, .. } | Merge::LwwTieBreak { field } => *field,
         };
         let mut found: Option<Field> = None;
-        let mut not_finite: Option<u32> = None;
+        let mut out_of_bounds: Option<String> = None;
         scan(value, |n, f| {
             if n == wanted {
                 found = Some(f);
             }
-            if rule.finite.contains(&n) && !is_finite(f) {
-                not_finite = Some(n);
+            if let Some((lo, hi)) = rule.bounds_of(n) {
+                if out_of_bounds.is_none() {
+                    out_of_bounds = check_bounds(n, f, lo, hi);
+                }
             }
         })?;
-        if let Some(n) = not_finite {
-            return Err(format!("field {n} is not a finite number"));
+        if let Some(m) = out_of_bounds {
+            return Err(m);
         }
         let key = match found {
             None => 0,
@@ -148,12 +160,21 @@ impl Registry {
     }
 }
 
-fn is_finite(f: Field) -> bool {
-    match f {
-        Field::Fixed64(bits) => f64::from_bits(bits).is_finite(),
-        Field::Fixed32(bits) => f32::from_bits(bits).is_finite(),
-        _ => true,
+/// Why a float field's value is refused, if it is.
+fn check_bounds(n: u32, f: Field, lo: f64, hi: f64) -> Option<String> {
+    let v = match f {
+        Field::Fixed64(bits) => f64::from_bits(bits),
+        Field::Fixed32(bits) => f32::from_bits(bits) as f64,
+        _ => return None,
+    };
+    if !v.is_finite() {
+        return Some(format!("field {n} is not a finite number"));
     }
+    if v < lo || v > hi {
+        let bound = |x: f64| if x.abs() == ANY { "any".to_string() } else { x.to_string() };
+        return Some(format!("field {n} is {v}, outside [{}, {}]", bound(lo), bound(hi)));
+    }
+    None
 }
 
 /// An unsigned key that orders like the field's value: varints as integers, fixed
@@ -207,8 +228,9 @@ mod tests {
             reg.rank(url, &m)
         };
         assert!(conf(0.9).unwrap() > conf(0.2).unwrap());
-        assert!(conf(0.1).unwrap() > conf(-0.5).unwrap());
+        assert!(conf(0.1).unwrap() > conf(0.0).unwrap());
         assert!(conf(f32::NAN).is_err());
+        assert!(conf(-0.5).unwrap_err().contains("outside [0, 1]"), "confidence is range checked");
     }
 
     #[test]
@@ -218,6 +240,9 @@ mod tests {
         let mut m = vec![0x09];
         m.extend_from_slice(&f64::NAN.to_le_bytes());
         assert!(reg.rank(pos, &m).unwrap_err().contains("field 1"));
+        let mut far = vec![0x09];
+        far.extend_from_slice(&91f64.to_le_bytes());
+        assert!(reg.rank(pos, &far).unwrap_err().contains("outside [-90, 90]"), "latitude is range checked");
         let unknown = intern("type.googleapis.com/acme.Widget");
         assert_eq!(reg.rank(unknown, &[0x08, 0x01]).unwrap(), FieldRank::default());
         assert!(reg.rank(unknown, &[0x0a, 0x09]).is_err(), "malformed bytes refused for any type");
@@ -226,7 +251,7 @@ mod tests {
     #[test]
     fn registered_rules_replace_defaults() {
         let mut reg = Registry::default();
-        reg.register("x/Y", Rule { merge: Merge::Max { field: 2, order: None }, finite: vec![] });
+        reg.register("x/Y", Rule::new(Merge::Max { field: 2, order: None }, vec![]));
         let r = |v: u8| reg.rank(intern("x/Y"), &[0x10, v]).unwrap();
         assert!(r(7) > r(3));
     }

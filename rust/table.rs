@@ -1,25 +1,43 @@
-//! The entity table: local writes (per-key stale check), replication merges (with the
-//! quarantine for versions from the future), deletes and tombstone collection, the
-//! change log behind `changes_since` and watcher resume, and event fan-out.
+//! The entity table: local writes (each key checked against the values its writer saw),
+//! replication merges, deletes and the collection of deleted entities, the store's
+//! context summary, the change log behind `changes_since` and watcher resume, and event
+//! fan-out.
 //!
 //! A local write is split in two so a batch is all-or-nothing: `prepare` decodes and
 //! checks everything that does not depend on the stored state, `commit` applies and can
 //! only fail before it changes anything.
+//!
+//! Dots: the table numbers its node's writes with one counter for its incarnation (a
+//! random id per start without state), so no dot is ever issued twice. A state naming a
+//! dot of this incarnation beyond the counter is refused.
+use crate::causal::{Dot, VersionVector};
+use crate::decode::{decode_entity, RawEntity};
 use crate::entity::*;
 use crate::error::{Error, Result};
 use crate::hlc::{Clock, Timestamp, WallClock};
 use crate::intern::{intern, Sym};
-use crate::decode::{decode_entity, RawEntity};
-use crate::strategy::Registry;
+use crate::strategy::{Registry, Rule};
 use crate::watch::{Event, EventKind, Watch, WatchSpec};
-use ahash::{AHashMap, AHashSet};
+use ahash::AHashMap;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+/// A merged state may hold concurrent siblings of several writers, each within the
+/// limit: replicas accept states up to this many times `max_entity_bytes`.
+pub const MERGE_SLACK: usize = 4;
+
+/// What a new type/expiry register value counts for in size limits: at most, so a
+/// rewrite of an accepted entity is never refused for the register's sake (its value
+/// is a type and two timestamps: 40 bytes at most).
+const META_SIBLING_BYTES: usize = META_KEY.len() + META_URL.len() + 48 + 40;
+
 pub struct Options {
     pub node_id: String,
+    /// This start's incarnation (part of every dot this table issues); never 0.
+    pub incarnation: u64,
     pub max_clock_offset_ns: u64,
-    pub tombstone_ttl_ns: u64,
+    /// A peer silent this long no longer holds back the collection of deleted entities.
+    pub peer_expiry_ns: u64,
     pub max_entity_bytes: usize,
     pub max_id_bytes: usize,
 }
@@ -28,8 +46,9 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             node_id: "node".into(),
+            incarnation: 1,
             max_clock_offset_ns: 500_000_000,
-            tombstone_ttl_ns: 3_600_000_000_000,
+            peer_expiry_ns: 86_400_000_000_000,
             max_entity_bytes: 1 << 20,
             max_id_bytes: 1024,
         }
@@ -41,6 +60,18 @@ pub enum WriteMode {
     Create,
     Update,
     Put,
+}
+
+/// What the writer of a key saw of it.
+#[derive(Debug)]
+enum Base {
+    /// Nothing named: the write replaces whatever the key holds.
+    Blind,
+    /// The values it read (their dots): anything else in the key makes it stale.
+    Dots(Vec<Dot>),
+    /// An entity-level HLC stamp (clients that send no versions): stale if the key
+    /// holds a value stamped after it.
+    Stamp(Timestamp),
 }
 
 /// A checked local write, not yet applied.
@@ -56,13 +87,12 @@ struct NewCell {
     key: Sym,
     type_url: Sym,
     value: Arc<[u8]>,
-    /// The version the writer based this key on; None for a blind write.
-    base: Option<Timestamp>,
+    base: Base,
 }
 
 impl NewCell {
     fn bytes(&self) -> usize {
-        cell_bytes(self.key, self.type_url, self.value.len())
+        sibling_bytes(self.key, self.type_url, self.value.len())
     }
 }
 
@@ -71,6 +101,7 @@ pub struct WriteOutcome {
     pub id: Arc<str>,
     /// The entity after the write (encoded only if asked: `entity_bytes`).
     pub snapshot: Arc<EntityState>,
+    pub registry: Arc<Registry>,
     pub applied: Vec<Sym>,
     pub stale: Vec<Sym>,
     pub unchanged: Vec<Sym>,
@@ -81,7 +112,7 @@ pub struct WriteOutcome {
 impl WriteOutcome {
     /// The entity after the write (user view), as `entity.v1.Entity` bytes.
     pub fn entity_bytes(&self) -> Vec<u8> {
-        self.snapshot.to_bytes(View::USER)
+        self.snapshot.to_bytes(View::USER, &self.registry)
     }
 }
 
@@ -92,24 +123,32 @@ pub struct Counters {
     pub rejected: u64,
     pub merges: u64,
     pub merges_changed: u64,
-    pub quarantined: u64,
-    pub released: u64,
+    /// Merged stamps further ahead of the wall clock than the offset (not adopted by the clock).
+    pub skewed_stamps: u64,
     pub collected: u64,
     pub expired: u64,
+    pub adopted: u64,
 }
 
 pub struct Table {
     clock: Clock,
-    pub registry: Registry,
+    registry: Arc<Registry>,
     opts: Options,
+    /// The last dot counter issued.
+    counter: u64,
+    /// The store's context summary (module docs of `causal`).
+    seen: VersionVector,
     entities: AHashMap<Arc<str>, EntityState>,
     /// seq -> entity whose latest change has that seq.
     log: BTreeMap<u64, Arc<str>>,
     seq: u64,
-    /// Seq of the newest collected tombstone: cursors before it cannot resume.
+    /// Seq of the newest collected entity: cursors before it cannot resume.
     floor: u64,
-    tombstoned: AHashSet<Arc<str>>,
-    quarantine: AHashMap<Arc<str>, EntityState>,
+    /// Deleted entities (no values) -> wall ns when they died.
+    dead: AHashMap<Arc<str>, u64>,
+    /// Set once the store exchanges states with anyone: from then on deleted entities
+    /// wait for the peers' acknowledgements (or `peer_expiry`) before they are forgotten.
+    replicating: bool,
     watchers: Vec<Arc<Watch>>,
     next_watch_id: u64,
     /// Watchers whose async consumer must be woken (drained by the caller).
@@ -124,14 +163,16 @@ impl Table {
         let node = intern(&opts.node_id);
         Table {
             clock: Clock::new(node, opts.max_clock_offset_ns, wall),
-            registry: Registry::default(),
-            opts,
+            registry: Arc::new(Registry::default()),
+            opts: Options { incarnation: opts.incarnation.max(1), ..opts },
+            counter: 0,
+            seen: VersionVector::new(),
             entities: AHashMap::new(),
             log: BTreeMap::new(),
             seq: 0,
             floor: 0,
-            tombstoned: AHashSet::new(),
-            quarantine: AHashMap::new(),
+            dead: AHashMap::new(),
+            replicating: false,
             watchers: Vec::new(),
             next_watch_id: 1,
             wake: Vec::new(),
@@ -144,12 +185,39 @@ impl Table {
         self.clock.node()
     }
 
+    pub fn incarnation(&self) -> u64 {
+        self.opts.incarnation
+    }
+
+    /// The last dot counter this table issued.
+    pub fn counter(&self) -> u64 {
+        self.counter
+    }
+
     pub fn seq(&self) -> u64 {
         self.seq
     }
 
     pub fn clock(&mut self) -> &mut Clock {
         &mut self.clock
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Sets the strategy of a type URL (events already made keep the old registry).
+    pub fn register(&mut self, type_url: &str, rule: Rule) {
+        Arc::make_mut(&mut self.registry).register(type_url, rule);
+    }
+
+    fn next_dot(&mut self) -> Result<u64> {
+        self.counter = self.counter.checked_add(1).ok_or_else(|| {
+            Error::invalid(None, None, "this node's dot counter is exhausted; restart it with a new incarnation".into())
+        })?;
+        let own = Dot { node: self.node(), incarnation: self.opts.incarnation, counter: self.counter };
+        self.seen.add(&own);
+        Ok(self.counter)
     }
 
     // ---- local writes ----------------------------------------------------------------
@@ -190,19 +258,24 @@ impl Table {
                 let msg = format!("entity '{id}': component '{key}' ({url}): {m}");
                 return self.invalid(Some(id), Some(key), msg);
             }
-            let base = match e.version(key) {
-                Some(v) => match version_of(v) {
-                    Ok(v) => Some(v.ts),
-                    Err(m) => {
-                        let msg = format!("entity '{id}': version of '{key}': {m}");
-                        return self.invalid(Some(id), Some(key), msg);
+            let base = match (e.version(key), fallback_base) {
+                (Some(v), _) if v.counter > 0 => {
+                    let mut dots = Vec::with_capacity(1 + v.concurrent.len());
+                    for d in std::iter::once((v.node, v.incarnation, v.counter)).chain(v.concurrent.iter().copied()) {
+                        match dot_of(&d) {
+                            Ok(d) => dots.push(d),
+                            Err(m) => return self.invalid(Some(id), Some(key), format!("entity '{id}': version of '{key}': {m}")),
+                        }
                     }
+                    Base::Dots(dots)
+                }
+                (Some(v), _) => match stamp_of(v) {
+                    Ok(t) => Base::Stamp(t),
+                    Err(m) => return self.invalid(Some(id), Some(key), format!("entity '{id}': version of '{key}': {m}")),
                 },
-                None => fallback_base,
+                (None, Some(t)) => Base::Stamp(t),
+                (None, None) => Base::Blind,
             };
-            if let Some(b) = base {
-                self.check_skew(id, Some(key), || format!("the base version of '{key}'"), b)?;
-            }
             cells.push(NewCell { key: intern(key), type_url, value: value.into(), base });
         }
         let expiry = e.expiry_time.map(|t| (t != (0, 0)).then_some(t));
@@ -236,9 +309,29 @@ impl Table {
         })
     }
 
+    /// Refuses a stamp base (an HLC the writer claims to have read) ahead of our clock by
+    /// more than the offset, unless this store handed it out (the entity holds it).
+    fn check_bases(&mut self, p: &Prepared) -> Result<()> {
+        let latest = self.entities.get(&p.id).and_then(EntityState::max_stamp);
+        for c in &p.cells {
+            if let Base::Stamp(t) = c.base {
+                if latest.is_none_or(|l| t > l) {
+                    let key = c.key.as_str();
+                    self.check_skew(&p.id, Some(key), || format!("the base version of '{key}'"), t)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Applies a prepared write. Fails only before changing anything.
     pub fn commit(&mut self, p: Prepared, mode: WriteMode, strict: bool) -> Result<WriteOutcome> {
-        self.release_quarantine();
+        self.apply(p, mode, strict, true)
+    }
+
+    /// `commit`; `check_size: false` when the caller already checked the whole batch.
+    fn apply(&mut self, p: Prepared, mode: WriteMode, strict: bool, check_size: bool) -> Result<WriteOutcome> {
+        self.check_bases(&p)?;
         let stored = self.entities.get(&p.id);
         let was_alive = stored.is_some_and(EntityState::is_alive);
         match mode {
@@ -248,69 +341,83 @@ impl Table {
         }
         let (mut applied, mut stale, mut unchanged) = (vec![], vec![], vec![]);
         for c in &p.cells {
-            match stored.and_then(|s| s.live_cell(c.key)) {
-                Some(s) if c.base.is_some_and(|b| s.version.ts > b) => stale.push(c.key),
-                Some(s) if s.type_url == c.type_url && *s.value == *c.value => unchanged.push(c.key),
-                _ => applied.push(c.key),
+            let run = stored.map_or(&[][..], |s| s.siblings(c.key));
+            let is_stale = match &c.base {
+                Base::Blind => false,
+                Base::Dots(seen) => run.iter().any(|s| !seen.contains(&s.dot())),
+                Base::Stamp(t) => run.iter().any(|s| s.ts > *t),
+            };
+            if is_stale {
+                stale.push(c.key);
+            } else if run.len() == 1 && run[0].type_url == c.type_url && *run[0].value == *c.value {
+                unchanged.push(c.key);
+            } else {
+                applied.push(c.key);
             }
         }
         if strict && !stale.is_empty() {
             self.counters.stale_keys += stale.len() as u64;
             return Err(Error::Stale { id: p.id.to_string(), keys: stale.iter().map(|k| k.as_str().to_string()).collect() });
         }
-        let type_change = p.etype != 0 && p.etype != stored.map_or(0, |s| s.etype);
-        // A write that brings an entity back does not inherit the expiry of its old life.
-        let expiry = if was_alive { p.expiry } else { Some(p.expiry.flatten()) };
-        let expiry_change = expiry.is_some_and(|x| x != stored.and_then(|s| s.expiry));
-        let changed = !applied.is_empty() || type_change || expiry_change || !was_alive;
-        if !applied.is_empty() {
-            self.check_size(&p.id, &[], &p.cells)?;
+        // The type/expiry register: written when the entity (re)starts a life or the
+        // write changes either. A new life does not inherit the expiry of the old one.
+        let current = stored.filter(|_| was_alive).map_or(Meta::default(), |s| s.meta(&self.registry));
+        let mut meta = Meta {
+            etype: if p.etype != 0 { p.etype } else { current.etype },
+            expiry: p.expiry.unwrap_or(current.expiry),
+            created_at: current.created_at,
+        };
+        let write_meta = !was_alive || meta.etype != current.etype || meta.expiry != current.expiry;
+        let changed = !applied.is_empty() || write_meta;
+        if check_size && changed {
+            let mut sizes: Vec<(Sym, usize)> =
+                p.cells.iter().filter(|c| applied.contains(&c.key)).map(|c| (c.key, c.bytes())).collect();
+            if write_meta {
+                sizes.push((intern(META_KEY), META_SIBLING_BYTES));
+            }
+            self.check_size(&p.id, &sizes)?;
         }
         self.counters.writes += 1;
         self.counters.stale_keys += stale.len() as u64;
+        let registry = self.registry.clone();
         if !changed {
             let snapshot = Arc::new(self.entities[&p.id].clone());
-            return Ok(WriteOutcome { id: p.id, snapshot, applied, stale, unchanged, created: false });
+            return Ok(WriteOutcome { id: p.id, snapshot, registry, applied, stale, unchanged, created: false });
         }
-
-        let ts = self.clock.now();
-        let state = self.entities.entry(p.id.clone()).or_insert_with(|| EntityState::new(p.id.clone(), ts.node));
-        let expiry_before = state.is_alive().then_some(state.expiry).flatten();
+        let needed = applied.len() as u64 + write_meta as u64;
+        if self.counter.checked_add(needed).is_none() {
+            return self.invalid(Some(&p.id), None, "this node's dot counter is exhausted; restart it with a new incarnation".into());
+        }
+        let ts = self.stamp_for(&p.id)?;
+        let incarnation = self.opts.incarnation;
+        let mut new_sibs = Vec::with_capacity(needed as usize);
         for c in p.cells.into_iter().filter(|c| applied.contains(&c.key)) {
-            let stored = state.cell(c.key);
-            // Epochs count causal depth for max strategies. A key that held a max cell
-            // keeps counting whatever its new type, so the new cell outranks the old one.
-            let stored_epoch = stored.map_or(0, |s| s.version.epoch);
-            let epoch = if self.registry.rule(c.type_url).merge.uses_epoch() || stored_epoch > 0 {
-                stored_epoch + 1
-            } else {
-                0
-            };
-            // The stored cell may have been written over a tombstone we do not hold yet
-            // (quarantined): the new cell must outrank it all the same.
-            let after_delete = state.tombstone.max(stored.and_then(|s| s.version.after_delete));
-            let version = Version { ts, epoch, after_delete };
-            state.set_cell(Cell { key: c.key, type_url: c.type_url, version, value: c.value });
+            let counter = self.next_dot()?;
+            new_sibs.push(Sibling { key: c.key, type_url: c.type_url, ts, incarnation, counter, value: c.value });
         }
-        if type_change || expiry_change || state.meta_version.is_none() {
-            if type_change {
-                state.etype = p.etype;
+        if write_meta {
+            if !was_alive {
+                meta.created_at = Some(wall_time_of(ts.physical));
             }
-            if let Some(x) = expiry {
-                state.expiry = x;
-            }
-            state.meta_version = Some(ts);
+            let counter = self.next_dot()?;
+            let (key, type_url) = (intern(META_KEY), intern(META_URL));
+            new_sibs.push(Sibling { key, type_url, ts, incarnation, counter, value: meta.to_bytes().into() });
         }
-        state.presence = Some(ts);
-        state.created_at = state.created_at.or(Some(wall_time_of(ts.physical)));
+        let expiry_before = self.live_expiry(&p.id);
+        let state = self.entities.entry(p.id.clone()).or_insert_with(|| EntityState::new(p.id.clone(), ts.node));
+        for s in new_sibs {
+            state.ctx.add(&s.dot());
+            state.replace_key(s);
+        }
+        state.refresh(&registry);
         state.source = ts.node;
         if !was_alive {
-            self.tombstoned.remove(&p.id);
+            self.dead.remove(&p.id);
         }
         self.note_expiry(&p.id, expiry_before);
         let kind = if was_alive { EventKind::Updated } else { EventKind::Created };
         let snapshot = self.record(&p.id, Some(kind), true).expect("a snapshot was asked for");
-        Ok(WriteOutcome { id: p.id, snapshot, applied, stale, unchanged, created: !was_alive })
+        Ok(WriteOutcome { id: p.id, snapshot, registry, applied, stale, unchanged, created: !was_alive })
     }
 
     pub fn write(&mut self, bytes: &[u8], mode: WriteMode, strict: bool) -> Result<WriteOutcome> {
@@ -318,20 +425,36 @@ impl Table {
         self.commit(p, mode, strict)
     }
 
-    /// Fails if writing `cells` over the entity's live cells, and over the `earlier`
-    /// cells (key, bytes; one per key) of the same batch, would take it past the size limit.
-    fn check_size(&mut self, id: &Arc<str>, earlier: &[(Sym, usize)], cells: &[NewCell]) -> Result<()> {
-        let written = |key: Sym| cells.iter().any(|c| c.key == key);
-        let mut total = id.len() + cells.iter().map(NewCell::bytes).sum::<usize>();
-        // Earlier writes of the batch (one entry per key) that this one does not replace.
-        total += earlier.iter().filter(|&&(key, _)| !written(key)).map(|&(_, bytes)| bytes).sum::<usize>();
-        if let Some(s) = self.entities.get(id) {
-            total += s
-                .cells
-                .iter()
-                .filter(|c| c.is_live(s.tombstone) && !written(c.key) && !earlier.iter().any(|&(k, _)| k == c.key))
-                .map(Cell::bytes)
-                .sum::<usize>();
+    /// A stamp for a local change of entity `id`: the clock's, unless the entity holds a
+    /// delete stamped at or after it (from a clock far ahead): then just after the
+    /// entity's latest stamp, so the change outlives the delete it saw (the clock itself
+    /// never jumps). Fails only if no such stamp exists (a delete at the end of time).
+    fn stamp_for(&mut self, id: &str) -> Result<Timestamp> {
+        let state = self.entities.get(id);
+        let (Some(latest), Some(_)) = (state.and_then(EntityState::max_stamp), state.and_then(|s| s.deleted)) else {
+            return Ok(self.clock.now());
+        };
+        let ts = self.clock.now_after(latest);
+        if ts <= latest {
+            let msg = format!("entity '{id}' was deleted at the end of the clock's range; it cannot be written again");
+            return self.invalid(Some(id), None, msg);
+        }
+        Ok(ts)
+    }
+
+    /// Fails if replacing the keys in `writes` (key, bytes of its new value) would take
+    /// the entity's replica state past the size limit: the values it keeps, the new ones,
+    /// and its context with this node's entry.
+    fn check_size(&mut self, id: &Arc<str>, writes: &[(Sym, usize)]) -> Result<()> {
+        let written = |key: Sym| writes.iter().any(|w| w.0 == key);
+        let own = Dot { node: self.node(), incarnation: self.opts.incarnation, counter: 1 };
+        let mut total = id.len() + writes.iter().map(|w| w.1).sum::<usize>();
+        match self.entities.get(id) {
+            Some(s) => {
+                total += s.sibs.iter().filter(|x| !written(x.key)).map(Sibling::bytes).sum::<usize>();
+                total += (s.ctx.len() + !s.ctx.contains(&own) as usize) * CONTEXT_ENTRY_BYTES;
+            }
+            None => total += CONTEXT_ENTRY_BYTES,
         }
         if total > self.opts.max_entity_bytes {
             let msg = format!("entity '{id}' would hold {total} bytes, over the limit of {}", self.opts.max_entity_bytes);
@@ -343,7 +466,7 @@ impl Table {
     /// Upserts a batch: every entity is checked before any is applied.
     pub fn put_many(&mut self, batch: &[&[u8]]) -> Result<Vec<WriteOutcome>> {
         let mut prepared = Vec::with_capacity(batch.len());
-        // The cells (key, bytes) earlier items of the batch write to each entity, one per key.
+        // The keys (and their bytes) earlier items of the batch write to each entity.
         let mut written: AHashMap<Arc<str>, Vec<(Sym, usize)>> = AHashMap::with_capacity(batch.len());
         for (i, bytes) in batch.iter().enumerate() {
             let item = |e: Error| match e {
@@ -351,36 +474,45 @@ impl Table {
                 other => other,
             };
             let p = self.prepare(bytes).map_err(item)?;
-            let earlier = written.get(&p.id).map_or(&[][..], Vec::as_slice);
-            if !p.cells.is_empty() {
-                self.check_size(&p.id, earlier, &p.cells).map_err(item)?;
-            }
-            let sizes = written.entry(p.id.clone()).or_default();
+            self.check_bases(&p).map_err(item)?;
+            let sizes = written.entry(p.id.clone()).or_insert_with(|| vec![(intern(META_KEY), META_SIBLING_BYTES)]);
             for c in &p.cells {
                 match sizes.iter_mut().find(|(key, _)| *key == c.key) {
                     Some(size) => size.1 = c.bytes(),
                     None => sizes.push((c.key, c.bytes())),
                 }
             }
+            if !p.cells.is_empty() {
+                let sizes = sizes.clone();
+                self.check_size(&p.id, &sizes).map_err(item)?;
+            }
             prepared.push(p);
         }
-        Ok(prepared
-            .into_iter()
-            .map(|p| self.commit(p, WriteMode::Put, false).expect("a put of a prepared entity cannot fail"))
-            .collect())
+        let mut out = Vec::with_capacity(prepared.len());
+        for p in prepared {
+            // Checked above, sizes included; only an exhausted dot counter could fail here.
+            out.push(self.apply(p, WriteMode::Put, false, false)?);
+        }
+        Ok(out)
     }
 
     pub fn delete(&mut self, id: &str) -> Result<()> {
-        self.release_quarantine();
-        let Some(state) = self.entities.get_mut(id).filter(|s| s.is_alive()) else {
+        let Some(state) = self.entities.get(id).filter(|s| s.is_alive()) else {
             return Err(Error::NotFound(id.into()));
         };
-        let ts = self.clock.now();
-        let expiry_before = state.expiry;
-        state.tombstone = Some(ts);
-        state.source = ts.node;
         let id = state.id.clone();
-        self.tombstoned.insert(id.clone());
+        let ts = self.stamp_for(&id)?;
+        let expiry_before = self.live_expiry(&id);
+        let counter = self.next_dot()?;
+        let record = DeleteRecord { ts, incarnation: self.opts.incarnation, counter };
+        let state = self.entities.get_mut(&id).expect("checked above");
+        state.sibs.clear();
+        state.ctx.add(&record.dot());
+        state.deleted = Some(record);
+        state.refresh(&self.registry);
+        state.source = ts.node;
+        let wall = self.clock.wall_ns();
+        self.dead.insert(id.clone(), wall);
         self.note_expiry(&id, expiry_before);
         self.record(&id, Some(EventKind::Deleted), false);
         Ok(())
@@ -399,7 +531,7 @@ impl Table {
     /// Gives a stored entity's latest change the next seq and tells the watchers.
     /// Returns a snapshot of it if `snapshot` is asked for (or None).
     fn record(&mut self, id: &Arc<str>, kind: Option<EventKind>, snapshot: bool) -> Option<Arc<EntityState>> {
-        self.seq += 1;
+        self.seq = self.seq.saturating_add(1);
         let state = self.entities.get_mut(id).expect("a recorded entity is stored");
         if state.seq != 0 {
             self.log.remove(&state.seq);
@@ -417,9 +549,12 @@ impl Table {
         Some(snap)
     }
 
+    fn live_expiry(&self, id: &str) -> Option<WallTime> {
+        self.entities.get(id).filter(|s| s.is_alive()).and_then(|s| s.expiry)
+    }
+
     fn note_expiry(&mut self, id: &Arc<str>, before: Option<WallTime>) {
-        let state = &self.entities[id];
-        let after = state.is_alive().then_some(state.expiry).flatten();
+        let after = self.live_expiry(id);
         if after != before {
             self.expiry_changes.push((id.clone(), after));
         }
@@ -427,33 +562,38 @@ impl Table {
 
     // ---- reads -----------------------------------------------------------------------
 
-    pub fn get(&mut self, id: &str) -> Result<Vec<u8>> {
-        self.release_quarantine();
+    pub fn get(&self, id: &str) -> Result<Vec<u8>> {
         match self.entities.get(id) {
-            Some(s) if s.is_alive() => Ok(s.to_bytes(View::USER)),
+            Some(s) if s.is_alive() => Ok(s.to_bytes(View::USER, &self.registry)),
             _ => Err(Error::NotFound(id.into())),
         }
     }
 
-    pub fn list(&mut self, type_filter: i32) -> Vec<Vec<u8>> {
-        self.release_quarantine();
+    pub fn list(&self, type_filter: i32) -> Vec<Vec<u8>> {
         let mut alive: Vec<&EntityState> = self
             .entities
             .values()
-            .filter(|s| s.is_alive() && (type_filter == 0 || s.etype == type_filter))
+            .filter(|s| s.is_alive() && (type_filter == 0 || s.shown_type() == type_filter))
             .collect();
         alive.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-        alive.into_iter().map(|s| s.to_bytes(View::USER)).collect()
+        alive.into_iter().map(|s| s.to_bytes(View::USER, &self.registry)).collect()
     }
 
     /// Every entity changed after `seq`, in its current replica state and seq order, up
-    /// to `limit` of them, skipping those whose latest change came from `skip_source`.
-    /// Returns them with the seq the caller has now seen.
-    pub fn changes_since(&mut self, seq: u64, limit: usize, skip_source: Option<Sym>) -> Result<(Vec<Vec<u8>>, u64)> {
-        self.release_quarantine();
+    /// to `limit` of them, skipping those whose latest change came from `skip_source` and
+    /// those whose every write `unless_seen` (a peer's context summary) covers. Returns
+    /// them with the seq the caller has now seen.
+    pub fn changes_since(
+        &mut self,
+        seq: u64,
+        limit: usize,
+        skip_source: Option<Sym>,
+        unless_seen: Option<&VersionVector>,
+    ) -> Result<(Vec<Vec<u8>>, u64)> {
         if self.cursor_expired(seq) {
             return Err(Error::CursorExpired { seq, floor: self.floor });
         }
+        self.replicating = true;
         let mut out = Vec::new();
         let mut last = self.seq;
         for (&s, id) in self.log.range(seq + 1..) {
@@ -462,17 +602,17 @@ impl Table {
                 break;
             }
             let state = &self.entities[id];
-            if skip_source != Some(state.source) {
-                out.push(state.to_bytes(View::REPLICA));
+            if skip_source == Some(state.source) || unless_seen.is_some_and(|v| state.ctx.covered_by(v)) {
+                continue;
             }
+            out.push(state.to_bytes(View::REPLICA, &self.registry));
         }
         Ok((out, last))
     }
 
-    /// One entity's replica state (tombstoned ones too), with its change seq.
-    pub fn replica_state(&mut self, id: &str) -> Option<(Vec<u8>, u64)> {
-        self.release_quarantine();
-        self.entities.get(id).map(|s| (s.to_bytes(View::REPLICA), s.seq))
+    /// One entity's replica state (deleted ones too, until collected), with its change seq.
+    pub fn replica_state(&self, id: &str) -> Option<(Vec<u8>, u64)> {
+        self.entities.get(id).map(|s| (s.to_bytes(View::REPLICA, &self.registry), s.seq))
     }
 
     // ---- replication -----------------------------------------------------------------
@@ -480,8 +620,9 @@ impl Table {
     /// Joins a replica's state received from node `source` (empty: the node of its latest
     /// change). Returns true if ours changed.
     pub fn merge(&mut self, bytes: &[u8], source: &str) -> Result<bool> {
-        if bytes.len() > self.opts.max_entity_bytes {
-            return self.invalid(None, None, format!("replica state is {} bytes, over the limit", bytes.len()));
+        let limit = self.opts.max_entity_bytes.saturating_mul(MERGE_SLACK);
+        if bytes.len() > limit {
+            return self.invalid(None, None, format!("replica state is {} bytes, over the limit of {limit}", bytes.len()));
         }
         let e = match decode_entity(bytes) {
             Ok(e) => e,
@@ -493,40 +634,71 @@ impl Table {
             Ok(s) => s,
             Err(m) => return self.invalid(Some(e.id), None, format!("entity '{}': {m}", e.id)),
         };
+        self.check_own_dots(&remote.ctx).map_err(|m| {
+            self.counters.rejected += 1;
+            Error::invalid(Some(e.id), None, format!("entity '{}': {m}", e.id))
+        })?;
+        self.replicating = true;
         self.counters.merges += 1;
-        self.release_quarantine();
-        let (now, future) = self.split_future(remote);
-        if let Some(future) = future {
-            self.counters.quarantined += 1;
-            match self.quarantine.get_mut(&future.id) {
-                Some(q) => {
-                    q.join(&future, &self.registry);
-                }
-                None => {
-                    self.quarantine.insert(future.id.clone(), future);
-                }
+        if let Some(t) = remote.max_stamp() {
+            // A stamp too far ahead is merged all the same (it competes only with writes
+            // concurrent to it) but never drags our clock forward.
+            if self.clock.update(t).is_err() {
+                self.counters.skewed_stamps += 1;
             }
         }
-        Ok(now.is_some_and(|s| self.join_state(s)))
+        Ok(self.join_state(remote))
+    }
+
+    /// Refuses writes of this incarnation that it never made.
+    fn check_own_dots(&self, ctx: &VersionVector) -> std::result::Result<(), String> {
+        let claimed = ctx.get(self.node(), self.opts.incarnation);
+        if claimed > self.counter {
+            return Err(format!(
+                "names write {claimed} of this node ({}, incarnation {:016x}), which has made only {}",
+                self.node().as_str(),
+                self.opts.incarnation,
+                self.counter
+            ));
+        }
+        Ok(())
     }
 
     fn join_state(&mut self, remote: EntityState) -> bool {
-        if let Some(t) = remote.max_timestamp() {
-            self.clock.update(t).expect("quarantine keeps future versions out of the clock");
-        }
         let node = self.node();
-        let state = self.entities.entry(remote.id.clone()).or_insert_with(|| EntityState::new(remote.id.clone(), remote.source));
-        let (was_alive, expiry_before) = (state.is_alive(), state.is_alive().then_some(state.expiry).flatten());
-        let (changed, remote_lacks) = state.join(&remote, &self.registry);
-        if !changed {
-            if state.presence.is_none() && state.tombstone.is_none() {
-                self.entities.remove(&remote.id); // an empty remote state made nothing
-            }
+        let wall = self.clock.wall_ns();
+        let known = self.entities.contains_key(&remote.id);
+        let mut fresh = None;
+        let state = match self.entities.get_mut(&remote.id) {
+            Some(s) => s,
+            None => fresh.insert(EntityState::new(remote.id.clone(), remote.source)),
+        };
+        let (was_alive, expiry_before) = (state.is_alive(), state.expiry.filter(|_| state.is_alive()));
+        let joined = state.join(&remote, &self.seen);
+        if !joined.changed {
             return false;
         }
-        self.counters.merges_changed += 1;
+        let remote_lacks = joined.other_lacks;
+        if joined.removed_by_summary {
+            // We dropped values of theirs that only our summary had seen (the entity was
+            // forgotten here after its delete). Our answer must carry that news, and a
+            // context they have seen all of would not (a peer filters on contexts): a
+            // fresh dot of ours marks it.
+            if let Some(counter) = self.counter.checked_add(1) {
+                self.counter = counter;
+                let dot = Dot { node, incarnation: self.opts.incarnation, counter };
+                self.seen.add(&dot);
+                state.ctx.add(&dot);
+            }
+        }
+        state.refresh(&self.registry);
         state.source = if remote_lacks { node } else { remote.source };
         let is_alive = state.is_alive();
+        if let Some(s) = fresh {
+            self.entities.insert(s.id.clone(), s);
+        }
+        debug_assert!(known || self.entities.contains_key(&remote.id));
+        self.counters.merges_changed += 1;
         let kind = match (was_alive, is_alive) {
             (false, true) => Some(EventKind::Created),
             (true, true) => Some(EventKind::Updated),
@@ -534,108 +706,70 @@ impl Table {
             (false, false) => None,
         };
         if is_alive {
-            self.tombstoned.remove(&remote.id);
+            self.dead.remove(&remote.id);
         } else {
-            self.tombstoned.insert(remote.id.clone());
+            self.dead.entry(remote.id.clone()).or_insert(wall);
         }
         self.note_expiry(&remote.id, expiry_before);
         self.record(&remote.id, kind, false);
         true
     }
 
-    /// Splits off the parts of a remote state stamped beyond the clock offset.
-    fn split_future(&self, mut s: EntityState) -> (Option<EntityState>, Option<EntityState>) {
-        let limit = self.clock.wall_ns().saturating_add(self.clock.max_offset_ns());
-        let ahead = |t: &Option<Timestamp>| t.is_some_and(|t| t.physical > limit);
-        if s.max_timestamp().is_none_or(|t| t.physical <= limit) {
-            return (Some(s), None);
-        }
-        let mut future = EntityState::new(s.id.clone(), s.source);
-        let (keep, later): (Vec<Cell>, Vec<Cell>) = s.cells.drain(..).partition(|c| c.version.ts.physical <= limit);
-        s.cells = keep;
-        future.cells = later;
-        if ahead(&s.presence) {
-            future.presence = s.presence.take();
-            s.presence = s.cells.iter().map(|c| c.version.ts).max();
-        }
-        if ahead(&s.tombstone) {
-            future.tombstone = s.tombstone.take();
-        }
-        if ahead(&s.meta_version) {
-            future.meta_version = s.meta_version.take();
-            future.etype = s.etype;
-            future.expiry = s.expiry.take();
-        }
-        future.created_at = s.created_at;
-        if s.presence.is_none() && s.tombstone.is_none() {
-            // Nothing left to merge now: the metadata waits with the rest, or it would be
-            // lost (and a later re-encoding would invent a register from the presence).
-            future.meta_version = future.meta_version.or(s.meta_version.take());
-            future.etype = s.etype;
-            future.expiry = future.expiry.or(s.expiry.take());
-            return (None, Some(future));
-        }
-        (Some(s), Some(future))
+    /// The store's context summary: every write it has seen all of.
+    pub fn context_summary(&self) -> &VersionVector {
+        &self.seen
     }
 
-    /// Merges quarantined parts whose time has come.
-    pub fn release_quarantine(&mut self) {
-        if self.quarantine.is_empty() {
-            return;
+    /// Adds a peer's context summary to ours, once everything it covers has been merged
+    /// here (the caller's promise: see the mesh protocol). Returns true if ours grew.
+    pub fn adopt(&mut self, summary: &VersionVector) -> Result<bool> {
+        if let Err(m) = self.check_own_dots(summary) {
+            self.counters.rejected += 1;
+            return Err(Error::invalid(None, None, format!("context summary {m}")));
         }
-        let ids: Vec<Arc<str>> = self.quarantine.keys().cloned().collect();
-        for id in ids {
-            let q = self.quarantine.remove(&id).expect("listed id");
-            let (now, future) = self.split_future(q);
-            if let Some(f) = future {
-                self.quarantine.insert(id, f);
-            }
-            if let Some(n) = now {
-                self.counters.released += 1;
-                self.join_state(n);
-            }
-        }
+        let grew = self.seen.join(summary);
+        self.counters.adopted += grew as u64;
+        Ok(grew)
     }
 
-    pub fn quarantined_entities(&self) -> usize {
-        self.quarantine.len()
-    }
+    // ---- deleted entities ------------------------------------------------------------
 
-    // ---- tombstones ------------------------------------------------------------------
-
-    /// A cursor before a collected tombstone would miss that delete. Seq 0 asks for a
-    /// full snapshot, which the log always holds.
+    /// A cursor before a collected entity would miss its delete. Seq 0 asks for a full
+    /// snapshot, which the log always holds.
     fn cursor_expired(&self, seq: u64) -> bool {
         seq != 0 && seq < self.floor
     }
 
-    /// Forgets deleted entities acknowledged by every peer (change seq <= `acked`) or
-    /// older than the tombstone TTL. Returns how many were collected.
-    pub fn collect_tombstones(&mut self, acked: Option<u64>) -> usize {
+    /// Forgets deleted entities that no replica can need any more: their every write is
+    /// covered by the store's context summary (so no old state can bring one back), and
+    /// every peer acknowledged the delete (change seq <= `acked`), or it is older than
+    /// `peer_expiry`, or the store never replicated. Returns how many were forgotten.
+    pub fn collect_deleted(&mut self, acked: Option<u64>) -> usize {
         let wall = self.clock.wall_ns();
-        let ttl = self.opts.tombstone_ttl_ns;
-        let ids: Vec<Arc<str>> = self.tombstoned.iter().cloned().collect();
-        let mut collected = 0;
-        for id in ids {
-            let Some(s) = self.entities.get(&id) else {
-                self.tombstoned.remove(&id);
-                continue;
-            };
+        let expiry = self.opts.peer_expiry_ns;
+        let mut gone = Vec::new();
+        self.dead.retain(|id, died| {
+            let Some(s) = self.entities.get(id) else { return false };
             if s.is_alive() {
-                self.tombstoned.remove(&id);
-                continue;
+                return false;
             }
-            let expired = s.tombstone.is_some_and(|t| t.physical.saturating_add(ttl) <= wall);
-            if expired || acked.is_some_and(|a| s.seq <= a) {
-                self.floor = self.floor.max(s.seq);
-                self.log.remove(&s.seq);
-                self.entities.remove(&id);
-                self.tombstoned.remove(&id);
-                collected += 1;
+            let released = !self.replicating || acked.is_some_and(|a| s.seq <= a) || died.saturating_add(expiry) <= wall;
+            // A delete stamped ahead of our clock stays until the clock passes it: new
+            // writes are then stamped after it even here, where it is forgotten.
+            let current = s.deleted.is_none_or(|d| d.ts.physical <= wall);
+            if released && current && s.ctx.covered_by(&self.seen) {
+                gone.push((id.clone(), s.seq));
+                return false;
             }
+            true
+        });
+        for (id, seq) in &gone {
+            self.floor = self.floor.max(*seq);
+            self.log.remove(seq);
+            self.entities.remove(id);
         }
-        self.counters.collected += collected as u64;
-        collected
+        self.counters.collected += gone.len() as u64;
+        gone.len()
     }
 
     // ---- watchers --------------------------------------------------------------------
@@ -643,7 +777,6 @@ impl Table {
     /// Registers a watcher; with `since`, first queues every entity changed after that
     /// cursor (current state), else with `include_existing` every live entity.
     pub fn watch(&mut self, spec: WatchSpec, include_existing: bool, since: Option<u64>) -> Result<Arc<Watch>> {
-        self.release_quarantine();
         if let Some(seq) = since {
             if self.cursor_expired(seq) {
                 return Err(Error::CursorExpired { seq, floor: self.floor });
@@ -665,8 +798,8 @@ impl Table {
                     (false, true) => EventKind::Deleted,
                     (false, false) => continue,
                 };
-                if w.matches(s.etype) {
-                    w.push(event_for(&w, &Arc::new(s.clone()), kind));
+                if w.matches(s.shown_type()) {
+                    w.push(event_for(&w, &Arc::new(s.clone()), kind, &self.registry));
                 }
             }
         }
@@ -686,7 +819,7 @@ impl Table {
     fn emit(&mut self, state: &Arc<EntityState>, kind: EventKind) {
         self.watchers.retain(|w| !w.is_closed());
         for w in &self.watchers {
-            if w.matches(state.etype) && w.push(event_for(w, state, kind)) {
+            if w.matches(state.shown_type()) && w.push(event_for(w, state, kind, &self.registry)) {
                 self.wake.push(w.id);
             }
         }
@@ -696,8 +829,9 @@ impl Table {
         &self.watchers
     }
 
+    /// (alive, deleted and not yet forgotten)
     pub fn entity_count(&self) -> (usize, usize) {
-        let dead = self.tombstoned.len();
+        let dead = self.dead.len();
         (self.entities.len() - dead, dead)
     }
 
@@ -711,7 +845,7 @@ impl Table {
 }
 
 /// The event for one watcher: a shared snapshot, encoded only when delivered.
-fn event_for(w: &Watch, s: &Arc<EntityState>, kind: EventKind) -> Event {
+fn event_for(w: &Watch, s: &Arc<EntityState>, kind: EventKind, registry: &Arc<Registry>) -> Event {
     Event {
         seq: s.seq,
         cursor: s.seq,
@@ -720,5 +854,6 @@ fn event_for(w: &Watch, s: &Arc<EntityState>, kind: EventKind) -> Event {
         source: s.source,
         state: s.clone(),
         projection: w.spec.projection.clone(),
+        registry: registry.clone(),
     }
 }

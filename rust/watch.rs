@@ -13,6 +13,7 @@
 //! first change folded into each pending slot bounds it). Resuming from the last
 //! delivered cursor misses nothing; it equals the change seq when nothing was reordered.
 use crate::entity::{EntityState, View};
+use crate::strategy::Registry;
 use crate::intern::Sym;
 use parking_lot::{Condvar, Mutex};
 use std::cmp::Reverse;
@@ -51,12 +52,14 @@ pub struct Event {
     pub state: Arc<EntityState>,
     /// The watcher's component projection.
     pub projection: Option<Arc<[Sym]>>,
+    /// The strategies in force when the event was made (they pick the values shown).
+    pub registry: Arc<Registry>,
 }
 
 impl Event {
     /// The entity (user view, projected) as `entity.v1.Entity` bytes.
     pub fn entity_bytes(&self) -> Vec<u8> {
-        self.state.to_bytes(View { full: false, projection: self.projection.as_deref() })
+        self.state.to_bytes(View { full: false, projection: self.projection.as_deref() }, &self.registry)
     }
 }
 
@@ -300,7 +303,8 @@ mod tests {
 
     fn ev(seq: u64, id: &str, kind: EventKind) -> Event {
         let state = Arc::new(EntityState::new(Arc::from(id), intern("n")));
-        Event { seq, cursor: seq, kind, id: Arc::from(id), source: intern("n"), state, projection: None }
+        let registry = Arc::new(Registry::default());
+        Event { seq, cursor: seq, kind, id: Arc::from(id), source: intern("n"), state, projection: None, registry }
     }
 
     fn watch(capacity: usize, min_interval: Duration) -> Watch {

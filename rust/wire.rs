@@ -70,6 +70,17 @@ pub fn varint_field_len(tag: u32, v: u64) -> usize {
     if v == 0 { 0 } else { key_len(tag) + encoded_len_varint(v) }
 }
 
+pub fn put_fixed64_field(out: &mut Vec<u8>, tag: u32, v: u64) {
+    if v != 0 {
+        encode_varint(((tag as u64) << 3) | 1, out);
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+pub fn fixed64_field_len(tag: u32, v: u64) -> usize {
+    if v == 0 { 0 } else { key_len(tag) + 8 }
+}
+
 /// Writes the key and length prefix of a length-delimited field of `len` bytes.
 pub fn put_len_prefix(out: &mut Vec<u8>, tag: u32, len: usize) {
     encode_varint(((tag as u64) << 3) | 2, out);

@@ -91,8 +91,8 @@ class Node:
 
     async def start(self, peers: Iterable[str] = ()) -> Node:
         self.peers = list(peers)
-        self.server = await start_node(self.store, port=self.port, store_service=False)
         self.relay = Relay(self.store, self.peers, channel_factory=self._dial, **self.relay_options)
+        self.server = await self._listen()
         await self.relay.start()
         return self
 
@@ -117,7 +117,9 @@ class Node:
         deadline = time.monotonic() + 5.0
         while True:
             try:
-                return await start_node(self.store, port=self.port, store_service=False)
+                node = await start_node(self.store, port=self.port, store_service=False)
+                node.servicer.relay = self.relay  # it answers resync requests for the relay
+                return node
             except OSError:
                 if time.monotonic() > deadline:
                     raise
@@ -129,8 +131,8 @@ class Node:
         await self.stop(close_store=True)
         self.store = Store(node_id=self.name, **self.store_options)
         self.partitioned = False
-        self.server = await self._listen()
         self.relay = Relay(self.store, self.peers, channel_factory=self._dial, **self.relay_options)
+        self.server = await self._listen()
         await self.relay.start()
 
     async def stop(self, close_store: bool = True) -> None:

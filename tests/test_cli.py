@@ -171,7 +171,7 @@ def test_bad_usage_is_one_line_exit_2() -> None:
         (["watch", "--count", "0"], "--count"),
         (["get"], "Missing argument 'ID'"),
         (["frobnicate"], "No such command"),
-        (["serve", "--tombstone-ttl", "-1"], "tombstone_ttl"),
+        (["serve", "--peer-expiry", "-1"], "peer_expiry"),
         (["serve", "--log-level", "loud"], "unknown log level"),
         (["serve", "--port", "70000"], "--port"),
     ]

@@ -8,12 +8,12 @@ from google.protobuf import any_pb2
 
 from conftest import (
     approval, approval_state, classification, latlon, make_entity, pack, position, push,
-    raw_component, sync, threat, threat_level, track, unpack, version_tuple, wait_for,
+    raw_component, sync, threat, threat_level, track, unpack, version_tuple,
 )
 from meshstore import NotFoundError
 from meshstore.pb import entity_pb2 as pb
 
-LOW, MEDIUM, HIGH = pb.THREAT_LEVEL_LOW, pb.THREAT_LEVEL_MEDIUM, pb.THREAT_LEVEL_HIGH
+NONE, LOW, MEDIUM, HIGH = pb.THREAT_LEVEL_NONE, pb.THREAT_LEVEL_LOW, pb.THREAT_LEVEL_MEDIUM, pb.THREAT_LEVEL_HIGH
 PENDING, APPROVED, DENIED = pb.APPROVAL_STATE_PENDING, pb.APPROVAL_STATE_APPROVED, pb.APPROVAL_STATE_DENIED
 
 
@@ -61,19 +61,18 @@ def test_concurrent_threat_levels_from_a_shared_threat_converge_to_the_higher(pa
     assert threat_level(a.get("t1")) == threat_level(b.get("t1")) == HIGH
 
 
-def test_epochs_count_causal_depth_so_a_longer_chain_outranks_a_concurrent_high(pair):
-    """The documented limit of scalar epochs (docs/merge.md): a's LOW -> MEDIUM is two
-    writes deep, b's concurrent HIGH one, so MEDIUM wins on both replicas. Concurrent
-    writes of equal depth keep the higher (test_concurrent_threat_levels_converge_to_the_higher)."""
+def test_a_longer_chain_of_lower_writes_never_hides_a_concurrent_high(pair):
+    """Each of a's writes replaces only what a saw; b's concurrent HIGH survives beside
+    a's last value as a sibling, and the max strategy shows HIGH on both replicas."""
     a, b = pair
     a.put(track("t1", position=position(1, 2)))
     sync(a, b)
-    a.put(make_entity("t1", threat=threat(LOW)))
-    a.put(make_entity("t1", threat=threat(MEDIUM)))
+    for level in (NONE, LOW, MEDIUM, LOW):
+        a.put(make_entity("t1", threat=threat(level)))
     b.put(make_entity("t1", threat=threat(HIGH)))
     sync(a, b)
-    assert a.get("t1").versions["threat"].epoch == 2
-    assert threat_level(a.get("t1")) == threat_level(b.get("t1")) == MEDIUM
+    assert threat_level(a.get("t1")) == threat_level(b.get("t1")) == HIGH
+    assert len(a.get("t1").versions["threat"].concurrent) == 1  # a's LOW, still a sibling
 
 
 def rewrite_after_reading(writer, other, key, value_of, seen, message, expected):
@@ -231,62 +230,41 @@ def _future_state(make_store, ahead: float = 5.0):
     return state
 
 
-def test_state_from_the_future_is_quarantined_not_lost(make_store):
+def test_state_from_the_future_merges_at_once_and_is_counted(make_store):
     state = _future_state(make_store)
     b = make_store(node_id="b", max_clock_offset=0.5)
-    b.merge(state)
-    assert b.stats()["quarantine_pending"] == 1
-    with pytest.raises(NotFoundError):
-        b.get("t1")
-    assert b.list() == []
-    assert b.stats()["quarantine_pending"] == 1  # still held, not dropped
-
-    b._core.set_wall_offset(5.0)  # b's clock catches up
-    got = b.get("t1")  # any store call releases what is due
-    assert latlon(got) == (1, 2)
-    assert b.stats()["quarantine_pending"] == 0
-
-
-def test_quarantine_is_released_by_the_maintenance_pass(make_store):
-    state = _future_state(make_store)
-    b = make_store(node_id="b", max_clock_offset=0.5, maintenance_interval=0.05)
-    b.merge(state)
-    assert b.stats()["quarantine_pending"] == 1
-    b._core.set_wall_offset(5.0)
-    # stats() itself releases nothing: only the maintenance timer can empty the quarantine.
-    wait_for(lambda: b.stats()["quarantine_pending"] == 0, what="maintenance released the quarantine")
-    assert b.stats()["entities"] == 1
+    assert b.merge(state)
     assert latlon(b.get("t1")) == (1, 2)
+    assert b.stats()["skewed_stamps"] == 1
 
 
-def test_only_the_future_part_of_a_state_is_held_back(make_store):
+def test_a_local_write_that_saw_a_future_value_replaces_it(make_store):
     a = make_store(node_id="a")
     a.put(track("t1", position=position(1, 2)))
-    a._core.set_wall_offset(5.0)
-    a.put(make_entity("t1", threat=threat(HIGH)))  # stamped 5 s ahead
+    a._core.set_wall_offset(3600.0)
+    a.put(make_entity("t1", threat=threat(HIGH)))  # stamped an hour ahead
     b = make_store(node_id="b", max_clock_offset=0.5)
-    for state in a.changes_since(0)[0]:
-        b.merge(state)
-    got = b.get("t1")
-    assert set(got.components) == {"position"} and latlon(got) == (1, 2)
-    assert b.stats()["quarantine_pending"] == 1
-    b._core.set_wall_offset(5.0)
-    got = b.get("t1")
-    assert set(got.components) == {"position", "threat"} and threat_level(got) == HIGH
+    push(a, b)
+    read = b.get("t1")
+    read.components["threat"].CopyFrom(pack(threat(LOW)))
+    assert b.update(read).applied == ["threat"]  # based on the dot it read: not stale
+    push(b, a)
+    assert threat_level(a.get("t1")) == threat_level(b.get("t1")) == LOW
 
 
-def test_delete_from_the_future_is_held_until_its_time(make_store):
+def test_delete_from_the_future_applies_at_once_and_later_writes_outlive_it(make_store):
     a = make_store(node_id="a")
     b = make_store(node_id="b", max_clock_offset=0.5)
     a.put(track("t1", position=position(1, 2)))
     sync(a, b)
-    a._core.set_wall_offset(5.0)
+    a._core.set_wall_offset(3600.0)
     a.delete("t1")
     push(a, b)
-    assert latlon(b.get("t1")) == (1, 2)
-    b._core.set_wall_offset(5.0)
     with pytest.raises(NotFoundError):
         b.get("t1")
+    b.put(make_entity("t1", position=position(3, 4)))  # after seeing the delete: survives it
+    sync(a, b)
+    assert latlon(a.get("t1")) == latlon(b.get("t1")) == (3, 4)
 
 
 def test_merging_a_future_state_does_not_drag_the_local_clock_forward(make_store):

@@ -19,8 +19,8 @@ from meshstore.pb import entity_pb2 as pb
 
 EXPECTED_STATS_KEYS = {
     "node_id", "entities", "tombstones", "seq", "log_entries", "payload_bytes", "writes",
-    "stale_keys", "rejected", "merges", "merges_changed", "quarantined", "quarantine_pending",
-    "quarantine_released", "tombstones_collected", "expired", "watchers", "coalesced",
+    "stale_keys", "rejected", "merges", "merges_changed", "skewed_stamps", "incarnation", "dot_counter",
+    "context_nodes", "contexts_adopted", "tombstones_collected", "expired", "watchers", "coalesced",
 }
 
 
@@ -41,17 +41,17 @@ def test_store_from_options_object(make_store):
 
 
 def test_store_from_keyword_overrides(make_store):
-    s = make_store(node_id="kw", max_clock_offset=2.0, tombstone_ttl=60, watch_queue=10)
+    s = make_store(node_id="kw", max_clock_offset=2.0, peer_expiry=60, watch_queue=10)
     assert s.node_id == "kw"
-    assert (s.options.max_clock_offset, s.options.tombstone_ttl, s.options.watch_queue) == (2.0, 60, 10)
+    assert (s.options.max_clock_offset, s.options.peer_expiry, s.options.watch_queue) == (2.0, 60, 10)
     with s.watch() as w:  # the queue size takes effect: an 11th pending event starts coalescing
         s.put_many([track(f"e{i}", position=position(i, i)) for i in range(11)])
         assert w.stats()["coalescing"] is True
 
 
 def test_keyword_overrides_apply_on_top_of_an_options_object(make_store):
-    s = make_store(StoreOptions(node_id="base", tombstone_ttl=5), watch_queue=7)
-    assert (s.node_id, s.options.tombstone_ttl, s.options.watch_queue) == ("base", 5, 7)
+    s = make_store(StoreOptions(node_id="base", peer_expiry=5), watch_queue=7)
+    assert (s.node_id, s.options.peer_expiry, s.options.watch_queue) == ("base", 5, 7)
 
 
 def test_default_node_id_is_hostname_with_random_suffix(make_store):
@@ -67,7 +67,7 @@ def test_default_node_id_is_hostname_with_random_suffix(make_store):
     [
         ({"node_id": ""}, ValueError, "node_id"),
         ({"node_id": "   "}, ValueError, "node_id"),
-        ({"tombstone_ttl": -1}, ValueError, "tombstone_ttl"),
+        ({"peer_expiry": -1}, ValueError, "peer_expiry"),
         ({"max_clock_offset": float("nan")}, ValueError, "max_clock_offset"),
         ({"watch_queue": 0}, ValueError, "watch_queue"),
         ({"max_entity_bytes": -5}, ValueError, "max_entity_bytes"),
@@ -85,8 +85,8 @@ def test_bad_options_object_type_is_refused():
 
 
 def test_store_options_validate_themselves():
-    with pytest.raises(ValueError, match="tombstone_ttl"):
-        StoreOptions(node_id="a", tombstone_ttl=-1)
+    with pytest.raises(ValueError, match="peer_expiry"):
+        StoreOptions(node_id="a", peer_expiry=-1)
 
 
 # ---- create / get / list ----------------------------------------------------------------------
@@ -460,9 +460,17 @@ def test_changes_since_carries_a_delete_to_a_replica(pair):
     assert b.stats()["tombstones"] == 1
 
 
+def test_a_store_that_never_replicated_forgets_deletes_at_once(store):
+    store.put(track("t1", position=position(1, 1)))
+    store.delete("t1")
+    assert store.collect_tombstones() == 1
+    assert store.stats()["tombstones"] == 0
+
+
 def test_collect_tombstones_forgets_only_acknowledged_deletes(store):
     for entity_id in ("t1", "t2", "t3"):
         store.put(track(entity_id, position=position(1, 1)))
+    store.changes_since(0)  # a replica reads: from now on deletes wait for acknowledgements
     store.delete("t1")
     acked = store.seq
     store.delete("t2")
@@ -472,9 +480,10 @@ def test_collect_tombstones_forgets_only_acknowledged_deletes(store):
     assert [s.id for s in store.changes_since(acked)[0]] == ["t2"]
 
 
-def test_tombstones_are_collected_after_the_tombstone_ttl(make_store):
-    s = make_store(node_id="node-a", tombstone_ttl=0.1, maintenance_interval=0.05)
+def test_tombstones_are_collected_after_the_peer_expiry(make_store):
+    s = make_store(node_id="node-a", peer_expiry=0.1, maintenance_interval=0.05)
     s.put(track("t1", position=position(1, 1)))
+    s.changes_since(0)  # replicating, and no acknowledgement will come
     s.delete("t1")
     wait_for(lambda: s.stats()["tombstones"] == 0, what="tombstone collected")
     assert s.stats()["tombstones_collected"] == 1

@@ -81,17 +81,13 @@ _THREAT_PRIORITY = {
 }
 
 
-def _ts(v: entity_pb2.Version) -> tuple[int, int, str]:
-    return v.physical, v.logical, v.node
-
-
 def priority_of(state: bytes | entity_pb2.Entity) -> Priority:
     """The send priority of a replica state (as ``Store.replica_changes`` gives it).
 
-    DELETE when its tombstone is newer than its latest write; else the highest level of
-    its live threat components (ThreatComponent cells newer than any tombstone);
-    POSITION_ONLY when it has none (or only UNSPECIFIED). Undecodable bytes: NONE (the
-    receiver will refuse them anyway)."""
+    DELETE when it holds no value at all (a deleted entity's state); else the highest
+    level of its threat components (the shown value of each key: the strategy ranks
+    concurrent threats by level); POSITION_ONLY when it has none (or only UNSPECIFIED).
+    Undecodable bytes: NONE (the receiver will refuse them anyway)."""
     if isinstance(state, entity_pb2.Entity):
         entity = state
     else:
@@ -99,17 +95,12 @@ def priority_of(state: bytes | entity_pb2.Entity) -> Priority:
             entity = entity_pb2.Entity.FromString(state)
         except DecodeError:
             return Priority.NONE
-    tombstone = _ts(entity.deleted_version) if entity.HasField("deleted_version") else None
-    if tombstone is not None:
-        presence = (entity.hlc_physical, entity.hlc_logical, entity.hlc_node)
-        if not entity.hlc_physical or tombstone > presence:
-            return Priority.DELETE
+    if not entity.versions:
+        return Priority.DELETE
     best = Priority.POSITION_ONLY
-    for key, packed in entity.components.items():
+    for packed in entity.components.values():
         if packed.type_url != THREAT_URL:
             continue
-        if tombstone is not None and key in entity.versions and _ts(entity.versions[key]) <= tombstone:
-            continue  # a dead cell (written before the delete)
         try:
             level = entity_pb2.ThreatComponent.FromString(packed.value).level
         except DecodeError:

@@ -212,8 +212,8 @@ def _version_text(v: Any) -> str:
     if not v.physical and not v.node:
         return "-"
     when = datetime.datetime.fromtimestamp(v.physical / 1e9, tz=datetime.timezone.utc).strftime("%H:%M:%S.%f")[:-3]
-    epoch = f" epoch {v.epoch}" if v.epoch else ""
-    return f"{v.node} @{when}{'+' + str(v.logical) if v.logical else ''}{epoch}"
+    concurrent = f" (+{len(v.concurrent)} concurrent)" if v.concurrent else ""
+    return f"{v.node} @{when}{'+' + str(v.logical) if v.logical else ''} #{v.counter}{concurrent}"
 
 
 def _component_text(packed: Any) -> tuple[str, str]:
@@ -488,8 +488,10 @@ def serve_cmd(
                                       help="Interface to bind (0.0.0.0 or :: for every interface).")] = "127.0.0.1",
     node_id: Annotated[str | None, typer.Option("--node-id", envvar="MESHSTORE_NODE_ID", show_envvar=True,
                                                 help="This store's node id (default: hostname-random).")] = None,
-    tombstone_ttl: Annotated[float, typer.Option("--tombstone-ttl", envvar="MESHSTORE_TOMBSTONE_TTL", show_envvar=True,
-                                                 metavar="S", help="Seconds a tombstone is kept at most.")] = 3600.0,
+    peer_expiry: Annotated[float, typer.Option(
+        "--peer-expiry", envvar="MESHSTORE_PEER_EXPIRY", show_envvar=True, metavar="S",
+        help="Seconds of silence after which a peer no longer holds back forgetting deleted entities "
+             "(it rejoins with a full exchange if it returns).")] = 86400.0,
     max_message_bytes: Annotated[int, typer.Option(
         "--max-message-bytes", envvar="MESHSTORE_MAX_MESSAGE_BYTES", show_envvar=True,
         help="Largest gRPC message accepted; bigger ones get RESOURCE_EXHAUSTED.")] = 4 * 1024 * 1024,
@@ -530,7 +532,7 @@ def serve_cmd(
     from meshstore.server import serve_async
     from meshstore.store import Store
 
-    overrides: dict[str, Any] = {"tombstone_ttl": tombstone_ttl, "max_entity_bytes": max_entity_bytes}
+    overrides: dict[str, Any] = {"peer_expiry": peer_expiry, "max_entity_bytes": max_entity_bytes}
     if node_id is not None:
         overrides["node_id"] = node_id
     try:

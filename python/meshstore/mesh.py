@@ -1,9 +1,11 @@
 """The receiving side of the mesh: ``mesh.v1.MeshService`` over a Store.
 
 A peer's relay (``meshstore.relay``) opens ``Push``, says Hello, and streams batches of
-replica states; this servicer answers with its own Hello, merges every state of a batch
-with ``source`` = the sender's node id, and acknowledges each batch in order. See
-``proto/mesh/v1/mesh.proto`` for the exchange.
+replica states; this servicer answers with its own Hello (with the store's context
+summary, and ``resync`` when this node's relay forgot deletes while that peer was away),
+merges every state of a batch with ``source`` = the sender's node id, adopts the
+sender's context summary when a batch carries one (unless the stream had a state
+refused), and acknowledges each batch in order. See ``proto/mesh/v1/mesh.proto``.
 
 Bad input at this boundary never takes the node down:
 
@@ -14,8 +16,10 @@ Bad input at this boundary never takes the node down:
   per peer and in total), logged (the first few per stream, then every 1000th),
   skipped; the batch is still acknowledged (with the count in ``Ack.rejected``), so
   the sender neither stalls nor resends it forever;
-- a state stamped too far ahead of our clock: merged into the store's quarantine by the
-  store itself (``stats()["quarantined"]``), released once our clock catches up.
+- a state stamped too far ahead of our clock: merged at once (it competes only with
+  writes concurrent to it), counted in ``stats()["skewed_stamps"]``; our clock does not
+  follow it;
+- a state or summary naming writes of this node that it never made: refused.
 
 ``add_mesh_service(server, store)`` registers the service on a ``grpc.aio`` server the
 caller owns; ``start_node(store)`` starts one serving the mesh (and the
@@ -27,9 +31,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import secrets
 import time
-import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -37,7 +39,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from meshstore.errors import MeshstoreError
-from meshstore.pb import mesh_pb2
+from meshstore.pb import entity_pb2, mesh_pb2
 from meshstore.store import Store
 
 try:  # structured key=value logging (meshstore.logs); plain logging works without it
@@ -53,8 +55,9 @@ __all__ = [
     "MeshNode",
     "MeshServicer",
     "add_mesh_service",
-    "incarnation_of",
     "start_node",
+    "summary_entries",
+    "summary_of",
 ]
 
 log = logging.getLogger("meshstore.mesh")
@@ -70,17 +73,18 @@ _LOG_EVERY = 1000
 _NOTHING = object()
 # Refusals of bad input: logged without a traceback (anything else gets one).
 _BAD_INPUT = (MeshstoreError, ValueError, TypeError)
+# What a merge may raise that is not that state's refusal. Anything else, even a
+# BaseException such as pyo3's PanicException, refuses that one state only.
+_NOT_REFUSALS = (KeyboardInterrupt, SystemExit, GeneratorExit, asyncio.CancelledError)
 
-_incarnations: weakref.WeakKeyDictionary[Store, int] = weakref.WeakKeyDictionary()
+def summary_entries(dots: Any) -> list[tuple[str, int, int]]:
+    """A context summary off the wire (``Dot`` messages) as the store takes it."""
+    return [(d.node, d.incarnation, d.counter) for d in dots if d.node]
 
 
-def incarnation_of(store: Store) -> int:
-    """The random incarnation of this store object (one per start of a node's store):
-    a peer that sees it change knows this node lost its state."""
-    try:
-        return _incarnations[store]
-    except KeyError:
-        return _incarnations.setdefault(store, secrets.randbits(64) or 1)
+def summary_of(entries: list[tuple[str, int, int]]) -> list[entity_pb2.Dot]:
+    """A store's context summary as ``Dot`` messages."""
+    return [entity_pb2.Dot(node=n, incarnation=i, counter=c) for n, i, c in entries]
 
 
 def _raw_request(data: bytes) -> mesh_pb2.RawPushRequest | None:
@@ -113,18 +117,20 @@ class _PeerIn:
 class MeshServicer:
     """``mesh.v1.MeshService``: merges what peers push into ``store``."""
 
-    def __init__(self, store: Store, *, incarnation: int | None = None) -> None:
+    def __init__(self, store: Store) -> None:
         if not isinstance(store, Store):
             raise TypeError(f"store must be a meshstore Store, got {type(store).__name__}")
         self.store = store
-        self.incarnation = incarnation_of(store) if incarnation is None else incarnation
+        self.incarnation = store.incarnation
+        #: This node's relay (meshstore.relay.Relay), if any: it knows which senders
+        #: must resync because deletes were forgotten while they were away.
+        self.relay: Any = None
         self._peers: dict[str, _PeerIn] = {}
         self.refused_self = 0  # hellos that claimed our own node id
         self.refused_invalid = 0  # streams refused as malformed (no hello, bad message)
         self.rejected_states = 0
         self.streams_open = 0
-        self._hello = mesh_pb2.PushResponse(
-            hello=mesh_pb2.Hello(node_id=store.node_id, incarnation=self.incarnation)).SerializeToString()
+        self.adopted = 0
 
     # ---- registration --------------------------------------------------------------------
 
@@ -185,8 +191,14 @@ class MeshServicer:
                    peer_address=context.peer())
         logged = 0
         merge = self.store.merge
+        refused_any = False  # a refused state: this stream's summaries cannot be adopted
+        resync = self.relay is not None and self.relay.owes_resync(sender)
+        resync_until = hello.seq if resync else None  # the sender's whole state is here once a batch reaches it
+        _, summary = self.store.context_summary()
         try:
-            yield self._hello
+            yield mesh_pb2.PushResponse(hello=mesh_pb2.Hello(
+                node_id=own, incarnation=self.incarnation, context=summary_of(summary),
+                resync=resync)).SerializeToString()
             async for request in requests:
                 if request is None or not request.HasField("batch"):
                     self.refused_invalid += 1
@@ -194,6 +206,15 @@ class MeshServicer:
                         if request.HasField("hello") else "an empty message"
                     await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
                                        f"expected a Batch after the Hello, got {what}", peer=sender)
+                    return
+                if self.relay is not None:
+                    self.relay.heard_from(sender)
+                if self.relay is not None and self.relay.owes_resync(sender, take=False):
+                    # Deletes were forgotten while this sender was away, after its stream
+                    # opened: end the stream so it reconnects and is asked to resync.
+                    await self._refuse(context, grpc.StatusCode.UNAVAILABLE,
+                                       "this node forgot deletes while you were away: reconnect and resync",
+                                       peer=sender)
                     return
                 batch = request.batch
                 rejected = changed = 0
@@ -203,7 +224,9 @@ class MeshServicer:
                     try:
                         if merge(state, source=sender):
                             changed += 1
-                    except Exception as exc:  # noqa: BLE001 - one bad state must not end the stream
+                    except BaseException as exc:  # noqa: BLE001 - one bad state must not end the stream
+                        if isinstance(exc, _NOT_REFUSALS):
+                            raise
                         rejected += 1
                         message = f"{type(exc).__name__}: {exc}"
                         first_error = first_error or message
@@ -214,6 +237,18 @@ class MeshServicer:
                             _log_event(log, logging.WARNING, "mesh state rejected", node_id=own, peer=sender,
                                        error=message, state_bytes=len(state), rejected_total=total,
                                        exc_info=None if isinstance(exc, _BAD_INPUT) else exc)
+                refused_any |= rejected > 0
+                if resync_until is not None and batch.last_seq >= resync_until:
+                    resync_until = None
+                    self.relay.resynced(sender)
+                if batch.context and not refused_any:
+                    try:
+                        self.adopted += self.store.adopt_context(summary_entries(batch.context))
+                    except _BAD_INPUT as exc:
+                        refused_any = True
+                        peer.last_error = f"context summary refused: {exc}"
+                        _log_event(log, logging.WARNING, "mesh context summary refused", node_id=own,
+                                   peer=sender, error=str(exc))
                 peer.batches += 1
                 peer.states += len(batch.states)
                 peer.changed += changed
@@ -242,15 +277,16 @@ class MeshServicer:
             "refused_self": self.refused_self,
             "refused_invalid": self.refused_invalid,
             "rejected_states": self.rejected_states,
+            "contexts_adopted": self.adopted,
             "peers": {node: dataclasses.asdict(p) for node, p in self._peers.items()},
         }
 
 
-def add_mesh_service(server: grpc.aio.Server, store: Store, *, incarnation: int | None = None) -> MeshServicer:
+def add_mesh_service(server: grpc.aio.Server, store: Store) -> MeshServicer:
     """Registers ``mesh.v1.MeshService`` over ``store`` on ``server`` (before it starts).
     Give the server ``grpc.max_receive_message_length`` >= the relays' batch size
     (``DEFAULT_MAX_MESSAGE_BYTES`` is ample)."""
-    servicer = MeshServicer(store, incarnation=incarnation)
+    servicer = MeshServicer(store)
     servicer.add_to_server(server)
     return servicer
 
@@ -309,8 +345,7 @@ def _add_store_service(server: grpc.aio.Server, store: Store) -> bool:
 
 async def start_node(store: Store, host: str = "127.0.0.1", port: int = 0, *,
                      store_service: bool = True,
-                     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                     incarnation: int | None = None) -> MeshNode:
+                     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> MeshNode:
     """Starts a grpc.aio server on ``host:port`` (0: any free port) serving the mesh over
     ``store`` (and the EntityStoreService when available and ``store_service``).
     OSError if the address cannot be bound."""
@@ -318,7 +353,7 @@ async def start_node(store: Store, host: str = "127.0.0.1", port: int = 0, *,
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
     ])
-    servicer = add_mesh_service(server, store, incarnation=incarnation)
+    servicer = add_mesh_service(server, store)
     with_store = store_service and _add_store_service(server, store)
     wanted = address_of(host, port)
     try:

@@ -1,7 +1,7 @@
 """Store configuration: the seed's functional-options idea as one validated dataclass.
 
 ``Store()`` works with defaults; ``Store(StoreOptions(node_id="a"))`` or
-``Store(node_id="a", tombstone_ttl=60)`` override what they name.
+``Store(node_id="a", peer_expiry=600)`` override what they name.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ class StoreOptions:
     node_id: str = dataclasses.field(default_factory=default_node_id)
     #: Seconds a remote version may be ahead of the local wall clock.
     max_clock_offset: float = 0.5
-    #: Seconds a tombstone is kept at most (collected earlier once every peer acked it).
-    tombstone_ttl: float = 3600.0
+    #: Seconds of silence after which a peer no longer holds back the forgetting of
+    #: deleted entities (a delete is kept until every peer acknowledged it). A peer that
+    #: returns later rejoins with a full exchange; correctness never depends on it.
+    peer_expiry: float = 86400.0
     #: Events a watcher queues before it coalesces per entity.
     watch_queue: int = 1024
     #: Largest entity accepted, in bytes.
@@ -33,13 +35,13 @@ class StoreOptions:
     #: The loop that owns this store's timers (TTL expiry, maintenance); default: the
     #: process's shared loop.
     event_loop: EventLoop | None = None
-    #: Seconds between maintenance passes (quarantine release, tombstone collection).
+    #: Seconds between maintenance passes (forgetting deleted entities no one needs).
     maintenance_interval: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.node_id, str) or not self.node_id.strip():
             raise ValueError(f"node_id must be a non-empty string, got {self.node_id!r}")
-        for name in ("max_clock_offset", "tombstone_ttl", "maintenance_interval"):
+        for name in ("max_clock_offset", "peer_expiry", "maintenance_interval"):
             value = getattr(self, name)
             if not is_number(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")

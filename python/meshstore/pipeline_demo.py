@@ -262,6 +262,7 @@ async def _start_nodes(config: DemoConfig, console: Console) -> list[Node]:
         nodes.append(Node(store, running))
     for node in nodes:
         node.relay = Relay(node.store, [n.address for n in nodes if n is not node])
+        node.running.mesh.relay = node.relay
         await node.relay.start()
     return nodes
 

@@ -2,10 +2,13 @@
 
 ``Relay(store, ["host:port", ...])`` runs one task per peer in asyncio. Each task dials
 the peer (``grpc.aio`` insecure channel), opens ``mesh.v1.MeshService/Push``, says Hello
-(node id, incarnation) and reads the peer's Hello. Per peer it keeps a watermark:
-(peer incarnation, acknowledged seq). A new incarnation (the peer restarted with an
-empty store, or this relay never saw it) means a full sync from seq 0; the same one
-means resuming after the acknowledged seq. It then streams batches of
+(node id, incarnation) and reads the peer's Hello (node id, incarnation, context
+summary, resync). Per peer it keeps a watermark: (peer incarnation, acknowledged seq).
+A new incarnation (the peer restarted, or this relay never saw it) means a pass over the
+whole change log from seq 0 that skips every entity the peer's context summary already
+covers, so the peer gets exactly what it lacks; the same incarnation means resuming after
+the acknowledged seq; ``resync`` (the peer forgot deletes while this node was away)
+means a pass from seq 0 with nothing skipped. It then streams batches of
 ``store.replica_changes(cursor, limit=batch_size, skip_source=peer)`` (echo
 suppression: a peer is never sent the changes that came from it), several batches in
 flight, and waits for new changes on a store watcher (a projection on a key no entity
@@ -24,9 +27,15 @@ is still pending (``Batch.last_seq`` says so), so a reconnect resends whatever w
 deferred. Unlimited (the default unless ``MESH_BANDWIDTH_BPS`` is set): states go out
 in seq order as read.
 
-Tombstones: every ``collect_interval`` the relay calls
-``store.collect_tombstones(min acknowledged seq over all peers)``, once every peer has
-acknowledged something in its current incarnation.
+Context summaries: a batch that completes everything the store had up to its
+``last_seq`` carries the store's context summary as of then; the peer adopts it once
+merged, which lets it forget deleted entities without fearing old states.
+
+Deleted entities: every ``collect_interval`` the relay calls
+``store.collect_tombstones(min acknowledged seq over the live peers)``. A peer silent
+longer than ``peer_expiry`` (the store's option) stops holding collection back; if it
+returns, it is asked to resync (its pass to us sends everything, so our answers tell it
+what was removed meanwhile).
 
 ``stats()`` gives, per peer: connected, sent states/bytes/batches, acknowledged seq,
 lag (``store.seq - acked``), pending, retries, full syncs... Connection changes are
@@ -48,7 +57,7 @@ import grpc
 
 from meshstore.budget import BudgetConfig, Pending, PendingQueue, Priority, priority_of
 from meshstore.errors import CursorExpiredError
-from meshstore.mesh import DEFAULT_MAX_MESSAGE_BYTES, PUSH_METHOD, _log_event, incarnation_of
+from meshstore.mesh import DEFAULT_MAX_MESSAGE_BYTES, PUSH_METHOD, _log_event, summary_entries, summary_of
 from meshstore.pb import entity_pb2, mesh_pb2
 from meshstore.store import Store
 from meshstore.validate import is_number
@@ -125,6 +134,17 @@ class _Peer:
         self.incarnation: int | None = None
         self.acked = 0
         self.acked_once = False
+        # When the peer last acknowledged a batch (or the relay started), and when its own
+        # stream to us last brought a batch: silence both ways beyond peer_expiry stops it
+        # holding back the collection of deleted entities.
+        self.last_ack = clock()
+        self.last_heard = 0.0
+        # Collection went ahead without this peer: ask it to resync when it returns. Until
+        # its resync has arrived and our answers up to `summary_after` have reached it,
+        # our context summary would claim deletes it never received: it is withheld.
+        self.owes_resync = False
+        self.withhold_summary = False
+        self.summary_after = 0
         # Changes up to this seq may predate the peer's current incarnation: send them
         # even if they came from it (its old self), i.e. no echo suppression below it.
         self.no_skip_until = 0
@@ -156,6 +176,10 @@ class _Session:
     inflight: deque = dataclasses.field(default_factory=deque)  # (last_seq, sent at)
     sent_mark: int = -1  # last_seq of the latest batch sent
     last_send: float = 0.0
+    # The peer's context summary from its Hello: entities it covers are not sent.
+    unless_seen: list | None = None
+    # (seq, entries): the store's context summary, valid as of that seq.
+    summary: tuple[int, list] | None = None
 
 
 class Relay:
@@ -183,7 +207,7 @@ class Relay:
         collect_tombstones: bool = True,
         bandwidth_bps: float | None = None,
         burst_bytes: float | None = None,
-        incarnation: int | None = None,
+        peer_expiry: float | None = None,
         channel_factory: ChannelFactory | None = None,
         seed: int | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -200,7 +224,7 @@ class Relay:
                              f"(peers record it as the source of what this relay sends)")
         self.store = store
         self.node_id = store.node_id
-        self.incarnation = incarnation_of(store) if incarnation is None else incarnation
+        self.incarnation = store.incarnation
         self.batch_size = _positive("batch_size", batch_size, integer=True)
         self.max_batch_bytes = _positive("max_batch_bytes", max_batch_bytes, integer=True)
         self.window = _positive("window", window, integer=True)
@@ -213,13 +237,12 @@ class Relay:
         self.collect_interval = _positive("collect_interval", collect_interval)
         self.stats_interval = _positive("stats_interval", stats_interval)
         self.collect_enabled = bool(collect_tombstones)
+        self.peer_expiry = store.options.peer_expiry if peer_expiry is None else _positive("peer_expiry", peer_expiry)
         self.budget = BudgetConfig.from_env(bandwidth_bps, burst_bytes)
         self._channel_factory = channel_factory or default_channel
         self._rng = random.Random(seed)
         self._clock = clock
         self._peers = [_Peer(address, self.budget, clock) for address in peers]
-        self._hello = mesh_pb2.RawPushRequest(
-            hello=mesh_pb2.Hello(node_id=self.node_id, incarnation=self.incarnation)).SerializeToString()
         self._tasks: list[asyncio.Task] = []
         self._watcher = None
         self._running = False
@@ -300,6 +323,8 @@ class Relay:
                 "heartbeats": p.heartbeats,
                 "acked_seq": p.acked,
                 "acked_once": p.acked_once,
+                "silent_s": round(self._silent_s(p), 3),
+                "expired": self._expired(p),
                 "lag": max(0, seq - p.acked),
                 "pending": len(p.pending),
                 "coalesced": p.pending.coalesced,
@@ -328,20 +353,65 @@ class Relay:
 
     # ---- tombstones ----------------------------------------------------------------------
 
+    def _silent_s(self, peer: _Peer) -> float:
+        return self._clock() - max(peer.last_ack, peer.last_heard)
+
+    def _expired(self, peer: _Peer) -> bool:
+        """Away longer than peer_expiry: no link to it, and nothing from it either way (a
+        stalled link breaks on ack_timeout and then counts as away)."""
+        return not peer.connected and self._silent_s(peer) > self.peer_expiry
+
+    def heard_from(self, node_id: str) -> None:
+        """The node ``node_id`` just pushed us a batch: it is alive, whatever our own
+        link to it does."""
+        now = self._clock()
+        for peer in self._peers:
+            if peer.node_id == node_id:
+                peer.last_heard = now
+
     def collect_once(self) -> int:
-        """Collects tombstones every peer acknowledged; 0 until each peer acked once."""
-        if not self._peers or not all(p.acked_once for p in self._peers):
+        """Forgets deleted entities every live peer acknowledged (expired peers do not
+        count, and owe a resync from then on); 0 while a live peer never acked."""
+        live = [p for p in self._peers if not self._expired(p)]
+        if not all(p.acked_once for p in live):
             return 0
-        mark = min(p.acked for p in self._peers)
+        mark = min((p.acked for p in live), default=self.store.seq)
         if mark <= self.collect_mark:
             return 0
         collected = self.store.collect_tombstones(mark)
         self.collect_mark = mark
         self.tombstones_collected += collected
         if collected:
-            _log_event(log, logging.DEBUG, "tombstones collected", node_id=self.node_id, count=collected,
+            for peer in self._peers:
+                if peer not in live and not peer.owes_resync:
+                    peer.owes_resync = peer.withhold_summary = True
+                    _log_event(log, logging.WARNING, "mesh peer expired", node_id=self.node_id, peer=peer.address,
+                               peer_node=peer.node_id or "unknown", silent_s=round(self._silent_s(peer), 1),
+                               detail="deletes forgotten without it; it resyncs when it returns")
+            _log_event(log, logging.DEBUG, "deleted entities forgotten", node_id=self.node_id, count=collected,
                        acked_seq=mark)
         return collected
+
+    def resynced(self, node_id: str) -> None:
+        """The node ``node_id`` has sent us its whole state (a resync pass): once our
+        answers, recorded by now, have reached it, it may adopt our summary again."""
+        for peer in self._peers:
+            if peer.node_id == node_id and peer.withhold_summary and not peer.owes_resync:
+                peer.withhold_summary = False
+                peer.summary_after = self.store.seq
+                _log_event(log, logging.INFO, "mesh peer resynced", node_id=self.node_id, peer=peer.address,
+                           peer_node=node_id, summary_after=peer.summary_after)
+
+    def owes_resync(self, node_id: str, *, take: bool = True) -> bool:
+        """Whether the node ``node_id``, pushing to us, must resync (send us everything):
+        collection went ahead without it, or (when ``take``: a new stream's Hello) without
+        a peer whose node we never learned. ``take`` clears what it answers for."""
+        if not take:
+            return any(p.owes_resync and p.node_id == node_id for p in self._peers)
+        owed = [p for p in self._peers if p.owes_resync and p.node_id in (node_id, "")]
+        for peer in owed:
+            peer.owes_resync = peer.node_id != node_id  # a peer not yet identified stays owed
+        return bool(owed)
 
     async def _collect_loop(self) -> None:
         while self._running:
@@ -431,8 +501,10 @@ class Relay:
         try:
             call = channel.stream_stream(PUSH_METHOD, request_serializer=_identity,
                                          response_deserializer=mesh_pb2.PushResponse.FromString)()
+            hello_out = mesh_pb2.RawPushRequest(hello=mesh_pb2.Hello(
+                node_id=self.node_id, incarnation=self.incarnation, seq=self.store.seq)).SerializeToString()
             async with asyncio.timeout(self.connect_timeout):
-                await call.write(self._hello)
+                await call.write(hello_out)
                 reply = await call.read()
             if reply is grpc.aio.EOF:
                 raise RelayError("peer closed the stream before its Hello")
@@ -442,7 +514,7 @@ class Relay:
             if hello.node_id == self.node_id:
                 raise RelayError(f"peer at {peer.address} has this node's own id '{self.node_id}' "
                                  f"(a node listed as its own peer, or two nodes sharing an id)")
-            full = hello.incarnation != peer.incarnation or hello.node_id != peer.node_id
+            full = hello.resync or hello.incarnation != peer.incarnation or hello.node_id != peer.node_id
             if full:
                 if peer.node_id and peer.node_id != hello.node_id:
                     _log_event(log, logging.WARNING, "mesh peer changed node id", node_id=self.node_id,
@@ -453,14 +525,18 @@ class Relay:
                 peer.acked_once = False
                 peer.no_skip_until = self.store.seq
                 peer.full_syncs += 1
-            session = _Session(cursor=peer.acked, last_send=time.monotonic())
+            peer.last_ack = self._clock()
+            # Skip what the peer has seen, unless it asked for everything.
+            unless_seen = None if hello.resync else summary_entries(hello.context)
+            session = _Session(cursor=peer.acked, last_send=time.monotonic(), unless_seen=unless_seen)
             peer.pending.clear()
             peer.connected = True
             peer.connects += 1
             peer.connected_since = time.time()
             _log_event(log, logging.INFO, "mesh peer connected", node_id=self.node_id, peer=peer.address,
                        peer_node=hello.node_id, peer_incarnation=f"{hello.incarnation:016x}",
-                       sync="full" if full else "resume", from_seq=session.cursor, seq=self.store.seq)
+                       sync="resync" if hello.resync else "full" if full else "resume", from_seq=session.cursor,
+                       seq=self.store.seq, peer_context_nodes=len(hello.context))
             tasks = [asyncio.create_task(self._read_acks(peer, call, session)),
                      asyncio.create_task(self._write_batches(peer, call, session))]
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -495,6 +571,7 @@ class Relay:
             if ack.seq > peer.acked:
                 peer.acked = ack.seq
             peer.acked_once = True
+            peer.last_ack = self._clock()
             peer.peer_changed += ack.changed
             if ack.rejected:
                 peer.peer_rejected += ack.rejected
@@ -556,10 +633,15 @@ class Relay:
         falling back to a snapshot (the cursor predates a collected tombstone)."""
         skip = None if session.cursor < peer.no_skip_until else peer.node_id
         try:
-            return self.store.replica_changes(session.cursor, limit=self.batch_size, skip_source=skip)
+            states, last = self.store.replica_changes(session.cursor, limit=self.batch_size, skip_source=skip,
+                                                      unless_seen=session.unless_seen)
         except CursorExpiredError:
             self._snapshot(peer, session)
             return None
+        seq, entries = self.store.context_summary()
+        if seq == last:  # the read reached the head: the summary holds as of `last`
+            session.summary = (seq, entries)
+        return states, last
 
     def _queue(self, peer: _Peer, session: _Session, states: list[bytes], last: int) -> None:
         """Puts a chunk read after the cursor into the pending map; moves the cursor."""
@@ -599,7 +681,10 @@ class Relay:
     async def _send(self, peer: _Peer, call: Any, session: _Session, batch: list, mark: int, *,
                     heartbeat: bool) -> None:
         states = [p.state if isinstance(p, Pending) else p for p in batch]
-        data = mesh_pb2.RawPushRequest(batch=mesh_pb2.RawBatch(states=states, last_seq=mark)).SerializeToString()
+        shareable = not peer.withhold_summary and mark >= peer.summary_after
+        context = summary_of(session.summary[1]) if shareable and session.summary and session.summary[0] == mark else ()
+        data = mesh_pb2.RawPushRequest(batch=mesh_pb2.RawBatch(states=states, last_seq=mark, context=context)
+                                       ).SerializeToString()
         now = time.monotonic()
         session.inflight.append((mark, now))
         session.sent_mark = max(session.sent_mark, mark)

@@ -608,6 +608,7 @@ async def serve_async(
     running = await start_server(store, host, port, max_message_bytes)
     if relay is not None:
         running.servicer.relay = relay
+        running.mesh.relay = relay
         await relay.start()
 
     def on_signal(sig: signal.Signals) -> None:

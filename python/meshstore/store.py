@@ -3,11 +3,16 @@
 Entities go in and out as ``entity_pb2.Entity`` messages (or, on ingest paths, their
 serialized bytes); the core holds the table, merges per component key and emits events.
 The store owns its timers on an ``EventLoop``: entity expiry (``set_ttl`` and
-``expiry_time``) and a periodic maintenance pass (quarantine release, tombstone TTL).
+``expiry_time``) and a periodic maintenance pass that forgets deleted entities no
+replica can still need.
+
+Each Store is one *incarnation* of its node: a random 64-bit id, part of every dot (write
+identity) it issues, so a node restarted without its state never reuses a dot.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 import weakref
 from collections.abc import Iterable, Sequence
@@ -36,6 +41,21 @@ def _serialized(entity: Any, what: str = "entity") -> bytes:
     raise TypeError(f"{what} must be an entity_pb2.Entity or its serialized bytes, got {type(entity).__name__}")
 
 
+def _check_summary(summary: Any) -> list[tuple[str, int, int]]:
+    """A context summary: (node, incarnation, counter) triples of a str and two u64s."""
+    try:
+        entries = [(node, incarnation, counter) for node, incarnation, counter in summary]
+    except (TypeError, ValueError):
+        raise TypeError("a context summary is a list of (node, incarnation, counter) tuples") from None
+    for node, incarnation, counter in entries:
+        if not isinstance(node, str) or not node:
+            raise TypeError(f"context summary node must be a non-empty str, got {node!r}")
+        for name, value in (("incarnation", incarnation), ("counter", counter)):
+            if not is_number(value, integer=True) or not 0 <= value < 2**64:
+                raise ValueError(f"context summary {name} must be an int in [0, 2**64), got {value!r}")
+    return entries
+
+
 def _check_id(entity_id: Any) -> str:
     if not isinstance(entity_id, str):
         raise TypeError(f"entity id must be a str, got {type(entity_id).__name__}")
@@ -55,7 +75,7 @@ class Store:
             raise TypeError(f"options must be a StoreOptions, got {type(options).__name__}")
         self.options = (options or StoreOptions()).replace(**overrides) if overrides else (options or StoreOptions())
         o = self.options
-        self._core = Core(o.node_id, o.max_clock_offset, o.tombstone_ttl, o.max_entity_bytes)
+        self._core = Core(o.node_id, secrets.randbits(64) or 1, o.max_clock_offset, o.peer_expiry, o.max_entity_bytes)
         self._loop: EventLoop = o.event_loop or default_loop()
         self._timer_prefix = ("meshstore.store", id(self))
         # Timers hold the store weakly, so an unclosed store can still be collected.
@@ -68,6 +88,11 @@ class Store:
     @property
     def node_id(self) -> str:
         return self._core.node_id
+
+    @property
+    def incarnation(self) -> int:
+        """This store's incarnation (random per Store): part of every dot it issues."""
+        return self._core.incarnation
 
     @property
     def seq(self) -> int:
@@ -99,7 +124,8 @@ class Store:
         return self._core.put_many([_serialized(e, f"put_many item {i}") for i, e in enumerate(entities)])
 
     def delete(self, entity_id: str) -> None:
-        """Deletes with a tombstone; NotFoundError if the entity is not live."""
+        """Deletes: removes every value the store holds, and a delete record removes older
+        concurrent ones wherever it reaches. NotFoundError if the entity is not live."""
         self._core.delete(_check_id(entity_id))
 
     def set_ttl(self, entity_id: str, seconds: float) -> None:
@@ -129,27 +155,43 @@ class Store:
         return self._core.merge(_serialized(entity), source)
 
     def changes_since(self, seq: int) -> tuple[list[Entity], int]:
-        """Every entity changed after ``seq`` in its replica state (tombstones included),
+        """Every entity changed after ``seq`` in its replica state (deleted ones included),
         and the seq to pass next time. CursorExpiredError if ``seq`` predates a collected
         tombstone."""
         states, last = self._core.changes_since(self._check_seq(seq))
         return [Entity.FromString(b) for b in states], last
 
-    def replica_changes(self, seq: int, *, limit: int | None = None,
-                        skip_source: str | None = None) -> tuple[list[bytes], int]:
+    def replica_changes(self, seq: int, *, limit: int | None = None, skip_source: str | None = None,
+                        unless_seen: Sequence[tuple[str, int, int]] | None = None) -> tuple[list[bytes], int]:
         """``changes_since`` for relays: serialized states, at most ``limit`` of them,
-        without those whose latest change came from ``skip_source`` (echo suppression).
+        without those whose latest change came from ``skip_source`` (echo suppression)
+        and those whose every write ``unless_seen`` (a peer's context summary) covers.
         Returns them and the seq they cover up to."""
         limit = 2**63 if limit is None else self._check_seq(limit)
-        return self._core.changes_since(self._check_seq(seq), limit, skip_source)
+        seen = None if unless_seen is None else _check_summary(unless_seen)
+        return self._core.changes_since(self._check_seq(seq), limit, skip_source, seen)
+
+    def context_summary(self) -> tuple[int, list[tuple[str, int, int]]]:
+        """(seq, [(node, incarnation, counter), ...]): the writes this store has seen all
+        of, per writer, valid as of ``seq``. A peer that has merged every change of this
+        store up to ``seq`` may adopt it (``adopt_context``)."""
+        return self._core.context_summary()
+
+    def adopt_context(self, summary: Sequence[tuple[str, int, int]]) -> bool:
+        """Adds a peer's context summary to this store's, once every change of that peer
+        it covers has been merged here. True if the summary grew. InvalidEntityError if
+        it claims writes of this store that it never made."""
+        return self._core.adopt_context(_check_summary(summary))
 
     def replica_state(self, entity_id: str) -> tuple[bytes, int] | None:
         """One entity's serialized replica state (deleted ones too) and its change seq."""
         return self._core.replica_state(_check_id(entity_id))
 
     def collect_tombstones(self, acked_seq: int | None = None) -> int:
-        """Forgets tombstones every peer acknowledged (change seq <= ``acked_seq``) or
-        older than ``tombstone_ttl``; returns how many."""
+        """Forgets deleted entities no replica can need: every write they name is covered
+        by the context summary, and every peer acknowledged the delete (change seq <=
+        ``acked_seq``), or it is older than ``peer_expiry``, or the store never
+        replicated. Returns how many."""
         return self._core.collect_tombstones(None if acked_seq is None else self._check_seq(acked_seq))
 
     # ---- watching ----------------------------------------------------------------------
@@ -231,7 +273,6 @@ class Store:
             store = ref()
             if store is None:
                 return
-            store._core.release_quarantine()
             store._core.collect_tombstones(None)
             store._schedule_maintenance(ref)
 

@@ -26,7 +26,7 @@ from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65ntity/v1/entity.proto\x12\tentity.v1\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"s\n\x07Version\x12\x10\n\x08physical\x18\x01 \x01(\x04\x12\x0f\n\x07logical\x18\x02 \x01(\r\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\r\x12(\n\x0c\x61\x66ter_delete\x18\x05 \x01(\x0b\x32\x12.entity.v1.Version\"\xc1\x04\n\x06\x45ntity\x12\n\n\x02id\x18\x01 \x01(\t\x12#\n\x04type\x18\x02 \x01(\x0e\x32\x15.entity.v1.EntityType\x12\x35\n\ncomponents\x18\x03 \x03(\x0b\x32!.entity.v1.Entity.ComponentsEntry\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0chlc_physical\x18\x06 \x01(\x04\x12\x13\n\x0bhlc_logical\x18\x07 \x01(\r\x12\x10\n\x08hlc_node\x18\x08 \x01(\t\x12\x31\n\x08versions\x18\t \x03(\x0b\x32\x1f.entity.v1.Entity.VersionsEntry\x12/\n\x0b\x65xpiry_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0borigin_node\x18\x0b \x01(\t\x12+\n\x0f\x64\x65leted_version\x18\x0c \x01(\x0b\x32\x12.entity.v1.Version\x1aG\n\x0f\x43omponentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.google.protobuf.Any:\x02\x38\x01\x1a\x43\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.entity.v1.Version:\x02\x38\x01\":\n\x11PositionComponent\x12\x0b\n\x03lat\x18\x01 \x01(\x01\x12\x0b\n\x03lon\x18\x02 \x01(\x01\x12\x0b\n\x03\x61lt\x18\x03 \x01(\x01\"3\n\x11VelocityComponent\x12\r\n\x05speed\x18\x01 \x01(\x01\x12\x0f\n\x07heading\x18\x02 \x01(\x01\"<\n\x17\x43lassificationComponent\x12\r\n\x05label\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x02\"/\n\x14TaskCatalogComponent\x12\x17\n\x0f\x61vailable_tasks\x18\x01 \x03(\t\"N\n\rTaskComponent\x12\r\n\x05state\x18\x01 \x01(\t\x12.\n\nupdated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"8\n\x0fThreatComponent\x12%\n\x05level\x18\x01 \x01(\x0e\x32\x16.entity.v1.ThreatLevel\"\x87\x01\n\x11\x41pprovalComponent\x12\'\n\x05state\x18\x01 \x01(\x0e\x32\x18.entity.v1.ApprovalState\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\r\x12\x30\n\x0crequested_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"_\n\x0f\x46usionComponent\x12\x12\n\nsource_ids\x18\x01 \x03(\t\x12\x11\n\tfused_lat\x18\x02 \x01(\x01\x12\x11\n\tfused_lon\x18\x03 \x01(\x01\x12\x12\n\nconfidence\x18\x04 \x01(\x02\"9\n\x0fSourceComponent\x12\x11\n\tsensor_id\x18\x01 \x01(\t\x12\x13\n\x0bsensor_type\x18\x02 \x01(\t*l\n\nEntityType\x12\x1b\n\x17\x45NTITY_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45NTITY_TYPE_ASSET\x10\x01\x12\x15\n\x11\x45NTITY_TYPE_TRACK\x10\x02\x12\x13\n\x0f\x45NTITY_TYPE_GEO\x10\x03*\x88\x01\n\x0bThreatLevel\x12\x1c\n\x18THREAT_LEVEL_UNSPECIFIED\x10\x00\x12\x15\n\x11THREAT_LEVEL_NONE\x10\x01\x12\x14\n\x10THREAT_LEVEL_LOW\x10\x02\x12\x17\n\x13THREAT_LEVEL_MEDIUM\x10\x03\x12\x15\n\x11THREAT_LEVEL_HIGH\x10\x04*\xc3\x01\n\rApprovalState\x12\x1e\n\x1a\x41PPROVAL_STATE_UNSPECIFIED\x10\x00\x12 \n\x1c\x41PPROVAL_STATE_AUTO_APPROVED\x10\x01\x12\x1a\n\x16\x41PPROVAL_STATE_PENDING\x10\x02\x12\x1b\n\x17\x41PPROVAL_STATE_APPROVED\x10\x03\x12\x19\n\x15\x41PPROVAL_STATE_DENIED\x10\x04\x12\x1c\n\x18\x41PPROVAL_STATE_TIMED_OUT\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65ntity/v1/entity.proto\x12\tentity.v1\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"9\n\x03\x44ot\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\x06\x12\x0f\n\x07\x63ounter\x18\x03 \x01(\x04\"\x90\x01\n\x07Version\x12\x10\n\x08physical\x18\x01 \x01(\x04\x12\x0f\n\x07logical\x18\x02 \x01(\r\x12\x0c\n\x04node\x18\x03 \x01(\t\x12\x13\n\x0bincarnation\x18\x06 \x01(\x06\x12\x0f\n\x07\x63ounter\x18\x07 \x01(\x04\x12\"\n\nconcurrent\x18\x08 \x03(\x0b\x32\x0e.entity.v1.DotJ\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06\"`\n\x07Sibling\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.google.protobuf.Any\x12#\n\x07version\x18\x03 \x01(\x0b\x32\x12.entity.v1.Version\"\x88\x05\n\x06\x45ntity\x12\n\n\x02id\x18\x01 \x01(\t\x12#\n\x04type\x18\x02 \x01(\x0e\x32\x15.entity.v1.EntityType\x12\x35\n\ncomponents\x18\x03 \x03(\x0b\x32!.entity.v1.Entity.ComponentsEntry\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0chlc_physical\x18\x06 \x01(\x04\x12\x13\n\x0bhlc_logical\x18\x07 \x01(\r\x12\x10\n\x08hlc_node\x18\x08 \x01(\t\x12\x31\n\x08versions\x18\t \x03(\x0b\x32\x1f.entity.v1.Entity.VersionsEntry\x12/\n\x0b\x65xpiry_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0borigin_node\x18\x0b \x01(\t\x12+\n\x0f\x64\x65leted_version\x18\x0c \x01(\x0b\x32\x12.entity.v1.Version\x12$\n\x08siblings\x18\r \x03(\x0b\x32\x12.entity.v1.Sibling\x12\x1f\n\x07\x63ontext\x18\x0e \x03(\x0b\x32\x0e.entity.v1.Dot\x1aG\n\x0f\x43omponentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.google.protobuf.Any:\x02\x38\x01\x1a\x43\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.entity.v1.Version:\x02\x38\x01\":\n\x11PositionComponent\x12\x0b\n\x03lat\x18\x01 \x01(\x01\x12\x0b\n\x03lon\x18\x02 \x01(\x01\x12\x0b\n\x03\x61lt\x18\x03 \x01(\x01\"3\n\x11VelocityComponent\x12\r\n\x05speed\x18\x01 \x01(\x01\x12\x0f\n\x07heading\x18\x02 \x01(\x01\"<\n\x17\x43lassificationComponent\x12\r\n\x05label\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x02\"/\n\x14TaskCatalogComponent\x12\x17\n\x0f\x61vailable_tasks\x18\x01 \x03(\t\"N\n\rTaskComponent\x12\r\n\x05state\x18\x01 \x01(\t\x12.\n\nupdated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"8\n\x0fThreatComponent\x12%\n\x05level\x18\x01 \x01(\x0e\x32\x16.entity.v1.ThreatLevel\"\x87\x01\n\x11\x41pprovalComponent\x12\'\n\x05state\x18\x01 \x01(\x0e\x32\x18.entity.v1.ApprovalState\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\r\x12\x30\n\x0crequested_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"_\n\x0f\x46usionComponent\x12\x12\n\nsource_ids\x18\x01 \x03(\t\x12\x11\n\tfused_lat\x18\x02 \x01(\x01\x12\x11\n\tfused_lon\x18\x03 \x01(\x01\x12\x12\n\nconfidence\x18\x04 \x01(\x02\"9\n\x0fSourceComponent\x12\x11\n\tsensor_id\x18\x01 \x01(\t\x12\x13\n\x0bsensor_type\x18\x02 \x01(\t*l\n\nEntityType\x12\x1b\n\x17\x45NTITY_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45NTITY_TYPE_ASSET\x10\x01\x12\x15\n\x11\x45NTITY_TYPE_TRACK\x10\x02\x12\x13\n\x0f\x45NTITY_TYPE_GEO\x10\x03*\x88\x01\n\x0bThreatLevel\x12\x1c\n\x18THREAT_LEVEL_UNSPECIFIED\x10\x00\x12\x15\n\x11THREAT_LEVEL_NONE\x10\x01\x12\x14\n\x10THREAT_LEVEL_LOW\x10\x02\x12\x17\n\x13THREAT_LEVEL_MEDIUM\x10\x03\x12\x15\n\x11THREAT_LEVEL_HIGH\x10\x04*\xc3\x01\n\rApprovalState\x12\x1e\n\x1a\x41PPROVAL_STATE_UNSPECIFIED\x10\x00\x12 \n\x1c\x41PPROVAL_STATE_AUTO_APPROVED\x10\x01\x12\x1a\n\x16\x41PPROVAL_STATE_PENDING\x10\x02\x12\x1b\n\x17\x41PPROVAL_STATE_APPROVED\x10\x03\x12\x19\n\x15\x41PPROVAL_STATE_DENIED\x10\x04\x12\x1c\n\x18\x41PPROVAL_STATE_TIMED_OUT\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,36 +37,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENTITY_COMPONENTSENTRY']._serialized_options = b'8\001'
   _globals['_ENTITY_VERSIONSENTRY']._loaded_options = None
   _globals['_ENTITY_VERSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_ENTITYTYPE']._serialized_start=1450
-  _globals['_ENTITYTYPE']._serialized_end=1558
-  _globals['_THREATLEVEL']._serialized_start=1561
-  _globals['_THREATLEVEL']._serialized_end=1697
-  _globals['_APPROVALSTATE']._serialized_start=1700
-  _globals['_APPROVALSTATE']._serialized_end=1895
-  _globals['_VERSION']._serialized_start=97
-  _globals['_VERSION']._serialized_end=212
-  _globals['_ENTITY']._serialized_start=215
-  _globals['_ENTITY']._serialized_end=792
-  _globals['_ENTITY_COMPONENTSENTRY']._serialized_start=652
-  _globals['_ENTITY_COMPONENTSENTRY']._serialized_end=723
-  _globals['_ENTITY_VERSIONSENTRY']._serialized_start=725
-  _globals['_ENTITY_VERSIONSENTRY']._serialized_end=792
-  _globals['_POSITIONCOMPONENT']._serialized_start=794
-  _globals['_POSITIONCOMPONENT']._serialized_end=852
-  _globals['_VELOCITYCOMPONENT']._serialized_start=854
-  _globals['_VELOCITYCOMPONENT']._serialized_end=905
-  _globals['_CLASSIFICATIONCOMPONENT']._serialized_start=907
-  _globals['_CLASSIFICATIONCOMPONENT']._serialized_end=967
-  _globals['_TASKCATALOGCOMPONENT']._serialized_start=969
-  _globals['_TASKCATALOGCOMPONENT']._serialized_end=1016
-  _globals['_TASKCOMPONENT']._serialized_start=1018
-  _globals['_TASKCOMPONENT']._serialized_end=1096
-  _globals['_THREATCOMPONENT']._serialized_start=1098
-  _globals['_THREATCOMPONENT']._serialized_end=1154
-  _globals['_APPROVALCOMPONENT']._serialized_start=1157
-  _globals['_APPROVALCOMPONENT']._serialized_end=1292
-  _globals['_FUSIONCOMPONENT']._serialized_start=1294
-  _globals['_FUSIONCOMPONENT']._serialized_end=1389
-  _globals['_SOURCECOMPONENT']._serialized_start=1391
-  _globals['_SOURCECOMPONENT']._serialized_end=1448
+  _globals['_ENTITYTYPE']._serialized_start=1708
+  _globals['_ENTITYTYPE']._serialized_end=1816
+  _globals['_THREATLEVEL']._serialized_start=1819
+  _globals['_THREATLEVEL']._serialized_end=1955
+  _globals['_APPROVALSTATE']._serialized_start=1958
+  _globals['_APPROVALSTATE']._serialized_end=2153
+  _globals['_DOT']._serialized_start=97
+  _globals['_DOT']._serialized_end=154
+  _globals['_VERSION']._serialized_start=157
+  _globals['_VERSION']._serialized_end=301
+  _globals['_SIBLING']._serialized_start=303
+  _globals['_SIBLING']._serialized_end=399
+  _globals['_ENTITY']._serialized_start=402
+  _globals['_ENTITY']._serialized_end=1050
+  _globals['_ENTITY_COMPONENTSENTRY']._serialized_start=910
+  _globals['_ENTITY_COMPONENTSENTRY']._serialized_end=981
+  _globals['_ENTITY_VERSIONSENTRY']._serialized_start=983
+  _globals['_ENTITY_VERSIONSENTRY']._serialized_end=1050
+  _globals['_POSITIONCOMPONENT']._serialized_start=1052
+  _globals['_POSITIONCOMPONENT']._serialized_end=1110
+  _globals['_VELOCITYCOMPONENT']._serialized_start=1112
+  _globals['_VELOCITYCOMPONENT']._serialized_end=1163
+  _globals['_CLASSIFICATIONCOMPONENT']._serialized_start=1165
+  _globals['_CLASSIFICATIONCOMPONENT']._serialized_end=1225
+  _globals['_TASKCATALOGCOMPONENT']._serialized_start=1227
+  _globals['_TASKCATALOGCOMPONENT']._serialized_end=1274
+  _globals['_TASKCOMPONENT']._serialized_start=1276
+  _globals['_TASKCOMPONENT']._serialized_end=1354
+  _globals['_THREATCOMPONENT']._serialized_start=1356
+  _globals['_THREATCOMPONENT']._serialized_end=1412
+  _globals['_APPROVALCOMPONENT']._serialized_start=1415
+  _globals['_APPROVALCOMPONENT']._serialized_end=1550
+  _globals['_FUSIONCOMPONENT']._serialized_start=1552
+  _globals['_FUSIONCOMPONENT']._serialized_end=1647
+  _globals['_SOURCECOMPONENT']._serialized_start=1649
+  _globals['_SOURCECOMPONENT']._serialized_end=1706
 # @@protoc_insertion_point(module_scope)

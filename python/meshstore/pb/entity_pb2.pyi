@@ -50,22 +50,44 @@ APPROVAL_STATE_APPROVED: ApprovalState
 APPROVAL_STATE_DENIED: ApprovalState
 APPROVAL_STATE_TIMED_OUT: ApprovalState
 
+class Dot(_message.Message):
+    __slots__ = ("node", "incarnation", "counter")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    COUNTER_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    incarnation: int
+    counter: int
+    def __init__(self, node: _Optional[str] = ..., incarnation: _Optional[int] = ..., counter: _Optional[int] = ...) -> None: ...
+
 class Version(_message.Message):
-    __slots__ = ("physical", "logical", "node", "epoch", "after_delete")
+    __slots__ = ("physical", "logical", "node", "incarnation", "counter", "concurrent")
     PHYSICAL_FIELD_NUMBER: _ClassVar[int]
     LOGICAL_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
-    EPOCH_FIELD_NUMBER: _ClassVar[int]
-    AFTER_DELETE_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    COUNTER_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENT_FIELD_NUMBER: _ClassVar[int]
     physical: int
     logical: int
     node: str
-    epoch: int
-    after_delete: Version
-    def __init__(self, physical: _Optional[int] = ..., logical: _Optional[int] = ..., node: _Optional[str] = ..., epoch: _Optional[int] = ..., after_delete: _Optional[_Union[Version, _Mapping]] = ...) -> None: ...
+    incarnation: int
+    counter: int
+    concurrent: _containers.RepeatedCompositeFieldContainer[Dot]
+    def __init__(self, physical: _Optional[int] = ..., logical: _Optional[int] = ..., node: _Optional[str] = ..., incarnation: _Optional[int] = ..., counter: _Optional[int] = ..., concurrent: _Optional[_Iterable[_Union[Dot, _Mapping]]] = ...) -> None: ...
+
+class Sibling(_message.Message):
+    __slots__ = ("key", "value", "version")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    value: _any_pb2.Any
+    version: Version
+    def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., version: _Optional[_Union[Version, _Mapping]] = ...) -> None: ...
 
 class Entity(_message.Message):
-    __slots__ = ("id", "type", "components", "created_at", "updated_at", "hlc_physical", "hlc_logical", "hlc_node", "versions", "expiry_time", "origin_node", "deleted_version")
+    __slots__ = ("id", "type", "components", "created_at", "updated_at", "hlc_physical", "hlc_logical", "hlc_node", "versions", "expiry_time", "origin_node", "deleted_version", "siblings", "context")
     class ComponentsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +114,8 @@ class Entity(_message.Message):
     EXPIRY_TIME_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_NODE_FIELD_NUMBER: _ClassVar[int]
     DELETED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SIBLINGS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     id: str
     type: EntityType
     components: _containers.MessageMap[str, _any_pb2.Any]
@@ -104,7 +128,9 @@ class Entity(_message.Message):
     expiry_time: _timestamp_pb2.Timestamp
     origin_node: str
     deleted_version: Version
-    def __init__(self, id: _Optional[str] = ..., type: _Optional[_Union[EntityType, str]] = ..., components: _Optional[_Mapping[str, _any_pb2.Any]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., hlc_physical: _Optional[int] = ..., hlc_logical: _Optional[int] = ..., hlc_node: _Optional[str] = ..., versions: _Optional[_Mapping[str, Version]] = ..., expiry_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., origin_node: _Optional[str] = ..., deleted_version: _Optional[_Union[Version, _Mapping]] = ...) -> None: ...
+    siblings: _containers.RepeatedCompositeFieldContainer[Sibling]
+    context: _containers.RepeatedCompositeFieldContainer[Dot]
+    def __init__(self, id: _Optional[str] = ..., type: _Optional[_Union[EntityType, str]] = ..., components: _Optional[_Mapping[str, _any_pb2.Any]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., hlc_physical: _Optional[int] = ..., hlc_logical: _Optional[int] = ..., hlc_node: _Optional[str] = ..., versions: _Optional[_Mapping[str, Version]] = ..., expiry_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., origin_node: _Optional[str] = ..., deleted_version: _Optional[_Union[Version, _Mapping]] = ..., siblings: _Optional[_Iterable[_Union[Sibling, _Mapping]]] = ..., context: _Optional[_Iterable[_Union[Dot, _Mapping]]] = ...) -> None: ...
 
 class PositionComponent(_message.Message):
     __slots__ = ("lat", "lon", "alt")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from meshstore.pb import entity_pb2 as entity_dot_v1_dot_entity__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12mesh/v1/mesh.proto\x12\x07mesh.v1\x1a\x16\x65ntity/v1/entity.proto\"-\n\x05Hello\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\"<\n\x05\x42\x61tch\x12!\n\x06states\x18\x01 \x03(\x0b\x32\x11.entity.v1.Entity\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\"J\n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08rejected\x18\x02 \x01(\r\x12\x0f\n\x07\x63hanged\x18\x03 \x01(\r\x12\x13\n\x0b\x66irst_error\x18\x04 \x01(\t\"W\n\x0bPushRequest\x12\x1f\n\x05hello\x18\x01 \x01(\x0b\x32\x0e.mesh.v1.HelloH\x00\x12\x1f\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x0e.mesh.v1.BatchH\x00\x42\x06\n\x04kind\"T\n\x0cPushResponse\x12\x1f\n\x05hello\x18\x01 \x01(\x0b\x32\x0e.mesh.v1.HelloH\x00\x12\x1b\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x0c.mesh.v1.AckH\x00\x42\x06\n\x04kind\",\n\x08RawBatch\x12\x0e\n\x06states\x18\x01 \x03(\x0c\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\"]\n\x0eRawPushRequest\x12\x1f\n\x05hello\x18\x01 \x01(\x0b\x32\x0e.mesh.v1.HelloH\x00\x12\"\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x11.mesh.v1.RawBatchH\x00\x42\x06\n\x04kind2F\n\x0bMeshService\x12\x37\n\x04Push\x12\x14.mesh.v1.PushRequest\x1a\x15.mesh.v1.PushResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12mesh/v1/mesh.proto\x12\x07mesh.v1\x1a\x16\x65ntity/v1/entity.proto\"k\n\x05Hello\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\x12\x1f\n\x07\x63ontext\x18\x03 \x03(\x0b\x32\x0e.entity.v1.Dot\x12\x0e\n\x06resync\x18\x04 \x01(\x08\x12\x0b\n\x03seq\x18\x05 \x01(\x04\"]\n\x05\x42\x61tch\x12!\n\x06states\x18\x01 \x03(\x0b\x32\x11.entity.v1.Entity\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\x12\x1f\n\x07\x63ontext\x18\x03 \x03(\x0b\x32\x0e.entity.v1.Dot\"J\n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08rejected\x18\x02 \x01(\r\x12\x0f\n\x07\x63hanged\x18\x03 \x01(\r\x12\x13\n\x0b\x66irst_error\x18\x04 \x01(\t\"W\n\x0bPushRequest\x12\x1f\n\x05hello\x18\x01 \x01(\x0b\x32\x0e.mesh.v1.HelloH\x00\x12\x1f\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x0e.mesh.v1.BatchH\x00\x42\x06\n\x04kind\"T\n\x0cPushResponse\x12\x1f\n\x05hello\x18\x01 \x01(\x0b\x32\x0e.mesh.v1.HelloH\x00\x12\x1b\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x0c.mesh.v1.AckH\x00\x42\x06\n\x04kind\"M\n\x08RawBatch\x12\x0e\n\x06states\x18\x01 \x03(\x0c\x12\x10\n\x08last_seq\x18\x02 \x01(\x04\x12\x1f\n\x07\x63ontext\x18\x03 \x03(\x0b\x32\x0e.entity.v1.Dot\"]\n\x0eRawPushRequest\x12\x1f\n\x05hello\x18\x01 \x01(\x0b\x32\x0e.mesh.v1.HelloH\x00\x12\"\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x11.mesh.v1.RawBatchH\x00\x42\x06\n\x04kind2F\n\x0bMeshService\x12\x37\n\x04Push\x12\x14.mesh.v1.PushRequest\x1a\x15.mesh.v1.PushResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,19 +33,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mesh.v1.mesh_pb2', _globals
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HELLO']._serialized_start=55
-  _globals['_HELLO']._serialized_end=100
-  _globals['_BATCH']._serialized_start=102
-  _globals['_BATCH']._serialized_end=162
-  _globals['_ACK']._serialized_start=164
-  _globals['_ACK']._serialized_end=238
-  _globals['_PUSHREQUEST']._serialized_start=240
-  _globals['_PUSHREQUEST']._serialized_end=327
-  _globals['_PUSHRESPONSE']._serialized_start=329
-  _globals['_PUSHRESPONSE']._serialized_end=413
-  _globals['_RAWBATCH']._serialized_start=415
-  _globals['_RAWBATCH']._serialized_end=459
-  _globals['_RAWPUSHREQUEST']._serialized_start=461
-  _globals['_RAWPUSHREQUEST']._serialized_end=554
-  _globals['_MESHSERVICE']._serialized_start=556
-  _globals['_MESHSERVICE']._serialized_end=626
+  _globals['_HELLO']._serialized_end=162
+  _globals['_BATCH']._serialized_start=164
+  _globals['_BATCH']._serialized_end=257
+  _globals['_ACK']._serialized_start=259
+  _globals['_ACK']._serialized_end=333
+  _globals['_PUSHREQUEST']._serialized_start=335
+  _globals['_PUSHREQUEST']._serialized_end=422
+  _globals['_PUSHRESPONSE']._serialized_start=424
+  _globals['_PUSHRESPONSE']._serialized_end=508
+  _globals['_RAWBATCH']._serialized_start=510
+  _globals['_RAWBATCH']._serialized_end=587
+  _globals['_RAWPUSHREQUEST']._serialized_start=589
+  _globals['_RAWPUSHREQUEST']._serialized_end=682
+  _globals['_MESHSERVICE']._serialized_start=684
+  _globals['_MESHSERVICE']._serialized_end=754
 # @@protoc_insertion_point(module_scope)

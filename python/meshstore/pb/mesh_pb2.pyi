@@ -8,20 +8,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Hello(_message.Message):
-    __slots__ = ("node_id", "incarnation")
+    __slots__ = ("node_id", "incarnation", "context", "resync", "seq")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    RESYNC_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     incarnation: int
-    def __init__(self, node_id: _Optional[str] = ..., incarnation: _Optional[int] = ...) -> None: ...
+    context: _containers.RepeatedCompositeFieldContainer[_entity_pb2.Dot]
+    resync: bool
+    seq: int
+    def __init__(self, node_id: _Optional[str] = ..., incarnation: _Optional[int] = ..., context: _Optional[_Iterable[_Union[_entity_pb2.Dot, _Mapping]]] = ..., resync: _Optional[bool] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class Batch(_message.Message):
-    __slots__ = ("states", "last_seq")
+    __slots__ = ("states", "last_seq", "context")
     STATES_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     states: _containers.RepeatedCompositeFieldContainer[_entity_pb2.Entity]
     last_seq: int
-    def __init__(self, states: _Optional[_Iterable[_Union[_entity_pb2.Entity, _Mapping]]] = ..., last_seq: _Optional[int] = ...) -> None: ...
+    context: _containers.RepeatedCompositeFieldContainer[_entity_pb2.Dot]
+    def __init__(self, states: _Optional[_Iterable[_Union[_entity_pb2.Entity, _Mapping]]] = ..., last_seq: _Optional[int] = ..., context: _Optional[_Iterable[_Union[_entity_pb2.Dot, _Mapping]]] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("seq", "rejected", "changed", "first_error")
@@ -52,12 +60,14 @@ class PushResponse(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ...) -> None: ...
 
 class RawBatch(_message.Message):
-    __slots__ = ("states", "last_seq")
+    __slots__ = ("states", "last_seq", "context")
     STATES_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
     states: _containers.RepeatedScalarFieldContainer[bytes]
     last_seq: int
-    def __init__(self, states: _Optional[_Iterable[bytes]] = ..., last_seq: _Optional[int] = ...) -> None: ...
+    context: _containers.RepeatedCompositeFieldContainer[_entity_pb2.Dot]
+    def __init__(self, states: _Optional[_Iterable[bytes]] = ..., last_seq: _Optional[int] = ..., context: _Optional[_Iterable[_Union[_entity_pb2.Dot, _Mapping]]] = ...) -> None: ...
 
 class RawPushRequest(_message.Message):
     __slots__ = ("hello", "batch")
