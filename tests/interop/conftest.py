@@ -12,6 +12,7 @@ tmp dir, so a failure can show it.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import signal
@@ -151,6 +152,20 @@ def interop(lattice_bin: pathlib.Path, tmp_path: pathlib.Path) -> Iterator[Inter
 def entities(server: Served) -> dict[str, entity_pb2.Entity]:
     listed = server.stub.ListEntities(store_pb2.ListEntitiesRequest(), timeout=TIMEOUT).entities
     return {e.id: e for e in listed}
+
+
+def meshstore_get(addr: str, entity_id: str) -> dict:
+    """``meshstore get ID --json``, parsed."""
+    result = subprocess.run([*CLI, "get", entity_id, "--json"], capture_output=True, text=True,
+                            timeout=TIMEOUT, env=cli_env(addr))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    """The stdout of a command that must have succeeded."""
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    return result.stdout
 
 
 def eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:

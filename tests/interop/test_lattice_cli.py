@@ -4,17 +4,15 @@ while the writes and deletes happen on the others."""
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
 
 import pytest
 
-from conftest import Interop, entities, eventually
+from conftest import Interop, entities, eventually, meshstore_get, ok
 from meshstore.components import make_entity
 from meshstore.pb import entity_pb2 as pb
 from meshstore.pb import store_pb2
-from test_cli import CLI, TIMEOUT, Served, cli_env, free_port
+from test_cli import TIMEOUT, Served, free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -41,18 +39,6 @@ def table(stdout: str) -> dict[str, tuple[str, set[str], str]]:
         entity_id, kind, comps, updated = re.split(r"\s{2,}", line.strip())
         rows[entity_id] = (kind, set(comps.split(",")), updated)
     return rows
-
-
-def meshstore_get(addr: str, entity_id: str) -> dict:
-    result = subprocess.run([*CLI, "get", entity_id, "--json"], capture_output=True, text=True,
-                            timeout=TIMEOUT, env=cli_env(addr))
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
-    return result.stdout
 
 
 def test_list_get_approve_deny(interop: Interop) -> None:

@@ -25,14 +25,13 @@ import time
 import grpc
 import pytest
 
-from conftest import Interop, Proc, entities, eventually
+from conftest import Interop, Proc, entities, eventually, meshstore_get, ok
 from meshstore.components import (
     APPROVAL, CLASSIFICATION, FUSION, POSITION, TASK, TASK_CATALOG, THREAT, VELOCITY, unpack,
 )
 from meshstore.pb import entity_pb2 as pb
 from meshstore.pb import store_pb2
 from test_cli import TIMEOUT, Served
-from test_lattice_cli import meshstore_get, ok
 
 pytestmark = pytest.mark.timeout(180)
 
