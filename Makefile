@@ -9,7 +9,7 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 
 RUST_SOURCES := $(shell find rust proto -type f) Cargo.toml build.rs
 
-.PHONY: all build test demo demo-replicas bench proto clean
+.PHONY: all build test interop demo demo-replicas bench proto clean
 
 all: build
 
@@ -28,6 +28,21 @@ build: $(VENV)/.built
 test: build
 	cargo test --release --quiet
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The seed system's Go clients against meshstore serve (tests/interop; not part of
+# `make test`). Needs a snapshot of boshu2/lattice-lab as a git directory and its build
+# script (it installs Go libraries with apt-get: run as root); builds into LATTICE_BUILD.
+LATTICE_SRC = $(LATTICE_BUILD)/src/github.com/boshu2/lattice-lab
+interop:
+	@if [ -z "$(LATTICE_GIT)" ] || [ -z "$(LATTICE_BUILD)" ] || [ -z "$(LATTICE_BUILD_SCRIPT)" ]; then \
+	  echo "usage: make interop LATTICE_GIT=<git dir of a boshu2/lattice-lab snapshot>" \
+	       "LATTICE_BUILD=<build dir> LATTICE_BUILD_SCRIPT=<its build script>" >&2; exit 2; fi
+	$(MAKE) build
+	@# Only the sources: a snapshot may lack the large binary committed at the repository's root.
+	@[ -d "$(LATTICE_SRC)/cmd" ] || { mkdir -p "$(LATTICE_SRC)" && \
+	  git --git-dir="$(LATTICE_GIT)" archive HEAD cmd gen internal proto go.mod go.sum | tar -x -C "$(LATTICE_SRC)"; }
+	bash "$(LATTICE_BUILD_SCRIPT)" "$(LATTICE_GIT)" "$(LATTICE_BUILD)"
+	LATTICE_BIN="$(abspath $(LATTICE_SRC))/bin" $(PY) -m pytest tests/interop -v $(PYTEST_ARGS)
 
 demo: build
 	$(PY) -m meshstore.cli demo $(DEMO_ARGS)

@@ -7,7 +7,9 @@ Builds every request up front (serialized once, outside the timed part), makes s
 the tracks exist (one untimed PublishEntities stream), then times ``--updates`` position
 updates spread over ``--tracks`` tracks:
 
-- unary: UpdateEntity calls, ``--concurrency`` in flight at once (grpc.aio);
+- unary: UpdateEntity calls, ``--concurrency`` in flight at once (grpc.aio); each
+  call's applied/stale keys are read from its trailing metadata (the response is the
+  bare entity, as the seed system's contract has it);
 - stream: PublishEntities, the updates split over ``--streams`` concurrent streams,
   ``--batch`` entities per request (1: one per message, as old clients send).
 
@@ -28,6 +30,7 @@ import grpc
 
 from meshstore.components import make_entity
 from meshstore.pb import entity_pb2, store_pb2
+from meshstore.server import UPDATE_RESULT_TRAILER
 
 METHOD = "/store.v1.EntityStoreService/"
 
@@ -79,17 +82,24 @@ async def run(args: argparse.Namespace) -> dict:
             update = channel.unary_unary(METHOD + "UpdateEntity")
             c = args.concurrency
 
-            async def worker(k: int) -> int:
-                failed = 0
+            async def worker(k: int) -> tuple[int, int, int]:
+                failed = written = refused = 0
                 for j in range(k, n, c):
+                    call = update(payloads[j], timeout=60)
                     try:
-                        await update(payloads[j], timeout=60)
+                        await call
                     except grpc.aio.AioRpcError:
                         failed += 1
-                return failed
+                        continue
+                    keys = store_pb2.UpdateResult.FromString(dict(await call.trailing_metadata())[UPDATE_RESULT_TRAILER])
+                    if keys.applied:
+                        written += 1
+                    elif keys.stale:
+                        refused += 1
+                return failed, written, refused
 
-            errors = sum(await asyncio.gather(*(worker(k) for k in range(c))))
-            applied = n - errors
+            counts = await asyncio.gather(*(worker(k) for k in range(c)))
+            errors, applied, stale = (sum(column) for column in zip(*counts))
         else:
             s = args.streams
             summaries = await asyncio.gather(*(publish(channel, payloads[k::s]) for k in range(s)))

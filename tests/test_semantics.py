@@ -1,5 +1,5 @@
 """Merge semantics users rely on: stale writes, max strategies, deletes and resurrection,
-the quarantine of versions from the future, and the hybrid logical clock."""
+versions from a clock far ahead, and the hybrid logical clock."""
 
 from __future__ import annotations
 
@@ -219,7 +219,7 @@ def test_replicas_converge_whatever_the_merge_order(make_store):
     assert a.list() == b.list() == c.list()
 
 
-# ---- quarantine of versions from the future ---------------------------------------------------
+# ---- versions from a clock far ahead ----------------------------------------------------------
 
 
 def _future_state(make_store, ahead: float = 5.0):

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from meshstore import Store
 from meshstore.components import APPROVAL, POSITION, THREAT, make_entity, pack, type_url, unpack
 from meshstore.pb import entity_pb2, store_pb2, store_pb2_grpc
-from meshstore.server import SERVICE_NAME, RpcFailure, start_server, status_for
+from meshstore.server import SERVICE_NAME, UPDATE_RESULT_TRAILER, RpcFailure, start_server, status_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -100,7 +100,7 @@ def rpc_error(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> grpc.RpcErro
 
 
 def create(server: ServerThread, entity: entity_pb2.Entity) -> entity_pb2.Entity:
-    return server.stub.CreateEntity(store_pb2.CreateEntityRequest(entity=entity), timeout=TIMEOUT).entity
+    return server.stub.CreateEntity(store_pb2.CreateEntityRequest(entity=entity), timeout=TIMEOUT)
 
 
 # ---- unary RPCs -------------------------------------------------------------------------
@@ -111,7 +111,7 @@ def test_crud_roundtrip(server: ServerThread) -> None:
     assert created.id == "t1" and created.type == TRACK and position(created) == (1.0, 2.0)
     assert POSITION in created.versions and created.origin_node == "srv"
 
-    got = stub.GetEntity(store_pb2.GetEntityRequest(id="t1"), timeout=TIMEOUT).entity
+    got = stub.GetEntity(store_pb2.GetEntityRequest(id="t1"), timeout=TIMEOUT)
     assert got == created
     create(server, make_entity("a1", ASSET))
     listed = stub.ListEntities(store_pb2.ListEntitiesRequest(), timeout=TIMEOUT).entities
@@ -121,7 +121,7 @@ def test_crud_roundtrip(server: ServerThread) -> None:
 
     write = track("t1", lat=5.0)
     write.versions[POSITION].CopyFrom(got.versions[POSITION])
-    resp = stub.UpdateEntity(store_pb2.UpdateEntityRequest(entity=write), timeout=TIMEOUT)
+    resp = stub.UpdateEntityDetailed(store_pb2.UpdateEntityRequest(entity=write), timeout=TIMEOUT)
     assert list(resp.applied) == [POSITION] and not resp.stale
     assert position(resp.entity) == (5.0, 2.0)
     assert position(server.store.get("t1")) == (5.0, 2.0)
@@ -141,7 +141,7 @@ def test_update_reports_stale_keys_and_strict_aborts(server: ServerThread) -> No
     assert err.code() == C.ABORTED and "stale" in err.details()
     assert position(server.store.get("t1")) == (9.0, 2.0)
 
-    resp = stub.UpdateEntity(store_pb2.UpdateEntityRequest(entity=stale), timeout=TIMEOUT)
+    resp = stub.UpdateEntityDetailed(store_pb2.UpdateEntityRequest(entity=stale), timeout=TIMEOUT)
     assert list(resp.stale) == [POSITION] and not resp.applied
     assert position(resp.entity) == (9.0, 2.0)
 
@@ -248,7 +248,7 @@ def test_bad_input_is_refused_and_leaves_the_server_and_state_intact() -> None:
         assert err.code() == C.INVALID_ARGUMENT and "entity type" in err.details()
 
         # Alive, and nothing changed.
-        assert stub.GetEntity(store_pb2.GetEntityRequest(id="t1"), timeout=TIMEOUT).entity == before
+        assert stub.GetEntity(store_pb2.GetEntityRequest(id="t1"), timeout=TIMEOUT) == before
         assert server.store.seq == seq
         assert [e.id for e in server.store.list()] == ["t1"]
         health = health_pb2_grpc.HealthStub(server.channel).Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
@@ -271,22 +271,34 @@ class OldClient(grpc.UnaryUnaryClientInterceptor):
         return continuation(details, request)
 
 
+def update_result_trailer(call: Any) -> store_pb2.UpdateResult:
+    trailers = dict(call.trailing_metadata())
+    return store_pb2.UpdateResult.FromString(trailers[UPDATE_RESULT_TRAILER])
+
+
 def test_old_client_read_modify_write_gets_the_per_key_merge(server: ServerThread) -> None:
     old = store_pb2_grpc.EntityStoreServiceStub(grpc.intercept_channel(server.channel, OldClient()))
     old.CreateEntity(store_pb2.CreateEntityRequest(entity=track("t1", lat=1.0, lon=1.0)), timeout=TIMEOUT)
 
     # The classifier (old client) reads the track...
-    read = old.GetEntity(store_pb2.GetEntityRequest(id="t1"), timeout=TIMEOUT).entity
+    read = old.GetEntity(store_pb2.GetEntityRequest(id="t1"), timeout=TIMEOUT)
     assert read.hlc_physical and read.hlc_node
     # ...the sensor (old client too) writes a newer position meanwhile...
-    sensor = old.UpdateEntity(store_pb2.UpdateEntityRequest(entity=track("t1", lat=2.0, lon=2.0)), timeout=TIMEOUT)
-    assert list(sensor.applied) == [POSITION]
+    sensor, call = old.UpdateEntity.with_call(
+        store_pb2.UpdateEntityRequest(entity=track("t1", lat=2.0, lon=2.0)), timeout=TIMEOUT)
+    assert position(sensor) == (2.0, 2.0)
+    assert list(update_result_trailer(call).applied) == [POSITION]
     # ...and the classifier sends back the whole entity it read, plus its threat.
     read.components[THREAT].CopyFrom(pack(entity_pb2.ThreatComponent(level=entity_pb2.THREAT_LEVEL_HIGH)))
-    resp = old.UpdateEntity(store_pb2.UpdateEntityRequest(entity=read), timeout=TIMEOUT)
+    answer, call = old.UpdateEntity.with_call(store_pb2.UpdateEntityRequest(entity=read), timeout=TIMEOUT)
 
-    assert list(resp.applied) == [THREAT]
-    assert list(resp.stale) == [POSITION]
+    # The bare entity answers (the kept position in it); the per-key outcome rides in
+    # the trailing metadata, where an old client does not look.
+    assert position(answer) == (2.0, 2.0)
+    keys = update_result_trailer(call)
+    assert list(keys.applied) == [THREAT]
+    assert list(keys.stale) == [POSITION]
+    assert not keys.HasField("entity")
     final = server.store.get("t1")
     assert position(final) == (2.0, 2.0)  # the sensor's newer position is kept
     assert unpack(final, THREAT, entity_pb2.ThreatComponent).level == entity_pb2.THREAT_LEVEL_HIGH
@@ -309,13 +321,13 @@ def test_approve_and_deny_decide_a_pending_approval(server: ServerThread, rpc: s
     requested = server.store.get("t1").versions[APPROVAL]
     request = (store_pb2.ApproveActionRequest if rpc == "ApproveAction" else store_pb2.DenyActionRequest)(entity_id="t1")
     resp = getattr(server.stub, rpc)(request, timeout=TIMEOUT)
-    decided = unpack(resp.entity, APPROVAL, entity_pb2.ApprovalComponent)
+    decided = unpack(resp, APPROVAL, entity_pb2.ApprovalComponent)
     assert decided.state == state
     assert decided.timeout_seconds == 30 and decided.requested_at.seconds == 1_700_000_000
     stored = unpack(server.store.get("t1"), APPROVAL, entity_pb2.ApprovalComponent)
     assert stored == decided
     # The decision is a new write that saw (so replaces) the request, wherever it replicates.
-    decision = resp.entity.versions[APPROVAL]
+    decision = resp.versions[APPROVAL]
     assert decision.counter > requested.counter and not decision.concurrent
 
     err = rpc_error(getattr(server.stub, rpc), request)  # nothing pending any more

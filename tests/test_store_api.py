@@ -325,7 +325,7 @@ def test_put_many_with_a_wrong_item_type_names_the_item(store):
 
 def test_a_key_may_change_type_across_strategies_and_replicas_agree(pair):
     """A max-strategy key rewritten with an lww type (and back) applies, and the new
-    cell outranks the old one on every replica (its epoch carries on)."""
+    value replaces the old one on every replica (the write saw it)."""
     a, b = pair
     a.put(track("t1", threat=threat(pb.THREAT_LEVEL_HIGH)))
     sync(a, b)

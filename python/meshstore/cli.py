@@ -271,9 +271,9 @@ def get_cmd(
     from meshstore.pb import store_pb2, store_pb2_grpc
 
     with _channel(store) as ch, _rpc_errors(store, "GetEntity", deadline):
-        resp = store_pb2_grpc.EntityStoreServiceStub(ch).GetEntity(
+        entity = store_pb2_grpc.EntityStoreServiceStub(ch).GetEntity(
             store_pb2.GetEntityRequest(id=entity_id), timeout=deadline, wait_for_ready=False)
-    _show_entity(resp.entity, json_out)
+    _show_entity(entity, json_out)
 
 
 def _show_entity(e: Any, json_out: bool, title: str | None = None) -> None:
@@ -310,13 +310,13 @@ def _decide(action: str, entity_id: str, store: str, json_out: bool, deadline: f
     with _channel(store) as ch, _rpc_errors(store, f"{action}Action", deadline):
         stub = store_pb2_grpc.EntityStoreServiceStub(ch)
         if action == "Approve":
-            resp = stub.ApproveAction(store_pb2.ApproveActionRequest(entity_id=entity_id),
-                                      timeout=deadline, wait_for_ready=False)
+            entity = stub.ApproveAction(store_pb2.ApproveActionRequest(entity_id=entity_id),
+                                        timeout=deadline, wait_for_ready=False)
         else:
-            resp = stub.DenyAction(store_pb2.DenyActionRequest(entity_id=entity_id),
-                                   timeout=deadline, wait_for_ready=False)
+            entity = stub.DenyAction(store_pb2.DenyActionRequest(entity_id=entity_id),
+                                     timeout=deadline, wait_for_ready=False)
     if json_out:
-        _print_json(entity_dict(resp.entity))
+        _print_json(entity_dict(entity))
     else:
         verb = "approved" if action == "Approve" else "denied"
         _console().print(f"{verb} {entity_id}", markup=False)

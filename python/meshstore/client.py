@@ -164,6 +164,7 @@ class UpdateResponse:
     entity: entity_pb2.Entity
     applied: list[str]
     stale: list[str]
+    unchanged: list[str]
 
 
 # ---- the client --------------------------------------------------------------------------
@@ -263,8 +264,7 @@ class StoreClient:
 
     async def get(self, entity_id: str) -> entity_pb2.Entity:
         """The live entity with its versions; NotFoundError otherwise."""
-        resp = await self._call("GetEntity", self.stub.GetEntity, store_pb2.GetEntityRequest(id=entity_id))
-        return resp.entity
+        return await self._call("GetEntity", self.stub.GetEntity, store_pb2.GetEntityRequest(id=entity_id))
 
     async def list(self, type_filter: int = 0) -> list[entity_pb2.Entity]:
         resp = await self._call("ListEntities", self.stub.ListEntities,
@@ -272,26 +272,24 @@ class StoreClient:
         return list(resp.entities)
 
     async def create(self, entity: entity_pb2.Entity) -> entity_pb2.Entity:
-        resp = await self._call("CreateEntity", self.stub.CreateEntity, store_pb2.CreateEntityRequest(entity=entity))
-        return resp.entity
+        return await self._call("CreateEntity", self.stub.CreateEntity, store_pb2.CreateEntityRequest(entity=entity))
 
     async def update(self, entity: entity_pb2.Entity, *, strict: bool = False) -> UpdateResponse:
-        """Writes the keys the entity carries against ``entity.versions`` (see Store.update)."""
-        resp = await self._call("UpdateEntity", self.stub.UpdateEntity,
+        """Writes the keys the entity carries against ``entity.versions`` (see Store.update);
+        UpdateEntityDetailed says which keys were applied, stale or unchanged."""
+        resp = await self._call("UpdateEntityDetailed", self.stub.UpdateEntityDetailed,
                                 store_pb2.UpdateEntityRequest(entity=entity, strict=strict))
-        return UpdateResponse(resp.entity, list(resp.applied), list(resp.stale))
+        return UpdateResponse(resp.entity, list(resp.applied), list(resp.stale), list(resp.unchanged))
 
     async def delete(self, entity_id: str) -> None:
         await self._call("DeleteEntity", self.stub.DeleteEntity, store_pb2.DeleteEntityRequest(id=entity_id))
 
     async def approve(self, entity_id: str) -> entity_pb2.Entity:
-        resp = await self._call("ApproveAction", self.stub.ApproveAction,
+        return await self._call("ApproveAction", self.stub.ApproveAction,
                                 store_pb2.ApproveActionRequest(entity_id=entity_id))
-        return resp.entity
 
     async def deny(self, entity_id: str) -> entity_pb2.Entity:
-        resp = await self._call("DenyAction", self.stub.DenyAction, store_pb2.DenyActionRequest(entity_id=entity_id))
-        return resp.entity
+        return await self._call("DenyAction", self.stub.DenyAction, store_pb2.DenyActionRequest(entity_id=entity_id))
 
     async def publish(self, entities: Iterable[entity_pb2.Entity]) -> store_pb2.PublishSummary:
         """Upserts a batch over one PublishEntities stream (the ingest path): bad entities

@@ -11,8 +11,15 @@ In-process use (tests, other services)::
 Alongside the store service the server offers the standard health service
 (``grpc.health.v1.Health``, SERVING until shutdown) and server reflection.
 
+The eight RPCs of the seed system answer its bare messages (``entity.v1.Entity``,
+``google.protobuf.Empty``, ...), so its clients work unchanged; what meshstore says
+beyond them travels in ``UpdateEntityDetailed`` and in UpdateEntity's trailing metadata
+``meshstore-update-result-bin`` (a serialized ``UpdateResult`` without the entity).
+
 Errors: every store exception maps to a status code (``status_for``); nothing escapes
-as UNKNOWN, and each failed request is logged with its code.
+as UNKNOWN, and each failed request is logged with its code. Request bytes that do not
+decode are INVALID_ARGUMENT (requests are decoded by ``_decoder``, never by grpc, whose
+own failure would be UNKNOWN naming a Python class).
 
 Fast paths, measured in benches/bench_grpc.py: WatchEntities sends the core's
 pre-serialized ``EntityEvent`` bytes as they are (identity response serializer), and
@@ -35,7 +42,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf import empty_pb2
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as _health_aio
 from grpc_reflection.v1alpha import reflection
@@ -61,6 +69,7 @@ from meshstore.watcher import Watcher
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "SERVICE_NAME",
+    "UPDATE_RESULT_TRAILER",
     "EntityStoreServicer",
     "RpcFailure",
     "RunningServer",
@@ -73,6 +82,8 @@ __all__ = [
 log = logging.getLogger("meshstore.server")
 
 SERVICE_NAME = store_pb2.DESCRIPTOR.services_by_name["EntityStoreService"].full_name
+#: UpdateEntity's trailing metadata key: a serialized store.v1.UpdateResult (no entity).
+UPDATE_RESULT_TRAILER = "meshstore-update-result-bin"
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 #: PublishEntities upserts this many entities per put_many call...
 PUBLISH_CHUNK = 1024
@@ -128,6 +139,28 @@ async def _fail(context: grpc.aio.ServicerContext, method: str, exc: BaseExcepti
     await context.abort(code, details)
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """What ``_decoder`` gives for request bytes that are not a valid message."""
+
+    type_name: str
+
+
+def _decoder(message_type: type[Message]) -> Callable[[bytes], Message | _Undecodable]:
+    """A request deserializer that never raises: grpc turns a deserializer's exception
+    into UNKNOWN; the handler answers ``_Undecodable`` with INVALID_ARGUMENT instead."""
+    type_name = message_type.DESCRIPTOR.full_name
+    from_string = message_type.FromString
+
+    def decode(raw: bytes) -> Message | _Undecodable:
+        try:
+            return from_string(raw)
+        except DecodeError:
+            return _Undecodable(type_name)
+
+    return decode
+
+
 def _rpc(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     """Maps every exception of a handler to a status code (never UNKNOWN)."""
     name = method.__name__
@@ -135,6 +168,8 @@ def _rpc(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]
     @functools.wraps(method)
     async def handler(self: EntityStoreServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            if isinstance(request, _Undecodable):
+                raise RpcFailure(_C.INVALID_ARGUMENT, f"malformed request: the bytes are not a {request.type_name}")
             return await method(self, request, context)
         except _PASSTHROUGH:
             raise
@@ -230,6 +265,8 @@ class EntityStoreServicer:
         self.mesh: MeshServicer | None = None
         self.relay: Relay | None = None
         self._streams: set[_Stream] = set()
+        # Open PublishEntities calls: shutdown cancels their read and they answer a summary.
+        self._publishers: set[asyncio.Task] = set()
         self._closing = False
         self._started = time.monotonic()
 
@@ -237,28 +274,29 @@ class EntityStoreServicer:
 
     def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         s = store_pb2
-        unary = grpc.unary_unary_rpc_method_handler
+        entity = entity_pb2.Entity.SerializeToString
+
+        def unary(handler: Callable[..., Awaitable[Any]], request: type[Message],
+                  response: Callable[[Any], bytes]) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(handler, _decoder(request), response)
+
         handlers = {
-            "CreateEntity": unary(self.CreateEntity, s.CreateEntityRequest.FromString,
-                                  s.CreateEntityResponse.SerializeToString),
-            "GetEntity": unary(self.GetEntity, s.GetEntityRequest.FromString, s.GetEntityResponse.SerializeToString),
-            "ListEntities": unary(self.ListEntities, s.ListEntitiesRequest.FromString,
-                                  s.ListEntitiesResponse.SerializeToString),
-            "UpdateEntity": unary(self.UpdateEntity, s.UpdateEntityRequest.FromString,
-                                  s.UpdateEntityResponse.SerializeToString),
-            "DeleteEntity": unary(self.DeleteEntity, s.DeleteEntityRequest.FromString,
-                                  s.DeleteEntityResponse.SerializeToString),
+            "CreateEntity": unary(self.CreateEntity, s.CreateEntityRequest, entity),
+            "GetEntity": unary(self.GetEntity, s.GetEntityRequest, entity),
+            "ListEntities": unary(self.ListEntities, s.ListEntitiesRequest, s.ListEntitiesResponse.SerializeToString),
+            "UpdateEntity": unary(self.UpdateEntity, s.UpdateEntityRequest, entity),
+            "DeleteEntity": unary(self.DeleteEntity, s.DeleteEntityRequest, empty_pb2.Empty.SerializeToString),
             # Responses are already serialized EntityEvent bytes: no serializer.
             "WatchEntities": grpc.unary_stream_rpc_method_handler(
-                self.WatchEntities, s.WatchEntitiesRequest.FromString, None),
-            "ApproveAction": unary(self.ApproveAction, s.ApproveActionRequest.FromString,
-                                   s.ApproveActionResponse.SerializeToString),
-            "DenyAction": unary(self.DenyAction, s.DenyActionRequest.FromString,
-                                s.DenyActionResponse.SerializeToString),
+                self.WatchEntities, _decoder(s.WatchEntitiesRequest), None),
+            "ApproveAction": unary(self.ApproveAction, s.ApproveActionRequest, entity),
+            "DenyAction": unary(self.DenyAction, s.DenyActionRequest, entity),
+            "UpdateEntityDetailed": unary(self.UpdateEntityDetailed, s.UpdateEntityRequest,
+                                          s.UpdateResult.SerializeToString),
             # Requests arrive as raw bytes: the entity is sliced out, not decoded.
             "PublishEntities": grpc.stream_unary_rpc_method_handler(
                 self.PublishEntities, None, s.PublishSummary.SerializeToString),
-            "GetStats": unary(self.GetStats, s.GetStatsRequest.FromString, s.GetStatsResponse.SerializeToString),
+            "GetStats": unary(self.GetStats, s.GetStatsRequest, s.GetStatsResponse.SerializeToString),
         }
         missing = set(store_pb2.DESCRIPTOR.services_by_name["EntityStoreService"].methods_by_name) - set(handlers)
         assert not missing, f"RPCs without a handler: {sorted(missing)}"
@@ -272,34 +310,42 @@ class EntityStoreServicer:
     # ---- unary RPCs ----------------------------------------------------------------
 
     @_rpc
-    async def CreateEntity(self, request: store_pb2.CreateEntityRequest, context: Any) -> store_pb2.CreateEntityResponse:
-        return store_pb2.CreateEntityResponse(entity=self.store.create(_entity_of(request)))
+    async def CreateEntity(self, request: store_pb2.CreateEntityRequest, context: Any) -> entity_pb2.Entity:
+        return self.store.create(_entity_of(request))
 
     @_rpc
-    async def GetEntity(self, request: store_pb2.GetEntityRequest, context: Any) -> store_pb2.GetEntityResponse:
-        return store_pb2.GetEntityResponse(entity=self.store.get(request.id))
+    async def GetEntity(self, request: store_pb2.GetEntityRequest, context: Any) -> entity_pb2.Entity:
+        return self.store.get(request.id)
 
     @_rpc
     async def ListEntities(self, request: store_pb2.ListEntitiesRequest, context: Any) -> store_pb2.ListEntitiesResponse:
         return store_pb2.ListEntitiesResponse(entities=self.store.list(request.type_filter))
 
     @_rpc
-    async def UpdateEntity(self, request: store_pb2.UpdateEntityRequest, context: Any) -> store_pb2.UpdateEntityResponse:
+    async def UpdateEntity(self, request: store_pb2.UpdateEntityRequest, context: Any) -> entity_pb2.Entity:
         result = self.store.update(_entity_of(request), strict=request.strict)
-        return store_pb2.UpdateEntityResponse(entity=result.entity, applied=result.applied, stale=result.stale)
+        keys = store_pb2.UpdateResult(applied=result.applied, stale=result.stale, unchanged=result.unchanged)
+        context.set_trailing_metadata(((UPDATE_RESULT_TRAILER, keys.SerializeToString()),))
+        return result.entity
 
     @_rpc
-    async def DeleteEntity(self, request: store_pb2.DeleteEntityRequest, context: Any) -> store_pb2.DeleteEntityResponse:
+    async def UpdateEntityDetailed(self, request: store_pb2.UpdateEntityRequest, context: Any) -> store_pb2.UpdateResult:
+        result = self.store.update(_entity_of(request), strict=request.strict)
+        return store_pb2.UpdateResult(entity=result.entity, applied=result.applied, stale=result.stale,
+                                      unchanged=result.unchanged)
+
+    @_rpc
+    async def DeleteEntity(self, request: store_pb2.DeleteEntityRequest, context: Any) -> empty_pb2.Empty:
         self.store.delete(request.id)
-        return store_pb2.DeleteEntityResponse()
+        return empty_pb2.Empty()
 
     @_rpc
-    async def ApproveAction(self, request: store_pb2.ApproveActionRequest, context: Any) -> store_pb2.ApproveActionResponse:
-        return store_pb2.ApproveActionResponse(entity=self._decide(request.entity_id, entity_pb2.APPROVAL_STATE_APPROVED))
+    async def ApproveAction(self, request: store_pb2.ApproveActionRequest, context: Any) -> entity_pb2.Entity:
+        return self._decide(request.entity_id, entity_pb2.APPROVAL_STATE_APPROVED)
 
     @_rpc
-    async def DenyAction(self, request: store_pb2.DenyActionRequest, context: Any) -> store_pb2.DenyActionResponse:
-        return store_pb2.DenyActionResponse(entity=self._decide(request.entity_id, entity_pb2.APPROVAL_STATE_DENIED))
+    async def DenyAction(self, request: store_pb2.DenyActionRequest, context: Any) -> entity_pb2.Entity:
+        return self._decide(request.entity_id, entity_pb2.APPROVAL_STATE_DENIED)
 
     def _decide(self, entity_id: str, state: int) -> entity_pb2.Entity:
         """Moves the entity's pending approval to ``state``, over the version read
@@ -405,6 +451,9 @@ class EntityStoreServicer:
     async def PublishEntities(self, requests: AsyncIterator[bytes], context: Any) -> store_pb2.PublishSummary:
         # Read with context.read(), not `async for` over `requests`: measured ~1.5x
         # faster per message (benches/bench_grpc.py).
+        if self._closing:
+            raise RpcFailure(_C.UNAVAILABLE, "server shutting down")
+        task = asyncio.current_task()
         tally = _Tally()
         chunk: list[bytes] = []
         loop = asyncio.get_running_loop()
@@ -422,6 +471,8 @@ class EntityStoreServicer:
 
         read = context.read
         eof = grpc.aio.EOF
+        if task is not None:
+            self._publishers.add(task)
         try:
             while (raw := await read()) is not eof:
                 payloads, error = _publish_payloads(raw)
@@ -433,7 +484,14 @@ class EntityStoreServicer:
                     flush()
                 elif timer is None:
                     timer = loop.call_later(PUBLISH_FLUSH_DELAY, flush)
+        except asyncio.CancelledError:
+            if not self._closing or task is None:
+                raise  # the client went away
+            # Shutdown drains the stream: stop reading, answer what was applied.
+            task.uncancel()
+            log_event(log, logging.INFO, "publish stream drained at shutdown", peer=context.peer())
         finally:
+            self._publishers.discard(task)
             flush()  # what arrived is applied, even if the client went away
         if tally.rejected:
             log_event(log, logging.INFO, "publish rejected entities", rejected=tally.rejected,
@@ -473,7 +531,8 @@ class EntityStoreServicer:
         return len(self._streams)
 
     def close_streams(self) -> None:
-        """Ends every open watch stream (UNAVAILABLE with its resume cursor) and
+        """Ends every open watch stream (UNAVAILABLE with its resume cursor) and every
+        open publish stream (answered with the summary of what it applied), and
         refuses new ones."""
         self._closing = True
         for stream in list(self._streams):
@@ -481,6 +540,9 @@ class EntityStoreServicer:
             stream.watcher.close()
             if stream.parked and stream.task is not None:
                 stream.task.cancel()
+        # A publish handler's only await is its read: the cancel lands there.
+        for task in list(self._publishers):
+            task.cancel()
 
 
 def _check_bindable(host: str, port: int, wanted: str) -> None:

@@ -1,3 +1,4 @@
+from google.protobuf import empty_pb2 as _empty_pb2
 from meshstore.pb import entity_pb2 as _entity_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -39,23 +40,11 @@ class CreateEntityRequest(_message.Message):
     entity: _entity_pb2.Entity
     def __init__(self, entity: _Optional[_Union[_entity_pb2.Entity, _Mapping]] = ...) -> None: ...
 
-class CreateEntityResponse(_message.Message):
-    __slots__ = ("entity",)
-    ENTITY_FIELD_NUMBER: _ClassVar[int]
-    entity: _entity_pb2.Entity
-    def __init__(self, entity: _Optional[_Union[_entity_pb2.Entity, _Mapping]] = ...) -> None: ...
-
 class GetEntityRequest(_message.Message):
     __slots__ = ("id",)
     ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     def __init__(self, id: _Optional[str] = ...) -> None: ...
-
-class GetEntityResponse(_message.Message):
-    __slots__ = ("entity",)
-    ENTITY_FIELD_NUMBER: _ClassVar[int]
-    entity: _entity_pb2.Entity
-    def __init__(self, entity: _Optional[_Union[_entity_pb2.Entity, _Mapping]] = ...) -> None: ...
 
 class ListEntitiesRequest(_message.Message):
     __slots__ = ("type_filter",)
@@ -77,25 +66,23 @@ class UpdateEntityRequest(_message.Message):
     strict: bool
     def __init__(self, entity: _Optional[_Union[_entity_pb2.Entity, _Mapping]] = ..., strict: _Optional[bool] = ...) -> None: ...
 
-class UpdateEntityResponse(_message.Message):
-    __slots__ = ("entity", "applied", "stale")
+class UpdateResult(_message.Message):
+    __slots__ = ("entity", "applied", "stale", "unchanged")
     ENTITY_FIELD_NUMBER: _ClassVar[int]
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     STALE_FIELD_NUMBER: _ClassVar[int]
+    UNCHANGED_FIELD_NUMBER: _ClassVar[int]
     entity: _entity_pb2.Entity
     applied: _containers.RepeatedScalarFieldContainer[str]
     stale: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, entity: _Optional[_Union[_entity_pb2.Entity, _Mapping]] = ..., applied: _Optional[_Iterable[str]] = ..., stale: _Optional[_Iterable[str]] = ...) -> None: ...
+    unchanged: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, entity: _Optional[_Union[_entity_pb2.Entity, _Mapping]] = ..., applied: _Optional[_Iterable[str]] = ..., stale: _Optional[_Iterable[str]] = ..., unchanged: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DeleteEntityRequest(_message.Message):
     __slots__ = ("id",)
     ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     def __init__(self, id: _Optional[str] = ...) -> None: ...
-
-class DeleteEntityResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
 
 class WatchEntitiesRequest(_message.Message):
     __slots__ = ("type_filter", "include_existing", "since_seq", "components", "heartbeat_interval_ms", "min_interval_ms")
@@ -119,23 +106,11 @@ class ApproveActionRequest(_message.Message):
     entity_id: str
     def __init__(self, entity_id: _Optional[str] = ...) -> None: ...
 
-class ApproveActionResponse(_message.Message):
-    __slots__ = ("entity",)
-    ENTITY_FIELD_NUMBER: _ClassVar[int]
-    entity: _entity_pb2.Entity
-    def __init__(self, entity: _Optional[_Union[_entity_pb2.Entity, _Mapping]] = ...) -> None: ...
-
 class DenyActionRequest(_message.Message):
     __slots__ = ("entity_id",)
     ENTITY_ID_FIELD_NUMBER: _ClassVar[int]
     entity_id: str
     def __init__(self, entity_id: _Optional[str] = ...) -> None: ...
-
-class DenyActionResponse(_message.Message):
-    __slots__ = ("entity",)
-    ENTITY_FIELD_NUMBER: _ClassVar[int]
-    entity: _entity_pb2.Entity
-    def __init__(self, entity: _Optional[_Union[_entity_pb2.Entity, _Mapping]] = ...) -> None: ...
 
 class PublishRequest(_message.Message):
     __slots__ = ("entity", "entities")

@@ -3,6 +3,8 @@
 import grpc
 import warnings
 
+from meshstore.pb import entity_pb2 as entity_dot_v1_dot_entity__pb2
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from meshstore.pb import store_pb2 as store_dot_v1_dot_store__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -37,12 +39,12 @@ class EntityStoreServiceStub:
         self.CreateEntity = channel.unary_unary(
                 '/store.v1.EntityStoreService/CreateEntity',
                 request_serializer=store_dot_v1_dot_store__pb2.CreateEntityRequest.SerializeToString,
-                response_deserializer=store_dot_v1_dot_store__pb2.CreateEntityResponse.FromString,
+                response_deserializer=entity_dot_v1_dot_entity__pb2.Entity.FromString,
                 _registered_method=True)
         self.GetEntity = channel.unary_unary(
                 '/store.v1.EntityStoreService/GetEntity',
                 request_serializer=store_dot_v1_dot_store__pb2.GetEntityRequest.SerializeToString,
-                response_deserializer=store_dot_v1_dot_store__pb2.GetEntityResponse.FromString,
+                response_deserializer=entity_dot_v1_dot_entity__pb2.Entity.FromString,
                 _registered_method=True)
         self.ListEntities = channel.unary_unary(
                 '/store.v1.EntityStoreService/ListEntities',
@@ -52,12 +54,12 @@ class EntityStoreServiceStub:
         self.UpdateEntity = channel.unary_unary(
                 '/store.v1.EntityStoreService/UpdateEntity',
                 request_serializer=store_dot_v1_dot_store__pb2.UpdateEntityRequest.SerializeToString,
-                response_deserializer=store_dot_v1_dot_store__pb2.UpdateEntityResponse.FromString,
+                response_deserializer=entity_dot_v1_dot_entity__pb2.Entity.FromString,
                 _registered_method=True)
         self.DeleteEntity = channel.unary_unary(
                 '/store.v1.EntityStoreService/DeleteEntity',
                 request_serializer=store_dot_v1_dot_store__pb2.DeleteEntityRequest.SerializeToString,
-                response_deserializer=store_dot_v1_dot_store__pb2.DeleteEntityResponse.FromString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
         self.WatchEntities = channel.unary_stream(
                 '/store.v1.EntityStoreService/WatchEntities',
@@ -67,12 +69,17 @@ class EntityStoreServiceStub:
         self.ApproveAction = channel.unary_unary(
                 '/store.v1.EntityStoreService/ApproveAction',
                 request_serializer=store_dot_v1_dot_store__pb2.ApproveActionRequest.SerializeToString,
-                response_deserializer=store_dot_v1_dot_store__pb2.ApproveActionResponse.FromString,
+                response_deserializer=entity_dot_v1_dot_entity__pb2.Entity.FromString,
                 _registered_method=True)
         self.DenyAction = channel.unary_unary(
                 '/store.v1.EntityStoreService/DenyAction',
                 request_serializer=store_dot_v1_dot_store__pb2.DenyActionRequest.SerializeToString,
-                response_deserializer=store_dot_v1_dot_store__pb2.DenyActionResponse.FromString,
+                response_deserializer=entity_dot_v1_dot_entity__pb2.Entity.FromString,
+                _registered_method=True)
+        self.UpdateEntityDetailed = channel.unary_unary(
+                '/store.v1.EntityStoreService/UpdateEntityDetailed',
+                request_serializer=store_dot_v1_dot_store__pb2.UpdateEntityRequest.SerializeToString,
+                response_deserializer=store_dot_v1_dot_store__pb2.UpdateResult.FromString,
                 _registered_method=True)
         self.PublishEntities = channel.stream_unary(
                 '/store.v1.EntityStoreService/PublishEntities',
@@ -90,7 +97,8 @@ class EntityStoreServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def CreateEntity(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The seed system's contract.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -137,6 +145,14 @@ class EntityStoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateEntityDetailed(self, request, context):
+        """meshstore's additions.
+        UpdateEntity answering which keys were applied, stale or unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PublishEntities(self, request_iterator, context):
         """High-rate upsert ingest: a bad entity is counted and skipped, the stream goes on.
         """
@@ -156,12 +172,12 @@ def add_EntityStoreServiceServicer_to_server(servicer, server):
             'CreateEntity': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateEntity,
                     request_deserializer=store_dot_v1_dot_store__pb2.CreateEntityRequest.FromString,
-                    response_serializer=store_dot_v1_dot_store__pb2.CreateEntityResponse.SerializeToString,
+                    response_serializer=entity_dot_v1_dot_entity__pb2.Entity.SerializeToString,
             ),
             'GetEntity': grpc.unary_unary_rpc_method_handler(
                     servicer.GetEntity,
                     request_deserializer=store_dot_v1_dot_store__pb2.GetEntityRequest.FromString,
-                    response_serializer=store_dot_v1_dot_store__pb2.GetEntityResponse.SerializeToString,
+                    response_serializer=entity_dot_v1_dot_entity__pb2.Entity.SerializeToString,
             ),
             'ListEntities': grpc.unary_unary_rpc_method_handler(
                     servicer.ListEntities,
@@ -171,12 +187,12 @@ def add_EntityStoreServiceServicer_to_server(servicer, server):
             'UpdateEntity': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateEntity,
                     request_deserializer=store_dot_v1_dot_store__pb2.UpdateEntityRequest.FromString,
-                    response_serializer=store_dot_v1_dot_store__pb2.UpdateEntityResponse.SerializeToString,
+                    response_serializer=entity_dot_v1_dot_entity__pb2.Entity.SerializeToString,
             ),
             'DeleteEntity': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteEntity,
                     request_deserializer=store_dot_v1_dot_store__pb2.DeleteEntityRequest.FromString,
-                    response_serializer=store_dot_v1_dot_store__pb2.DeleteEntityResponse.SerializeToString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
             'WatchEntities': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchEntities,
@@ -186,12 +202,17 @@ def add_EntityStoreServiceServicer_to_server(servicer, server):
             'ApproveAction': grpc.unary_unary_rpc_method_handler(
                     servicer.ApproveAction,
                     request_deserializer=store_dot_v1_dot_store__pb2.ApproveActionRequest.FromString,
-                    response_serializer=store_dot_v1_dot_store__pb2.ApproveActionResponse.SerializeToString,
+                    response_serializer=entity_dot_v1_dot_entity__pb2.Entity.SerializeToString,
             ),
             'DenyAction': grpc.unary_unary_rpc_method_handler(
                     servicer.DenyAction,
                     request_deserializer=store_dot_v1_dot_store__pb2.DenyActionRequest.FromString,
-                    response_serializer=store_dot_v1_dot_store__pb2.DenyActionResponse.SerializeToString,
+                    response_serializer=entity_dot_v1_dot_entity__pb2.Entity.SerializeToString,
+            ),
+            'UpdateEntityDetailed': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateEntityDetailed,
+                    request_deserializer=store_dot_v1_dot_store__pb2.UpdateEntityRequest.FromString,
+                    response_serializer=store_dot_v1_dot_store__pb2.UpdateResult.SerializeToString,
             ),
             'PublishEntities': grpc.stream_unary_rpc_method_handler(
                     servicer.PublishEntities,
@@ -230,7 +251,7 @@ class EntityStoreService:
             target,
             '/store.v1.EntityStoreService/CreateEntity',
             store_dot_v1_dot_store__pb2.CreateEntityRequest.SerializeToString,
-            store_dot_v1_dot_store__pb2.CreateEntityResponse.FromString,
+            entity_dot_v1_dot_entity__pb2.Entity.FromString,
             options,
             channel_credentials,
             insecure,
@@ -257,7 +278,7 @@ class EntityStoreService:
             target,
             '/store.v1.EntityStoreService/GetEntity',
             store_dot_v1_dot_store__pb2.GetEntityRequest.SerializeToString,
-            store_dot_v1_dot_store__pb2.GetEntityResponse.FromString,
+            entity_dot_v1_dot_entity__pb2.Entity.FromString,
             options,
             channel_credentials,
             insecure,
@@ -311,7 +332,7 @@ class EntityStoreService:
             target,
             '/store.v1.EntityStoreService/UpdateEntity',
             store_dot_v1_dot_store__pb2.UpdateEntityRequest.SerializeToString,
-            store_dot_v1_dot_store__pb2.UpdateEntityResponse.FromString,
+            entity_dot_v1_dot_entity__pb2.Entity.FromString,
             options,
             channel_credentials,
             insecure,
@@ -338,7 +359,7 @@ class EntityStoreService:
             target,
             '/store.v1.EntityStoreService/DeleteEntity',
             store_dot_v1_dot_store__pb2.DeleteEntityRequest.SerializeToString,
-            store_dot_v1_dot_store__pb2.DeleteEntityResponse.FromString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,
@@ -392,7 +413,7 @@ class EntityStoreService:
             target,
             '/store.v1.EntityStoreService/ApproveAction',
             store_dot_v1_dot_store__pb2.ApproveActionRequest.SerializeToString,
-            store_dot_v1_dot_store__pb2.ApproveActionResponse.FromString,
+            entity_dot_v1_dot_entity__pb2.Entity.FromString,
             options,
             channel_credentials,
             insecure,
@@ -419,7 +440,34 @@ class EntityStoreService:
             target,
             '/store.v1.EntityStoreService/DenyAction',
             store_dot_v1_dot_store__pb2.DenyActionRequest.SerializeToString,
-            store_dot_v1_dot_store__pb2.DenyActionResponse.FromString,
+            entity_dot_v1_dot_entity__pb2.Entity.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateEntityDetailed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/store.v1.EntityStoreService/UpdateEntityDetailed',
+            store_dot_v1_dot_store__pb2.UpdateEntityRequest.SerializeToString,
+            store_dot_v1_dot_store__pb2.UpdateResult.FromString,
             options,
             channel_credentials,
             insecure,
