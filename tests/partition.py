@@ -135,6 +135,15 @@ class Node:
         self.server = await self._listen()
         await self.relay.start()
 
+    async def restart_relay(self) -> None:
+        """A fresh relay over the same store (the node's sending side restarted): it
+        meets every peer's incarnation for the first time."""
+        await self.relay.stop()
+        self.relay = Relay(self.store, self.peers, channel_factory=self._dial, **self.relay_options)
+        if self.server is not None:
+            self.server.servicer.relay = self.relay
+        await self.relay.start()
+
     async def stop(self, close_store: bool = True) -> None:
         if self.relay is not None:
             await self.relay.stop()

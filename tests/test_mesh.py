@@ -367,6 +367,28 @@ def test_a_restarted_node_gets_a_full_sync():
     run(scenario())
 
 
+def test_a_restarted_relay_sends_each_peer_only_what_it_lacks():
+    """A relay meeting its peers' incarnations for the first time (it restarted, its
+    store did not) walks its whole log but skips what the peer's context summary, sent
+    in its Hello, covers: here all but the one entity written while it was down."""
+    async def scenario():
+        async with Cluster("ab") as c:
+            a, b = c["a"].store, c["b"].store
+            for i in range(200):
+                a.put(track(f"t{i}", speed=i))
+            await eventually(lambda: all(has(b, f"t{i}") for i in range(200)))
+            await c.settle()
+            await c["a"].relay.stop()
+            a.put(track("while-down", speed=1))
+            await c["a"].restart_relay()
+            await eventually(lambda: has(b, "while-down"))
+            await c.settle()
+            link = c["a"].peer_stats()[c["b"].address]
+            assert (link["full_syncs"], link["sent_states"]) == (1, 1), link
+            assert same_everywhere(c.stores())
+    run(scenario())
+
+
 def test_tombstones_are_collected_once_every_peer_acknowledged_them():
     async def scenario():
         async with Cluster("abc") as c:
