@@ -1,38 +1,49 @@
 """The BASELINE for benches/bench_store.py, not a product: a plain-Python store.
 
 ``ReferenceStore`` is what meshstore's ``Store`` would be without the Rust core,
-written the obvious way in Python: dicts of component key -> (Any, version tuple),
-a hybrid logical clock in Python, a change log with a seq per change, and one
-watcher queue (a ``deque`` of events with the entity). B2 and B3 time ``Store``
+written the obvious way in Python: dicts of component key -> (Any, HLC stamp, dot),
+a hybrid logical clock and a dot counter in Python, a change log with a seq per
+change, and one watcher queue (a ``deque`` of events with the entity). B2 and B3 time ``Store``
 against it in the same run; the ratio is how much the Rust core buys.
 
 It keeps ``Store``'s semantics for what B2/B3 exercise, and only that:
 
 - ``create`` / ``update`` / ``put`` / ``put_many`` of ``entity_pb2.Entity`` messages or
   their serialized bytes (bytes are parsed with ``FromString`` first);
-- checks: size limits (bytes in, payload after the write), id (non-empty, <= 1024 bytes), entity type, component keys
-  (non-empty, not ``@...``), type URLs, the component bytes of the default strategies
-  (finite floats for position/velocity/fusion/classification, the threat and approval
-  levels in their order lists, well-formed protobuf for any other type), versions with
-  a node, base versions not beyond the clock offset;
-- per key: stale if the stored version is newer than the version the write was based
-  on (``versions[key]``, else the hlc fields 6-8, else a blind write); the same type URL
-  and bytes is a no-op (``unchanged``); ``max`` strategies bump the key's epoch; a key
-  cannot switch between epoch and non-epoch strategies; ``strict`` fails on any stale key;
-- applied keys get one new HLC timestamp; presence, metadata version (type, expiry),
-  ``created_at``, origin; a new change seq (the previous one leaves the log);
+- checks: size limits (bytes in; after the write, what the core counts: id, per value
+  its bytes, key and type URL plus 48, the type register, one context entry), id
+  (non-empty, <= 1024 bytes), entity type, component keys (non-empty, not ``@...``),
+  type URLs, the component bytes as the core's default registry bounds them (finite
+  floats; latitude within +-90, longitude +-180, heading +-360, confidence 0..1, speed
+  >= 0; the threat and approval levels in their order lists; well-formed protobuf for
+  any other type), base versions with a node (and dots with a node and a counter),
+  stamp bases not beyond the clock offset;
+- per key, one writer and so one value (no siblings): the base of a write is
+  ``versions[key]``: with a counter, its dot and its ``concurrent`` dots, and the key is
+  stale iff the stored value's dot is not among them; with no counter, its stamp (or,
+  without ``versions[key]``, the hlc fields 6-8), stale iff the stored stamp is newer;
+  neither: a blind write. The same type URL and bytes is a no-op (``unchanged``);
+  ``strict`` fails on any stale key;
+- applied keys get one new HLC stamp and each a dot (node, incarnation, counter: the
+  store's counter counts every applied key); the type/expiry register (key
+  ``@entity``, its own dot) is written on creation or when the type or expiry changes;
+  presence, ``created_at``, origin; a new change seq (the previous one leaves the log);
+  ``versions[key]`` gives physical, logical, node, incarnation and counter;
 - results name applied / stale / unchanged keys and give the entity after the write
   (built lazily, as ``UpdateResult.entity`` decodes lazily); watchers get a CREATED or
   UPDATED event with the entity.
 
-Left out (B2/B3 do not exercise them): delete and tombstones, replication merge and
-quarantine, watcher filters / projection / coalescing / min_interval, TTL timers.
+Left out (B2/B3 do not exercise them): concurrent writers and siblings, merge
+strategies' choice among siblings, the causal context beyond this store's own dots,
+delete and delete records, replication merge, watcher filters / projection /
+coalescing / min_interval, TTL timers.
 Thread safety is the GIL's.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -48,17 +59,33 @@ Entity = entity_pb2.Entity
 AnyMsg = any_pb2.Any
 # (physical ns, logical, node): tuples order exactly like the core's HLC timestamps.
 Version = tuple[int, int, str]
+# (node, incarnation, counter): what names one write.
+Dot = tuple[str, int, int]
 
 META_KEY = "@entity"
+META_URL = "type.googleapis.com/meshstore.EntityMeta"
+# The core's size accounting: a value's key, type URL and bookkeeping on top of its bytes;
+# the type register (as the core's size check counts it); one causal context entry.
+SIBLING_OVERHEAD = 48
+META_BYTES = len(META_KEY) + len(META_URL) + 48 + 40
+CONTEXT_ENTRY_BYTES = 32
 CREATED, UPDATED = 1, 2
 _PREFIX = "type.googleapis.com/entity.v1."
 
 
-def _finite(*fields: str):
+_ANY = math.inf
+
+
+def _bounded(*fields: tuple[str, float, float]):
+    """Each field finite and within [lo, hi], as the core's rules bound them."""
+
     def check(m: Any) -> str | None:
-        for f in fields:
-            if not math.isfinite(getattr(m, f)):
+        for f, lo, hi in fields:
+            v = getattr(m, f)
+            if not math.isfinite(v):
                 return f"field {f} is not a finite number"
+            if v < lo or v > hi:
+                return f"field {f} is {v}, outside [{lo}, {hi}]"
         return None
 
     return check
@@ -72,17 +99,19 @@ def _one_of(field: str, allowed: frozenset[int]):
     return check
 
 
-# type URL -> (message class to parse the bytes with, check, uses epoch (a `max` strategy)).
-# The core's default registry; every other type URL is lww and only checked for framing.
-_RULES: dict[str, tuple[type, Any, bool]] = {
-    _PREFIX + "PositionComponent": (entity_pb2.PositionComponent, _finite("lat", "lon", "alt"), False),
-    _PREFIX + "VelocityComponent": (entity_pb2.VelocityComponent, _finite("speed", "heading"), False),
-    _PREFIX + "FusionComponent": (entity_pb2.FusionComponent, _finite("fused_lat", "fused_lon", "confidence"), False),
-    _PREFIX + "ClassificationComponent": (entity_pb2.ClassificationComponent, _finite("confidence"), False),
-    _PREFIX + "ThreatComponent": (entity_pb2.ThreatComponent, _one_of("level", frozenset(range(5))), True),
-    _PREFIX + "ApprovalComponent": (entity_pb2.ApprovalComponent, _one_of("state", frozenset(range(6))), True),
+_LAT, _LON, _UNIT = (-90.0, 90.0), (-180.0, 180.0), (0.0, 1.0)
+
+# type URL -> (message class to parse the bytes with, check): the core's default
+# registry's bounds; every other type URL is only checked for framing.
+_RULES: dict[str, tuple[type, Any]] = {
+    _PREFIX + "PositionComponent": (entity_pb2.PositionComponent, _bounded(("lat", *_LAT), ("lon", *_LON), ("alt", -_ANY, _ANY))),
+    _PREFIX + "VelocityComponent": (entity_pb2.VelocityComponent, _bounded(("speed", 0.0, _ANY), ("heading", -360.0, 360.0))),
+    _PREFIX + "FusionComponent": (entity_pb2.FusionComponent, _bounded(("fused_lat", *_LAT), ("fused_lon", *_LON), ("confidence", *_UNIT))),
+    _PREFIX + "ClassificationComponent": (entity_pb2.ClassificationComponent, _bounded(("confidence", *_UNIT))),
+    _PREFIX + "ThreatComponent": (entity_pb2.ThreatComponent, _one_of("level", frozenset(range(5)))),
+    _PREFIX + "ApprovalComponent": (entity_pb2.ApprovalComponent, _one_of("state", frozenset(range(6)))),
 }
-_DEFAULT_RULE: tuple[type, Any, bool] = (empty_pb2.Empty, None, False)
+_DEFAULT_RULE: tuple[type, Any] = (empty_pb2.Empty, None)
 
 
 class HLC:
@@ -110,19 +139,21 @@ class HLC:
 
 
 class _Record:
-    """One entity: its cells and registers. ``cells``: key -> (Any, version, epoch)."""
+    """One entity: its cells and registers. ``cells``: key -> (Any, stamp, dot);
+    ``meta_version``: the type/expiry register's (stamp, dot)."""
 
     __slots__ = ("id", "etype", "cells", "presence", "meta_version", "created_at", "expiry", "seq", "source", "payload")
 
     def __init__(self, entity_id: str) -> None:
         self.id = entity_id
-        # What the size limit counts, as the core's payload_bytes: id, and per cell its
-        # value, key and type URL plus 48 (kept as a running total).
-        self.payload = len(entity_id)
+        # What the size limit counts, as the core's check: id, per cell its value, key
+        # and type URL plus 48, the type register and this writer's one context entry
+        # (kept as a running total).
+        self.payload = len(entity_id) + META_BYTES + CONTEXT_ENTRY_BYTES
         self.etype = 0
-        self.cells: dict[str, tuple[AnyMsg, Version, int]] = {}
+        self.cells: dict[str, tuple[AnyMsg, Version, Dot]] = {}
         self.presence: Version | None = None
-        self.meta_version: Version | None = None
+        self.meta_version: tuple[Version, Dot] | None = None
         self.created_at: int | None = None  # ns
         self.expiry: tuple[int, int] | None = None
         self.seq = 0
@@ -152,19 +183,18 @@ class _Snapshot:
         return self._entity
 
 
-def _set_version(v: entity_pb2.Version, ts: Version, epoch: int = 0) -> None:
+def _set_version(v: entity_pb2.Version, ts: Version, dot: Dot) -> None:
     v.physical, v.logical, v.node = ts
-    if epoch:
-        v.epoch = epoch
+    _node, v.incarnation, v.counter = dot
 
 
 def _to_entity(s: _Snapshot | _Record) -> Entity:
     e = Entity(id=s.id, type=s.etype)
-    for key, (packed, ts, epoch) in s.cells.items():
+    for key, (packed, ts, dot) in s.cells.items():
         e.components[key].CopyFrom(packed)
-        _set_version(e.versions[key], ts, epoch)
+        _set_version(e.versions[key], ts, dot)
     if s.meta_version is not None:
-        _set_version(e.versions[META_KEY], s.meta_version)
+        _set_version(e.versions[META_KEY], *s.meta_version)
     if s.created_at is not None:
         e.created_at.FromNanoseconds(s.created_at)
     if s.presence is not None:
@@ -195,15 +225,22 @@ class Result:
 
 
 # A checked write: (id, type, expiry (None: keep, False: clear, else (s, ns)), cells)
-# with cells [(key, Any, base version or None, uses epoch)].
-_Prepared = tuple[str, int, Any, list[tuple[str, AnyMsg, Version | None, bool]]]
+# with cells [(key, Any, base)]; a base is None (blind), a set of dots (the values the
+# writer saw) or a stamp (stale if the key holds a value stamped after it).
+_Base = frozenset[Dot] | Version | None
+_Prepared = tuple[str, int, Any, list[tuple[str, AnyMsg, _Base]]]
 
 
 class ReferenceStore:
     """The plain-Python baseline of ``meshstore.Store`` (see the module docstring)."""
 
     def __init__(self, node_id: str = "ref", max_clock_offset: float = 0.5, max_entity_bytes: int = 1 << 20) -> None:
+        if not node_id:
+            raise ValueError("node_id must not be empty")
         self.clock = HLC(node_id, int(max_clock_offset * 1e9))
+        # Dots: (node, incarnation, counter); a random incarnation per store, never 0.
+        self.incarnation = random.getrandbits(64) or 1
+        self.counter = 0
         self.max_entity_bytes = max_entity_bytes
         self.max_id_bytes = 1024
         self._entities: dict[str, _Record] = {}
@@ -247,7 +284,10 @@ class ReferenceStore:
         r = self._entities.get(entity_id)
         if r is None:
             raise NotFoundError(f"entity '{entity_id}' not found")
-        return {k: entity_pb2.Version(physical=ts[0], logical=ts[1], node=ts[2], epoch=ep) for k, (_a, ts, ep) in r.cells.items()}
+        return {
+            k: entity_pb2.Version(physical=ts[0], logical=ts[1], node=ts[2], incarnation=dot[1], counter=dot[2])
+            for k, (_a, ts, dot) in r.cells.items()
+        }
 
     def watch(self) -> deque:
         """A queue of (type, seq, entity_id, origin_node, snapshot) events; the entity is
@@ -297,27 +337,38 @@ class ReferenceStore:
             url = packed.type_url
             if not url:
                 raise InvalidEntityError(f"entity '{eid}': component '{key}' has an empty type URL")
-            cls, check, epoch = _RULES.get(url, _DEFAULT_RULE)
+            cls, check = _RULES.get(url, _DEFAULT_RULE)
             try:
                 value = cls.FromString(packed.value)
             except DecodeError as err:
                 raise InvalidEntityError(f"entity '{eid}': component '{key}' ({url}): {err}") from None
             if check is not None and (msg := check(value)):
                 raise InvalidEntityError(f"entity '{eid}': component '{key}' ({url}): {msg}")
+            base: _Base
             if key in versions:
                 v = versions[key]
-                if not v.node:
-                    raise InvalidEntityError(f"entity '{eid}': version of '{key}': version has an empty node")
-                base = (v.physical, v.logical, v.node)
+                if v.counter:
+                    dots = [(v.node, v.incarnation, v.counter)]
+                    dots.extend((d.node, d.incarnation, d.counter) for d in v.concurrent)
+                    for node, inc, counter in dots:
+                        if not node or not counter:
+                            raise InvalidEntityError(
+                                f"entity '{eid}': version of '{key}': dot ({node!r}, {inc}, {counter}) has an empty node or a zero counter"
+                            )
+                    base = frozenset(dots)
+                else:
+                    if not v.node:
+                        raise InvalidEntityError(f"entity '{eid}': version of '{key}': version has an empty node")
+                    base = (v.physical, v.logical, v.node)
             else:
                 base = fallback
-            if base is not None and not check_skew(base[0]):
+            if type(base) is tuple and not check_skew(base[0]):
                 raise ClockSkewError(f"entity '{eid}': the base version of '{key}' is too far ahead")
             if not owned:
                 copy = AnyMsg()
                 copy.CopyFrom(packed)
                 packed = copy
-            cells.append((key, packed, base, epoch))
+            cells.append((key, packed, base))
         expiry = None
         if e.HasField("expiry_time"):
             t = e.expiry_time
@@ -338,26 +389,36 @@ class ReferenceStore:
         applied: list[str] = []
         stale: list[str] = []
         unchanged: list[str] = []
-        for key, packed, base, uses_epoch in cells:
+        for key, packed, base in cells:
             cell = stored.get(key)
             if cell is None:
                 applied.append(key)
                 continue
-            old, version, epoch = cell
-            if base is not None and version > base:
+            old, version, dot = cell
+            if base is None:
+                is_stale = False
+            elif type(base) is tuple:
+                is_stale = version > base
+            else:
+                is_stale = dot not in base
+            if is_stale:
                 stale.append(key)
             elif old.type_url == packed.type_url and old.value == packed.value:
                 unchanged.append(key)
-            elif _RULES.get(old.type_url, _DEFAULT_RULE)[2] != uses_epoch:
-                raise InvalidEntityError(f"entity '{eid}': component '{key}' holds {old.type_url}; {packed.type_url} cannot replace it")
             else:
                 applied.append(key)
         if strict and stale:
             raise StaleWriteError(f"entity '{eid}': stale keys {stale}")
         if applied:
-            grows = sum(len(packed.value) for key, packed, _b, _e in cells if key in applied)
-            if (r.payload if alive else len(eid)) + grows > self.max_entity_bytes:
-                raise InvalidEntityError(f"entity '{eid}' would grow past the limit of {self.max_entity_bytes} bytes")
+            total = r.payload if alive else len(eid) + META_BYTES + CONTEXT_ENTRY_BYTES
+            for key, packed, _base in cells:
+                if key in applied:
+                    old = stored.get(key)
+                    if old is not None:
+                        total -= len(old[0].value) + len(key) + len(old[0].type_url) + SIBLING_OVERHEAD
+                    total += len(packed.value) + len(key) + len(packed.type_url) + SIBLING_OVERHEAD
+            if total > self.max_entity_bytes:
+                raise InvalidEntityError(f"entity '{eid}' would hold {total} bytes, over the limit of {self.max_entity_bytes}")
         new_expiry = r.expiry if alive else None
         if expiry is not None:
             new_expiry = None if expiry is False else expiry
@@ -366,22 +427,24 @@ class ReferenceStore:
         if alive and not applied and not type_change and not expiry_change:
             return Result(eid, applied, stale, unchanged, False, _Snapshot(r))
         ts = self.clock.now()
+        node, incarnation = ts[2], self.incarnation
         if r is None:
             r = self._entities[eid] = _Record(eid)
         rcells = r.cells
-        for key, packed, _base, uses_epoch in cells:
+        for key, packed, _base in cells:
             if key in applied:
                 old = rcells.get(key)
-                epoch = (old[2] + 1 if old is not None else 1) if uses_epoch else 0
                 if old is not None:
-                    r.payload -= len(old[0].value) + len(key) + len(old[0].type_url) + 48
-                r.payload += len(packed.value) + len(key) + len(packed.type_url) + 48
-                rcells[key] = (packed, ts, epoch)
+                    r.payload -= len(old[0].value) + len(key) + len(old[0].type_url) + SIBLING_OVERHEAD
+                r.payload += len(packed.value) + len(key) + len(packed.type_url) + SIBLING_OVERHEAD
+                self.counter += 1
+                rcells[key] = (packed, ts, (node, incarnation, self.counter))
         if type_change or expiry_change or r.meta_version is None:
             if type_change:
                 r.etype = etype
             r.expiry = new_expiry
-            r.meta_version = ts
+            self.counter += 1
+            r.meta_version = (ts, (node, incarnation, self.counter))
         r.presence = ts
         if r.created_at is None:
             r.created_at = ts[0]

@@ -67,7 +67,7 @@ pub enum WriteMode {
 enum Base {
     /// Nothing named: the write replaces whatever the key holds.
     Blind,
-    /// The values it read (their dots): anything else in the key makes it stale.
+    /// The values it read (their dots, sorted): anything else in the key makes it stale.
     Dots(Vec<Dot>),
     /// An entity-level HLC stamp (clients that send no versions): stale if the key
     /// holds a value stamped after it.
@@ -267,6 +267,9 @@ impl Table {
                             Err(m) => return self.invalid(Some(id), Some(key), format!("entity '{id}': version of '{key}': {m}")),
                         }
                     }
+                    // Sorted, so checking a key's values against them stays O(n log m)
+                    // however many the writer names.
+                    dots.sort_unstable_by_key(Dot::sort_key);
                     Base::Dots(dots)
                 }
                 (Some(v), _) => match stamp_of(v) {
@@ -344,7 +347,7 @@ impl Table {
             let run = stored.map_or(&[][..], |s| s.siblings(c.key));
             let is_stale = match &c.base {
                 Base::Blind => false,
-                Base::Dots(seen) => run.iter().any(|s| !seen.contains(&s.dot())),
+                Base::Dots(seen) => run.iter().any(|s| seen.binary_search_by_key(&s.dot().sort_key(), Dot::sort_key).is_err()),
                 Base::Stamp(t) => run.iter().any(|s| s.ts > *t),
             };
             if is_stale {

@@ -13,10 +13,13 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 
+import os
+
 import pytest
 from google.protobuf import any_pb2
+from hypothesis import HealthCheck, settings
 
-from meshstore import Store
+from meshstore import NotFoundError, Store
 from meshstore.components import make_entity, pack, type_url, unpack
 from meshstore.pb import entity_pb2 as pb
 
@@ -25,6 +28,18 @@ ASSET = pb.ENTITY_TYPE_ASSET
 GEO = pb.ENTITY_TYPE_GEO
 
 POLL_TIMEOUT = 5.0
+
+#: Hypothesis settings of every property test: deterministic, no example database;
+#: MESHSTORE_PROPERTY_EXAMPLES sets the examples per property (the default keeps
+#: `make test` short; raise it for a longer run).
+PROPERTY_SETTINGS = settings(
+    max_examples=int(os.environ.get("MESHSTORE_PROPERTY_EXAMPLES", "300")),
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 # ---- fixtures ---------------------------------------------------------------------------
@@ -97,6 +112,15 @@ def raw_component(entity: pb.Entity, key: str, url: str, value: bytes) -> pb.Ent
     """Sets ``key`` to an Any with exactly this type URL and value bytes."""
     entity.components[key].CopyFrom(any_pb2.Any(type_url=url, value=value))
     return entity
+
+
+def alive(store: Store, entity_id: str) -> bool:
+    """Whether the entity is live in ``store``."""
+    try:
+        store.get(entity_id)
+        return True
+    except NotFoundError:
+        return False
 
 
 def threat_level(entity: pb.Entity) -> int:

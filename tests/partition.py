@@ -21,7 +21,7 @@ import asyncio
 import socket
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Iterable
 from typing import Any
 
 import grpc

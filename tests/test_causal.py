@@ -18,7 +18,7 @@ import time
 
 import pytest
 from google.protobuf import any_pb2, wrappers_pb2
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from meshstore import (
@@ -30,6 +30,7 @@ from meshstore import (
     Store,
 )
 from meshstore.components import make_entity, unpack
+from conftest import PROPERTY_SETTINGS as SETTINGS, alive
 from meshstore.pb import entity_pb2 as pb
 
 TRACK = pb.ENTITY_TYPE_TRACK
@@ -39,17 +40,7 @@ PENDING, APPROVED, DENIED = pb.APPROVAL_STATE_PENDING, pb.APPROVAL_STATE_APPROVE
 HOUR = 3600.0
 TEN_YEARS = 10 * 365.25 * 24 * HOUR
 
-EXAMPLES = int(os.environ.get("MESHSTORE_PROPERTY_EXAMPLES", "300"))
 CHURN_SECONDS = float(os.environ.get("MESHSTORE_CHURN_SECONDS", "0"))
-
-SETTINGS = settings(
-    max_examples=EXAMPLES,
-    derandomize=True,
-    database=None,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
 
 
 # ---- helpers ----------------------------------------------------------------------------
@@ -97,14 +88,6 @@ def sync(*stores: Store) -> None:
             for dst in stores:
                 if src is not dst:
                     push(src, dst)
-
-
-def alive(store: Store, entity_id: str) -> bool:
-    try:
-        store.get(entity_id)
-        return True
-    except NotFoundError:
-        return False
 
 
 def threat_of(store: Store, entity_id: str) -> int:

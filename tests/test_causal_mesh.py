@@ -17,6 +17,7 @@ from meshstore.components import make_entity, unpack
 from meshstore.mesh import PUSH_METHOD, start_node
 from meshstore.pb import entity_pb2 as pb
 from meshstore.pb import mesh_pb2
+from conftest import alive
 from partition import Cluster, eventually, run
 
 TRACK = pb.ENTITY_TYPE_TRACK
@@ -35,14 +36,6 @@ def track(entity_id: str, *, lat: float | None = None, speed: float | None = Non
     if speed is not None:
         components["velocity"] = pb.VelocityComponent(speed=speed, heading=90)
     return make_entity(entity_id, TRACK, **components)
-
-
-def alive(store: Store, entity_id: str) -> bool:
-    try:
-        store.get(entity_id)
-        return True
-    except NotFoundError:
-        return False
 
 
 def lat(store: Store, entity_id: str) -> float | None:

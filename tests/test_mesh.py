@@ -29,6 +29,7 @@ from meshstore.mesh import PUSH_METHOD, start_node
 from meshstore.pb import entity_pb2 as pb
 from meshstore.pb import mesh_pb2
 from meshstore.relay import Relay
+from conftest import alive
 from partition import Cluster, eventually, run
 
 TRACK = pb.ENTITY_TYPE_TRACK
@@ -52,14 +53,6 @@ def track(entity_id: str, *, speed: float | None = None, threat: int | None = No
 
 def has(store: Store, entity_id: str) -> bool:
     return store.replica_state(entity_id) is not None and any(e.id == entity_id for e in store.list())
-
-
-def alive(store: Store, entity_id: str) -> bool:
-    try:
-        store.get(entity_id)
-        return True
-    except KeyError:
-        return False
 
 
 def speed(store: Store, entity_id: str) -> float | None:

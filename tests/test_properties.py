@@ -19,27 +19,17 @@ number of examples per property (default keeps the file well under 40 s).
 from __future__ import annotations
 
 import itertools
-import os
 import random
 from dataclasses import dataclass, field
 
 from google.protobuf import any_pb2
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from meshstore import NotFoundError, StaleWriteError, Store
+from conftest import PROPERTY_SETTINGS as SETTINGS
 from meshstore.pb import entity_pb2 as pb
 
-EXAMPLES = int(os.environ.get("MESHSTORE_PROPERTY_EXAMPLES", "300"))
-
-SETTINGS = settings(
-    max_examples=EXAMPLES,
-    derandomize=True,
-    database=None,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
 
 PREFIX = "type.googleapis.com/entity.v1."
 WIDGET = "type.googleapis.com/acme.Widget"

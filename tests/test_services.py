@@ -13,7 +13,6 @@ import contextlib
 import logging
 import math
 import random
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
