@@ -219,7 +219,7 @@ fn main() {
     let join_all = |targets: &mut Vec<EntityState>, remote: &[EntityState], expect_changed: usize| {
         let mut changed = 0usize;
         for (t, r) in targets.iter_mut().zip(remote) {
-            changed += t.join(r, &empty).0 as usize;
+            changed += t.join(r, &empty).changed as usize;
         }
         assert_eq!(changed, expect_changed);
     };
