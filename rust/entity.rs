@@ -218,10 +218,16 @@ impl EntityState {
 
     /// The run of `key`'s siblings.
     pub fn key_range(&self, key: Sym) -> std::ops::Range<usize> {
-        let k = key.as_str();
-        let start = self.sibs.partition_point(|s| s.key.as_str() < k);
-        let end = start + self.sibs[start..].partition_point(|s| s.key == key);
-        start..end
+        // An entity holds a handful of values: comparing symbols beats a binary search
+        // on strings. Only an absent key needs its place in key order.
+        match self.sibs.iter().position(|s| s.key == key) {
+            Some(start) => start..start + self.sibs[start..].iter().take_while(|s| s.key == key).count(),
+            None => {
+                let k = key.as_str();
+                let at = self.sibs.partition_point(|s| s.key.as_str() < k);
+                at..at
+            }
+        }
     }
 
     pub fn siblings(&self, key: Sym) -> &[Sibling] {
@@ -415,6 +421,7 @@ pub fn entity_hlc(e: &RawEntity) -> Option<Timestamp> {
 /// (None: the node of its latest change). Validates every value for its strategy.
 pub fn state_from_replica(e: &RawEntity, reg: &Registry, source: Option<Sym>) -> Result<EntityState, String> {
     let mut s = EntityState::new(Arc::from(e.id), intern(""));
+    s.sibs.reserve_exact(e.components.len() + e.siblings.len() + 1);
     let mut push = |key: &str, url: &str, value: &[u8], v: &RawVersion| -> Result<(), String> {
         let type_url = intern(url);
         if key == META_KEY {

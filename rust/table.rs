@@ -315,6 +315,9 @@ impl Table {
     /// Refuses a stamp base (an HLC the writer claims to have read) ahead of our clock by
     /// more than the offset, unless this store handed it out (the entity holds it).
     fn check_bases(&mut self, p: &Prepared) -> Result<()> {
+        if !p.cells.iter().any(|c| matches!(c.base, Base::Stamp(_))) {
+            return Ok(());
+        }
         let latest = self.entities.get(&p.id).and_then(EntityState::max_stamp);
         for c in &p.cells {
             if let Base::Stamp(t) = c.base {
@@ -408,6 +411,10 @@ impl Table {
         }
         let expiry_before = self.live_expiry(&p.id);
         let state = self.entities.entry(p.id.clone()).or_insert_with(|| EntityState::new(p.id.clone(), ts.node));
+        // Exactly the room the new values need: a vector doubling past five values would
+        // cost a track hundreds of bytes of empty slots.
+        let added = new_sibs.iter().filter(|s| state.key_range(s.key).is_empty()).count();
+        state.sibs.reserve_exact(added);
         for s in new_sibs {
             state.ctx.add(&s.dot());
             state.replace_key(s);
