@@ -677,7 +677,6 @@ impl Table {
     fn join_state(&mut self, remote: EntityState) -> bool {
         let node = self.node();
         let wall = self.clock.wall_ns();
-        let known = self.entities.contains_key(&remote.id);
         let mut fresh = None;
         let state = match self.entities.get_mut(&remote.id) {
             Some(s) => s,
@@ -707,7 +706,6 @@ impl Table {
         if let Some(s) = fresh {
             self.entities.insert(s.id.clone(), s);
         }
-        debug_assert!(known || self.entities.contains_key(&remote.id));
         self.counters.merges_changed += 1;
         let kind = match (was_alive, is_alive) {
             (false, true) => Some(EventKind::Created),
