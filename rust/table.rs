@@ -750,8 +750,9 @@ impl Table {
 
     /// Forgets deleted entities that no replica can need any more: their every write is
     /// covered by the store's context summary (so no old state can bring one back), and
-    /// every peer acknowledged the delete (change seq <= `acked`), or it is older than
-    /// `peer_expiry`, or the store never replicated. Returns how many were forgotten.
+    /// with `acked` (a relay's mark, expired peers already left out) every peer
+    /// acknowledged the delete (change seq <= `acked`); without it, the store never
+    /// replicated or the delete is older than `peer_expiry`. Returns how many.
     pub fn collect_deleted(&mut self, acked: Option<u64>) -> usize {
         let wall = self.clock.wall_ns();
         let expiry = self.opts.peer_expiry_ns;
@@ -761,7 +762,10 @@ impl Table {
             if s.is_alive() {
                 return false;
             }
-            let released = !self.replicating || acked.is_some_and(|a| s.seq <= a) || died.saturating_add(expiry) <= wall;
+            let released = match acked {
+                Some(mark) => s.seq <= mark,
+                None => !self.replicating || died.saturating_add(expiry) <= wall,
+            };
             // A delete stamped ahead of our clock stays until the clock passes it: new
             // writes are then stamped after it even here, where it is forgotten.
             let current = s.deleted.is_none_or(|d| d.ts.physical <= wall);

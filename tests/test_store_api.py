@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 from google.protobuf import wrappers_pb2
@@ -488,6 +489,21 @@ def test_tombstones_are_collected_after_the_peer_expiry(make_store):
     wait_for(lambda: s.stats()["tombstones"] == 0, what="tombstone collected")
     assert s.stats()["tombstones_collected"] == 1
     assert s.changes_since(s.seq) == ([], s.seq)
+
+
+def test_a_relay_managing_collection_stops_the_forgetting_by_age(make_store):
+    """With a relay in charge (it knows which peers acknowledged), the maintenance pass
+    no longer forgets deletes by age; handed back, it does."""
+    s = make_store(node_id="node-a", peer_expiry=0.1, maintenance_interval=0.05)
+    s.put(track("t1", position=position(1, 1)))
+    s.changes_since(0)
+    manager = object()
+    s.manage_collection(manager)
+    s.delete("t1")
+    time.sleep(0.4)  # several maintenance passes, well past peer_expiry
+    assert s.stats()["tombstones"] == 1
+    s.manage_collection(None)
+    wait_for(lambda: s.stats()["tombstones"] == 0, what="forgotten by age once handed back")
 
 
 # ---- TTL ----------------------------------------------------------------------------------------

@@ -264,6 +264,8 @@ class Relay:
         if self._running:
             return self
         self._running = True
+        if self.collect_enabled:
+            self.store.manage_collection(self)
         self._watcher = self.store.watch(components=[WAKE_COMPONENT])
         self._tasks.append(asyncio.create_task(self._wake_loop(), name=f"relay-wake-{self.node_id}"))
         for peer in self._peers:
@@ -290,6 +292,8 @@ class Relay:
         for task in stuck:
             _log_event(log, logging.ERROR, "relay task did not stop", node_id=self.node_id, task=task.get_name())
         self._tasks.clear()
+        if self.collect_enabled:
+            self.store.manage_collection(None)
         if self._watcher is not None:
             self._watcher.close()
             self._watcher = None
@@ -670,13 +674,14 @@ class Relay:
         return reads > 0
 
     def _snapshot(self, peer: _Peer, session: _Session) -> None:
-        """The cursor predates a collected tombstone (the peer was away longer than the
-        tombstone TTL): start over from a full snapshot, which cursor 0 always is."""
+        """The cursor predates a forgotten deleted entity (the peer was away while we
+        forgot it): start over from seq 0, which always covers every entity we hold (the
+        peer's Hello summary still filters what it has)."""
         session.cursor = 0
         peer.no_skip_until = max(peer.no_skip_until, self.store.seq)
         peer.snapshots += 1
         _log_event(log, logging.INFO, "mesh peer resync from snapshot", node_id=self.node_id, peer=peer.address,
-                   reason="cursor older than a collected tombstone")
+                   reason="cursor older than a forgotten delete")
 
     async def _send(self, peer: _Peer, call: Any, session: _Session, batch: list, mark: int, *,
                     heartbeat: bool) -> None:

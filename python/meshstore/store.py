@@ -78,6 +78,7 @@ class Store:
         self._core = Core(o.node_id, secrets.randbits(64) or 1, o.max_clock_offset, o.peer_expiry, o.max_entity_bytes)
         self._loop: EventLoop = o.event_loop or default_loop()
         self._timer_prefix = ("meshstore.store", id(self))
+        self._collection_manager: object | None = None
         # Timers hold the store weakly, so an unclosed store can still be collected.
         ref = weakref.ref(self)
         self._core.set_expiry_hook(lambda changes: (s := ref()) and s._schedule_expiries(changes))
@@ -190,9 +191,16 @@ class Store:
     def collect_tombstones(self, acked_seq: int | None = None) -> int:
         """Forgets deleted entities no replica can need: every write they name is covered
         by the context summary, and every peer acknowledged the delete (change seq <=
-        ``acked_seq``), or it is older than ``peer_expiry``, or the store never
-        replicated. Returns how many."""
+        ``acked_seq``: a relay's mark, silent peers left out) or, without a mark, the
+        store never replicated or the delete is older than ``peer_expiry``. Returns how
+        many."""
         return self._core.collect_tombstones(None if acked_seq is None else self._check_seq(acked_seq))
+
+    def manage_collection(self, manager: object | None) -> None:
+        """Hands the forgetting of deleted entities to ``manager`` (a relay: it knows
+        which peers acknowledged what, and which are gone) or, with None, back to the
+        maintenance pass, which then forgets by age (``peer_expiry``)."""
+        self._collection_manager = manager
 
     # ---- watching ----------------------------------------------------------------------
 
@@ -273,7 +281,8 @@ class Store:
             store = ref()
             if store is None:
                 return
-            store._core.collect_tombstones(None)
+            if store._collection_manager is None:
+                store._core.collect_tombstones(None)
             store._schedule_maintenance(ref)
 
         self._loop.schedule(self._timer("maintenance"), time.time() + self.options.maintenance_interval, maintain)
