@@ -545,6 +545,18 @@ class EntityStoreServicer:
             task.cancel()
 
 
+async def _wait_for_grpc_calls(timeout: float) -> None:
+    """Waits (bounded) for the tasks grpc.aio runs each call in to finish. A stopped
+    server does not wait for the calls it cancelled (a client gone, or the grace period
+    over); their tasks end a few loop turns later. A caller that closes its event loop
+    first would have them die with CancelledError tracebacks on stderr. grpc names each
+    such task ``HandleExceptions[/service/method]``: the only handle it offers."""
+    current = asyncio.current_task()
+    calls = {t for t in asyncio.all_tasks() if t is not current and t.get_name().startswith("HandleExceptions[")}
+    if calls:
+        await asyncio.wait(calls, timeout=timeout)
+
+
 def _check_bindable(host: str, port: int, wanted: str) -> None:
     """Binds (and releases) the address first: a taken port or unknown host is then a
     clear OSError instead of grpc core's log line and generic failure."""
@@ -590,6 +602,7 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         self.servicer.close_streams()
         await self.server.stop(grace)
+        await _wait_for_grpc_calls(timeout=2.0)
 
     async def wait_for_termination(self, timeout: float | None = None) -> bool:
         return await self.server.wait_for_termination(timeout)
