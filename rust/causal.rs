@@ -29,11 +29,6 @@ pub struct Dot {
 }
 
 impl Dot {
-    /// The replica that made it.
-    pub fn replica(&self) -> (Sym, u64) {
-        (self.node, self.incarnation)
-    }
-
     /// A total order for sorting within one process (Sym ids are process-local).
     pub fn sort_key(&self) -> (Sym, u64, u64) {
         (self.node, self.incarnation, self.counter)

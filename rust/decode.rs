@@ -113,7 +113,7 @@ fn logical(f: Field, field: &str) -> Result<u32, String> {
     u32::try_from(varint(f, field)?).map_err(|_| format!("field {field}: logical clock over 2^32"))
 }
 
-pub fn dot<'a>(msg: &'a [u8], field: &str) -> Result<RawDot<'a>, String> {
+fn dot<'a>(msg: &'a [u8], field: &str) -> Result<RawDot<'a>, String> {
     let mut d: RawDot = ("", 0, 0);
     fields(msg, |n, f| {
         match n {

@@ -202,10 +202,6 @@ impl Table {
         &mut self.clock
     }
 
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
     /// Sets the strategy of a type URL (events already made keep the old registry).
     pub fn register(&mut self, type_url: &str, rule: Rule) {
         Arc::make_mut(&mut self.registry).register(type_url, rule);
