@@ -15,6 +15,8 @@ pub enum Error {
     ClockSkew { id: String, key: Option<String>, what: String, ahead_ms: f64, max_ms: f64 },
     /// A `since_seq` cursor older than a collected tombstone.
     CursorExpired { seq: u64, floor: u64 },
+    /// The data dir cannot be opened, read or written (the message says which and why).
+    Storage(String),
 }
 
 impl fmt::Display for Error {
@@ -30,6 +32,7 @@ impl fmt::Display for Error {
                 f,
                 "entity '{id}': {what} is {ahead_ms:.1} ms ahead of the local clock (max offset {max_ms:.1} ms)"
             ),
+            Error::Storage(msg) => write!(f, "{msg}"),
             Error::CursorExpired { seq, floor } => write!(
                 f,
                 "cursor {seq} is older than collected tombstones (up to seq {floor}); take a fresh snapshot"

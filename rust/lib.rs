@@ -7,14 +7,18 @@
 //! - `entity`: one entity's CRDT state (siblings, context, delete) and its wire form.
 //! - `table`: the entity table (writes, merges, deletes, context summary, change log).
 //! - `watch`: bounded, coalescing watcher queues.
+//! - `storage`: the data dir (SQLite, WAL) a table is saved to and loaded from.
+//! - `durable`: group commit of a table to its storage, backpressure, durable waits.
 //! - `python` (feature "python"): the pyo3 bindings behind `meshstore._core`.
 pub mod causal;
 pub mod decode;
+pub mod durable;
 pub mod entity;
 pub mod error;
 pub mod hlc;
 pub mod intern;
 pub mod strategy;
+pub mod storage;
 pub mod table;
 pub mod watch;
 pub mod wire;

@@ -6,6 +6,8 @@
 //! table lock (watcher and expiry callbacks run after it is released), so the two
 //! locks cannot deadlock.
 use crate::causal::VersionVector;
+use crate::durable::Durable;
+use crate::storage::{self, PeerAck, Storage};
 use crate::entity::WallTime;
 use crate::error::Error;
 use crate::hlc::system_wall_ns;
@@ -21,8 +23,12 @@ use pyo3::sync::GILOnceCell;
 use pyo3::types::{PyBytes, PyDict, PyList};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+/// How long a write waits for a storage writer that is `max_pending` changes behind.
+const BACKPRESSURE_TIMEOUT: Duration = Duration::from_secs(30);
 
 static ENTITY_CLASS: GILOnceCell<Py<PyAny>> = GILOnceCell::new();
 static ERRORS: GILOnceCell<Py<PyModule>> = GILOnceCell::new();
@@ -73,6 +79,7 @@ fn py_err(py: Python<'_>, err: Error) -> PyErr {
         Error::Stale { id, keys } => ("StaleWriteError", Some(id.clone()), keys.clone()),
         Error::ClockSkew { id, key, .. } => ("ClockSkewError", Some(id.clone()), key.iter().cloned().collect()),
         Error::CursorExpired { .. } => ("CursorExpiredError", None, vec![]),
+        Error::Storage(_) => ("StorageError", None, vec![]),
     };
     let build = || -> PyResult<PyErr> {
         let exc = module.getattr(class)?.call1((err.to_string(),))?;
@@ -262,6 +269,8 @@ pub struct Core {
     wakers: Mutex<HashMap<u64, PyObject>>,
     on_expiry: Mutex<Option<PyObject>>,
     wall_offset_ns: Arc<AtomicI64>,
+    /// Set once by `open_storage`.
+    durable: OnceLock<Durable>,
 }
 
 impl Core {
@@ -300,8 +309,28 @@ impl Core {
         Ok(out)
     }
 
+    /// `run` for an operation that changes the table: admitted by storage first (see
+    /// `Durable::gate`), and the storage writer is told afterwards.
+    fn run_write<T>(&self, py: Python<'_>, release_gil: bool, op: impl FnOnce(&mut Table) -> T + Send) -> PyResult<T>
+    where
+        T: Send,
+    {
+        if let Some(d) = self.durable.get() {
+            py.allow_threads(|| d.gate(|| self.table.lock().seq(), BACKPRESSURE_TIMEOUT)).map_err(|e| py_err(py, e))?;
+        }
+        let out = self.run(py, release_gil, op);
+        if let Some(d) = self.durable.get() {
+            d.changed.notify_one();
+        }
+        out
+    }
+
     fn write(&self, py: Python<'_>, bytes: &[u8], mode: WriteMode, strict: bool) -> PyResult<PyUpdateResult> {
-        self.run(py, false, |t| t.write(bytes, mode, strict))?.map(result).map_err(|e| py_err(py, e))
+        self.run_write(py, false, |t| t.write(bytes, mode, strict))?.map(result).map_err(|e| py_err(py, e))
+    }
+
+    fn durable(&self, py: Python<'_>) -> PyResult<&Durable> {
+        self.durable.get().ok_or_else(|| py_err(py, Error::Storage("this store has no storage".into())))
     }
 }
 
@@ -332,6 +361,7 @@ impl Core {
             wakers: Mutex::new(HashMap::new()),
             on_expiry: Mutex::new(None),
             wall_offset_ns: offset,
+            durable: OnceLock::new(),
         })
     }
 
@@ -351,12 +381,12 @@ impl Core {
     fn put_many<'py>(&self, py: Python<'py>, batch: Vec<Bound<'py, PyBytes>>) -> PyResult<Bound<'py, PyList>> {
         // Borrowed straight from the bytes objects (which `batch` keeps alive): no copy.
         let slices: Vec<&[u8]> = batch.iter().map(|b| b.as_bytes()).collect();
-        let outcomes = self.run(py, true, |t| t.put_many(&slices))?.map_err(|e| py_err(py, e))?;
+        let outcomes = self.run_write(py, true, |t| t.put_many(&slices))?.map_err(|e| py_err(py, e))?;
         PyList::new(py, outcomes.into_iter().map(result))
     }
 
     fn delete(&self, py: Python<'_>, entity_id: &str) -> PyResult<()> {
-        self.run(py, false, |t| t.delete(entity_id))?.map_err(|e| py_err(py, e))
+        self.run_write(py, false, |t| t.delete(entity_id))?.map_err(|e| py_err(py, e))
     }
 
     fn get<'py>(&self, py: Python<'py>, entity_id: &str) -> PyResult<Bound<'py, PyBytes>> {
@@ -371,7 +401,7 @@ impl Core {
 
     /// Joins a replica state received from node `source`; True if ours changed.
     fn merge(&self, py: Python<'_>, bytes: &[u8], source: &str) -> PyResult<bool> {
-        self.run(py, false, |t| t.merge(bytes, source))?.map_err(|e| py_err(py, e))
+        self.run_write(py, false, |t| t.merge(bytes, source))?.map_err(|e| py_err(py, e))
     }
 
     /// Replica states changed after `seq` (module docs of `table`); `unless_seen`: a
@@ -402,7 +432,7 @@ impl Core {
     /// Adds a peer's context summary to ours (see `Table::adopt`); True if ours grew.
     fn adopt_context(&self, py: Python<'_>, summary: Vec<(String, u64, u64)>) -> PyResult<bool> {
         let v = vector_of(summary);
-        self.run(py, false, |t| t.adopt(&v))?.map_err(|e| py_err(py, e))
+        self.run_write(py, false, |t| t.adopt(&v))?.map_err(|e| py_err(py, e))
     }
 
     /// One entity's replica state and its change seq, or None if unknown.
@@ -413,12 +443,12 @@ impl Core {
 
     /// Deletes the entity if its expiry is still (seconds, nanos); True if it did.
     fn expire(&self, py: Python<'_>, entity_id: &str, when: WallTime) -> PyResult<bool> {
-        self.run(py, false, |t| t.expire(entity_id, when))
+        self.run_write(py, false, |t| t.expire(entity_id, when))
     }
 
     #[pyo3(signature = (acked_seq = None))]
     fn collect_tombstones(&self, py: Python<'_>, acked_seq: Option<u64>) -> PyResult<usize> {
-        self.run(py, true, |t| t.collect_deleted(acked_seq))
+        self.run_write(py, true, |t| t.collect_deleted(acked_seq))
     }
 
     #[pyo3(signature = (type_filter, components, min_interval, capacity, include_existing, since_seq))]
@@ -499,9 +529,109 @@ impl Core {
         self.table.lock().incarnation()
     }
 
-    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let t = self.table.lock();
+    // ---- storage -----------------------------------------------------------------------
+
+    /// Attaches the data dir `dir` to this new, empty store and loads what it holds.
+    /// `mode`: how commits are made (`commit`, `interval:<ms>`), recorded so the next
+    /// start can say what a crash may have lost. Returns what was found: entities
+    /// loaded, whether the last run closed cleanly, and its durability mode.
+    fn open_storage<'py>(&self, py: Python<'py>, dir: &str, mode: String, max_pending: u64) -> PyResult<Bound<'py, PyDict>> {
+        if self.durable.get().is_some() {
+            return Err(py_err(py, Error::Storage("storage is already attached".into())));
+        }
+        let opened = py.allow_threads(|| -> Result<_, Error> {
+            let (mut storage, stored) = Storage::open(Path::new(dir)).map_err(|e| Error::Storage(e.0))?;
+            let mut t = self.table.lock();
+            if let Some(s) = stored.as_ref().filter(|s| s.meta.node_id != t.node().as_str()) {
+                let msg = format!("data dir {dir} belongs to node '{}', not '{}'", s.meta.node_id, t.node().as_str());
+                return Err(Error::Storage(msg));
+            }
+            let loaded = t.persist(stored.as_ref()).map_err(|e| Error::Storage(format!("data dir {dir}: {e}")))?;
+            storage.begin(&t.node_state(), &mode).map_err(|e| Error::Storage(e.0))?;
+            let (clean, previous, acks) = stored.map_or((true, String::new(), vec![]), |s| (s.clean, s.durability, s.peer_acks));
+            let _ = self.durable.set(Durable::new(storage, t.seq(), acks, max_pending, mode));
+            Ok((loaded, clean, previous))
+        });
+        let (loaded, clean, previous) = opened.map_err(|e| py_err(py, e))?;
+        // Loaded entities with an expiry need their timers.
+        self.run(py, false, |_| ())?;
         let d = PyDict::new(py);
+        d.set_item("entities", loaded)?;
+        d.set_item("clean", clean)?;
+        d.set_item("previous_durability", previous)?;
+        Ok(d)
+    }
+
+    /// Commits every change since the last commit (waiting up to `wait` seconds for one
+    /// if none is pending); returns the seq now durable. StorageError if the write fails.
+    fn commit_pending(&self, py: Python<'_>, wait: f64) -> PyResult<u64> {
+        let d = self.durable(py)?;
+        let wait = Duration::try_from_secs_f64(wait).unwrap_or_default();
+        py.allow_threads(|| d.commit_pending(&self.table, wait)).map_err(|e| py_err(py, e))
+    }
+
+    /// True once `seq` is committed, False after `timeout` seconds; StorageError if
+    /// storage fails first.
+    fn wait_committed(&self, py: Python<'_>, seq: u64, timeout: f64) -> PyResult<bool> {
+        let d = self.durable(py)?;
+        let timeout = Duration::try_from_secs_f64(timeout).unwrap_or_default();
+        py.allow_threads(|| d.wait_committed(seq, timeout)).map_err(|e| py_err(py, e))
+    }
+
+    #[getter]
+    fn committed_seq(&self) -> Option<u64> {
+        self.durable.get().map(|d| d.committed())
+    }
+
+    /// Wakes a writer thread waiting in `commit_pending` (so it can see it must stop).
+    fn wake_writer(&self) {
+        if let Some(d) = self.durable.get() {
+            d.changed.notify_all();
+        }
+    }
+
+    /// Commits what is left, marks the data dir cleanly closed and releases it; later
+    /// writes are refused. No-op without storage.
+    fn close_storage(&self, py: Python<'_>) -> PyResult<()> {
+        match self.durable.get() {
+            Some(d) => py.allow_threads(|| d.close(&self.table)).map_err(|e| py_err(py, e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Records how far the mesh peer at `peer` (node `node_id`, `incarnation`)
+    /// acknowledged this node's log, for storage.
+    fn note_peer_ack(&self, peer: String, node_id: String, incarnation: u64, acked_seq: u64) {
+        if let Some(d) = self.durable.get() {
+            d.note_peer_ack(PeerAck { peer, node_id, incarnation, acked_seq });
+        }
+    }
+
+    /// The peers' acknowledgements as stored: [(peer, node_id, incarnation, acked_seq)]
+    /// (empty without storage).
+    fn peer_acks(&self) -> Vec<(String, String, u64, u64)> {
+        let acks = self.durable.get().map(|d| d.peer_acks()).unwrap_or_default();
+        acks.into_iter().map(|a| (a.peer, a.node_id, a.incarnation, a.acked_seq)).collect()
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        if let Some(durable) = self.durable.get() {
+            let s = durable.stats();
+            d.set_item("durability", &durable.mode)?;
+            d.set_item("committed_seq", s.committed_seq)?;
+            d.set_item("commits", s.commits)?;
+            d.set_item("storage_error", s.error)?;
+            d.set_item("last_commit_age_s", s.last_commit_age_s)?;
+            d.set_item("commit_ms_p50", s.commit_ms_p50)?;
+            d.set_item("commit_ms_p99", s.commit_ms_p99)?;
+            d.set_item("storage_bytes", s.storage_bytes)?;
+            d.set_item("max_pending", durable.max_pending)?;
+        }
+        let t = self.table.lock();
+        if let Some(committed) = self.committed_seq() {
+            d.set_item("pending_changes", t.seq().saturating_sub(committed))?;
+        }
         let (alive, dead) = t.entity_count();
         let c = &t.counters;
         d.set_item("node_id", t.node().as_str())?;
@@ -532,8 +662,49 @@ fn vector_of(entries: Vec<(String, u64, u64)>) -> VersionVector {
     VersionVector::from_entries(entries.iter().filter(|e| !e.0.is_empty()).map(|(n, i, c)| (intern(n), *i, *c)).collect())
 }
 
+/// The node id a data dir belongs to, or None if `dir` holds no meshstore data (read
+/// without the lock: a running node may hold it).
+#[pyfunction]
+fn stored_node_id(py: Python<'_>, dir: &str) -> PyResult<Option<String>> {
+    let db = Path::new(dir).join(storage::DB_FILE);
+    if !db.is_file() {
+        return Ok(None);
+    }
+    py.allow_threads(|| storage::read(Path::new(dir)))
+        .map(|s| Some(s.meta.node_id))
+        .map_err(|e| py_err(py, Error::Storage(e.0)))
+}
+
+/// Everything a data dir holds, in one consistent read: (node state dict, clean,
+/// context summary, [(replica state bytes, seq)]).
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn read_data_dir<'py>(
+    py: Python<'py>,
+    dir: &str,
+) -> PyResult<(Bound<'py, PyDict>, bool, Vec<(String, u64, u64)>, Vec<(Bound<'py, PyBytes>, u64)>)> {
+    let s = py.allow_threads(|| storage::read(Path::new(dir))).map_err(|e| py_err(py, Error::Storage(e.0)))?;
+    let meta = PyDict::new(py);
+    meta.set_item("node_id", &s.meta.node_id)?;
+    meta.set_item("incarnation", s.meta.incarnation)?;
+    meta.set_item("counter", s.meta.counter)?;
+    meta.set_item("seq", s.meta.seq)?;
+    let states = s.states.iter().map(|(b, seq)| (PyBytes::new(py, b), *seq)).collect();
+    Ok((meta, s.clean, s.context, states))
+}
+
+/// Copies data dir `dir` to the new file `dest` (SQLite online backup, one consistent
+/// commit even while a node writes). Returns the pages copied.
+#[pyfunction]
+fn backup_data_dir(py: Python<'_>, dir: &str, dest: &str) -> PyResult<u64> {
+    py.allow_threads(|| storage::backup(Path::new(dir), Path::new(dest))).map_err(|e| py_err(py, Error::Storage(e.0)))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(stored_node_id, m)?)?;
+    m.add_function(wrap_pyfunction!(read_data_dir, m)?)?;
+    m.add_function(wrap_pyfunction!(backup_data_dir, m)?)?;
     m.add_class::<Core>()?;
     m.add_class::<PyUpdateResult>()?;
     m.add_class::<PyEvent>()?;

@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::hlc::{Clock, Timestamp, WallClock};
 use crate::intern::{intern, Sym};
 use crate::strategy::{Registry, Rule};
+use crate::storage::{NodeState, Stored};
 use crate::watch::{Event, EventKind, Watch, WatchSpec};
 use ahash::AHashMap;
 use std::collections::BTreeMap;
@@ -116,6 +117,24 @@ impl WriteOutcome {
     }
 }
 
+/// What storage needs beyond the table itself, kept only once it asked (`persist`).
+#[derive(Default)]
+struct Persist {
+    forgotten: Vec<Arc<str>>,
+    summary_changed: bool,
+}
+
+/// Every change after a seq, as one group commit takes it (see `Table::pending`).
+pub struct Pending {
+    pub meta: NodeState,
+    /// Snapshots of the entities changed since, in seq order.
+    pub states: Vec<EntityState>,
+    pub forgotten: Vec<Arc<str>>,
+    /// The summary, if it changed since the last take.
+    pub context: Option<VersionVector>,
+    pub registry: Arc<Registry>,
+}
+
 #[derive(Default, Debug, Clone)]
 pub struct Counters {
     pub writes: u64,
@@ -149,6 +168,9 @@ pub struct Table {
     /// Set once the store exchanges states with anyone: from then on deleted entities
     /// wait for the peers' acknowledgements (or `peer_expiry`) before they are forgotten.
     replicating: bool,
+    /// Kept for storage (see `pending`): forgotten entities since the last take, and
+    /// whether the summary changed since.
+    persist: Option<Persist>,
     watchers: Vec<Arc<Watch>>,
     next_watch_id: u64,
     /// Watchers whose async consumer must be woken (drained by the caller).
@@ -173,6 +195,7 @@ impl Table {
             floor: 0,
             dead: AHashMap::new(),
             replicating: false,
+            persist: None,
             watchers: Vec::new(),
             next_watch_id: 1,
             wake: Vec::new(),
@@ -213,6 +236,7 @@ impl Table {
         })?;
         let own = Dot { node: self.node(), incarnation: self.opts.incarnation, counter: self.counter };
         self.seen.add(&own);
+        self.summary_changed();
         Ok(self.counter)
     }
 
@@ -694,6 +718,9 @@ impl Table {
                 let dot = Dot { node, incarnation: self.opts.incarnation, counter };
                 self.seen.add(&dot);
                 state.ctx.add(&dot);
+                if let Some(p) = &mut self.persist {
+                    p.summary_changed = true;
+                }
             }
         }
         state.refresh(&self.registry);
@@ -733,7 +760,92 @@ impl Table {
         }
         let grew = self.seen.join(summary);
         self.counters.adopted += grew as u64;
+        if grew {
+            self.summary_changed();
+        }
         Ok(grew)
+    }
+
+    // ---- persistence -----------------------------------------------------------------
+
+    fn summary_changed(&mut self) {
+        if let Some(p) = &mut self.persist {
+            p.summary_changed = true;
+        }
+    }
+
+    /// Starts keeping what storage needs (forgotten entities, summary changes) and, with
+    /// `stored`, first loads a data dir's state into this still empty table: states,
+    /// summary, seq and floor; the dot counter only if the last run closed cleanly
+    /// (otherwise this table keeps its fresh incarnation, so no dot issued after the
+    /// last commit can be issued again). The caller checked the node id. Returns the
+    /// entities loaded; refuses a stored state the core would not accept from a peer.
+    pub fn persist(&mut self, stored: Option<&Stored>) -> Result<usize> {
+        if self.seq != 0 || !self.entities.is_empty() || self.persist.is_some() {
+            return Err(Error::invalid(None, None, "storage must be attached to a new, empty store".into()));
+        }
+        self.persist = Some(Persist { summary_changed: true, ..Persist::default() });
+        let Some(stored) = stored else { return Ok(0) };
+        let m = &stored.meta;
+        if stored.clean {
+            self.opts.incarnation = m.incarnation;
+            self.counter = m.counter;
+        }
+        self.seen = VersionVector::from_entries(stored.context.iter().map(|(n, i, c)| (intern(n), *i, *c)).collect());
+        self.check_own_dots(&self.seen.clone()).map_err(|m| Error::invalid(None, None, format!("stored summary {m}")))?;
+        let wall = self.clock.wall_ns();
+        for (bytes, seq) in &stored.states {
+            let bad = |m: String| Error::invalid(None, None, format!("stored entity (seq {seq}): {m}"));
+            let e = decode_entity(bytes).map_err(|err| bad(format!("malformed: {err}")))?;
+            let mut state = state_from_replica(&e, &self.registry, None).map_err(|m| bad(format!("'{}': {m}", e.id)))?;
+            self.check_own_dots(&state.ctx).map_err(|m| bad(format!("'{}' {m}", e.id)))?;
+            if let Some(t) = state.max_stamp() {
+                // Our own stamps are never ahead of our clock: keep it monotonic across runs.
+                let _ = self.clock.update(t);
+            }
+            state.seq = *seq;
+            let before = state.expiry.filter(|_| state.is_alive());
+            let id = state.id.clone();
+            if !state.is_alive() {
+                self.dead.insert(id.clone(), wall);
+            }
+            self.log.insert(*seq, id.clone());
+            self.entities.insert(id.clone(), state);
+            if before.is_some() {
+                self.expiry_changes.push((id, before));
+            }
+        }
+        self.seq = m.seq.max(self.log.keys().next_back().copied().unwrap_or(0));
+        self.floor = m.floor;
+        self.replicating = m.replicating;
+        Ok(self.entities.len())
+    }
+
+    /// What changed after `seq` (the last commit) for the next group commit: snapshots of
+    /// the changed entities, the forgotten ones, and the summary if it changed. All of
+    /// one moment, so a commit of it is consistent.
+    pub fn pending(&mut self, seq: u64) -> Pending {
+        let p = self.persist.get_or_insert_with(Persist::default);
+        let forgotten = std::mem::take(&mut p.forgotten);
+        let context = std::mem::take(&mut p.summary_changed).then(|| self.seen.clone());
+        let states = self.log.range(seq + 1..).map(|(_, id)| self.entities[id].clone()).collect();
+        Pending { meta: self.node_state(), states, forgotten, context, registry: self.registry.clone() }
+    }
+
+    /// Whether anything awaits a commit after `seq`.
+    pub fn has_pending(&self, seq: u64) -> bool {
+        self.seq > seq || self.persist.as_ref().is_some_and(|p| p.summary_changed || !p.forgotten.is_empty())
+    }
+
+    pub fn node_state(&self) -> NodeState {
+        NodeState {
+            node_id: self.node().as_str().to_owned(),
+            incarnation: self.opts.incarnation,
+            counter: self.counter,
+            seq: self.seq,
+            floor: self.floor,
+            replicating: self.replicating,
+        }
     }
 
     // ---- deleted entities ------------------------------------------------------------
@@ -771,10 +883,13 @@ impl Table {
             }
             true
         });
-        for (id, seq) in &gone {
+        for (id, seq) in gone.iter() {
             self.floor = self.floor.max(*seq);
             self.log.remove(seq);
             self.entities.remove(id);
+        }
+        if let Some(p) = &mut self.persist {
+            p.forgotten.extend(gone.iter().map(|(id, _)| id.clone()));
         }
         self.counters.collected += gone.len() as u64;
         gone.len()

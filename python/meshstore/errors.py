@@ -34,3 +34,9 @@ class ClockSkewError(MeshstoreError):
 
 class CursorExpiredError(MeshstoreError):
     """A ``since_seq`` cursor older than a collected tombstone: take a fresh snapshot."""
+
+
+class StorageError(MeshstoreError):
+    """The data dir cannot be opened, read or written (the message says which and why):
+    a foreign, newer or corrupt file, a dir in use by another process, a full or
+    read-only disk. A write refused with it was not applied."""

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import secrets
 import socket
 
@@ -19,9 +20,24 @@ def default_node_id() -> str:
     return f"{socket.gethostname()}-{secrets.token_hex(3)}"
 
 
+DURABILITY_MODES = ("commit", "interval")
+
+
 @dataclasses.dataclass(frozen=True)
 class StoreOptions:
-    node_id: str = dataclasses.field(default_factory=default_node_id)
+    #: This node's id. None: the data dir's (``path``), else ``default_node_id()``.
+    node_id: str | None = None
+    #: The data dir (created if needed) the store loads at start and commits to; None:
+    #: in memory only, gone with the process.
+    path: str | os.PathLike | None = None
+    #: With ``path``: ``"commit"`` (a commit follows every change at once; servers
+    #: acknowledge a write once it is on disk) or ``"interval"`` (a commit every
+    #: ``commit_interval``; a crash loses at most that window).
+    durability: str = "commit"
+    #: Seconds between commits with ``durability="interval"``.
+    commit_interval: float = 0.1
+    #: Uncommitted changes beyond which writes wait for the storage writer.
+    max_pending: int = 100_000
     #: Seconds a remote version may be ahead of the local wall clock.
     max_clock_offset: float = 0.5
     #: Seconds of silence after which a peer no longer holds back the forgetting of
@@ -39,13 +55,17 @@ class StoreOptions:
     maintenance_interval: float = 1.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.node_id, str) or not self.node_id.strip():
+        if self.node_id is not None and (not isinstance(self.node_id, str) or not self.node_id.strip()):
             raise ValueError(f"node_id must be a non-empty string, got {self.node_id!r}")
-        for name in ("max_clock_offset", "peer_expiry", "maintenance_interval"):
+        if self.path is not None and (not isinstance(self.path, (str, os.PathLike)) or not os.fspath(self.path)):
+            raise ValueError(f"path must be a non-empty path (the data dir) or None, got {self.path!r}")
+        if self.durability not in DURABILITY_MODES:
+            raise ValueError(f"durability must be one of {', '.join(DURABILITY_MODES)}, got {self.durability!r}")
+        for name in ("max_clock_offset", "peer_expiry", "maintenance_interval", "commit_interval"):
             value = getattr(self, name)
             if not is_number(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        for name in ("watch_queue", "max_entity_bytes"):
+        for name in ("watch_queue", "max_entity_bytes", "max_pending"):
             value = getattr(self, name)
             if not is_number(value, integer=True) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -7,11 +7,14 @@ The store owns its timers on an ``EventLoop``: entity expiry (``set_ttl`` and
 replica can still need.
 
 Each Store is one *incarnation* of its node: a random 64-bit id, part of every dot (write
-identity) it issues, so a node restarted without its state never reuses a dot.
+identity) it issues, so a node restarted without its state never reuses a dot. With a
+data dir (``path``) the store loads its state at start and commits every change to it
+(``meshstore.storage``); after a clean stop it resumes its incarnation and dot counter.
 """
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 import weakref
@@ -20,10 +23,11 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2
 
-from meshstore._core import Core, UpdateResult
-from meshstore.errors import InvalidEntityError
+from meshstore._core import Core, UpdateResult, stored_node_id
+from meshstore.errors import InvalidEntityError, StorageError
 from meshstore.eventloop import EventLoop, default_loop
-from meshstore.options import StoreOptions
+from meshstore.options import StoreOptions, default_node_id
+from meshstore.storage import Storage
 from meshstore.pb import entity_pb2
 from meshstore.validate import is_number
 from meshstore.watcher import Watcher
@@ -75,13 +79,18 @@ class Store:
             raise TypeError(f"options must be a StoreOptions, got {type(options).__name__}")
         self.options = (options or StoreOptions()).replace(**overrides) if overrides else (options or StoreOptions())
         o = self.options
-        self._core = Core(o.node_id, secrets.randbits(64) or 1, o.max_clock_offset, o.peer_expiry, o.max_entity_bytes)
+        node_id = o.node_id or (o.path is not None and stored_node_id(os.fspath(o.path))) or default_node_id()
+        self._core = Core(node_id, secrets.randbits(64) or 1, o.max_clock_offset, o.peer_expiry, o.max_entity_bytes)
         self._loop: EventLoop = o.event_loop or default_loop()
         self._timer_prefix = ("meshstore.store", id(self))
         self._collection_manager: object | None = None
         # Timers hold the store weakly, so an unclosed store can still be collected.
         ref = weakref.ref(self)
         self._core.set_expiry_hook(lambda changes: (s := ref()) and s._schedule_expiries(changes))
+        #: The data dir's writer (None in memory). Opened after the expiry hook is set:
+        #: loaded entities with an expiry get their timers.
+        self.storage = None if o.path is None else Storage(
+            self._core, o.path, o.durability, o.commit_interval, o.max_pending)
         self._schedule_maintenance(ref)
 
     # ---- identity ----------------------------------------------------------------------
@@ -246,16 +255,50 @@ class Store:
         of a mesh must register the same strategies."""
         self._core.register(type_url, merge, field, None if order is None else list(order), list(finite))
 
+    # ---- durability --------------------------------------------------------------------
+
+    async def durable(self) -> None:
+        """Returns once every write made so far is durable as the store promises: on disk
+        with ``durability="commit"``; at once with ``interval`` or in memory. StorageError
+        if storage fails first. Servers await it before acknowledging a write."""
+        if self.storage is not None and self.storage.durability == "commit":
+            await self.storage.durable(self._core.seq)
+
+    def sync(self, timeout: float = 30.0) -> None:
+        """Blocks until every write made so far is on disk (any durability mode); a no-op
+        in memory. StorageError if storage fails or ``timeout`` seconds pass first."""
+        if self.storage is None:
+            return
+        if not is_number(timeout) or timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if not self.storage.sync(self._core.seq, timeout):
+            raise StorageError(f"writes not on disk after {timeout} s (storage is behind)")
+
     # ---- maintenance -------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        return dict(self._core.stats())
+        stats = dict(self._core.stats())
+        if self.storage is not None:
+            stats.update(self.storage.stats())
+        return stats
+
+    def note_peer_ack(self, peer: str, node_id: str, incarnation: int, acked_seq: int) -> None:
+        """Records how far a mesh peer (by address) acknowledged this store's log; kept in
+        the data dir so a restarted relay resumes there (a relay calls this)."""
+        self._core.note_peer_ack(peer, node_id, incarnation, acked_seq)
+
+    def peer_acks(self) -> list[tuple[str, str, int, int]]:
+        """The stored acknowledgements: [(peer address, node_id, incarnation, acked_seq)]."""
+        return self._core.peer_acks()
 
     def close(self) -> None:
-        """Cancels this store's timers (the shared loop keeps running)."""
+        """Cancels this store's timers (the shared loop keeps running) and, with a data
+        dir, commits what is left and closes it cleanly; later writes are refused."""
         for key in (self._timer("maintenance"),):
             self._loop.cancel(key)
         self._core.set_expiry_hook(None)
+        if self.storage is not None:
+            self.storage.close()
 
     def __enter__(self) -> Store:
         return self
