@@ -237,11 +237,11 @@ class Node:
             raise
         self._server = server
         self._state = "started"
-        if self._relay is not None and self._owns_relay:
-            await self._relay.start()
         log_event(log, logging.INFO, "listening", address=self.address, node_id=self.store.node_id,
                   max_message_bytes=o.max_message_bytes,
                   peers=",".join(self._relay.peers) if self._relay is not None else "none", pid=os.getpid())
+        if self._relay is not None and self._owns_relay:
+            await self._relay.start()
         return self
 
     async def drain(self, grace: float | None = None) -> None:

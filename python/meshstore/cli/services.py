@@ -5,8 +5,6 @@ Each service command runs one service against ``--store`` (MESHSTORE_ADDR) until
 SIGTERM, then stops cleanly (exit 0). If the store is down or restarts, the service
 waits with backoff and resumes. Logs go to stderr (key=value lines, or JSON with
 --log-json). Every flag can also come from the environment variable shown in --help.
-
-Standalone: ``python -m meshstore.cli.services ...`` (these commands alone).
 """
 
 from __future__ import annotations
@@ -14,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import sys
 from typing import Annotated
 
 import click
@@ -266,15 +263,3 @@ def register(app: typer.Typer) -> None:
     app.command("classifier", short_help="Classify tracks by speed (classification, threat).")(classifier_cmd)
     app.command("task-manager", short_help="Threat -> task, with approval requests and timeouts.")(task_manager_cmd)
     app.command("fusion", short_help="Fuse tracks of different sensors that are close together.")(fusion_cmd)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m meshstore.cli.services``: these commands alone."""
-    app = typer.Typer(name="meshstore", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                      help="meshstore pipeline services.", context_settings={"help_option_names": ["-h", "--help"]})
-    register(app)
-    app(args=argv if argv is not None else sys.argv[1:], prog_name="meshstore")
-
-
-if __name__ == "__main__":
-    main()
