@@ -30,7 +30,7 @@ import grpc
 
 from meshstore.components import make_entity
 from meshstore.pb import entity_pb2, store_pb2
-from meshstore.server import UPDATE_RESULT_TRAILER
+from meshstore.grpc.server import UPDATE_RESULT_TRAILER
 
 METHOD = "/store.v1.EntityStoreService/"
 

@@ -1,14 +1,13 @@
 """Shared fixtures and helpers for the store tests.
 
-Helpers are plain functions (import them with ``from conftest import ...``); stores
+Helpers are plain functions (import them with ``from conftest import ...``; the ones the
+benchmarks share live in helpers.py, which does not depend on pytest fixtures); stores
 made through the fixtures are closed after each test so no maintenance timer of a
 finished test keeps running on the shared event loop.
 """
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ import pytest
 from google.protobuf import any_pb2
 from hypothesis import HealthCheck, settings
 
+from helpers import eventually  # noqa: F401 - re-exported: tests import it from here
 from meshstore import NotFoundError, Store
 from meshstore.components import make_entity, pack, type_url, unpack
 from meshstore.pb import entity_pb2 as pb
@@ -181,19 +181,3 @@ __all__ = [
     "pack", "position", "push", "raw_component", "snapshot", "source", "sync", "threat", "threat_level",
     "track", "type_url", "unpack", "version_tuple", "wait_for",
 ]
-
-
-async def eventually(condition: Callable[[], object], timeout: float = 10.0, interval: float = 0.02,
-                     what: str = "condition") -> object:
-    """Polls ``condition`` (sync or async) until truthy and returns that value;
-    AssertionError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        await asyncio.sleep(interval)

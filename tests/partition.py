@@ -1,14 +1,15 @@
 """Test helper: mesh nodes on loopback that can be cut off and healed.
 
-A :class:`Node` is a Store, a grpc.aio server serving the MeshService on a fixed
-127.0.0.1 port, and a Relay pushing to its peers. ``partition()`` isolates it at the
-network edge, both ways:
+A :class:`Node` is a Store, a ``meshstore.node.Node`` serving it (store service and
+MeshService) on a fixed 127.0.0.1 port, and a Relay pushing to its peers, run here (not
+by the served node) so that it outlives partitions: the served node only has it
+attached. ``partition()`` isolates it at the network edge, both ways:
 
-- inbound: the server is stopped (new connections refused, open streams closed);
+- inbound: the served node is stopped (new connections refused, open streams closed);
 - outbound: every channel its relay opened is closed and, until ``heal()``, new ones
   are dialed to a port that refuses connections (as an unreachable network would).
 
-``heal()`` starts a new server on the same port over the same store and lets the relay
+``heal()`` serves the same store on the same port again and lets the relay
 dial its peers again; the relay itself is never restarted, it reconnects on its own
 backoff. ``restart()`` replaces the node by a fresh one (empty store, same node id,
 same port, new incarnation). Everything here is bounded in time: ``eventually`` polls
@@ -26,10 +27,10 @@ from typing import Any
 
 import grpc
 
-from conftest import eventually  # noqa: F401 - re-exported for the mesh tests
+from helpers import eventually  # noqa: F401 - re-exported for the mesh tests
 from meshstore import Store
-from meshstore.mesh import MeshNode, start_node
-from meshstore.relay import Relay, default_channel
+from meshstore.mesh.relay import Relay, default_channel
+from meshstore.node import Node as ServedNode
 
 #: Relay settings for tests: quick retries and polls, so healing is seen fast.
 FAST_RELAY = dict(backoff_initial=0.02, backoff_max=0.25, poll_interval=0.05, collect_interval=0.2,
@@ -74,7 +75,7 @@ class Node:
         self.relay_options = {**FAST_RELAY, **(relay_options or {})}
         self.store = Store(node_id=name, **self.store_options)
         self.peers: list[str] = []
-        self.server: MeshNode | None = None
+        self.server: ServedNode | None = None
         self.relay: Relay | None = None
         self.partitioned = False
         self._blackhole = _Blackhole()
@@ -112,14 +113,14 @@ class Node:
         self.server = await self._listen()
         self.partitioned = False
 
-    async def _listen(self) -> MeshNode:
+    async def _listen(self) -> ServedNode:
         # The port was just released by this process: retry briefly if the OS lags.
         deadline = time.monotonic() + 5.0
         while True:
             try:
-                node = await start_node(self.store, port=self.port, store_service=False)
-                node.servicer.relay = self.relay  # it answers resync requests for the relay
-                return node
+                node = ServedNode(port=self.port, store=self.store, reflection=False)
+                node.attach_relay(self.relay)  # it answers resync requests for the relay
+                return await node.start()
             except OSError:
                 if time.monotonic() > deadline:
                     raise
@@ -141,7 +142,7 @@ class Node:
         await self.relay.stop()
         self.relay = Relay(self.store, self.peers, channel_factory=self._dial, **self.relay_options)
         if self.server is not None:
-            self.server.servicer.relay = self.relay
+            self.server.attach_relay(self.relay)
         await self.relay.start()
 
     async def stop(self, close_store: bool = True) -> None:

@@ -1,4 +1,4 @@
-"""Unit tests of meshstore.budget: the token bucket, priorities, the pending queue and
+"""Unit tests of meshstore.mesh.budget: the token bucket, priorities, the pending queue and
 the configuration. A fake clock drives the bucket, so nothing here waits."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from meshstore import Store
-from meshstore.budget import (
+from meshstore.mesh.budget import (
     BYPASS,
     MIN_DEFAULT_BURST,
     BudgetConfig,
@@ -133,7 +133,7 @@ def test_config_rejects_bad_values_with_the_variable_name():
 
 
 def test_the_environment_configures_a_relay(monkeypatch):
-    from meshstore.relay import Relay
+    from meshstore.mesh.relay import Relay
 
     monkeypatch.setenv("MESH_BANDWIDTH_BPS", "4096")
     monkeypatch.setenv("MESH_BURST_BYTES", "1024")

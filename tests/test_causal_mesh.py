@@ -14,7 +14,8 @@ import grpc
 
 from meshstore import NotFoundError, Store
 from meshstore.components import make_entity, unpack
-from meshstore.mesh import PUSH_METHOD, start_node
+from meshstore.mesh.protocol import PUSH_METHOD
+from meshstore.node import Node
 from meshstore.pb import entity_pb2 as pb
 from meshstore.pb import mesh_pb2
 from conftest import alive
@@ -395,7 +396,7 @@ def test_mutated_states_at_the_mesh_and_publish_boundaries_never_take_a_node_dow
             finally:
                 await peer.close()
             # The same through the store service, on a node that serves it.
-            served = await start_node(Store(node_id="pub"))
+            served = await Node(store=Store(node_id="pub")).start()
             try:
                 async with grpc.aio.insecure_channel(served.address) as channel:
                     stub = store_pb2_grpc.EntityStoreServiceStub(channel)

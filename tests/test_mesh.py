@@ -1,5 +1,5 @@
-"""The mesh over real gRPC on 127.0.0.1: MeshService (meshstore.mesh) receiving, Relay
-(meshstore.relay) sending, budget (meshstore.budget) deciding the order.
+"""The mesh over real gRPC on 127.0.0.1: MeshService (meshstore.mesh.receiver) receiving,
+Relay (meshstore.mesh.relay) sending, budget (meshstore.mesh.budget) deciding the order.
 
 Every scenario runs on its own event loop (``partition.run``) with nodes from
 ``partition.Cluster``; a partition cuts a node off both ways at the network edge and a
@@ -25,10 +25,11 @@ import pytest
 
 from meshstore import CursorExpiredError, Store
 from meshstore.components import VELOCITY, make_entity, unpack
-from meshstore.mesh import PUSH_METHOD, start_node
+from meshstore.mesh.protocol import PUSH_METHOD
+from meshstore.mesh.relay import Relay
+from meshstore.node import Node
 from meshstore.pb import entity_pb2 as pb
 from meshstore.pb import mesh_pb2
-from meshstore.relay import Relay
 from conftest import alive
 from partition import Cluster, eventually, run
 
@@ -187,22 +188,21 @@ def test_relay_validates_its_arguments():
         store.close()
 
 
-def test_start_node_serves_the_mesh_and_the_store_service_when_available():
+def test_a_node_serves_the_mesh_and_the_store_service_on_one_port():
     async def scenario():
         store, remote = Store(node_id="served"), Store(node_id="writer")
-        node = await start_node(store)
+        node = await Node(store=store).start()
         try:
             async with Relay(remote, [node.address], poll_interval=0.05):
                 remote.put(track("via-mesh", speed=3))
                 await eventually(lambda: has(store, "via-mesh"))
-            if node.store_service:  # meshstore.server is importable: same port, same store
-                from meshstore.pb import store_pb2, store_pb2_grpc
-                async with grpc.aio.insecure_channel(node.address) as channel:
-                    reply = await store_pb2_grpc.EntityStoreServiceStub(channel).ListEntities(
-                        store_pb2.ListEntitiesRequest())
-                assert [e.id for e in reply.entities] == ["via-mesh"]
-            await eventually(lambda: node.servicer.stats()["streams_open"] == 0, what="stream closed")
-            assert node.servicer.stats()["peers"]["writer"]["changed"] == 1
+            from meshstore.pb import store_pb2, store_pb2_grpc
+            async with grpc.aio.insecure_channel(node.address) as channel:
+                reply = await store_pb2_grpc.EntityStoreServiceStub(channel).ListEntities(
+                    store_pb2.ListEntitiesRequest())
+            assert [e.id for e in reply.entities] == ["via-mesh"]
+            await eventually(lambda: node.receiver.stats()["streams_open"] == 0, what="stream closed")
+            assert node.receiver.stats()["peers"]["writer"]["changed"] == 1
         finally:
             await node.stop(0)
             store.close()
@@ -530,7 +530,7 @@ def test_states_deferred_by_the_budget_are_resent_after_a_reconnect():
 def test_malformed_states_are_counted_skipped_and_acknowledged(caplog):
     async def scenario():
         store = Store(node_id="recv")
-        node = await start_node(store, store_service=False)
+        node = await Node(store=store).start()
         peer = RawPeer(node.address)
         try:
             hello = await peer.hello("evil")
@@ -545,7 +545,7 @@ def test_malformed_states_are_counted_skipped_and_acknowledged(caplog):
             assert has(store, "ok")
             ack = await peer.batch([], last_seq=10)  # the stream goes on
             assert (ack.seq, ack.rejected) == (10, 0)
-            stats = node.servicer.stats()
+            stats = node.receiver.stats()
             assert stats["rejected_states"] == 2 and stats["peers"]["evil"]["rejected"] == 2
             assert stats["peers"]["evil"]["changed"] == 1
             await peer.send(b"\xff\xff\xff")  # not even a PushRequest
@@ -576,7 +576,7 @@ def test_malformed_states_are_counted_skipped_and_acknowledged(caplog):
         await peer.hello("friend")
         assert (await peer.batch([], last_seq=1)).seq == 1
         await peer.close()
-        assert node.servicer.stats()["refused_invalid"] == 4
+        assert node.receiver.stats()["refused_invalid"] == 4
         await node.stop(0)
         store.close()
 
@@ -588,7 +588,7 @@ def test_malformed_states_are_counted_skipped_and_acknowledged(caplog):
 def test_a_peer_claiming_our_own_node_id_is_refused():
     async def scenario():
         store = Store(node_id="me")
-        node = await start_node(store, store_service=False)
+        node = await Node(store=store).start()
         peer = RawPeer(node.address)
         await peer.send(mesh_pb2.PushRequest(hello=mesh_pb2.Hello(node_id="me", incarnation=1)).SerializeToString())
         err = await peer.error()
@@ -602,7 +602,7 @@ def test_a_peer_claiming_our_own_node_id_is_refused():
             link = relay.stats()["peers"][node.address]
             assert not link["connected"] and "own id" in link["last_error"]
             assert "FAILED_PRECONDITION" in link["last_error"]
-        assert node.servicer.stats()["refused_self"] >= 3
+        assert node.receiver.stats()["refused_self"] >= 3
         store.put(track("still-fine", speed=1))
         assert has(store, "still-fine")
         await node.stop(0)
@@ -755,7 +755,7 @@ def test_randomized_partitions_heals_and_conflicting_writes_converge():
 def test_each_link_logs_its_counters_periodically(caplog: pytest.LogCaptureFixture) -> None:
     async def scenario():
         async with Cluster("ab", relay_options={"stats_interval": 0.05}) as c:
-            with caplog.at_level(logging.INFO, logger="meshstore.relay"):
+            with caplog.at_level(logging.INFO, logger="meshstore.mesh.relay"):
                 c["a"].store.put(track("s1", speed=5))
                 await eventually(lambda: has(c["b"].store, "s1"))
 

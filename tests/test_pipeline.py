@@ -1,4 +1,4 @@
-"""The pipeline end to end: a real gRPC server on 127.0.0.1:0 (in-process), the sims,
+"""The pipeline end to end: a real node (gRPC server) on 127.0.0.1:0 (in-process), the sims,
 classifier, task-manager and fusion talking to it over gRPC, approvals through the real
 ``meshstore`` CLI in a subprocess; then bad input and a store that goes away mid-run.
 
@@ -20,14 +20,14 @@ from google.protobuf import any_pb2
 
 from conftest import eventually
 from meshstore import Store
-from meshstore.client import Backoff, StoreClient
 from meshstore.components import (
     APPROVAL, CLASSIFICATION, FUSION, POSITION, SOURCE, TASK, TASK_CATALOG, THREAT, make_entity, unpack,
 )
 from meshstore.errors import InvalidEntityError, NotFoundError
 from meshstore.eventloop import EventLoop
+from meshstore.grpc.client import Backoff, StoreClient
+from meshstore.node import Node
 from meshstore.pb import entity_pb2 as pb
-from meshstore.server import start_server
 from meshstore.services import Service
 from meshstore.services.classifier import Classifier, classify
 from meshstore.services.fusion import Fusion, distance_m, fused_id
@@ -96,11 +96,8 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def pipeline_server(store: Store, port: int = 0) -> AsyncIterator[Any]:
-    running = await start_server(store, "127.0.0.1", port)
-    try:
-        yield running
-    finally:
-        await running.stop(0.2)
+    async with Node(store=store, port=port, grace=0.2) as node:
+        yield node
 
 
 class Records(logging.Handler):
@@ -279,7 +276,7 @@ def test_bad_input_and_a_store_that_goes_away(make_store: Any) -> None:
 
     async def run() -> None:
         with captured_logs() as logs:
-            server = await start_server(store, "127.0.0.1", 0)
+            server = await Node(store=store).start()
             port, addr = server.port, server.address
             sensor = SensorSim(addr, scenario, rate=RATE, backoff=FAST)
             classifier = Classifier(addr, backoff=FAST)
@@ -327,7 +324,7 @@ def test_bad_input_and_a_store_that_goes_away(make_store: Any) -> None:
             position = component(store, "eo-0", POSITION, pb.PositionComponent)
 
             # ... and comes back on the same port: everyone reconnects and resumes.
-            server = await start_server(store, "127.0.0.1", port)
+            server = await Node(store=store, port=port).start()
             try:
                 await eventually(lambda: component(store, "eo-0", POSITION, pb.PositionComponent) != position,
                             what="the sensor publishes again")

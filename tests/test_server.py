@@ -23,7 +23,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from meshstore import Store
 from meshstore.components import APPROVAL, POSITION, THREAT, make_entity, pack, type_url, unpack
 from meshstore.pb import entity_pb2, store_pb2, store_pb2_grpc
-from meshstore.server import SERVICE_NAME, UPDATE_RESULT_TRAILER, RpcFailure, start_server, status_for
+from meshstore.grpc.server import SERVICE_NAME, UPDATE_RESULT_TRAILER
+from meshstore.grpc.status import RpcFailure, status_for
+from meshstore.node import Node
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,14 +45,14 @@ def wait_for(predicate: Callable[[], Any], timeout: float = TIMEOUT, what: str =
 
 
 class ServerThread:
-    """A started server on its own asyncio loop thread."""
+    """A started node (``meshstore.node.Node``) over ``store`` on its own asyncio loop thread."""
 
     def __init__(self, store: Store, **kwargs: Any) -> None:
         self.store = store
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="test-grpc-server", daemon=True)
         self.thread.start()
-        self.running = self.call(start_server(store, **kwargs))
+        self.running = self.call(Node(store=store, **kwargs).start())
         self.channel = grpc.insecure_channel(self.running.address)
         self.stub = store_pb2_grpc.EntityStoreServiceStub(self.channel)
 
@@ -198,7 +200,7 @@ def test_expired_cursor_is_out_of_range(server: ServerThread) -> None:
 
 
 def test_request_errors_are_logged_with_their_code(server: ServerThread, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="meshstore.server"):
+    with caplog.at_level(logging.INFO, logger="meshstore.grpc.server"):
         rpc_error(server.stub.GetEntity, store_pb2.GetEntityRequest(id="ghost"))
         wait_for(lambda: any(getattr(r, "fields", {}).get("code") == "NOT_FOUND" for r in caplog.records))
     record = next(r for r in caplog.records if getattr(r, "fields", {}).get("code") == "NOT_FOUND")
@@ -493,7 +495,7 @@ def test_watch_client_disconnect_closes_the_server_watcher(server: ServerThread)
     wait_for(lambda: server.store.stats()["watchers"] == 1, what="first watcher closed")
     streams[1].close()
     wait_for(lambda: server.store.stats()["watchers"] == 0, what="second watcher closed")
-    wait_for(lambda: server.running.servicer.open_streams == 0, what="server streams forgotten")
+    wait_for(lambda: server.running.server.servicer.open_streams == 0, what="server streams forgotten")
     # The server still serves watches.
     again = Stream(server)
     server.store.put(track("t2"))
@@ -644,9 +646,9 @@ def test_port_zero_binds_a_free_port_and_a_taken_port_is_an_error(server: Server
     other = Store(node_id="other")
     try:
         with pytest.raises(OSError, match="cannot listen"):
-            server.call(start_server(other, port=server.running.port))
+            server.call(Node(store=other, port=server.running.port).start())
         with pytest.raises(ValueError):
-            server.call(start_server(other, port=70000))
+            server.call(Node(store=other, port=70000).start())
     finally:
         other.close()
 
@@ -665,16 +667,16 @@ def test_log_lines_are_key_value_or_json(monkeypatch: pytest.MonkeyPatch) -> Non
     try:
         out = io.StringIO()
         logs.setup("debug", stream=out)
-        event(logging.getLogger("meshstore.server"), logging.INFO, "request failed", code="NOT_FOUND",
+        event(logging.getLogger("meshstore.grpc.server"), logging.INFO, "request failed", code="NOT_FOUND",
               error="entity 'x y' not found", n=3)
         line = out.getvalue().strip()
-        assert line.startswith("ts=") and " level=info logger=meshstore.server msg=\"request failed\"" in line
+        assert line.startswith("ts=") and " level=info logger=meshstore.grpc.server msg=\"request failed\"" in line
         assert line.endswith("code=NOT_FOUND error=\"entity 'x y' not found\" n=3")
 
         out = io.StringIO()
         logs.setup("info", json=True, stream=out)  # replaces the previous handler
-        event(logging.getLogger("meshstore.server"), logging.WARNING, "listening", address="127.0.0.1:1")
-        event(logging.getLogger("meshstore.server"), logging.DEBUG, "hidden")
+        event(logging.getLogger("meshstore.node"), logging.WARNING, "listening", address="127.0.0.1:1")
+        event(logging.getLogger("meshstore.node"), logging.DEBUG, "hidden")
         (line,) = out.getvalue().strip().splitlines()
         record = json.loads(line)
         assert record["msg"] == "listening" and record["address"] == "127.0.0.1:1" and record["level"] == "warning"

@@ -1,4 +1,4 @@
-"""Unit tests of the pipeline services' rules (meshstore.services, meshstore.client).
+"""Unit tests of the pipeline services' rules (meshstore.services, meshstore.grpc.client).
 
 Pure rules are tested as functions; the stateful parts (task-manager timers, classifier
 writes against versions) against a real Store, and over a real in-process gRPC server
@@ -24,7 +24,9 @@ from typer.testing import CliRunner
 
 from conftest import eventually
 from meshstore import Store
-from meshstore.client import (
+from meshstore.cli import demo as demo_commands
+from meshstore.cli import services as service_commands
+from meshstore.grpc.client import (
     Backoff,
     FailedPreconditionError,
     RpcError,
@@ -39,12 +41,11 @@ from meshstore.errors import (
     AlreadyExistsError, ClockSkewError, CursorExpiredError, InvalidEntityError, NotFoundError, StaleWriteError,
 )
 from meshstore.eventloop import EventLoop
+from meshstore.node import Node
 from meshstore.pb import entity_pb2 as pb
-from meshstore.server import start_server
 from meshstore.services import ABSENT_NODE, timestamp
 from meshstore.services import classifier as cl
 from meshstore.services import task_manager as tm
-from meshstore.services.commands import register
 from meshstore.services.fusion import (
     Correlator, Fusion, Obs, candidate_pairs_brute, candidate_pairs_grid, distance_m, fused_id, parse_sigmas,
 )
@@ -64,11 +65,8 @@ def arun(coro: Any, timeout: float = 30.0) -> Any:
 
 @contextlib.asynccontextmanager
 async def serving(store: Store) -> AsyncIterator[str]:
-    running = await start_server(store, "127.0.0.1", 0)
-    try:
-        yield running.address
-    finally:
-        await running.stop(0.2)
+    async with Node(store=store, grace=0.2) as node:
+        yield node.address
 
 
 class FakeClock:
@@ -699,7 +697,8 @@ def test_client_helpers_over_grpc(store: Store) -> None:
 
 def _app() -> typer.Typer:
     app = typer.Typer(add_completion=False)
-    register(app)
+    service_commands.register(app)
+    demo_commands.register(app)
     return app
 
 

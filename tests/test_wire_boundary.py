@@ -17,7 +17,7 @@ import pytest
 
 from meshstore.components import make_entity
 from meshstore.pb import entity_pb2, store_pb2, store_pb2_grpc
-from meshstore.server import SERVICE_NAME
+from meshstore.grpc.server import SERVICE_NAME
 from test_cli import TIMEOUT, Served, wait_for
 
 pytestmark = pytest.mark.timeout(90)

@@ -1,15 +1,15 @@
 """Structured logging for the whole package: one setup, two line formats.
 
-Every meshstore logger lives under ``meshstore`` (``meshstore.server``,
+Every meshstore logger lives under ``meshstore`` (``meshstore.node``,
 ``meshstore.eventloop``...). ``setup()`` installs one handler on that logger:
 
 - key=value lines (default)::
 
-    ts=2025-01-01T12:00:00.123Z level=info logger=meshstore.server msg=listening address=127.0.0.1:50051 node_id=a
+    ts=2025-01-01T12:00:00.123Z level=info logger=meshstore.node msg=listening address=127.0.0.1:50051 node_id=a
 
 - JSON lines (``json=True``, ``meshstore serve --log-json``)::
 
-    {"ts": "...", "level": "info", "logger": "meshstore.server", "msg": "listening", "address": "...", "node_id": "a"}
+    {"ts": "...", "level": "info", "logger": "meshstore.node", "msg": "listening", "address": "...", "node_id": "a"}
 
 Structured fields travel in the record's ``fields`` attribute; ``event()`` is the
 short way to log one::

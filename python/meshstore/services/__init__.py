@@ -1,8 +1,8 @@
 """The pipeline services: sensor-sim, radar-sim, classifier, task-manager, fusion.
 
 Each is an asyncio class with ``async run()`` (until stopped) and ``async stop()``,
-talking to a store over gRPC through ``meshstore.client.StoreClient``; the same object
-runs inside ``meshstore demo`` and as its own CLI subcommand (``services.commands``).
+talking to a store over gRPC through ``meshstore.grpc.client.StoreClient``; the same object
+runs inside ``meshstore demo`` and as its own CLI subcommand (``meshstore.cli.services``).
 Every service survives the store going away: writes that fail with
 ``StoreUnavailableError`` are retried after the client reconnects (with backoff), and
 watches resume from their cursor. Log lines are structured (``meshstore.logs``) under
@@ -28,9 +28,9 @@ from meshstore.logs import event as log_event
 from meshstore.pb import entity_pb2
 
 if TYPE_CHECKING:  # imported when a service is made: `meshstore --help` need not load grpc
-    from meshstore.client import Backoff, StoreClient
+    from meshstore.grpc.client import Backoff, StoreClient
 
-#: As meshstore.client.DEFAULT_ADDR.
+#: As meshstore.grpc.client.DEFAULT_ADDR.
 DEFAULT_ADDR = "127.0.0.1:50051"
 
 __all__ = [
@@ -119,7 +119,7 @@ class Service:
 
     def __init__(self, store: str = DEFAULT_ADDR, *, client: StoreClient | None = None,
                  backoff: Backoff | None = None) -> None:
-        from meshstore.client import StoreClient
+        from meshstore.grpc.client import StoreClient
 
         self.store_address = store
         self.client = client or StoreClient(store, name=self.name, backoff=backoff)

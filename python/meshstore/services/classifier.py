@@ -34,7 +34,7 @@ import logging
 import math
 from dataclasses import dataclass
 
-from meshstore.client import DEFAULT_ADDR, Backoff, StoreClient, StoreUnavailableError
+from meshstore.grpc.client import DEFAULT_ADDR, Backoff, StoreClient, StoreUnavailableError
 from meshstore.components import CLASSIFICATION, THREAT, VELOCITY, pack
 from meshstore.errors import InvalidEntityError, NotFoundError
 from meshstore.pb import entity_pb2 as pb

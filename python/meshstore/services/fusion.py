@@ -43,7 +43,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from meshstore.client import DEFAULT_ADDR, Backoff, StoreClient, StoreUnavailableError
+from meshstore.grpc.client import DEFAULT_ADDR, Backoff, StoreClient, StoreUnavailableError
 from meshstore.components import FUSION, POSITION, SOURCE, make_entity
 from meshstore.errors import NotFoundError
 from meshstore.pb import entity_pb2 as pb

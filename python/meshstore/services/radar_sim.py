@@ -19,7 +19,7 @@ import random
 import time
 from collections.abc import Callable
 
-from meshstore.client import DEFAULT_ADDR, Backoff, StoreClient
+from meshstore.grpc.client import DEFAULT_ADDR, Backoff, StoreClient
 from meshstore.components import make_entity
 from meshstore.pb import entity_pb2 as pb
 from meshstore.services.scenario import SCENARIO_EPOCH, Scenario, offset_position

@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Callable
 
-from meshstore.client import DEFAULT_ADDR, Backoff, StoreClient, StoreUnavailableError
+from meshstore.grpc.client import DEFAULT_ADDR, Backoff, StoreClient, StoreUnavailableError
 from meshstore.components import make_entity
 from meshstore.pb import entity_pb2 as pb
 from meshstore.services import Service, timestamp

@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
-from meshstore.client import DEFAULT_ADDR, Backoff, StoreClient, StoreUnavailableError
+from meshstore.grpc.client import DEFAULT_ADDR, Backoff, StoreClient, StoreUnavailableError
 from meshstore.components import APPROVAL, TASK, TASK_CATALOG, THREAT, pack
 from meshstore.errors import InvalidEntityError, NotFoundError
 from meshstore.eventloop import EventLoop, default_loop

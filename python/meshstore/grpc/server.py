@@ -1,25 +1,24 @@
-"""The gRPC server: store.v1.EntityStoreService over a Store, on ``grpc.aio``.
+"""The gRPC server: store.v1.EntityStoreService over a Store, on ``grpc.aio``, with the
+standard health service and server reflection.
 
-In-process use (tests, other services)::
+:class:`GrpcServer` starts and stops one; other services (the mesh receiver) are added
+with ``add_service`` before it starts. ``meshstore.node.Node`` is what composes a
+node's server (store service, mesh receiver, health) with its relay: use that.
 
-    running = await start_server(store, port=0)
-    ... connect to running.address ...
-    await running.stop(grace=1.0)
-
-``serve(store, ...)`` runs one until SIGINT/SIGTERM (that is ``meshstore serve``).
-
-Alongside the store service the server offers the standard health service
-(``grpc.health.v1.Health``, SERVING until shutdown) and server reflection.
+    server = GrpcServer(store, port=0)
+    server.add_service(name, register)      # e.g. the mesh receiver, before start()
+    await server.start()                    # .port, .address
+    await server.stop(grace=1.0)
 
 The eight RPCs of the seed system answer its bare messages (``entity.v1.Entity``,
 ``google.protobuf.Empty``, ...), so its clients work unchanged; what meshstore says
 beyond them travels in ``UpdateEntityDetailed`` and in UpdateEntity's trailing metadata
 ``meshstore-update-result-bin`` (a serialized ``UpdateResult`` without the entity).
 
-Errors: every store exception maps to a status code (``status_for``); nothing escapes
-as UNKNOWN, and each failed request is logged with its code. Request bytes that do not
-decode are INVALID_ARGUMENT (requests are decoded by ``_decoder``, never by grpc, whose
-own failure would be UNKNOWN naming a Python class).
+Errors: every store exception maps to a status code (``meshstore.grpc.status``); nothing
+escapes as UNKNOWN, and each failed request is logged with its code. Request bytes that
+do not decode are INVALID_ARGUMENT (requests are decoded by ``_decoder``, never by grpc,
+whose own failure would be UNKNOWN naming a Python class).
 
 Fast paths, measured in benches/bench_grpc.py: WatchEntities sends the core's
 pre-serialized ``EntityEvent`` bytes as they are (identity response serializer), and
@@ -33,11 +32,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
-import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,19 +46,9 @@ from grpc_health.v1.health import aio as _health_aio
 from grpc_reflection.v1alpha import reflection
 
 from meshstore.components import APPROVAL, unpack
-from meshstore.errors import (
-    AlreadyExistsError,
-    ClockSkewError,
-    CursorExpiredError,
-    InvalidEntityError,
-    NotFoundError,
-    StaleWriteError,
-)
+from meshstore.grpc.status import RpcFailure, status_for
 from meshstore.logs import event as log_event
-from meshstore.mesh import SERVICE_NAME as MESH_SERVICE_NAME
-from meshstore.mesh import MeshServicer, add_mesh_service, address_of
 from meshstore.pb import entity_pb2, store_pb2
-from meshstore.relay import Relay
 from meshstore.store import Store
 from meshstore.validate import is_number
 from meshstore.watcher import Watcher
@@ -71,15 +58,12 @@ __all__ = [
     "SERVICE_NAME",
     "UPDATE_RESULT_TRAILER",
     "EntityStoreServicer",
-    "RpcFailure",
-    "RunningServer",
-    "serve",
-    "serve_async",
-    "start_server",
-    "status_for",
+    "GrpcServer",
+    "address_of",
+    "check_listen_options",
 ]
 
-log = logging.getLogger("meshstore.server")
+log = logging.getLogger("meshstore.grpc.server")
 
 SERVICE_NAME = store_pb2.DESCRIPTOR.services_by_name["EntityStoreService"].full_name
 #: UpdateEntity's trailing metadata key: a serialized store.v1.UpdateResult (no entity).
@@ -95,34 +79,6 @@ PUBLISH_MAX_ERRORS = 10
 # Exceptions that are control flow, never a request error.
 _PASSTHROUGH = (asyncio.CancelledError, grpc.aio.AbortError, KeyboardInterrupt, SystemExit, GeneratorExit)
 _C = grpc.StatusCode
-
-
-class RpcFailure(Exception):
-    """A request refused with an explicit status code (the server's own checks)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and details an exception is answered with."""
-    message = " ".join(str(exc).split()) or type(exc).__name__
-    if isinstance(exc, RpcFailure):
-        return exc.code, message
-    if isinstance(exc, StaleWriteError):
-        return _C.ABORTED, message
-    if isinstance(exc, NotFoundError):
-        return _C.NOT_FOUND, message
-    if isinstance(exc, AlreadyExistsError):
-        return _C.ALREADY_EXISTS, message
-    if isinstance(exc, (ClockSkewError, CursorExpiredError)):
-        return _C.OUT_OF_RANGE, message
-    if isinstance(exc, (InvalidEntityError, ValueError, TypeError)):
-        return _C.INVALID_ARGUMENT, message
-    # A bug (ours or the core's, e.g. a Rust panic): say so without the internals.
-    return _C.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
-
 
 _CLIENT_ERRORS_AT_WARNING = frozenset({_C.OUT_OF_RANGE, _C.RESOURCE_EXHAUSTED})
 
@@ -257,13 +213,14 @@ class _Stream:
 
 
 class EntityStoreServicer:
-    """store.v1.EntityStoreService over a Store. Register with ``add_to_server``."""
+    """store.v1.EntityStoreService over a Store. Register with ``add_to_server``.
 
-    def __init__(self, store: Store) -> None:
+    ``extra_stats``: numbers GetStats reports besides the store's and the server's (a
+    node adds its mesh receiver's and relay's)."""
+
+    def __init__(self, store: Store, extra_stats: Callable[[], Mapping[str, float]] | None = None) -> None:
         self.store = store
-        # The mesh side of this node, reported by GetStats: set by start_server/serve.
-        self.mesh: MeshServicer | None = None
-        self.relay: Relay | None = None
+        self.extra_stats = extra_stats
         self._streams: set[_Stream] = set()
         # Open PublishEntities calls: shutdown cancels their read and they answer a summary.
         self._publishers: set[asyncio.Task] = set()
@@ -373,16 +330,8 @@ class EntityStoreServicer:
         values = {k: float(v) for k, v in stats.items() if isinstance(v, (int, float))}
         values["server.watch_streams"] = float(len(self._streams))
         values["server.uptime_seconds"] = round(time.monotonic() - self._started, 3)
-        if self.mesh is not None:
-            mesh = self.mesh.stats()
-            for key in ("streams_open", "refused_self", "refused_invalid", "rejected_states"):
-                values[f"mesh.{key}"] = float(mesh[key])
-        if self.relay is not None:
-            # Per peer link, flattened into the numeric map: peer.<address>.<counter>.
-            for address, link in self.relay.stats()["peers"].items():
-                for key, value in link.items():
-                    if isinstance(value, (bool, int, float)):
-                        values[f"peer.{address}.{key}"] = float(value)
+        if self.extra_stats is not None:
+            values.update((key, float(value)) for key, value in self.extra_stats().items())
         return store_pb2.GetStatsResponse(node_id=self.store.node_id, values=values)
 
     # ---- streams -------------------------------------------------------------------
@@ -528,7 +477,13 @@ class EntityStoreServicer:
 
     @property
     def open_streams(self) -> int:
+        """Open WatchEntities streams."""
         return len(self._streams)
+
+    @property
+    def open_publishers(self) -> int:
+        """Open PublishEntities streams."""
+        return len(self._publishers)
 
     def close_streams(self) -> None:
         """Ends every open watch stream (UNAVAILABLE with its resume cursor) and every
@@ -545,16 +500,30 @@ class EntityStoreServicer:
             task.cancel()
 
 
-async def _wait_for_grpc_calls(timeout: float) -> None:
-    """Waits (bounded) for the tasks grpc.aio runs each call in to finish. A stopped
-    server does not wait for the calls it cancelled (a client gone, or the grace period
-    over); their tasks end a few loop turns later. A caller that closes its event loop
-    first would have them die with CancelledError tracebacks on stderr. grpc names each
-    such task ``HandleExceptions[/service/method]``: the only handle it offers."""
-    current = asyncio.current_task()
-    calls = {t for t in asyncio.all_tasks() if t is not current and t.get_name().startswith("HandleExceptions[")}
-    if calls:
-        await asyncio.wait(calls, timeout=timeout)
+class _CallTasks(grpc.aio.ServerInterceptor):
+    """Keeps the tasks grpc.aio runs this server's calls in (the interceptor runs in the
+    call's own task), so that ``stop`` can wait for exactly these."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task] = set()
+
+    async def intercept_service(self, continuation: Callable[..., Awaitable[Any]],
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        task = asyncio.current_task()
+        if task is not None and task not in self.tasks:
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        return await continuation(handler_call_details)
+
+    async def wait(self, timeout: float) -> None:
+        """Waits (bounded) for the calls' tasks to finish. A stopped server does not wait
+        for the calls it cancelled (a client gone, or the grace period over); their
+        tasks end a few loop turns later. A caller that closes its event loop first
+        would have them die with CancelledError tracebacks on stderr."""
+        current = asyncio.current_task()
+        calls = {t for t in self.tasks if t is not current}
+        if calls:
+            await asyncio.wait(calls, timeout=timeout)
 
 
 def _check_bindable(host: str, port: int, wanted: str) -> None:
@@ -575,159 +544,173 @@ def _check_bindable(host: str, port: int, wanted: str) -> None:
                 raise OSError(f"cannot listen on {wanted}: {exc.strerror or exc}") from None
 
 
-@dataclass
-class RunningServer:
-    """A started server: ``port`` (the bound one), ``address`` (host:port to dial)."""
 
-    store: Store
-    server: grpc.aio.Server
-    servicer: EntityStoreServicer
-    health: _health_aio.HealthServicer
-    host: str
-    port: int
-    max_message_bytes: int
-    mesh: MeshServicer
-    _stopped: bool = False
-
-    @property
-    def address(self) -> str:
-        return address_of(self.host, self.port)
-
-    async def stop(self, grace: float | None = 5.0) -> None:
-        """Graceful shutdown: health NOT_SERVING, open watch streams ended, then
-        in-flight calls get ``grace`` seconds. Idempotent. The store stays open."""
-        if self._stopped:
-            return
-        self._stopped = True
-        await self.health.enter_graceful_shutdown()
-        self.servicer.close_streams()
-        await self.server.stop(grace)
-        await _wait_for_grpc_calls(timeout=2.0)
-
-    async def wait_for_termination(self, timeout: float | None = None) -> bool:
-        return await self.server.wait_for_termination(timeout)
+def address_of(host: str, port: int) -> str:
+    """host:port to dial (IPv6 hosts bracketed)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-async def start_server(
-    store: Store,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    *,
-    reflection_enabled: bool = True,
-) -> RunningServer:
-    """Starts serving ``store`` (port 0: any free port; ``.port`` says which).
-    OSError if the address cannot be bound (in use, bad host)."""
+def check_listen_options(port: Any, max_message_bytes: Any) -> None:
+    """ValueError unless ``port`` is an int in 0..65535 and ``max_message_bytes`` >= 1024."""
     if not is_number(port, integer=True) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an int in 0..65535, got {port!r}")
     if not is_number(max_message_bytes, integer=True) or max_message_bytes < 1024:
         raise ValueError(f"max_message_bytes must be an int >= 1024, got {max_message_bytes!r}")
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", max_message_bytes),
-        # Without this, a second server on the same port would share it silently.
-        ("grpc.so_reuseport", 0),
-    ])
-    servicer = EntityStoreServicer(store)
-    servicer.add_to_server(server)
-    # Every server is also a mesh node: peers push their changes to it.
-    servicer.mesh = add_mesh_service(server, store)
-    health = _health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    for name in ("", SERVICE_NAME, MESH_SERVICE_NAME):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    if reflection_enabled:
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, MESH_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME),
-            server)
-    wanted = address_of(host, port)
-    try:
-        _check_bindable(host, port, wanted)
-    except OSError:
-        await server.stop(None)
-        raise
-    try:
-        bound = server.add_insecure_port(wanted)
-    except RuntimeError as exc:
-        bound = 0
-        reason = str(exc)
-    else:
-        reason = ""
-    if not bound:
-        await server.stop(None)
-        raise OSError(f"cannot listen on {wanted}: address in use or not available{': ' + reason if reason else ''}")
-    await server.start()
-    return RunningServer(store, server, servicer, health, host, bound, max_message_bytes, servicer.mesh)
 
 
-async def serve_async(
-    store: Store,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    grace: float = 5.0,
-    stop: asyncio.Event | None = None,
-    peers: Sequence[str] = (),
-    bandwidth_bps: float | None = None,
-    burst_bytes: float | None = None,
-) -> None:
-    """Serves until SIGINT/SIGTERM (or ``stop`` is set), then shuts down gracefully.
-    With ``peers`` (host:port of other nodes) this is a mesh node: a relay pushes the
-    store's changes to each, within the bandwidth budget (None: MESH_BANDWIDTH_BPS /
-    MESH_BURST_BYTES)."""
-    loop = asyncio.get_running_loop()
-    stop = stop or asyncio.Event()
-    received: list[str] = []
+_HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
-    relay = Relay(store, peers, bandwidth_bps=bandwidth_bps, burst_bytes=burst_bytes) if peers else None
-    running = await start_server(store, host, port, max_message_bytes)
-    if relay is not None:
-        running.servicer.relay = relay
-        running.mesh.relay = relay
-        await relay.start()
 
-    def on_signal(sig: signal.Signals) -> None:
-        received.append(sig.name)
-        if stop.is_set():  # a second signal: do not wait out the grace period
-            log_event(log, logging.WARNING, "second signal: stopping now", signal=sig.name)
-            loop.create_task(running.server.stop(None))
-        stop.set()
+class _WatchEnded(Exception):
+    """Ends a health Watch stream once it has sent NOT_SERVING at shutdown."""
 
-    installed = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
+
+class _Health(_health_aio.HealthServicer):
+    """The standard health service, except that at shutdown a Watch stream ends (OK)
+    right after it has sent NOT_SERVING: like the store's watch streams, it would
+    otherwise hold a graceful stop for the whole grace period."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shutting_down = False
+
+    async def enter_graceful_shutdown(self) -> None:
+        self.shutting_down = True
+        await super().enter_graceful_shutdown()
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        health = self
+
+        class Context:
+            """The call's context, whose write ends the stream once shutdown began."""
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(context, name)
+
+            async def write(self, message: Any) -> None:
+                await context.write(message)
+                if health.shutting_down:
+                    raise _WatchEnded
+
         try:
-            loop.add_signal_handler(sig, on_signal, sig)
-            installed.append(sig)
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
-            pass
-    log_event(log, logging.INFO, "listening", address=running.address, node_id=store.node_id,
-              max_message_bytes=max_message_bytes, peers=",".join(peers) or "none", pid=os.getpid())
-    try:
-        await stop.wait()
-        log_event(log, logging.INFO, "shutting down", signal=received[0] if received else "none",
-                  watch_streams=running.servicer.open_streams, grace_s=grace)
-        if relay is not None:
-            await relay.stop()
-        await running.stop(grace)
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-        if relay is not None:
-            await relay.stop()
-        if not running._stopped:
-            await running.stop(0)
-    log_event(log, logging.INFO, "stopped", address=running.address, node_id=store.node_id)
+            await super().Watch(request, Context())
+        except _WatchEnded:
+            return
 
 
-def serve(
-    store: Store,
-    host: str = "127.0.0.1",
-    port: int = 50051,
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    grace: float = 5.0,
-) -> None:
-    """Blocks serving ``store`` until SIGINT/SIGTERM; closes the store at the end."""
-    try:
-        asyncio.run(serve_async(store, host, port, max_message_bytes, grace))
-    finally:
-        store.close()
+class GrpcServer:
+    """A ``grpc.aio`` server serving ``store.v1.EntityStoreService`` over ``store``, the
+    health service (SERVING for the server and each service until shutdown) and, with
+    ``reflection``, server reflection; plus the services registered with
+    ``add_service`` before ``start()``.
+
+    ``port`` 0 picks any free port (``.port`` says which once started). ``extra_stats``
+    goes to the servicer (numbers GetStats adds)."""
+
+    def __init__(self, store: Store, host: str = "127.0.0.1", port: int = 0,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, *, reflection: bool = True,
+                 extra_stats: Callable[[], Mapping[str, float]] | None = None) -> None:
+        check_listen_options(port, max_message_bytes)
+        self.store = store
+        self.host = host
+        self.port = port
+        self.max_message_bytes = max_message_bytes
+        self.reflection = reflection
+        self.servicer = EntityStoreServicer(store, extra_stats)
+        self.health = _Health()
+        self.server: grpc.aio.Server | None = None
+        self._calls = _CallTasks()
+        self._services: list[tuple[str, Callable[[grpc.aio.Server], Any]]] = [(SERVICE_NAME, self.servicer.add_to_server)]
+        self._state = "new"  # -> "started" -> "closing" -> "stopped"
+        self._started = 0.0
+
+    @property
+    def address(self) -> str:
+        """host:port to dial (the bound port once started)."""
+        return address_of(self.host, self.port)
+
+    @property
+    def services(self) -> list[str]:
+        """The full names of the services served (besides health and reflection)."""
+        return [name for name, _ in self._services]
+
+    def add_service(self, name: str, register: Callable[[grpc.aio.Server], Any]) -> None:
+        """Serves one more service: ``register(server)`` adds its handlers to the
+        ``grpc.aio`` server; health and reflection then name it too. Before ``start()``."""
+        if self._state != "new":
+            raise RuntimeError("services are added before the server starts")
+        self._services.append((name, register))
+
+    async def start(self) -> GrpcServer:
+        """Binds and starts serving. OSError if the address cannot be bound (in use, bad
+        host)."""
+        if self._state != "new":
+            raise RuntimeError("a server starts once")
+        self._state = "starting"
+        server = grpc.aio.server(interceptors=[self._calls], options=[
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            # Without this, a second server on the same port would share it silently.
+            ("grpc.so_reuseport", 0),
+        ])
+        for _, register in self._services:
+            register(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        for name in ("", *self.services):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.reflection:
+            reflection.enable_server_reflection((*self.services, _HEALTH_SERVICE, reflection.SERVICE_NAME), server)
+        wanted = address_of(self.host, self.port)
+        try:
+            _check_bindable(self.host, self.port, wanted)
+            try:
+                bound = server.add_insecure_port(wanted)
+            except RuntimeError as exc:
+                bound, reason = 0, str(exc)
+            else:
+                reason = ""
+            if not bound:
+                raise OSError(f"cannot listen on {wanted}: address in use or not available"
+                              f"{': ' + reason if reason else ''}")
+        except OSError:
+            self._state = "stopped"
+            await server.stop(None)
+            raise
+        await server.start()
+        self.server, self.port, self._started = server, bound, time.monotonic()
+        self._state = "started"
+        return self
+
+    def stats(self) -> dict[str, Any]:
+        """Open watch and publish streams, seconds since it started."""
+        return {"watch_streams": self.servicer.open_streams, "publish_streams": self.servicer.open_publishers,
+                "uptime_seconds": round(time.monotonic() - self._started, 3) if self.server else 0.0}
+
+    async def begin_shutdown(self) -> None:
+        """Health NOT_SERVING; open watch streams ended (UNAVAILABLE with their resume
+        cursor), open publish streams answered with their summary, new ones refused.
+        Still listening. Idempotent."""
+        if self._state != "started":
+            return
+        self._state = "closing"
+        await self.health.enter_graceful_shutdown()
+        self.servicer.close_streams()
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Graceful shutdown: ``begin_shutdown``, then no new calls and in-flight calls
+        get ``grace`` seconds (None: cancelled at once). Idempotent. The store stays
+        open."""
+        if self._state in ("new", "stopped"):
+            self._state = "stopped"
+            return
+        await self.begin_shutdown()
+        self._state = "stopped"
+        await self.server.stop(grace)
+        await self._calls.wait(timeout=2.0)
+
+    async def stop_now(self) -> None:
+        """Cancels every call at once (also while a graceful ``stop`` waits)."""
+        if self.server is not None:
+            await self.server.stop(None)
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return await self.server.wait_for_termination(timeout)

@@ -9,7 +9,7 @@
 What it adds over a bare stub:
 
 - **Errors** are meshstore's: each gRPC status maps to a ``meshstore.errors`` class
-  (``error_from_rpc``); a store that cannot be reached (UNAVAILABLE, DEADLINE_EXCEEDED)
+  (``error_from_rpc``, in ``meshstore.grpc.status``); a store that cannot be reached (UNAVAILABLE, DEADLINE_EXCEEDED)
   raises ``StoreUnavailableError``, the signal for a service to wait and retry.
 - **Connecting** (``wait_ready``) retries GetStats with exponential backoff and jitter
   (``Backoff``) until the store answers, logging the outage once (not every attempt) and
@@ -36,14 +36,12 @@ from typing import Any
 
 import grpc
 
-from meshstore.errors import (
-    AlreadyExistsError,
-    ClockSkewError,
-    CursorExpiredError,
-    InvalidEntityError,
-    MeshstoreError,
-    NotFoundError,
-    StaleWriteError,
+from meshstore.errors import CursorExpiredError, InvalidEntityError
+from meshstore.grpc.status import (  # noqa: F401 - re-exported: a client's errors
+    FailedPreconditionError,
+    RpcError,
+    StoreUnavailableError,
+    error_from_rpc,
 )
 from meshstore.logs import event as log_event
 from meshstore.pb import entity_pb2, store_pb2, store_pb2_grpc
@@ -61,12 +59,11 @@ __all__ = [
     "error_from_rpc",
 ]
 
-log = logging.getLogger("meshstore.client")
+log = logging.getLogger("meshstore.grpc.client")
 
 DEFAULT_ADDR = "127.0.0.1:50051"
 ENV_ADDR = "MESHSTORE_ADDR"
 
-_C = grpc.StatusCode
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
     ("grpc.enable_retries", 0),
@@ -76,50 +73,6 @@ _CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
-
-
-# ---- errors ------------------------------------------------------------------------------
-
-
-class StoreUnavailableError(MeshstoreError, ConnectionError):
-    """The store could not be reached (or did not answer in time): retry later."""
-
-
-class FailedPreconditionError(MeshstoreError):
-    """The request does not apply to the entity's state (e.g. no pending approval)."""
-
-
-class RpcError(MeshstoreError):
-    """Any other gRPC failure; ``code`` is the grpc.StatusCode."""
-
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def error_from_rpc(err: grpc.RpcError, what: str = "request", address: str = "") -> MeshstoreError:
-    """The meshstore error a failed call stands for (the inverse of the server's mapping)."""
-    code = err.code() if callable(getattr(err, "code", None)) else None
-    details = " ".join(((err.details() if callable(getattr(err, "details", None)) else "") or "").split())
-    if code in (_C.UNAVAILABLE, _C.DEADLINE_EXCEEDED):
-        where = f" at {address}" if address else ""
-        return StoreUnavailableError(f"{what}: store{where} unavailable ({code.name.lower()}: {details or 'no details'})")
-    if code == _C.NOT_FOUND:
-        return NotFoundError(details or f"{what}: not found")
-    if code == _C.ALREADY_EXISTS:
-        return AlreadyExistsError(details or f"{what}: already exists")
-    if code == _C.INVALID_ARGUMENT:
-        return InvalidEntityError(details or f"{what}: invalid argument")
-    if code == _C.ABORTED:
-        return StaleWriteError(details or f"{what}: stale write")
-    if code == _C.FAILED_PRECONDITION:
-        return FailedPreconditionError(details or f"{what}: failed precondition")
-    if code == _C.OUT_OF_RANGE:
-        if "cursor" in details or "since_seq" in details or "tombstone" in details:
-            return CursorExpiredError(details)
-        return ClockSkewError(details or f"{what}: out of range")
-    name = code.name if code is not None else "UNKNOWN"
-    return RpcError(f"{what} failed ({name}): {details or 'no details'}", code)
 
 
 # ---- backoff -----------------------------------------------------------------------------

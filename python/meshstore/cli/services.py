@@ -1,12 +1,10 @@
-"""The pipeline's commands: ``meshstore sensor-sim | radar-sim | classifier | task-manager |
-fusion | demo``. ``register(app)`` adds them to a typer app (meshstore.cli does).
+"""The pipeline's service commands: ``meshstore sensor-sim | radar-sim | classifier |
+task-manager | fusion``. ``register(app)`` adds them to a typer app (meshstore.cli does).
 
 Each service command runs one service against ``--store`` (MESHSTORE_ADDR) until SIGINT or
 SIGTERM, then stops cleanly (exit 0). If the store is down or restarts, the service
 waits with backoff and resumes. Logs go to stderr (key=value lines, or JSON with
 --log-json). Every flag can also come from the environment variable shown in --help.
-
-Standalone (before cli.py wires ``register``): ``python -m meshstore.services.commands ...``.
 """
 
 from __future__ import annotations
@@ -14,25 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import sys
 from typing import Annotated
 
 import click
 import typer
 
-__all__ = ["register"]
+from meshstore.cli.common import DEFAULT_ADDR, LogJsonOpt, LogLevelOpt, StoreOpt
+from meshstore.cli.common import setup_logs as _setup_logs
 
-# As meshstore.client.DEFAULT_ADDR; not imported from there, so that registering these
-# commands does not load grpc for every `meshstore` invocation.
-DEFAULT_ADDR = "127.0.0.1:50051"
-
-StoreOpt = Annotated[str, typer.Option(
-    "--store", "-s", envvar="MESHSTORE_ADDR", show_envvar=True,
-    help="Address of the store server, HOST:PORT.")]
-LogLevelOpt = Annotated[str, typer.Option(
-    "--log-level", envvar="MESHSTORE_LOG_LEVEL", show_envvar=True, help="debug, info, warning or error.")]
-LogJsonOpt = Annotated[bool, typer.Option(
-    "--log-json", envvar="MESHSTORE_LOG_JSON", help="Log JSON lines instead of key=value lines.")]
+__all__ = ["register", "run_service"]
 
 # Scenario (shared by sensor-sim and radar-sim: give both the same values).
 CountOpt = Annotated[int, typer.Option("--count", "-n", min=0, envvar="SCENARIO_COUNT", show_envvar=True,
@@ -63,15 +51,6 @@ IdPrefixOpt = Annotated[str | None, typer.Option("--id-prefix", help="Track ids 
 
 def _fail(message: str) -> None:
     raise click.UsageError(message)
-
-
-def _setup_logs(level: str, json_lines: bool) -> None:
-    from meshstore import logs
-
-    try:
-        logs.setup(level, json=json_lines)
-    except ValueError as exc:
-        _fail(f"--log-level: {exc}")
 
 
 def _scenario(count: int, seed: int, speed_min: float, speed_max: float, min_lat: float, max_lat: float,
@@ -277,69 +256,10 @@ def fusion_cmd(
     run_service(service)
 
 
-def demo_cmd(
-    duration: Annotated[float | None, typer.Option(
-        "--duration", "-d", min=0.0, envvar="DEMO_DURATION", metavar="S",
-        help="Stop after S seconds (default: run until Ctrl-C).")] = None,
-    port: Annotated[int, typer.Option(
-        "--port", "-p", min=0, max=65535, envvar="DEMO_PORT", show_envvar=True,
-        help="Port of the demo's store on 127.0.0.1 (0: any free port). If taken, a free one "
-             "is used and printed.")] = 50051,
-    tracks: Annotated[int, typer.Option("--tracks", "-n", min=1, max=10_000, envvar="DEMO_TRACKS",
-                                        help="Targets in the scenario (each seen by the EO sensor and the radar).")] = 12,
-    rate: Annotated[float, typer.Option("--rate", min=0.1, max=100.0, envvar="DEMO_RATE",
-                                        help="Sensor ticks per second.")] = 2.0,
-    seed: Annotated[int, typer.Option("--seed", envvar="DEMO_SEED", help="Scenario seed.")] = 7,
-    approval_timeout: Annotated[float, typer.Option(
-        "--approval-timeout", min=1.0, envvar="APPROVAL_TIMEOUT", metavar="S",
-        help="Seconds an intercept request waits for `meshstore approve` before TIMED_OUT.")] = 30.0,
-    no_live: Annotated[bool, typer.Option(
-        "--no-live", help="Print a status line every 2 s instead of the live table.")] = False,
-    nodes: Annotated[int, typer.Option(
-        "--nodes", min=1, max=5, envvar="DEMO_NODES",
-        help="Run the store as a mesh of this many nodes on loopback (relays between every pair); "
-             "the services are spread over them and a table shows each node's view.")] = 1,
-    log_level: Annotated[str, typer.Option("--log-level", envvar="MESHSTORE_LOG_LEVEL",
-                                           help="Service logs (stderr): debug, info, warning or error.")] = "warning",
-) -> None:
-    """Run the whole pipeline in one process: a store and its gRPC server on 127.0.0.1,
-    sensor-sim, radar-sim, classifier, task-manager and fusion, with a live table of
-    tracks, classification, threat, task, approval and fused tracks (refreshed twice a
-    second). Approve or deny a PENDING intercept from another terminal with
-    `meshstore approve ID` / `meshstore deny ID`. Stops on Ctrl-C or after --duration and
-    prints a summary."""
-    from rich.console import Console
-
-    from meshstore.pipeline_demo import DemoConfig, run_demo
-
-    _setup_logs(log_level, False)
-    config = DemoConfig(port=port, tracks=tracks, rate=rate, seed=seed, duration=duration, live=not no_live,
-                        approval_timeout=approval_timeout, nodes=nodes)
-    try:
-        code = asyncio.run(run_demo(config, Console(highlight=False)))
-    except OSError as exc:
-        raise click.ClickException(str(exc)) from None
-    if code:
-        raise typer.Exit(code)
-
-
 def register(app: typer.Typer) -> None:
-    """Adds sensor-sim, radar-sim, classifier, task-manager, fusion and demo to ``app``."""
+    """Adds sensor-sim, radar-sim, classifier, task-manager and fusion to ``app``."""
     app.command("sensor-sim", short_help="Simulate an EO sensor: the scenario's targets as tracks.")(sensor_sim_cmd)
     app.command("radar-sim", short_help="Simulate a radar: noisy plots of the same targets.")(radar_sim_cmd)
     app.command("classifier", short_help="Classify tracks by speed (classification, threat).")(classifier_cmd)
     app.command("task-manager", short_help="Threat -> task, with approval requests and timeouts.")(task_manager_cmd)
     app.command("fusion", short_help="Fuse tracks of different sensors that are close together.")(fusion_cmd)
-    app.command("demo", short_help="Run the whole pipeline in one process, with a live table.")(demo_cmd)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m meshstore.services.commands``: these commands alone."""
-    app = typer.Typer(name="meshstore", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                      help="meshstore pipeline services.", context_settings={"help_option_names": ["-h", "--help"]})
-    register(app)
-    app(args=argv if argv is not None else sys.argv[1:], prog_name="meshstore")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,7 @@
 """The two-store replication walk-through (``python -m meshstore.demo``): concurrent
 writes on two replicas that cannot see each other, then a merge both ways, and the
 converged picture. The main demo is the live pipeline, ``meshstore demo``
-(``meshstore.pipeline_demo``).
+(``meshstore.demo.pipeline``).
 
 It exercises the store's real job in one process: different services writing
 different keys never conflict, a writer who read stale state cannot clobber a newer
@@ -98,7 +98,3 @@ def run(console: Console | None = None) -> bool:
     a.close()
     b.close()
     return converged
-
-
-if __name__ == "__main__":
-    raise SystemExit(0 if run() else 1)

@@ -1,6 +1,6 @@
 """The receiving side of the mesh: ``mesh.v1.MeshService`` over a Store.
 
-A peer's relay (``meshstore.relay``) opens ``Push``, says Hello, and streams batches of
+A peer's relay (``meshstore.mesh.relay``) opens ``Push``, says Hello, and streams batches of
 replica states; this servicer answers with its own Hello (with the store's context
 summary, and ``resync`` when this node's relay forgot deletes while that peer was away),
 merges every state of a batch with ``source`` = the sender's node id, adopts the
@@ -21,9 +21,9 @@ Bad input at this boundary never takes the node down:
   follow it;
 - a state or summary naming writes of this node that it never made: refused.
 
-``add_mesh_service(server, store)`` registers the service on a ``grpc.aio`` server the
-caller owns; ``start_node(store)`` starts one serving the mesh (and the
-``EntityStoreService`` when ``meshstore.server`` is importable) for tests and tools.
+``MeshServicer(store).add_to_server(server)`` registers the service on a ``grpc.aio``
+server the caller owns (``meshstore.node.Node`` does, beside the store service);
+``close_streams()`` ends the open streams at shutdown.
 """
 
 from __future__ import annotations
@@ -39,33 +39,15 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from meshstore.errors import MeshstoreError
-from meshstore.pb import entity_pb2, mesh_pb2
+from meshstore.logs import event as _log_event
+from meshstore.mesh.protocol import SERVICE_NAME, summary_entries, summary_of
+from meshstore.pb import mesh_pb2
 from meshstore.store import Store
 
-try:  # structured key=value logging (meshstore.logs); plain logging works without it
-    from meshstore.logs import event as _log_event
-except ImportError:  # pragma: no cover
-    def _log_event(logger: logging.Logger, level: int, msg: str, /, exc_info: Any = None, **fields: Any) -> None:
-        if logger.isEnabledFor(level):
-            logger.log(level, "%s %s", msg, " ".join(f"{k}={v}" for k, v in fields.items()), exc_info=exc_info)
+__all__ = ["MeshServicer"]
 
-__all__ = [
-    "PUSH_METHOD",
-    "SERVICE_NAME",
-    "MeshNode",
-    "MeshServicer",
-    "add_mesh_service",
-    "start_node",
-    "summary_entries",
-    "summary_of",
-]
+log = logging.getLogger("meshstore.mesh.receiver")
 
-log = logging.getLogger("meshstore.mesh")
-
-SERVICE_NAME = "mesh.v1.MeshService"
-PUSH_METHOD = f"/{SERVICE_NAME}/Push"
-#: Largest message a node accepts (a batch is capped well below it by the relay).
-DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 # Rejected states logged per stream before logging only every _LOG_EVERY-th one.
 _LOG_FIRST = 5
 _LOG_EVERY = 1000
@@ -76,15 +58,6 @@ _BAD_INPUT = (MeshstoreError, ValueError, TypeError)
 # What a merge may raise that is not that state's refusal. Anything else, even a
 # BaseException such as pyo3's PanicException, refuses that one state only.
 _NOT_REFUSALS = (KeyboardInterrupt, SystemExit, GeneratorExit, asyncio.CancelledError)
-
-def summary_entries(dots: Any) -> list[tuple[str, int, int]]:
-    """A context summary off the wire (``Dot`` messages) as the store takes it."""
-    return [(d.node, d.incarnation, d.counter) for d in dots if d.node]
-
-
-def summary_of(entries: list[tuple[str, int, int]]) -> list[entity_pb2.Dot]:
-    """A store's context summary as ``Dot`` messages."""
-    return [entity_pb2.Dot(node=n, incarnation=i, counter=c) for n, i, c in entries]
 
 
 def _raw_request(data: bytes) -> mesh_pb2.RawPushRequest | None:
@@ -122,7 +95,7 @@ class MeshServicer:
             raise TypeError(f"store must be a meshstore Store, got {type(store).__name__}")
         self.store = store
         self.incarnation = store.incarnation
-        #: This node's relay (meshstore.relay.Relay), if any: it knows which senders
+        #: This node's relay (meshstore.mesh.relay.Relay), if any: it knows which senders
         #: must resync because deletes were forgotten while they were away.
         self.relay: Any = None
         self._peers: dict[str, _PeerIn] = {}
@@ -131,6 +104,8 @@ class MeshServicer:
         self.rejected_states = 0
         self.streams_open = 0
         self.adopted = 0
+        self._closing = False
+        self._stream_tasks: set[asyncio.Task] = set()
 
     # ---- registration --------------------------------------------------------------------
 
@@ -155,6 +130,9 @@ class MeshServicer:
     async def push(self, requests: AsyncIterator[mesh_pb2.RawPushRequest | None],
                    context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         own = self.store.node_id
+        if self._closing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "node shutting down")
+            return
         first: Any = await anext(aiter(requests), _NOTHING)
         if first is _NOTHING:
             return  # the sender went away before saying anything
@@ -195,6 +173,9 @@ class MeshServicer:
         resync = self.relay is not None and self.relay.owes_resync(sender)
         resync_until = hello.seq if resync else None  # the sender's whole state is here once a batch reaches it
         _, summary = self.store.context_summary()
+        task = asyncio.current_task()
+        if task is not None:
+            self._stream_tasks.add(task)
         try:
             yield mesh_pb2.PushResponse(hello=mesh_pb2.Hello(
                 node_id=own, incarnation=self.incarnation, context=summary_of(summary),
@@ -259,11 +240,26 @@ class MeshServicer:
                 yield mesh_pb2.PushResponse(ack=mesh_pb2.Ack(
                     seq=batch.last_seq, rejected=rejected, changed=changed,
                     first_error=first_error[:500])).SerializeToString()
+        except asyncio.CancelledError:
+            if not self._closing or task is None:
+                raise  # the sender went away
+            # close_streams: end the stream with a status the sender's relay retries on.
+            task.uncancel()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "node shutting down")
         finally:
+            self._stream_tasks.discard(task)
             peer.open_streams -= 1
             self.streams_open -= 1
             _log_event(log, logging.INFO, "mesh peer stream closed", node_id=own, peer=sender,
                        batches=peer.batches, states=peer.states, rejected=peer.rejected)
+
+    def close_streams(self) -> None:
+        """Ends every open Push stream (UNAVAILABLE: the sender reconnects later, to this
+        node or its successor) and refuses new ones: a node shutting down does not wait
+        out its grace period for streams that never end by themselves."""
+        self._closing = True
+        for task in list(self._stream_tasks):
+            task.cancel()
 
     # ---- observability -------------------------------------------------------------------
 
@@ -280,99 +276,3 @@ class MeshServicer:
             "contexts_adopted": self.adopted,
             "peers": {node: dataclasses.asdict(p) for node, p in self._peers.items()},
         }
-
-
-def add_mesh_service(server: grpc.aio.Server, store: Store) -> MeshServicer:
-    """Registers ``mesh.v1.MeshService`` over ``store`` on ``server`` (before it starts).
-    Give the server ``grpc.max_receive_message_length`` >= the relays' batch size
-    (``DEFAULT_MAX_MESSAGE_BYTES`` is ample)."""
-    servicer = MeshServicer(store)
-    servicer.add_to_server(server)
-    return servicer
-
-
-def address_of(host: str, port: int) -> str:
-    """host:port to dial (IPv6 hosts bracketed)."""
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-
-
-@dataclasses.dataclass
-class MeshNode:
-    """A started node: ``address`` to dial, ``servicer`` for stats, ``stop()``."""
-
-    store: Store
-    server: grpc.aio.Server
-    servicer: MeshServicer
-    host: str
-    port: int
-    store_service: bool
-    _stopped: bool = False
-
-    @property
-    def address(self) -> str:
-        return address_of(self.host, self.port)
-
-    async def stop(self, grace: float | None = None) -> None:
-        """Stops listening and ends open streams (after ``grace`` seconds). The store
-        stays open. Idempotent."""
-        if self._stopped:
-            return
-        self._stopped = True
-        await self.server.stop(grace)
-
-
-def _add_store_service(server: grpc.aio.Server, store: Store) -> bool:
-    """Adds meshstore.server's EntityStoreService if that module offers it."""
-    try:
-        from meshstore import server as store_server
-    except Exception:  # noqa: BLE001 - optional: any import failure means "not available"
-        return False
-    servicer_class = getattr(store_server, "EntityStoreServicer", None)
-    if servicer_class is None:
-        return False
-    try:
-        servicer = servicer_class(store)
-        if hasattr(servicer, "add_to_server"):
-            servicer.add_to_server(server)
-        else:
-            from meshstore.pb import store_pb2_grpc
-            store_pb2_grpc.add_EntityStoreServiceServicer_to_server(servicer, server)
-    except Exception as exc:  # noqa: BLE001
-        _log_event(log, logging.WARNING, "entity store service not added", error=repr(exc))
-        return False
-    return True
-
-
-async def start_node(store: Store, host: str = "127.0.0.1", port: int = 0, *,
-                     store_service: bool = True,
-                     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> MeshNode:
-    """Starts a grpc.aio server on ``host:port`` (0: any free port) serving the mesh over
-    ``store`` (and the EntityStoreService when available and ``store_service``).
-    OSError if the address cannot be bound."""
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
-    ])
-    servicer = add_mesh_service(server, store)
-    with_store = store_service and _add_store_service(server, store)
-    wanted = address_of(host, port)
-    try:
-        bound = server.add_insecure_port(wanted)
-    except RuntimeError as exc:
-        await server.stop(None)
-        raise OSError(f"cannot listen on {wanted}: {exc}") from exc
-    if not bound:
-        await server.stop(None)
-        raise OSError(f"cannot listen on {wanted}: address in use or not available")
-    await server.start()
-    return MeshNode(store, server, servicer, host, bound, with_store)
-
-
-async def _main() -> None:  # pragma: no cover - manual smoke run: python -m meshstore.mesh
-    node = await start_node(Store())
-    print(f"mesh node {node.store.node_id} on {node.address}")
-    await asyncio.Event().wait()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    asyncio.run(_main())

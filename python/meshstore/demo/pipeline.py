@@ -1,5 +1,6 @@
-"""The live pipeline demo (``meshstore demo``): a store, its gRPC server and every
-service in one process, and a live table of what they make of the scenario.
+"""The live pipeline demo (``meshstore demo``): a node (a store and its gRPC server,
+``meshstore.node.Node``) and every service in one process, and a live table of what
+they make of the scenario.
 
     sensor-sim (eo) ─┐                     ┌─ classifier  (classification, threat)
                      ├─> store (gRPC) <────┼─ task-manager (task, approval requests, timeouts)
@@ -13,7 +14,7 @@ prints a summary. ``live=False`` (or a stdout that is not a terminal) prints a s
 every few seconds instead of the table.
 
 With ``nodes`` > 1 (``meshstore demo --nodes 3``) the store is a mesh of that many
-nodes on loopback, each a store + gRPC server + relay to every other node; the services
+nodes on loopback, each a Node with a relay to every other node; the services
 are spread over the nodes (the two sims write to different nodes), and a nodes table shows
 each node's view and whether they agree.
 
@@ -37,6 +38,8 @@ from rich.text import Text
 
 from meshstore.components import APPROVAL, CLASSIFICATION, FUSION, POSITION, SOURCE, TASK, THREAT, VELOCITY
 from meshstore.logs import event as log_event
+from meshstore.node import Node, NodeOptions
+from meshstore.options import StoreOptions
 from meshstore.pb import entity_pb2 as pb
 from meshstore.services import Service, read_component
 from meshstore.services.classifier import Classifier, Thresholds
@@ -132,19 +135,6 @@ def approve_hint(address: str) -> str:
     return f"meshstore approve ID --store {address}  (or deny)"
 
 
-@dataclass
-class Node:
-    """One store of the demo, its server and (in a mesh) its relay."""
-
-    store: Store
-    running: object  # meshstore.server.RunningServer
-    relay: object | None = None  # meshstore.relay.Relay
-
-    @property
-    def address(self) -> str:
-        return self.running.address
-
-
 def nodes_table(nodes: list[Node]) -> Table:
     """Each node's view of the picture, and whether they all agree."""
     views = [summarize(n.store) for n in nodes]
@@ -234,36 +224,29 @@ def render(store: Store, address: str, started: float, services: list[Service], 
     return Group(*parts, Text(f"services  {health}", style="dim"))
 
 
-async def _start_server(store: Store, config: DemoConfig, console: Console):  # -> RunningServer
-    from meshstore.server import start_server
-
+async def _start_first(node_id: str, config: DemoConfig, console: Console) -> Node:
+    """The first node, on the configured port if it is free, else an ephemeral one."""
     try:
-        return await start_server(store, config.host, config.port)
+        return await Node(NodeOptions(host=config.host, port=config.port), store=StoreOptions(node_id=node_id)).start()
     except OSError as exc:
         if config.port == 0:
             raise
         console.print(f"[yellow]port {config.port} is not available ({exc}); using an ephemeral port instead. "
                       f"Pass --store with the address below to `meshstore approve`.[/]")
-        return await start_server(store, config.host, 0)
+        return await Node(NodeOptions(host=config.host, port=0), store=StoreOptions(node_id=node_id)).start()
 
 
 async def _start_nodes(config: DemoConfig, console: Console) -> list[Node]:
-    """The demo's stores and servers; with several, a full mesh of relays between them."""
-    from meshstore.relay import Relay
-    from meshstore.server import start_server
-
+    """The demo's nodes; with several, a full mesh of relays between them (started once
+    every node listens, so that each knows the others' ports)."""
     if config.nodes == 1:
-        store = Store(node_id="demo")
-        return [Node(store, await _start_server(store, config, console))]
-    nodes = []
-    for i in range(config.nodes):
-        store = Store(node_id=f"demo-{i + 1}")
-        running = await (_start_server(store, config, console) if i == 0 else start_server(store, config.host, 0))
-        nodes.append(Node(store, running))
+        return [await _start_first("demo", config, console)]
+    nodes = [await _start_first("demo-1", config, console)]
+    for i in range(1, config.nodes):
+        nodes.append(await Node(NodeOptions(host=config.host, port=0), store=StoreOptions(node_id=f"demo-{i + 1}"))
+                     .start())
     for node in nodes:
-        node.relay = Relay(node.store, [n.address for n in nodes if n is not node])
-        node.running.mesh.relay = node.relay
-        await node.relay.start()
+        await node.start_relay([n.address for n in nodes if n is not node])
     return nodes
 
 
@@ -363,12 +346,13 @@ async def run_demo(config: DemoConfig, console: Console | None = None) -> int:
         converged = len(nodes) == 1 or await _converged(nodes, timeout=10.0)
         summary = summarize(store)
         views = nodes_table(nodes) if len(nodes) > 1 else None
+        # Every relay first, so no node sees its peers go away; then each node drains and
+        # closes its store.
         for node in nodes:
             if node.relay is not None:
                 await node.relay.stop()
         for node in nodes:
-            await node.running.stop(1.0)
-            node.store.close()
+            await node.stop(1.0)
     _print_summary(console, summary, services, time.monotonic() - started)
     if views is not None:
         console.print(views)

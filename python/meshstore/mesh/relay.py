@@ -19,9 +19,9 @@ peer is retried with exponential backoff and jitter (``backoff_initial`` doublin
 restart. A batch not acknowledged within ``ack_timeout`` (or an idle stream whose
 heartbeat is not acknowledged) counts as a broken stream.
 
-Budget (``meshstore.budget``): changes are read into a per-peer pending map (one latest
-state per entity; the read cursor advances) and sent by priority (DELETE > HIGH > MEDIUM
-> LOW > NONE > position-only) as the peer's token bucket allows; DELETE and HIGH
+Budget (``meshstore.mesh.budget``): changes are read into a per-peer pending map (one
+latest state per entity; the read cursor advances) and sent by priority (DELETE > HIGH >
+MEDIUM > LOW > NONE > position-only) as the peer's token bucket allows; DELETE and HIGH
 bypass it. The acknowledged watermark only moves to a seq once no state at or below it
 is still pending (``Batch.last_seq`` says so), so a reconnect resends whatever was
 deferred. Unlimited (the default unless ``MESH_BANDWIDTH_BPS`` is set): states go out
@@ -39,7 +39,7 @@ what was removed meanwhile).
 
 ``stats()`` gives, per peer: connected, sent states/bytes/batches, acknowledged seq,
 lag (``store.seq - acked``), pending, retries, full syncs... Connection changes are
-logged as structured lines on ``meshstore.relay``.
+logged as structured lines on ``meshstore.mesh.relay``.
 """
 
 from __future__ import annotations
@@ -55,16 +55,17 @@ from typing import Any
 
 import grpc
 
-from meshstore.budget import BudgetConfig, Pending, PendingQueue, Priority, priority_of
 from meshstore.errors import CursorExpiredError
-from meshstore.mesh import DEFAULT_MAX_MESSAGE_BYTES, PUSH_METHOD, _log_event, summary_entries, summary_of
+from meshstore.logs import event as _log_event
+from meshstore.mesh.budget import BudgetConfig, Pending, PendingQueue, Priority, priority_of
+from meshstore.mesh.protocol import MAX_MESSAGE_BYTES, PUSH_METHOD, summary_entries, summary_of
 from meshstore.pb import entity_pb2, mesh_pb2
 from meshstore.store import Store
 from meshstore.validate import is_number
 
 __all__ = ["ChannelFactory", "Relay", "RelayError", "default_channel"]
 
-log = logging.getLogger("meshstore.relay")
+log = logging.getLogger("meshstore.mesh.relay")
 
 #: The projection of the relay's wake-up watcher: a key no entity has, so every event
 #: carries only the entity's id and versions-free header.
@@ -80,8 +81,8 @@ class RelayError(Exception):
 def default_channel(address: str) -> grpc.aio.Channel:
     """An insecure channel of its own (no connection shared with other channels)."""
     return grpc.aio.insecure_channel(address, options=[
-        ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.use_local_subchannel_pool", 1),
         ("grpc.enable_retries", 0),
     ])

@@ -1,0 +1,111 @@
+"""The ``meshstore`` command: run a store server, and inspect or drive one over gRPC.
+
+    meshstore serve --port 50051 [--peer HOST:PORT ...]
+                                            run a store, a mesh node with peers (Ctrl-C / SIGTERM: graceful stop)
+    meshstore list [-t track|asset|geo]     live entities
+    meshstore get ID                        one entity, its components and versions
+    meshstore watch [-t ...] [--existing] [--since SEQ] [--components k,...] [--count N] [--timeout S]
+    meshstore approve ID / deny ID          decide an entity's pending approval
+    meshstore stats                         the store's counters and health
+    meshstore demo                          the whole pipeline in one process
+    meshstore sensor-sim | radar-sim | classifier | task-manager | fusion
+                                            the pipeline's services, each against a store
+
+Client commands dial ``--store`` (or ``MESHSTORE_ADDR``, default 127.0.0.1:50051),
+print rich tables for people and ``--json`` for scripts (one JSON object; JSON lines
+for ``watch``). On failure they print ONE line to stderr and exit non-zero:
+1 store unreachable or refused the request, 2 bad usage or input, 3 no such entity,
+130 interrupted (Ctrl-C).
+
+The commands live by group: ``meshstore.cli.entities`` (list, get, watch, approve,
+deny), ``meshstore.cli.node`` (serve, stats), ``meshstore.cli.services`` (sensor-sim,
+radar-sim, classifier, task-manager, fusion), ``meshstore.cli.demo`` (demo);
+``meshstore.cli.common`` holds what they share. This module builds the typer app and
+runs it (``run``, ``main``: the ``meshstore`` console script and
+``python -m meshstore.cli``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import NoReturn
+
+import click
+import typer
+
+from meshstore.cli import demo, entities, node, services
+from meshstore.cli.common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_USAGE, CliError
+from meshstore.cli.entities import entity_dict
+
+__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_NOT_FOUND", "EXIT_USAGE", "CliError", "app", "entity_dict",
+           "main", "run"]
+
+app = typer.Typer(
+    name="meshstore",
+    help="meshstore: a replicated entity-component store. Run a server, or inspect and drive one over gRPC.",
+    epilog="Exit codes: 0 ok, 1 store unreachable or request refused, 2 bad usage or input, "
+           "3 no such entity, 130 interrupted.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+entities.register(app)  # list, get, approve, deny, watch
+node.register(app)  # stats, serve
+services.register(app)  # sensor-sim, radar-sim, classifier, task-manager, fusion
+demo.register(app)  # demo
+
+
+# ---- entry point ------------------------------------------------------------------------
+
+def _fail(message: str, code: int) -> int:
+    sys.stderr.write(f"error: {' '.join(message.split())}\n")
+    sys.stderr.flush()
+    return code
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit code (never raises, never a traceback)."""
+    try:
+        rv = app(args=argv, prog_name="meshstore", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except CliError as exc:
+        return _fail(exc.message, exc.code)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()
+        return 0
+    except click.UsageError as exc:
+        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        return _fail(exc.format_message() + hint, EXIT_USAGE)
+    except click.ClickException as exc:
+        return _fail(exc.format_message(), exc.exit_code or EXIT_ERROR)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except (KeyboardInterrupt, click.Abort):
+        sys.stderr.write("\n")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        with contextlib.suppress(Exception):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        return EXIT_ERROR
+    except Exception as exc:  # a bug: still one line, the traceback on request
+        if os.environ.get("MESHSTORE_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        return _fail(f"internal error: {type(exc).__name__}: {exc} (set MESHSTORE_DEBUG=1 for the traceback)",
+                     EXIT_ERROR)
+
+
+def main() -> NoReturn:
+    """Console-script entry point (``meshstore``)."""
+    code = run()
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        with contextlib.suppress(Exception):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+    raise SystemExit(code)

@@ -1,0 +1,5 @@
+"""``python -m meshstore.cli``: the ``meshstore`` command."""
+
+from meshstore.cli import main
+
+main()

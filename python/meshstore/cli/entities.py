@@ -1,0 +1,308 @@
+"""The entity commands: ``meshstore list | get | watch | approve | deny``, each a client
+of the store at ``--store`` (``MESHSTORE_ADDR``).
+
+    meshstore list [-t track|asset|geo]     live entities
+    meshstore get ID                        one entity, its components and versions
+    meshstore watch [-t ...] [--existing] [--since SEQ] [--components k,...] [--count N] [--timeout S]
+    meshstore approve ID / deny ID          decide an entity's pending approval
+"""
+
+# No `from __future__ import annotations` here: approve and deny are made by one factory
+# whose option types are built at run time, and typer reads them as objects.
+
+import base64
+import datetime
+import enum
+import json
+import signal
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+
+from meshstore.cli.common import (
+    DEFAULT_ADDR,
+    EXIT_USAGE,
+    CliError,
+    DeadlineOpt,
+    JsonOpt,
+    StoreOpt,
+    channel,
+    console,
+    print_json,
+    rpc_errors,
+)
+
+__all__ = ["entity_dict", "register"]
+
+
+class Kind(str, enum.Enum):
+    track = "track"
+    asset = "asset"
+    geo = "geo"
+
+
+KindOpt = Annotated[Kind | None, typer.Option("--type", "-t", case_sensitive=False, help="Only entities of this type.")]
+
+
+def _type_value(kind: Kind | None) -> int:
+    from meshstore.pb import entity_pb2
+
+    return 0 if kind is None else entity_pb2.EntityType.Value(f"ENTITY_TYPE_{kind.value.upper()}")
+
+
+# ---- rendering --------------------------------------------------------------------------
+
+def _any_dict(packed: Any) -> dict[str, Any]:
+    """A component as JSON: its fields when the type is known, else type URL + base64."""
+    from google.protobuf import json_format
+
+    try:
+        return json_format.MessageToDict(packed, preserving_proto_field_name=True)
+    except Exception:  # unknown type URL or bytes that do not parse as it
+        return {"@type": packed.type_url, "value": base64.b64encode(packed.value).decode()}
+
+
+def entity_dict(entity: Any) -> dict[str, Any]:
+    """``json_format.MessageToDict`` of an entity (proto field names), components
+    unpacked where their type is known."""
+    from google.protobuf import json_format
+
+    shell = type(entity)()
+    shell.CopyFrom(entity)
+    shell.ClearField("components")
+    out = json_format.MessageToDict(shell, preserving_proto_field_name=True)
+    if entity.components:
+        out["components"] = {key: _any_dict(entity.components[key]) for key in sorted(entity.components)}
+    return out
+
+
+def _type_name(value: int) -> str:
+    from meshstore.pb import entity_pb2
+
+    try:
+        return entity_pb2.EntityType.Name(value).removeprefix("ENTITY_TYPE_").lower()
+    except ValueError:
+        return str(value)
+
+
+def _when(ts: Any) -> str:
+    if not ts.seconds and not ts.nanos:
+        return "-"
+    dt = datetime.datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, tz=datetime.timezone.utc)
+    return dt.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def _version_text(v: Any) -> str:
+    if not v.physical and not v.node:
+        return "-"
+    when = datetime.datetime.fromtimestamp(v.physical / 1e9, tz=datetime.timezone.utc).strftime("%H:%M:%S.%f")[:-3]
+    concurrent = f" (+{len(v.concurrent)} concurrent)" if v.concurrent else ""
+    return f"{v.node} @{when}{'+' + str(v.logical) if v.logical else ''} #{v.counter}{concurrent}"
+
+
+def _component_text(packed: Any) -> tuple[str, str]:
+    d = _any_dict(packed)
+    type_url = d.pop("@type", packed.type_url)
+    return type_url.rsplit("/", 1)[-1].removeprefix("entity.v1."), json.dumps(d, ensure_ascii=False)
+
+
+def _short_event_type(value: int) -> str:
+    from meshstore.pb import store_pb2
+
+    try:
+        return store_pb2.EventType.Name(value).removeprefix("EVENT_TYPE_")
+    except ValueError:
+        return str(value)
+
+
+def _show_entity(e: Any, json_out: bool, title: str | None = None) -> None:
+    if json_out:
+        print_json(entity_dict(e))
+        return
+    from rich.table import Table
+
+    head = Table(show_header=False, title=title or f"entity {e.id}", title_justify="left")
+    head.add_column("field", style="bold")
+    head.add_column("value", overflow="fold")
+    head.add_row("id", e.id)
+    head.add_row("type", _type_name(e.type))
+    head.add_row("created", _when(e.created_at))
+    head.add_row("updated", _when(e.updated_at))
+    head.add_row("origin", e.origin_node or "-")
+    if e.HasField("expiry_time"):
+        head.add_row("expires", _when(e.expiry_time))
+    comps = Table(title="components", title_justify="left")
+    for column in ("KEY", "TYPE", "VALUE", "VERSION"):
+        comps.add_column(column, overflow="fold")
+    for key in sorted(e.components):
+        type_name, value = _component_text(e.components[key])
+        version = _version_text(e.versions[key]) if key in e.versions else "-"
+        comps.add_row(key, type_name, value, version)
+    out = console()
+    out.print(head)
+    out.print(comps)
+
+
+def _show_event(ev: Any, out: Any) -> None:
+    kind = _short_event_type(ev.type)
+    if out is None:
+        print_json({"type": kind, "seq": ev.seq, "origin_node": ev.origin_node, "entity": entity_dict(ev.entity)})
+        return
+    parts = [f"{ev.seq:>8}", f"{kind:<8}", ev.entity.id, f"({_type_name(ev.entity.type)}, from {ev.origin_node or '-'})"]
+    for key in sorted(ev.entity.components):
+        parts.append(f"{key}={_component_text(ev.entity.components[key])[1]}")
+    out.print(" ".join(parts), markup=False, soft_wrap=True)
+    out.file.flush()
+
+
+# ---- commands ---------------------------------------------------------------------------
+
+def list_cmd(
+    type_: KindOpt = None,
+    store: StoreOpt = DEFAULT_ADDR,
+    json_out: JsonOpt = False,
+    deadline: DeadlineOpt = 5.0,
+) -> None:
+    """List the store's live entities (ordered by id)."""
+    from meshstore.pb import store_pb2, store_pb2_grpc
+
+    with channel(store) as ch, rpc_errors(store, "ListEntities", deadline):
+        resp = store_pb2_grpc.EntityStoreServiceStub(ch).ListEntities(
+            store_pb2.ListEntitiesRequest(type_filter=_type_value(type_)), timeout=deadline, wait_for_ready=False)
+    if json_out:
+        print_json({"count": len(resp.entities), "entities": [entity_dict(e) for e in resp.entities]})
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{len(resp.entities)} entities", title_justify="left")
+    for column in ("ID", "TYPE", "COMPONENTS", "UPDATED (UTC)", "ORIGIN"):
+        table.add_column(column, overflow="fold")
+    for e in resp.entities:
+        table.add_row(e.id, _type_name(e.type), ", ".join(sorted(e.components)), _when(e.updated_at), e.origin_node)
+    console().print(table)
+
+
+def get_cmd(
+    entity_id: Annotated[str, typer.Argument(metavar="ID", help="The entity's id.")],
+    store: StoreOpt = DEFAULT_ADDR,
+    json_out: JsonOpt = False,
+    deadline: DeadlineOpt = 5.0,
+) -> None:
+    """Show one entity: its type, times, components (decoded) and their versions."""
+    from meshstore.pb import store_pb2, store_pb2_grpc
+
+    with channel(store) as ch, rpc_errors(store, "GetEntity", deadline):
+        entity = store_pb2_grpc.EntityStoreServiceStub(ch).GetEntity(
+            store_pb2.GetEntityRequest(id=entity_id), timeout=deadline, wait_for_ready=False)
+    _show_entity(entity, json_out)
+
+
+def _decide(action: str, entity_id: str, store: str, json_out: bool, deadline: float) -> None:
+    from meshstore.pb import store_pb2, store_pb2_grpc
+
+    with channel(store) as ch, rpc_errors(store, f"{action}Action", deadline):
+        stub = store_pb2_grpc.EntityStoreServiceStub(ch)
+        if action == "Approve":
+            entity = stub.ApproveAction(store_pb2.ApproveActionRequest(entity_id=entity_id),
+                                        timeout=deadline, wait_for_ready=False)
+        else:
+            entity = stub.DenyAction(store_pb2.DenyActionRequest(entity_id=entity_id),
+                                     timeout=deadline, wait_for_ready=False)
+    if json_out:
+        print_json(entity_dict(entity))
+    else:
+        verb = "approved" if action == "Approve" else "denied"
+        console().print(f"{verb} {entity_id}", markup=False)
+
+
+def _decision_cmd(action: str, verb: str, outcome: str) -> Callable[..., None]:
+    """``meshstore approve`` / ``deny``: the same options, one action each."""
+    EntityArg = Annotated[str, typer.Argument(metavar="ID", help=f"The entity whose pending approval to {verb}.")]
+
+    def command(entity_id: EntityArg, store: StoreOpt = DEFAULT_ADDR, json_out: JsonOpt = False,
+                deadline: DeadlineOpt = 5.0) -> None:
+        _decide(action, entity_id, store, json_out, deadline)
+
+    command.__name__ = f"{verb}_cmd"
+    command.__doc__ = (f'{action} the entity\'s pending action (its "approval" component goes PENDING -> {outcome}).\n'
+                       f"    Fails if nothing is pending.")
+    return command
+
+
+approve_cmd = _decision_cmd("Approve", "approve", "APPROVED")
+deny_cmd = _decision_cmd("Deny", "deny", "DENIED")
+
+
+def watch_cmd(
+    type_: KindOpt = None,
+    existing: Annotated[bool, typer.Option("--existing", help="First every live entity (as CREATED).")] = False,
+    since: Annotated[int | None, typer.Option("--since", min=0, metavar="SEQ",
+                                              help="Resume after this seq: every entity changed since, then live.")] = None,
+    components: Annotated[str | None, typer.Option(
+        "--components", "-c", metavar="KEY,...", help="Only these component keys (comma-separated).")] = None,
+    count: Annotated[int | None, typer.Option("--count", "-n", min=1, help="Stop after N events.")] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", min=0.0, metavar="S",
+                                                  help="Stop after S seconds (exit 0).")] = None,
+    min_interval: Annotated[float, typer.Option("--min-interval", min=0.0, metavar="S",
+                                                help="At most one event per entity per S seconds.")] = 0.0,
+    store: StoreOpt = DEFAULT_ADDR,
+    json_out: JsonOpt = False,
+) -> None:
+    """Print the store's changes as they happen (Ctrl-C to stop). Each event carries
+    its seq: pass the last one to --since to resume without a gap."""
+    import grpc
+
+    from meshstore.pb import store_pb2, store_pb2_grpc
+
+    keys = [k.strip() for k in components.split(",") if k.strip()] if components else []
+    if components is not None and not keys:
+        raise CliError("--components needs at least one component key", EXIT_USAGE)
+    request = store_pb2.WatchEntitiesRequest(
+        type_filter=_type_value(type_), include_existing=existing, components=keys,
+        min_interval_ms=int(round(min_interval * 1000)))
+    if since is not None:
+        request.since_seq = since
+    out = None if json_out else console()
+    seen = 0
+    with channel(store) as ch:
+        call = store_pb2_grpc.EntityStoreServiceStub(ch).WatchEntities(
+            request, timeout=timeout if timeout else None, wait_for_ready=False)
+        interrupted = False
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            # Cancel the call rather than raise inside grpc's wait: the stream then ends
+            # at once, however busy the machine, and we report the interrupt below.
+            nonlocal interrupted
+            interrupted = True
+            call.cancel()
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            with rpc_errors(store, "WatchEntities", timeout):
+                try:
+                    for ev in call:
+                        if ev.type == store_pb2.EVENT_TYPE_HEARTBEAT:
+                            continue
+                        _show_event(ev, out)
+                        seen += 1
+                        if count is not None and seen >= count:
+                            break
+                except grpc.RpcError as err:
+                    if interrupted:
+                        raise KeyboardInterrupt from None
+                    if timeout and err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        return  # --timeout elapsed: a normal end
+                    raise
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            call.cancel()
+
+
+def register(app: typer.Typer) -> None:
+    """Adds list, get, watch, approve and deny to ``app``."""
+    app.command("list")(list_cmd)
+    app.command("get")(get_cmd)
+    app.command("approve")(approve_cmd)
+    app.command("deny")(deny_cmd)
+    app.command("watch")(watch_cmd)

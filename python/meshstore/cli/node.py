@@ -1,0 +1,163 @@
+"""The node commands: ``meshstore serve`` runs a node (``meshstore.node.Node``) until
+SIGINT/SIGTERM; ``meshstore stats`` shows a running node's counters and health.
+
+    meshstore serve --port 50051 [--peer HOST:PORT ...]
+                                            run a store, a mesh node with peers (Ctrl-C / SIGTERM: graceful stop)
+    meshstore stats                         the store's counters and health
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any
+
+import typer
+
+from meshstore.cli.common import (
+    DEFAULT_ADDR,
+    EXIT_USAGE,
+    CliError,
+    DeadlineOpt,
+    JsonOpt,
+    LogJsonOpt,
+    LogLevelOpt,
+    StoreOpt,
+    channel,
+    console,
+    print_json,
+    rpc_errors,
+    setup_logs,
+)
+
+__all__ = ["register"]
+
+
+def _number(value: float) -> int | float:
+    return int(value) if math.isfinite(value) and value == int(value) else value
+
+
+def stats_cmd(
+    store: StoreOpt = DEFAULT_ADDR,
+    json_out: JsonOpt = False,
+    deadline: DeadlineOpt = 5.0,
+) -> None:
+    """Show the store's counters (entities, tombstones, seq, writes, watchers...) and health."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from meshstore.pb import store_pb2, store_pb2_grpc
+
+    with channel(store) as ch:
+        with rpc_errors(store, "GetStats", deadline):
+            resp = store_pb2_grpc.EntityStoreServiceStub(ch).GetStats(
+                store_pb2.GetStatsRequest(), timeout=deadline, wait_for_ready=False)
+        with rpc_errors(store, "the health check", deadline):
+            health = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=deadline, wait_for_ready=False)
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(health.status)
+    values = {key: _number(resp.values[key]) for key in sorted(resp.values)}
+    if json_out:
+        print_json({"node_id": resp.node_id, "health": status, "values": values})
+        return
+    from rich.table import Table
+
+    table = Table(title=f"store {resp.node_id} at {store}: {status}", title_justify="left")
+    table.add_column("STAT")
+    table.add_column("VALUE", justify="right")
+    links: dict[str, dict[str, int | float]] = {}
+    for key, value in values.items():
+        if key.startswith("peer."):  # peer.<address>.<counter>
+            address, _, counter = key.removeprefix("peer.").rpartition(".")
+            links.setdefault(address, {})[counter] = value
+        else:
+            table.add_row(key, f"{value:,}" if isinstance(value, int) else f"{value:,.3f}")
+    out = console()
+    out.print(table)
+    if links:
+        columns = ("connected", "sent_states", "sent_bytes", "acked_seq", "lag", "pending", "coalesced",
+                   "deferred", "retries", "full_syncs")
+        peers = Table(title="mesh peers (this node's relay)", title_justify="left")
+        peers.add_column("PEER")
+        for column in columns:
+            peers.add_column(column.upper(), justify="right")
+        for address, link in sorted(links.items()):
+            peers.add_row(address, *(f"{link.get(c, 0):,}" for c in columns))
+        out.print(peers)
+
+
+def serve_cmd(
+    port: Annotated[int, typer.Option("--port", "-p", envvar="MESHSTORE_PORT", show_envvar=True, min=0, max=65535,
+                                      help="Port to listen on (0: any free port, logged at startup).")] = 50051,
+    host: Annotated[str, typer.Option("--host", envvar="MESHSTORE_HOST", show_envvar=True,
+                                      help="Interface to bind (0.0.0.0 or :: for every interface).")] = "127.0.0.1",
+    node_id: Annotated[str | None, typer.Option("--node-id", envvar="MESHSTORE_NODE_ID", show_envvar=True,
+                                                help="This store's node id (default: hostname-random).")] = None,
+    peer_expiry: Annotated[float, typer.Option(
+        "--peer-expiry", envvar="MESHSTORE_PEER_EXPIRY", show_envvar=True, metavar="S",
+        help="Seconds of silence after which a peer no longer holds back forgetting deleted entities "
+             "(it rejoins with a full exchange if it returns).")] = 86400.0,
+    max_message_bytes: Annotated[int, typer.Option(
+        "--max-message-bytes", envvar="MESHSTORE_MAX_MESSAGE_BYTES", show_envvar=True,
+        help="Largest gRPC message accepted; bigger ones get RESOURCE_EXHAUSTED.")] = 4 * 1024 * 1024,
+    max_entity_bytes: Annotated[int, typer.Option(
+        "--max-entity-bytes", envvar="MESHSTORE_MAX_ENTITY_BYTES", show_envvar=True,
+        help="Largest entity the store accepts (INVALID_ARGUMENT beyond).")] = 1 << 20,
+    grace: Annotated[float, typer.Option("--grace", envvar="MESHSTORE_GRACE", min=0.0, metavar="S",
+                                         help="Seconds in-flight calls get to finish at shutdown.")] = 5.0,
+    log_level: LogLevelOpt = "info",
+    log_json: LogJsonOpt = False,
+    peers: Annotated[list[str] | None, typer.Option(
+        "--peer", envvar="MESHSTORE_PEERS", show_envvar=True, metavar="HOST:PORT",
+        help="Another node to replicate to (repeat for each; the env var takes a space-separated list). "
+             "Every node of a mesh needs its own --node-id.")] = None,
+    bandwidth_bps: Annotated[float | None, typer.Option(
+        "--mesh-bandwidth-bps", envvar="MESH_BANDWIDTH_BPS", show_envvar=True, min=0.0, metavar="BYTES",
+        help="Bytes/s each peer link may send (0: unlimited). DELETE and HIGH-threat changes bypass it; "
+             "the rest waits, coalesced to the latest state per entity, and is sent by priority.")] = None,
+    burst_bytes: Annotated[float | None, typer.Option(
+        "--mesh-burst-bytes", envvar="MESH_BURST_BYTES", show_envvar=True, min=0.0, metavar="BYTES",
+        help="Burst of each peer link's budget (0: one second of bandwidth, at least 64 KiB).")] = None,
+) -> None:
+    """Run a store server (gRPC store.v1.EntityStoreService and mesh.v1.MeshService,
+    health, reflection) until SIGINT or SIGTERM, then shut down gracefully (open watch
+    streams are ended). With --peer it is a mesh node: it pushes its changes to every
+    peer and merges theirs. Logs go to stderr; the first line says
+    `listening address=HOST:PORT node_id=N`."""
+    setup_logs(log_level, log_json)
+
+    from meshstore.node import NodeOptions, run_node
+    from meshstore.options import StoreOptions
+
+    overrides: dict[str, Any] = {"peer_expiry": peer_expiry, "max_entity_bytes": max_entity_bytes}
+    if node_id is not None:
+        overrides["node_id"] = node_id
+    try:
+        store_options = StoreOptions(**overrides)
+    except (TypeError, ValueError) as exc:
+        raise CliError(f"invalid store option: {exc}", EXIT_USAGE) from None
+    if max_message_bytes < 1024:
+        raise CliError(f"--max-message-bytes must be at least 1024, got {max_message_bytes}", EXIT_USAGE)
+    try:
+        options = NodeOptions(host=host, port=port, max_message_bytes=max_message_bytes, grace=grace,
+                              peers=_peer_list(peers), bandwidth_bps=bandwidth_bps, burst_bytes=burst_bytes)
+    except (TypeError, ValueError) as exc:
+        raise CliError(f"invalid option: {exc}", EXIT_USAGE) from None
+    try:
+        run_node(options, store=store_options)  # the node makes the store and closes it
+    except OSError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _peer_list(peers: list[str] | None) -> list[str]:
+    """Peer addresses, each checked to be HOST:PORT."""
+    found = [p for raw in peers or [] for p in raw.replace(",", " ").split()]
+    for peer in found:
+        host, _, port = peer.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise CliError(f"--peer must be HOST:PORT, got {peer!r}", EXIT_USAGE)
+    return found
+
+
+def register(app: typer.Typer) -> None:
+    """Adds stats and serve to ``app``."""
+    app.command("stats")(stats_cmd)
+    app.command("serve")(serve_cmd)

@@ -1,0 +1,328 @@
+"""A node: the one place that composes a store, its gRPC server and its mesh relay.
+
+    async with Node(NodeOptions(port=50051, peers=["10.0.0.2:50051"]),
+                    store=StoreOptions(node_id="a")) as node:
+        ... node.address, node.store, node.relay, node.stats() ...
+
+A :class:`Node` holds
+
+- a :class:`~meshstore.store.Store`: the one given (left open at the end: its owner
+  closes it) or one made from the given :class:`~meshstore.options.StoreOptions` (closed
+  by :meth:`Node.stop`);
+- a gRPC server (:class:`~meshstore.grpc.server.GrpcServer`) on ``host:port`` serving
+  ``store.v1.EntityStoreService``, the mesh receiver ``mesh.v1.MeshService``
+  (:class:`~meshstore.mesh.receiver.MeshServicer`: peers push their changes to it), the
+  standard health service and (``reflection``) server reflection;
+- with ``peers``, a :class:`~meshstore.mesh.relay.Relay` pushing the store's changes to
+  each peer within the bandwidth budget. A mesh whose addresses are known only once
+  every node listens (port 0) starts its relays later with :meth:`Node.start_relay`; a
+  relay someone else runs can be attached with :meth:`Node.attach_relay`.
+
+One lifecycle: ``await node.start()`` (OSError if the address cannot be bound), then
+``await node.drain(grace)``: health NOT_SERVING, open watch, publish and mesh streams
+ended, no new calls, in-flight calls get ``grace`` seconds, then the relay stops; then
+``await node.stop()`` (drains first if that was not done, closes the store if the node
+made it). ``async with`` starts and stops. :meth:`Node.run_until_signal` (and
+:func:`run_node`, which is ``meshstore serve``) runs one until SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from meshstore.grpc.server import DEFAULT_MAX_MESSAGE_BYTES, GrpcServer, check_listen_options
+from meshstore.logs import event as log_event
+from meshstore.mesh.protocol import SERVICE_NAME as MESH_SERVICE_NAME
+from meshstore.mesh.receiver import MeshServicer
+from meshstore.mesh.relay import Relay
+from meshstore.options import StoreOptions
+from meshstore.store import Store
+from meshstore.validate import is_number
+
+__all__ = ["Node", "NodeOptions", "run_node"]
+
+log = logging.getLogger("meshstore.node")
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeOptions:
+    """How a node listens and whom it replicates to.
+
+    - ``host``, ``port``: the address to listen on (port 0: any free port, see ``Node.port``);
+    - ``max_message_bytes``: the largest gRPC message accepted (bigger: RESOURCE_EXHAUSTED);
+    - ``peers``: ``host:port`` of the nodes this one pushes its changes to (none: no relay);
+    - ``bandwidth_bps``, ``burst_bytes``: each peer link's budget (None: the
+      ``MESH_BANDWIDTH_BPS`` / ``MESH_BURST_BYTES`` environment, else unlimited);
+    - ``grace``: seconds in-flight calls get at shutdown (``drain``'s default);
+    - ``reflection``: offer gRPC server reflection;
+    - ``relay_options``: further keyword arguments of the node's ``Relay`` (batch size,
+      backoff, intervals, ``channel_factory``...).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    peers: Sequence[str] = ()
+    bandwidth_bps: float | None = None
+    burst_bytes: float | None = None
+    grace: float = 5.0
+    reflection: bool = True
+    relay_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str):
+            raise TypeError(f"host must be a str, got {type(self.host).__name__}")
+        check_listen_options(self.port, self.max_message_bytes)
+        if isinstance(self.peers, str) or not all(isinstance(p, str) and p.strip() for p in self.peers):
+            raise ValueError(f"peers must be a list of 'host:port' strings, got {self.peers!r}")
+        peers = tuple(p.strip() for p in self.peers)
+        if len(set(peers)) != len(peers):
+            raise ValueError(f"peers has duplicates: {list(peers)!r}")
+        object.__setattr__(self, "peers", peers)
+        if not is_number(self.grace) or self.grace < 0:
+            raise ValueError(f"grace must be a number >= 0, got {self.grace!r}")
+        object.__setattr__(self, "relay_options", dict(self.relay_options))
+
+
+class Node:
+    """A store, its gRPC server and (with peers) its mesh relay, with one lifecycle.
+
+    ``Node(options=None, store=None, **overrides)``: ``options`` a :class:`NodeOptions`
+    (``overrides`` replace its fields: ``Node(port=0, peers=[...])``); ``store`` an
+    existing :class:`Store` (the caller keeps it and closes it), or
+    :class:`StoreOptions` / None for a store the node makes and closes."""
+
+    def __init__(self, options: NodeOptions | None = None, store: Store | StoreOptions | None = None,
+                 **overrides: Any) -> None:
+        if options is None:
+            options = NodeOptions(**overrides)
+        elif not isinstance(options, NodeOptions):
+            raise TypeError(f"options must be NodeOptions, got {type(options).__name__}")
+        elif overrides:
+            options = dataclasses.replace(options, **overrides)
+        self.options = options
+        if isinstance(store, Store):
+            self._owns_store = False
+        elif store is None or isinstance(store, StoreOptions):
+            store = Store(store)
+            self._owns_store = True
+        else:
+            raise TypeError(f"store must be a Store or StoreOptions, got {type(store).__name__}")
+        self.store: Store = store
+        try:
+            #: The receiving side of the mesh (served by the node's gRPC server).
+            self.receiver = MeshServicer(store)
+            self._relay: Relay | None = None
+            self._owns_relay = False
+            if options.peers:
+                self._relay = self._make_relay(options.peers)
+                self._owns_relay = True
+                self.receiver.relay = self._relay
+        except BaseException:
+            if self._owns_store:
+                store.close()
+            raise
+        self._server: GrpcServer | None = None
+        self._state = "new"  # -> "started" -> "drained" -> "stopped"
+
+    # ---- what it holds --------------------------------------------------------------------
+
+    @property
+    def relay(self) -> Relay | None:
+        """The relay pushing to the peers (None: no peers)."""
+        return self._relay
+
+    @property
+    def server(self) -> GrpcServer:
+        """The gRPC server (once started)."""
+        if self._server is None:
+            raise RuntimeError("the node has not started")
+        return self._server
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the bound one when ``options.port`` is 0)."""
+        return self.server.port
+
+    @property
+    def address(self) -> str:
+        """``host:port`` to dial."""
+        return self.server.address
+
+    @property
+    def running(self) -> bool:
+        return self._state == "started"
+
+    def stats(self) -> dict[str, Any]:
+        """The store's counters, the server's, the mesh receiver's and (with a relay) its
+        per-peer links."""
+        return {
+            "node_id": self.store.node_id,
+            "address": self.address if self._server is not None else None,
+            "store": self.store.stats(),
+            "server": self._server.stats() if self._server is not None else {},
+            "mesh": self.receiver.stats(),
+            "relay": self._relay.stats() if self._relay is not None else None,
+        }
+
+    def _stats_values(self) -> dict[str, float]:
+        """What GetStats adds to the store's counters: the mesh receiver's totals and each
+        relay link's numbers, flattened as ``mesh.<counter>`` and ``peer.<address>.<counter>``."""
+        values: dict[str, float] = {}
+        mesh = self.receiver.stats()
+        for key in ("streams_open", "refused_self", "refused_invalid", "rejected_states"):
+            values[f"mesh.{key}"] = float(mesh[key])
+        if self._relay is not None:
+            for address, link in self._relay.stats()["peers"].items():
+                for key, value in link.items():
+                    if isinstance(value, (bool, int, float)):
+                        values[f"peer.{address}.{key}"] = float(value)
+        return values
+
+    # ---- the relay ------------------------------------------------------------------------
+
+    def _make_relay(self, peers: Sequence[str]) -> Relay:
+        o = self.options
+        return Relay(self.store, list(peers), bandwidth_bps=o.bandwidth_bps, burst_bytes=o.burst_bytes,
+                     **o.relay_options)
+
+    async def start_relay(self, peers: Sequence[str]) -> Relay:
+        """Starts a relay to ``peers`` on a started node without one (for a mesh whose
+        addresses are known only once every node listens). The node stops it."""
+        if self._relay is not None:
+            raise RuntimeError(f"node {self.store.node_id} already has a relay")
+        if self._state != "started":
+            raise RuntimeError("start_relay needs a started node")
+        relay = self._make_relay(peers)
+        self._relay, self._owns_relay = relay, True
+        self.receiver.relay = relay
+        await relay.start()
+        return relay
+
+    def attach_relay(self, relay: Relay | None) -> None:
+        """Uses a relay run by someone else (who starts and stops it) as this node's sending
+        side: the receiver asks it which peers must resync, GetStats reports its links.
+        None detaches it."""
+        if self._owns_relay:
+            raise RuntimeError(f"node {self.store.node_id} runs its own relay")
+        if relay is not None and relay.store is not self.store:
+            raise ValueError("the relay must be over the node's store")
+        self._relay = relay
+        self.receiver.relay = relay
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> Node:
+        """Starts listening, then the relay. OSError if the address cannot be bound (the
+        node is then stopped). Idempotent while running."""
+        if self._state == "started":
+            return self
+        if self._state != "new":
+            raise RuntimeError("a stopped node cannot start again: make a new one")
+        o = self.options
+        server = GrpcServer(self.store, o.host, o.port, o.max_message_bytes, reflection=o.reflection,
+                            extra_stats=self._stats_values)
+        server.add_service(MESH_SERVICE_NAME, self.receiver.add_to_server)
+        try:
+            await server.start()
+        except BaseException:
+            self._state = "stopped"
+            self._close_store()
+            raise
+        self._server = server
+        self._state = "started"
+        log_event(log, logging.INFO, "listening", address=self.address, node_id=self.store.node_id,
+                  max_message_bytes=o.max_message_bytes,
+                  peers=",".join(self._relay.peers) if self._relay is not None else "none", pid=os.getpid())
+        if self._relay is not None and self._owns_relay:
+            await self._relay.start()
+        return self
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Graceful shutdown of the serving side: health NOT_SERVING, open watch streams
+        ended (UNAVAILABLE with their resume cursor), open publish streams answered with
+        their summary, open mesh streams ended, no new calls; in-flight calls get
+        ``grace`` seconds (default ``options.grace``); then the relay stops. The store
+        stays open. Idempotent."""
+        if self._state != "started":
+            return
+        self._state = "drained"
+        grace = self.options.grace if grace is None else grace
+        server = self.server
+        await server.begin_shutdown()
+        self.receiver.close_streams()
+        await server.stop(grace)
+        if self._relay is not None and self._owns_relay:
+            await self._relay.stop()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drains (``grace`` as there) if that was not done, then closes the store if the
+        node made it. Idempotent."""
+        if self._state == "stopped":
+            return
+        if self._state == "started":
+            await self.drain(grace)
+        self._state = "stopped"
+        self._close_store()
+        log_event(log, logging.INFO, "stopped", address=self.address if self._server else None,
+                  node_id=self.store.node_id)
+
+    def _close_store(self) -> None:
+        if self._owns_store:
+            self.store.close()
+
+    async def __aenter__(self) -> Node:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def run_until_signal(self, stop: asyncio.Event | None = None) -> None:
+        """Starts the node (if it is not running), serves until SIGINT/SIGTERM (or ``stop``
+        is set), then drains within ``options.grace`` and stops. A second signal stops at
+        once, without waiting out the grace period."""
+        loop = asyncio.get_running_loop()
+        stop = stop or asyncio.Event()
+        received: list[str] = []
+
+        def on_signal(sig: signal.Signals) -> None:
+            received.append(sig.name)
+            if stop.is_set() and self._server is not None:  # a second signal: do not wait out the grace period
+                log_event(log, logging.WARNING, "second signal: stopping now", signal=sig.name)
+                loop.create_task(self._server.stop_now())
+            stop.set()
+
+        installed = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, on_signal, sig)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+                pass
+        try:
+            await self.start()
+            await stop.wait()
+            log_event(log, logging.INFO, "shutting down", signal=received[0] if received else "none",
+                      watch_streams=self.server.servicer.open_streams, grace_s=self.options.grace)
+            await self.drain()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await self.stop(0)
+
+
+def run_node(options: NodeOptions | None = None, store: Store | StoreOptions | None = None,
+             **overrides: Any) -> None:
+    """Blocks running a node (``Node(options, store, **overrides)``) until SIGINT/SIGTERM:
+    ``meshstore serve``. A store given as a Store is left open."""
+
+    async def main() -> None:
+        await Node(options, store, **overrides).run_until_signal()
+
+    asyncio.run(main())
