@@ -59,7 +59,7 @@ def served(tmp: pathlib.Path) -> Iterator[str]:
     log_path = tmp / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHSTORE_")}
     with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "meshstore.cli", "serve", "--port", "0", "--node-id", "b4"],
+        proc = subprocess.Popen([sys.executable, "-m", "meshstore.cli", "serve", "--port", "0", "--node-id", "b4", "--in-memory"],
                                 stdout=subprocess.DEVNULL, stderr=log, env=env)
         try:
             deadline = time.monotonic() + 30

@@ -58,7 +58,11 @@ pub type Result<T> = std::result::Result<T, StorageError>;
 
 fn sql<'a>(what: &str, path: &'a Path) -> impl Fn(rusqlite::Error) -> StorageError + 'a {
     let what = what.to_owned();
-    move |e| StorageError(format!("{what} {}: {e}", path.display()))
+    move |e| {
+        let corrupt = matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase));
+        let advice = if corrupt { " (the file is corrupt: restore it from a backup)" } else { "" };
+        StorageError(format!("{what} {}: {e}{advice}", path.display()))
+    }
 }
 
 /// u64 values (counters, seqs) are stored as SQLite's signed 64-bit integers, bit for bit.
@@ -323,7 +327,7 @@ fn recognise(conn: &Connection, db: &Path) -> Result<bool> {
             rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::NotADatabase => {
                 StorageError(format!("{} is not an SQLite database (corrupt or foreign file)", db.display()))
             }
-            e => StorageError(format!("cannot read {}: {e}", db.display())),
+            e => sql("cannot read", db)(e),
         })
     };
     let (app, version) = (pragma("application_id")?, pragma("user_version")?);

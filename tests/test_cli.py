@@ -7,14 +7,17 @@ The server is started with ``--port 0`` and tells its bound address on stderr
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import pathlib
 import re
 import signal
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -43,9 +46,14 @@ def wait_for(predicate: Callable[[], Any], timeout: float = TIMEOUT, what: str =
 
 
 def cli_env(addr: str | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a CLI subprocess: no inherited MESHSTORE_ settings, and a data
+    dir of its own (a server started with it is durable, as by default, and never shares
+    its dir with another test's)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHSTORE_")}
     env["PYTHONUNBUFFERED"] = "1"
     env["COLUMNS"] = "200"
+    env["MESHSTORE_DATA_DIR"] = data_dir = tempfile.mkdtemp(prefix="meshstore-cli-data-")
+    atexit.register(shutil.rmtree, data_dir, ignore_errors=True)
     if addr is not None:
         env["MESHSTORE_ADDR"] = addr
     env.update(extra)

@@ -3,7 +3,7 @@ and no modules import each other in a circle.
 
 Layers, bottom to top (python/meshstore/):
 
-    store     store, options, errors, components, validate, watcher, eventloop, logs, pb/
+    store     store, storage, options, errors, components, validate, watcher, eventloop, logs, pb/
     grpc      grpc/   (server, client, status)      } siblings: the mesh may use
     mesh      mesh/   (relay, receiver, budget,     } grpc.status; grpc never
                        protocol)                    } imports the mesh
@@ -32,7 +32,7 @@ SOURCE = Path(__file__).resolve().parent.parent / "python" / PACKAGE
 LAYERS: list[tuple[str, int, tuple[str, ...]]] = [
     ("store", 0, ("meshstore", "meshstore._core", "meshstore.store", "meshstore.options", "meshstore.errors",
                   "meshstore.components", "meshstore.validate", "meshstore.watcher", "meshstore.eventloop",
-                  "meshstore.logs", "meshstore.pb")),
+                  "meshstore.logs", "meshstore.pb", "meshstore.storage")),
     ("grpc", 1, ("meshstore.grpc",)),
     ("mesh", 1, ("meshstore.mesh",)),
     ("node", 2, ("meshstore.node",)),

@@ -237,9 +237,12 @@ class Node:
             raise
         self._server = server
         self._state = "started"
+        storage = self.store.storage
+        kept = (dict(data_dir=storage.path, durability=storage.durability, entities_loaded=storage.loaded)
+                if storage is not None else dict(data_dir="none (in memory)"))
         log_event(log, logging.INFO, "listening", address=self.address, node_id=self.store.node_id,
                   max_message_bytes=o.max_message_bytes,
-                  peers=",".join(self._relay.peers) if self._relay is not None else "none", pid=os.getpid())
+                  peers=",".join(self._relay.peers) if self._relay is not None else "none", **kept, pid=os.getpid())
         if self._relay is not None and self._owns_relay:
             await self._relay.start()
         return self

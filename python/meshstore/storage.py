@@ -57,7 +57,7 @@ class Storage:
         fields = dict(data_dir=self.path, node_id=core.node_id, entities=self.loaded, durability=mode,
                       incarnation=f"{core.incarnation:016x}")
         if self.clean:
-            log_event(log, logging.INFO, "storage opened", **fields)
+            log_event(log, logging.DEBUG, "storage opened", **fields)
         else:
             # The counter of the last run may have gone past what was committed: this run
             # takes a new incarnation so it never issues one of those dots again.
@@ -147,7 +147,7 @@ class Storage:
             waiters, self._waiters = self._waiters, []
         for _, _, loop, future in waiters:
             loop.call_soon_threadsafe(_settle, future, StorageError("the store closed before the write was durable"))
-        log_event(log, logging.INFO, "storage closed", data_dir=self.path, seq=self._core.seq)
+        log_event(log, logging.DEBUG, "storage closed", data_dir=self.path, seq=self._core.seq)
 
     def stats(self) -> dict[str, Any]:
         window = self.commit_interval * 1000 if self.durability == "interval" else 0.0

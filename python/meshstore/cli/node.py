@@ -9,9 +9,11 @@ SIGINT/SIGTERM; ``meshstore stats`` shows a running node's counters and health.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
+
+from meshstore.errors import StorageError
 
 from meshstore.cli.common import (
     DEFAULT_ADDR,
@@ -30,6 +32,8 @@ from meshstore.cli.common import (
 )
 
 __all__ = ["register"]
+
+Durability = Literal["commit", "interval", "memory"]
 
 
 def _number(value: float) -> int | float:
@@ -109,6 +113,21 @@ def serve_cmd(
         "--peer", envvar="MESHSTORE_PEERS", show_envvar=True, metavar="HOST:PORT",
         help="Another node to replicate to (repeat for each; the env var takes a space-separated list). "
              "Every node of a mesh needs its own --node-id.")] = None,
+    data_dir: Annotated[str, typer.Option(
+        "--data-dir", envvar="MESHSTORE_DATA_DIR", show_envvar=True, metavar="DIR",
+        help="Where the node keeps its state (SQLite, created if needed): loaded at start, every "
+             "change committed to it.")] = "./meshstore-data",
+    in_memory: Annotated[bool, typer.Option(
+        "--in-memory", envvar="MESHSTORE_IN_MEMORY", show_envvar=True,
+        help="Keep nothing on disk (the state is gone when the process ends).")] = False,
+    durability: Annotated[Durability, typer.Option(
+        "--durability", envvar="MESHSTORE_DURABILITY", show_envvar=True, case_sensitive=False,
+        help="commit: a write is acknowledged once on disk (group commits); interval: committed every "
+             "--commit-interval ms (a crash loses at most that window, reported in stats); memory: "
+             "same as --in-memory.")] = "commit",
+    commit_interval_ms: Annotated[float, typer.Option(
+        "--commit-interval", envvar="MESHSTORE_COMMIT_INTERVAL", show_envvar=True, min=1.0, metavar="MS",
+        help="Milliseconds between commits with --durability interval.")] = 100.0,
     bandwidth_bps: Annotated[float | None, typer.Option(
         "--mesh-bandwidth-bps", envvar="MESH_BANDWIDTH_BPS", show_envvar=True, min=0.0, metavar="BYTES",
         help="Bytes/s each peer link may send (0: unlimited). DELETE and HIGH-threat changes bypass it; "
@@ -130,6 +149,8 @@ def serve_cmd(
     overrides: dict[str, Any] = {"peer_expiry": peer_expiry, "max_entity_bytes": max_entity_bytes}
     if node_id is not None:
         overrides["node_id"] = node_id
+    if not in_memory and durability != "memory":
+        overrides.update(path=data_dir, durability=str(durability), commit_interval=commit_interval_ms / 1000)
     try:
         store_options = StoreOptions(**overrides)
     except (TypeError, ValueError) as exc:
@@ -143,7 +164,7 @@ def serve_cmd(
         raise CliError(f"invalid option: {exc}", EXIT_USAGE) from None
     try:
         run_node(options, store=store_options)  # the node makes the store and closes it
-    except OSError as exc:
+    except (OSError, StorageError) as exc:
         raise CliError(str(exc)) from None
 
 

@@ -135,6 +135,18 @@ def _rpc(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]
     return handler
 
 
+def _write(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """``_rpc`` for a call that changes the store: answered only once the change is as
+    durable as the store promises (``Store.durable``: on disk with ``commit``)."""
+    @functools.wraps(method)
+    async def durable(self: EntityStoreServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        response = await method(self, request, context)
+        await self.store.durable()
+        return response
+
+    return _rpc(durable)
+
+
 def _entity_of(request: Any) -> entity_pb2.Entity:
     if not request.HasField("entity"):
         raise RpcFailure(_C.INVALID_ARGUMENT, "request has no entity")
@@ -266,7 +278,7 @@ class EntityStoreServicer:
 
     # ---- unary RPCs ----------------------------------------------------------------
 
-    @_rpc
+    @_write
     async def CreateEntity(self, request: store_pb2.CreateEntityRequest, context: Any) -> entity_pb2.Entity:
         return self.store.create(_entity_of(request))
 
@@ -278,29 +290,29 @@ class EntityStoreServicer:
     async def ListEntities(self, request: store_pb2.ListEntitiesRequest, context: Any) -> store_pb2.ListEntitiesResponse:
         return store_pb2.ListEntitiesResponse(entities=self.store.list(request.type_filter))
 
-    @_rpc
+    @_write
     async def UpdateEntity(self, request: store_pb2.UpdateEntityRequest, context: Any) -> entity_pb2.Entity:
         result = self.store.update(_entity_of(request), strict=request.strict)
         keys = store_pb2.UpdateResult(applied=result.applied, stale=result.stale, unchanged=result.unchanged)
         context.set_trailing_metadata(((UPDATE_RESULT_TRAILER, keys.SerializeToString()),))
         return result.entity
 
-    @_rpc
+    @_write
     async def UpdateEntityDetailed(self, request: store_pb2.UpdateEntityRequest, context: Any) -> store_pb2.UpdateResult:
         result = self.store.update(_entity_of(request), strict=request.strict)
         return store_pb2.UpdateResult(entity=result.entity, applied=result.applied, stale=result.stale,
                                       unchanged=result.unchanged)
 
-    @_rpc
+    @_write
     async def DeleteEntity(self, request: store_pb2.DeleteEntityRequest, context: Any) -> empty_pb2.Empty:
         self.store.delete(request.id)
         return empty_pb2.Empty()
 
-    @_rpc
+    @_write
     async def ApproveAction(self, request: store_pb2.ApproveActionRequest, context: Any) -> entity_pb2.Entity:
         return self._decide(request.entity_id, entity_pb2.APPROVAL_STATE_APPROVED)
 
-    @_rpc
+    @_write
     async def DenyAction(self, request: store_pb2.DenyActionRequest, context: Any) -> entity_pb2.Entity:
         return self._decide(request.entity_id, entity_pb2.APPROVAL_STATE_DENIED)
 
@@ -396,7 +408,7 @@ class EntityStoreServicer:
         why = "server shutting down" if self._closing else "watch closed by the server"
         raise RpcFailure(_C.UNAVAILABLE, f"{why}; resume with since_seq={cursor}")
 
-    @_rpc
+    @_write
     async def PublishEntities(self, requests: AsyncIterator[bytes], context: Any) -> store_pb2.PublishSummary:
         # Read with context.read(), not `async for` over `requests`: measured ~1.5x
         # faster per message (benches/bench_grpc.py).

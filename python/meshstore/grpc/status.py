@@ -19,6 +19,7 @@ Client side: :func:`error_from_rpc` is the meshstore error a failed call stands 
     CursorExpiredError                OUT_OF_RANGE
     InvalidEntityError, ValueError,   INVALID_ARGUMENT
     TypeError
+    StorageError                      UNAVAILABLE (a full or failing disk)
     anything else (a bug)             INTERNAL
     ================================  ==================
 """
@@ -35,6 +36,7 @@ from meshstore.errors import (
     MeshstoreError,
     NotFoundError,
     StaleWriteError,
+    StorageError,
 )
 
 __all__ = [
@@ -75,6 +77,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return _C.OUT_OF_RANGE, message
     if isinstance(exc, (InvalidEntityError, ValueError, TypeError)):
         return _C.INVALID_ARGUMENT, message
+    if isinstance(exc, StorageError):  # a full or failing disk: retry later, elsewhere
+        return _C.UNAVAILABLE, message
     # A bug (ours or the core's, e.g. a Rust panic): say so without the internals.
     return _C.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
 

@@ -38,7 +38,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from meshstore.errors import MeshstoreError
+from meshstore.errors import MeshstoreError, StorageError
 from meshstore.logs import event as _log_event
 from meshstore.mesh.protocol import SERVICE_NAME, summary_entries, summary_of
 from meshstore.pb import mesh_pb2
@@ -205,6 +205,10 @@ class MeshServicer:
                     try:
                         if merge(state, source=sender):
                             changed += 1
+                    except StorageError as exc:
+                        # Not the state's fault: no ack, so the sender keeps it and retries.
+                        await self._refuse(context, grpc.StatusCode.UNAVAILABLE, str(exc), peer=sender)
+                        return
                     except BaseException as exc:  # noqa: BLE001 - one bad state must not end the stream
                         if isinstance(exc, _NOT_REFUSALS):
                             raise
@@ -237,6 +241,11 @@ class MeshServicer:
                 peer.last_seq = batch.last_seq
                 peer.last_seen = time.time()
                 self.rejected_states += rejected
+                try:
+                    await self.store.durable()  # an ack lets the sender forget deletes: only once on disk
+                except StorageError as exc:
+                    await self._refuse(context, grpc.StatusCode.UNAVAILABLE, str(exc), peer=sender)
+                    return
                 yield mesh_pb2.PushResponse(ack=mesh_pb2.Ack(
                     seq=batch.last_seq, rejected=rejected, changed=changed,
                     first_error=first_error[:500])).SerializeToString()

@@ -244,6 +244,13 @@ class Relay:
         self._rng = random.Random(seed)
         self._clock = clock
         self._peers = [_Peer(address, self.budget, clock) for address in peers]
+        # A restarted node resumes each peer where it acknowledged (kept in the data dir),
+        # as long as the peer is still the same node and incarnation (see _session).
+        stored = {address: (node_id, incarnation, acked) for address, node_id, incarnation, acked in store.peer_acks()}
+        for peer in self._peers:
+            if peer.address in stored:
+                peer.node_id, peer.incarnation, peer.acked = stored[peer.address]
+                peer.acked_once = True
         self._tasks: list[asyncio.Task] = []
         self._watcher = None
         self._running = False
@@ -576,6 +583,7 @@ class Relay:
                 raise RelayError(f"peer acknowledged seq {ack.seq}, expected {expected}")
             if ack.seq > peer.acked:
                 peer.acked = ack.seq
+                self.store.note_peer_ack(peer.address, peer.node_id, peer.incarnation or 0, peer.acked)
             peer.acked_once = True
             peer.last_ack = self._clock()
             peer.peer_changed += ack.changed
