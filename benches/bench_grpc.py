@@ -54,12 +54,14 @@ def only_when_benchmarking(request: pytest.FixtureRequest) -> None:
 
 
 @contextlib.contextmanager
-def served(tmp: pathlib.Path) -> Iterator[str]:
-    """``meshstore serve --port 0`` in a subprocess; yields its address."""
+def served(tmp: pathlib.Path, *serve_args: str) -> Iterator[str]:
+    """``meshstore serve --port 0`` in a subprocess (in memory unless ``serve_args`` say
+    otherwise); yields its address."""
     log_path = tmp / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHSTORE_")}
     with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "meshstore.cli", "serve", "--port", "0", "--node-id", "b4", "--in-memory"],
+        proc = subprocess.Popen([sys.executable, "-m", "meshstore.cli", "serve", "--port", "0", "--node-id", "b4",
+                                 *(serve_args or ("--in-memory",))],
                                 stdout=subprocess.DEVNULL, stderr=log, env=env)
         try:
             deadline = time.monotonic() + 30
