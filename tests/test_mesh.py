@@ -722,7 +722,12 @@ def test_randomized_partitions_heals_and_conflicting_writes_converge():
 
             try:
                 await eventually(converged, timeout=40, interval=0.1, what=f"convergence (seed {seed})")
-            except AssertionError:  # say which entities differ, and how
+            except AssertionError:  # say which entities differ, and how, and where each link stands
+                for n in names:
+                    print(n, "seq", c[n].store.seq, "summary", c[n].store.context_summary(), file=sys.stderr)
+                    for address, link in c[n].relay.stats()["peers"].items():
+                        print(f"  {n} -> {address}", link, file=sys.stderr)
+                    print(f"  {n} receiver", c[n].server.receiver.stats() if c[n].server else None, file=sys.stderr)
                 for entity_id in ids:
                     found = [s.replica_state(entity_id) for s in c.stores()]
                     if len({f[0] if f else None for f in found}) > 1:
