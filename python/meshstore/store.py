@@ -279,7 +279,7 @@ class Store:
     def stats(self) -> dict[str, Any]:
         stats = dict(self._core.stats())
         if self.storage is not None:
-            stats.update(self.storage.stats())
+            stats.update(self.storage.stats(stats))
         return stats
 
     def note_peer_ack(self, peer: str, node_id: str, incarnation: int, acked_seq: int) -> None:
