@@ -546,7 +546,11 @@ impl Core {
                 let msg = format!("data dir {dir} belongs to node '{}', not '{}'", s.meta.node_id, t.node().as_str());
                 return Err(Error::Storage(msg));
             }
-            let loaded = t.persist(stored.as_ref()).map_err(|e| Error::Storage(format!("data dir {dir}: {e}")))?;
+            t.persist(stored.as_ref()).map_err(|e| Error::Storage(format!("data dir {dir}: {e}")))?;
+            let mut loaded = 0;
+            if stored.is_some() {
+                storage.each_state(|bytes, seq| t.restore(bytes, seq).map(|_| loaded += 1)).map_err(|e| Error::Storage(e.0))?;
+            }
             storage.begin(&t.node_state(), &mode).map_err(|e| Error::Storage(e.0))?;
             let (clean, previous, acks) = stored.map_or((true, String::new(), vec![]), |s| (s.clean, s.durability, s.peer_acks));
             let _ = self.durable.set(Durable::new(storage, t.seq(), acks, max_pending, mode));
@@ -670,7 +674,7 @@ fn stored_node_id(py: Python<'_>, dir: &str) -> PyResult<Option<String>> {
     if !db.is_file() {
         return Ok(None);
     }
-    py.allow_threads(|| storage::read(Path::new(dir)))
+    py.allow_threads(|| storage::read_node_state(Path::new(dir)))
         .map(|s| Some(s.meta.node_id))
         .map_err(|e| py_err(py, Error::Storage(e.0)))
 }
@@ -683,13 +687,13 @@ fn read_data_dir<'py>(
     py: Python<'py>,
     dir: &str,
 ) -> PyResult<(Bound<'py, PyDict>, bool, Vec<(String, u64, u64)>, Vec<(Bound<'py, PyBytes>, u64)>)> {
-    let s = py.allow_threads(|| storage::read(Path::new(dir))).map_err(|e| py_err(py, Error::Storage(e.0)))?;
+    let (s, states) = py.allow_threads(|| storage::read(Path::new(dir))).map_err(|e| py_err(py, Error::Storage(e.0)))?;
     let meta = PyDict::new(py);
     meta.set_item("node_id", &s.meta.node_id)?;
     meta.set_item("incarnation", s.meta.incarnation)?;
     meta.set_item("counter", s.meta.counter)?;
     meta.set_item("seq", s.meta.seq)?;
-    let states = s.states.iter().map(|(b, seq)| (PyBytes::new(py, b), *seq)).collect();
+    let states = states.iter().map(|(b, seq)| (PyBytes::new(py, b), *seq)).collect();
     Ok((meta, s.clean, s.context, states))
 }
 

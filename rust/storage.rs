@@ -108,8 +108,6 @@ pub struct Stored {
     /// How the last run committed (`commit`, `interval:<ms>`): says what a crash may have lost.
     pub durability: String,
     pub context: Vec<(String, u64, u64)>,
-    /// (replica state bytes, change seq), in seq order.
-    pub states: Vec<(Vec<u8>, u64)>,
     pub peer_acks: Vec<PeerAck>,
 }
 
@@ -223,6 +221,12 @@ impl Storage {
         self.conn.close().map_err(|(_, e)| StorageError(format!("cannot close {}: {e}", db.display())))
     }
 
+    /// Calls `f` with every stored entity state and its change seq (streamed: a million
+    /// states are never all in memory as bytes at once). Stops at `f`'s first error.
+    pub fn each_state(&self, f: impl FnMut(&[u8], u64) -> std::result::Result<(), String>) -> Result<()> {
+        each_state(&self.conn, &self.dir.join(DB_FILE), f)
+    }
+
     /// Bytes the data dir's database takes on disk (WAL included).
     pub fn size_bytes(&self) -> u64 {
         size_bytes(&self.dir)
@@ -233,38 +237,64 @@ pub fn size_bytes(dir: &Path) -> u64 {
     ["", "-wal"].iter().filter_map(|s| std::fs::metadata(dir.join(format!("{DB_FILE}{s}"))).ok()).map(|m| m.len()).sum()
 }
 
+fn each_state(conn: &Connection, db: &Path, mut f: impl FnMut(&[u8], u64) -> std::result::Result<(), String>) -> Result<()> {
+    let mut q = conn.prepare("SELECT state, seq FROM entities").map_err(sql("cannot read", db))?;
+    let mut rows = q.query([]).map_err(sql("cannot read", db))?;
+    while let Some(row) = rows.next().map_err(sql("cannot load (corrupt?)", db))? {
+        let state = row.get_ref(0).and_then(|v| v.as_blob().map_err(Into::into)).map_err(sql("cannot load", db))?;
+        let seq = from_sql(row.get(1).map_err(sql("cannot load", db))?);
+        f(state, seq).map_err(|m| StorageError(format!("{}: {m}", db.display())))?;
+    }
+    Ok(())
+}
+
 /// Reads a data dir without taking its lock (a running node may hold it): what an
-/// export needs. The read is one transaction, so it sees one commit.
-pub fn read(dir: &Path) -> Result<Stored> {
+/// export needs. The read is one transaction, so it sees one commit. Returns what
+/// `open` would load and every entity state with its change seq.
+pub fn read(dir: &Path) -> Result<(Stored, Vec<(Vec<u8>, u64)>)> {
+    let (conn, db) = open_read_only(dir)?;
+    let stored = load(&conn, &db)?;
+    let mut states = Vec::new();
+    each_state(&conn, &db, |b, seq| {
+        states.push((b.to_vec(), seq));
+        Ok(())
+    })?;
+    Ok((stored, states))
+}
+
+/// Copies a data dir's database to `dest` with SQLite's online backup, in one step so the
+/// copy is one consistent commit even while the node writes. Returns the pages copied.
+pub fn backup(dir: &Path, dest: &Path) -> Result<u64> {
+    if dest.exists() {
+        return Err(StorageError(format!("{} exists; not overwriting it", dest.display())));
+    }
+    let (src, db) = open_read_only(dir)?;
+    let mut out = Connection::open(dest).map_err(sql("cannot create", dest))?;
+    let copy = rusqlite::backup::Backup::new(&src, &mut out).map_err(sql("cannot back up", &db))?;
+    copy.step(-1).map_err(sql("cannot back up", &db))?;
+    let pages = copy.progress().pagecount as u64;
+    drop(copy);
+    // The copy is a database file of its own, out of WAL mode. It keeps the source's
+    // `clean` flag: a copy of a running node restores with a new incarnation.
+    out.execute_batch("PRAGMA journal_mode = DELETE;").map_err(sql("cannot finish", dest))?;
+    Ok(pages)
+}
+
+/// What `read` gives without the entity states (the node's identity and position).
+pub fn read_node_state(dir: &Path) -> Result<Stored> {
+    let (conn, db) = open_read_only(dir)?;
+    load(&conn, &db)
+}
+
+/// A read-only connection inside one read transaction, on a recognised database.
+fn open_read_only(dir: &Path) -> Result<(Connection, PathBuf)> {
     let db = existing_db(dir)?;
     let conn = Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(sql("cannot open", &db))?;
     if !recognise(&conn, &db)? {
         return Err(StorageError(format!("{} is not a meshstore data file", db.display())));
     }
     conn.execute_batch("BEGIN").map_err(sql("cannot read", &db))?;
-    load(&conn, &db)
-}
-
-/// Copies a data dir's database to `dest` with SQLite's online backup, in one step so the
-/// copy is one consistent commit even while the node writes. Returns the pages copied.
-pub fn backup(dir: &Path, dest: &Path) -> Result<u64> {
-    let db = existing_db(dir)?;
-    if dest.exists() {
-        return Err(StorageError(format!("{} exists; not overwriting it", dest.display())));
-    }
-    let src = Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(sql("cannot open", &db))?;
-    if !recognise(&src, &db)? {
-        return Err(StorageError(format!("{} is not a meshstore data file", db.display())));
-    }
-    let mut out = Connection::open(dest).map_err(sql("cannot create", dest))?;
-    let copy = rusqlite::backup::Backup::new(&src, &mut out).map_err(sql("cannot back up", &db))?;
-    copy.step(-1).map_err(sql("cannot back up", &db))?;
-    let pages = copy.progress().pagecount as u64;
-    drop(copy);
-    // The copy is a database file of its own: leave it out of WAL mode, and marked
-    // clean only if the source was (a restore must know what it restores).
-    out.execute_batch("PRAGMA journal_mode = DELETE;").map_err(sql("cannot finish", dest))?;
-    Ok(pages)
+    Ok((conn, db))
 }
 
 fn existing_db(dir: &Path) -> Result<PathBuf> {
@@ -379,10 +409,6 @@ fn load(conn: &Connection, db: &Path) -> Result<Stored> {
         let context = q
             .query_map([], |r| Ok((r.get::<_, String>(0)?, unhex(1, &r.get::<_, String>(1)?)?, from_sql(r.get(2)?))))?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        let mut q = conn.prepare("SELECT state, seq FROM entities ORDER BY seq")?;
-        let states = q
-            .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, from_sql(r.get(1)?))))?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
         let mut q = conn.prepare("SELECT peer, node_id, incarnation, acked_seq FROM peers")?;
         let peer_acks = q
             .query_map([], |r| {
@@ -394,7 +420,7 @@ fn load(conn: &Connection, db: &Path) -> Result<Stored> {
                 })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        Ok(Stored { meta, clean, durability, context, states, peer_acks })
+        Ok(Stored { meta, clean, durability, context, peer_acks })
     };
     let stored = read().map_err(sql("cannot load (corrupt?)", db))?;
     if stored.meta.node_id.is_empty() || stored.meta.incarnation == 0 {

@@ -775,17 +775,16 @@ impl Table {
     }
 
     /// Starts keeping what storage needs (forgotten entities, summary changes) and, with
-    /// `stored`, first loads a data dir's state into this still empty table: states,
-    /// summary, seq and floor; the dot counter only if the last run closed cleanly
-    /// (otherwise this table keeps its fresh incarnation, so no dot issued after the
-    /// last commit can be issued again). The caller checked the node id. Returns the
-    /// entities loaded; refuses a stored state the core would not accept from a peer.
-    pub fn persist(&mut self, stored: Option<&Stored>) -> Result<usize> {
+    /// `stored`, takes a data dir's node state into this still empty table: summary,
+    /// seq, floor; the dot counter only if the last run closed cleanly (otherwise this
+    /// table keeps its fresh incarnation, so no dot issued after the last commit can be
+    /// issued again). The caller checked the node id; the entities follow (`restore`).
+    pub fn persist(&mut self, stored: Option<&Stored>) -> Result<()> {
         if self.seq != 0 || !self.entities.is_empty() || self.persist.is_some() {
             return Err(Error::invalid(None, None, "storage must be attached to a new, empty store".into()));
         }
         self.persist = Some(Persist { summary_changed: true, ..Persist::default() });
-        let Some(stored) = stored else { return Ok(0) };
+        let Some(stored) = stored else { return Ok(()) };
         let m = &stored.meta;
         if stored.clean {
             self.opts.incarnation = m.incarnation;
@@ -793,32 +792,36 @@ impl Table {
         }
         self.seen = VersionVector::from_entries(stored.context.iter().map(|(n, i, c)| (intern(n), *i, *c)).collect());
         self.check_own_dots(&self.seen.clone()).map_err(|m| Error::invalid(None, None, format!("stored summary {m}")))?;
-        let wall = self.clock.wall_ns();
-        for (bytes, seq) in &stored.states {
-            let bad = |m: String| Error::invalid(None, None, format!("stored entity (seq {seq}): {m}"));
-            let e = decode_entity(bytes).map_err(|err| bad(format!("malformed: {err}")))?;
-            let mut state = state_from_replica(&e, &self.registry, None).map_err(|m| bad(format!("'{}': {m}", e.id)))?;
-            self.check_own_dots(&state.ctx).map_err(|m| bad(format!("'{}' {m}", e.id)))?;
-            if let Some(t) = state.max_stamp() {
-                // Our own stamps are never ahead of our clock: keep it monotonic across runs.
-                let _ = self.clock.update(t);
-            }
-            state.seq = *seq;
-            let before = state.expiry.filter(|_| state.is_alive());
-            let id = state.id.clone();
-            if !state.is_alive() {
-                self.dead.insert(id.clone(), wall);
-            }
-            self.log.insert(*seq, id.clone());
-            self.entities.insert(id.clone(), state);
-            if before.is_some() {
-                self.expiry_changes.push((id, before));
-            }
+        (self.seq, self.floor, self.replicating) = (m.seq, m.floor, m.replicating);
+        Ok(())
+    }
+
+    /// Loads one stored entity state (after `persist`), checked as a peer's state would be.
+    pub fn restore(&mut self, bytes: &[u8], seq: u64) -> std::result::Result<(), String> {
+        let e = decode_entity(bytes).map_err(|err| format!("stored entity (seq {seq}) is malformed: {err}"))?;
+        let bad = |m: String| format!("stored entity '{}' (seq {seq}): {m}", e.id);
+        let mut state = state_from_replica(&e, &self.registry, None).map_err(bad)?;
+        self.check_own_dots(&state.ctx).map_err(bad)?;
+        if self.entities.contains_key(e.id) || self.log.contains_key(&seq) {
+            return Err(bad("stored twice".into()));
         }
-        self.seq = m.seq.max(self.log.keys().next_back().copied().unwrap_or(0));
-        self.floor = m.floor;
-        self.replicating = m.replicating;
-        Ok(self.entities.len())
+        if let Some(t) = state.max_stamp() {
+            // Our own stamps are never ahead of our clock: keep it monotonic across runs.
+            let _ = self.clock.update(t);
+        }
+        state.seq = seq;
+        let id = state.id.clone();
+        if !state.is_alive() {
+            self.dead.insert(id.clone(), self.clock.wall_ns());
+        }
+        let expiry = state.expiry.filter(|_| state.is_alive());
+        self.log.insert(seq, id.clone());
+        self.entities.insert(id.clone(), state);
+        if expiry.is_some() {
+            self.expiry_changes.push((id, expiry));
+        }
+        self.seq = self.seq.max(seq);
+        Ok(())
     }
 
     /// What changed after `seq` (the last commit) for the next group commit: snapshots of

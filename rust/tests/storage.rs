@@ -36,7 +36,9 @@ fn put(t: &Mutex<Table>, id: &str, lat: f64) {
 fn open(dir: &Path, node: &str, fresh: u64) -> (Mutex<Table>, Durable, usize) {
     let (mut storage, stored) = Storage::open(dir).expect("open");
     let t = table(node, fresh);
-    let loaded = t.lock().persist(stored.as_ref()).expect("load");
+    t.lock().persist(stored.as_ref()).expect("load");
+    let mut loaded = 0;
+    storage.each_state(|b, seq| t.lock().restore(b, seq).map(|_| loaded += 1)).expect("load states");
     storage.begin(&t.lock().node_state(), "commit").expect("begin");
     let seq = t.lock().seq();
     let acks = stored.map(|s| s.peer_acks).unwrap_or_default();
@@ -104,9 +106,8 @@ fn forgotten_entities_leave_the_file_and_peer_acks_never_pass_the_committed_seq(
     d.note_peer_ack(storage::PeerAck { peer: "b:1".into(), node_id: "b".into(), incarnation: 5, acked_seq: seq + 10 });
     d.commit_pending(&t, Duration::ZERO).unwrap();
     drop((d, t));
-    let (_, stored) = Storage::open(&dir).unwrap();
-    let stored = stored.unwrap();
-    assert_eq!(stored.states.len(), 1);
+    let (stored, states) = storage::read(&dir).unwrap();
+    assert_eq!(states.len(), 1);
     assert_eq!(stored.peer_acks[0].acked_seq, seq, "clamped to what the file holds");
     assert_eq!(stored.meta.floor, stored.meta.seq, "a cursor before the forgotten delete (the last change) cannot resume");
 }
@@ -190,9 +191,8 @@ fn a_backup_taken_between_commits_holds_exactly_one_commit() {
     let restored = temp_dir("backup-restored");
     std::fs::create_dir_all(&restored).unwrap();
     std::fs::copy(&dest, restored.join(DB_FILE)).unwrap();
-    let (_, stored) = Storage::open(&restored).unwrap();
-    let stored = stored.unwrap();
-    assert_eq!(stored.states.len(), 100);
+    let (stored, states) = storage::read(&restored).unwrap();
+    assert_eq!(states.len(), 100);
     assert_eq!(stored.meta.seq, 100);
     assert!(!stored.clean, "a copy of a running node restores as after a crash: with a new incarnation");
     d.close(&t).unwrap();
