@@ -36,7 +36,7 @@ pub const LOCK_FILE: &str = "meshstore.lock";
 
 const SCHEMA: &str = "
     CREATE TABLE meta(key TEXT PRIMARY KEY, value ANY) STRICT, WITHOUT ROWID;
-    CREATE TABLE entities(id TEXT PRIMARY KEY, seq INTEGER NOT NULL, state BLOB NOT NULL) STRICT, WITHOUT ROWID;
+    CREATE TABLE entities(id TEXT PRIMARY KEY, seq INTEGER NOT NULL, state BLOB NOT NULL) STRICT;
     CREATE TABLE context(node TEXT NOT NULL, incarnation TEXT NOT NULL, counter INTEGER NOT NULL,
                          PRIMARY KEY(node, incarnation)) STRICT, WITHOUT ROWID;
     CREATE TABLE peers(peer TEXT PRIMARY KEY, node_id TEXT NOT NULL, incarnation TEXT NOT NULL,
@@ -188,7 +188,12 @@ impl Storage {
                 for id in &b.forgotten {
                     forget.execute([&**id])?;
                 }
-                let mut put = tx.prepare_cached("INSERT OR REPLACE INTO entities(id, seq, state) VALUES (?1, ?2, ?3)")?;
+                // An upsert rewrites the row in place (measured 1.4x faster than INSERT OR
+                // REPLACE, and a rowid table 2x faster than WITHOUT ROWID for ~700-byte rows).
+                let mut put = tx.prepare_cached(
+                    "INSERT INTO entities(id, seq, state) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, state = excluded.state",
+                )?;
                 for (id, seq, state) in &b.states {
                     put.execute(params![&**id, to_sql(*seq), state])?;
                 }
@@ -383,7 +388,10 @@ fn recognise(conn: &Connection, db: &Path) -> Result<bool> {
 
 fn configure(conn: &Connection, db: &Path) -> Result<()> {
     // FULL: a commit is on disk (WAL synced) when it returns, which `commit` durability promises.
-    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;")
+    // 64 MiB of page cache: a group commit touches every changed entity's page.
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000; PRAGMA cache_size = -65536;",
+    )
         .map_err(sql("cannot configure", db))
 }
 

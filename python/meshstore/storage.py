@@ -66,6 +66,7 @@ class Storage:
                       may_be_lost="nothing acknowledged" if found["previous_durability"] == "commit"
                       else "writes of the last commit interval before the stop")
         self._stop = threading.Event()
+        self._commit_now = threading.Event()
         self._lock = threading.Lock()
         self._waiters: list[tuple[int, int, asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._order = itertools.count()
@@ -82,7 +83,9 @@ class Storage:
         while not self._stop.is_set():
             try:
                 if interval:
-                    self._stop.wait(self.commit_interval)
+                    # Woken early by stop, or by a sync() that wants its writes on disk now.
+                    self._commit_now.wait(self.commit_interval)
+                    self._commit_now.clear()
                 committed = self._core.commit_pending(0.0 if interval else 0.5)
             except StorageError as exc:
                 self._failed(str(exc))
@@ -129,7 +132,9 @@ class Storage:
         await future
 
     def sync(self, seq: int, timeout: float) -> bool:
-        """Blocks until change ``seq`` is on disk (True) or ``timeout`` passes (False)."""
+        """Commits now (whatever the durability) and blocks until change ``seq`` is on disk
+        (True) or ``timeout`` passes (False)."""
+        self._commit_now.set()
         return self._core.wait_committed(seq, timeout)
 
     def close(self) -> None:
@@ -139,6 +144,7 @@ class Storage:
         self._closed = True
         _open.discard(self)
         self._stop.set()
+        self._commit_now.set()
         self._core.wake_writer()
         self._thread.join()
         self._core.close_storage()
