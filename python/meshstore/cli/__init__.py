@@ -7,6 +7,9 @@
     meshstore watch [-t ...] [--existing] [--since SEQ] [--components k,...] [--count N] [--timeout S]
     meshstore approve ID / deny ID          decide an entity's pending approval
     meshstore stats                         the store's counters and health
+    meshstore backup DIR FILE               a consistent copy of a data dir (also of a running node's)
+    meshstore export DIR [--out FILE]       a data dir's entities as JSON lines (also a running node's)
+    meshstore import FILE DIR               merge an export into a data dir (not a running node's)
     meshstore demo                          the whole pipeline in one process
     meshstore sensor-sim | radar-sim | classifier | task-manager | fusion
                                             the pipeline's services, each against a store
@@ -18,8 +21,10 @@ for ``watch``). On failure they print ONE line to stderr and exit non-zero:
 130 interrupted (Ctrl-C).
 
 The commands live by group: ``meshstore.cli.entities`` (list, get, watch, approve,
-deny), ``meshstore.cli.node`` (serve, stats), ``meshstore.cli.services`` (sensor-sim,
-radar-sim, classifier, task-manager, fusion), ``meshstore.cli.demo`` (demo);
+deny), ``meshstore.cli.node`` (serve, stats), ``meshstore.cli.data`` (backup, export,
+import: offline tools on a data dir, exit 1 when it cannot be read or written),
+``meshstore.cli.services`` (sensor-sim, radar-sim, classifier, task-manager, fusion),
+``meshstore.cli.demo`` (demo);
 ``meshstore.cli.common`` holds what they share. This module builds the typer app and
 runs it (``run``, ``main``: the ``meshstore`` console script and
 ``python -m meshstore.cli``).
@@ -35,7 +40,7 @@ from typing import NoReturn
 import click
 import typer
 
-from meshstore.cli import demo, entities, node, services
+from meshstore.cli import data, demo, entities, node, services
 from meshstore.cli.common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_USAGE, CliError
 from meshstore.cli.entities import entity_dict
 
@@ -55,6 +60,7 @@ app = typer.Typer(
 
 entities.register(app)  # list, get, approve, deny, watch
 node.register(app)  # stats, serve
+data.register(app)  # backup, export, import
 services.register(app)  # sensor-sim, radar-sim, classifier, task-manager, fusion
 demo.register(app)  # demo
 

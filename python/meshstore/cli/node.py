@@ -64,6 +64,8 @@ def stats_cmd(
         return
     from rich.table import Table
 
+    from meshstore.cli.data import STORAGE_KEYS, storage_table
+
     table = Table(title=f"store {resp.node_id} at {store}: {status}", title_justify="left")
     table.add_column("STAT")
     table.add_column("VALUE", justify="right")
@@ -72,10 +74,11 @@ def stats_cmd(
         if key.startswith("peer."):  # peer.<address>.<counter>
             address, _, counter = key.removeprefix("peer.").rpartition(".")
             links.setdefault(address, {})[counter] = value
-        else:
+        elif key not in STORAGE_KEYS:  # shown in the storage table
             table.add_row(key, f"{value:,}" if isinstance(value, int) else f"{value:,.3f}")
     out = console()
     out.print(table)
+    out.print(storage_table(values))
     if links:
         columns = ("connected", "sent_states", "sent_bytes", "acked_seq", "lag", "pending", "coalesced",
                    "deferred", "retries", "full_syncs")
