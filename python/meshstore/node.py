@@ -289,14 +289,16 @@ class Node:
     async def run_until_signal(self, stop: asyncio.Event | None = None) -> None:
         """Starts the node (if it is not running), serves until SIGINT/SIGTERM (or ``stop``
         is set), then drains within ``options.grace`` and stops. A second signal stops at
-        once, without waiting out the grace period."""
+        once, without waiting out the grace period; the store is still closed (committed,
+        marked clean) before the process can be killed by a further signal."""
         loop = asyncio.get_running_loop()
         stop = stop or asyncio.Event()
         received: list[str] = []
 
         def on_signal(sig: signal.Signals) -> None:
             received.append(sig.name)
-            if stop.is_set() and self._server is not None:  # a second signal: do not wait out the grace period
+            if stop.is_set() and self._server is not None and self._state != "stopped":
+                # A second signal: do not wait out the grace period (the final commit still runs).
                 log_event(log, logging.WARNING, "second signal: stopping now", signal=sig.name)
                 loop.create_task(self._server.stop_now())
             stop.set()
@@ -315,9 +317,13 @@ class Node:
                       watch_streams=self.server.servicer.open_streams, grace_s=self.options.grace)
             await self.drain()
         finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
-            await self.stop(0)
+            # The handlers stay until the store is closed: a signal's default action now
+            # would kill the process before its final commit (an unclean stop).
+            try:
+                await self.stop(0)
+            finally:
+                for sig in installed:
+                    loop.remove_signal_handler(sig)
 
 
 def run_node(options: NodeOptions | None = None, store: Store | StoreOptions | None = None,
