@@ -279,9 +279,11 @@ pub fn backup(dir: &Path, dest: &Path) -> Result<u64> {
     copy.step(-1).map_err(sql("cannot back up", &db))?;
     let pages = copy.progress().pagecount as u64;
     drop(copy);
-    // The copy is a database file of its own, out of WAL mode. It keeps the source's
-    // `clean` flag: a copy of a running node restores with a new incarnation.
-    out.execute_batch("PRAGMA journal_mode = DELETE;").map_err(sql("cannot finish", dest))?;
+    // The copy is a database file of its own, out of WAL mode, and never "cleanly
+    // closed": the original may go on issuing dots after the copy, so a node restored
+    // from it takes a new incarnation rather than reuse them.
+    out.execute_batch("PRAGMA journal_mode = DELETE; UPDATE meta SET value = 0 WHERE key = 'clean';")
+        .map_err(sql("cannot finish", dest))?;
     Ok(pages)
 }
 

@@ -68,6 +68,19 @@ def _check_id(entity_id: Any) -> str:
     return entity_id
 
 
+def _expire(ref: weakref.ref, entity_id: str, when: tuple[int, int]) -> None:
+    """An expiry timer: deletes the entity if its expiry is still ``when`` (and the store
+    still open; a failing disk refuses the delete: it is retried with the next write of
+    the entity's expiry, and storage logs the failure)."""
+    store = ref()
+    if store is None or store._closed:
+        return
+    try:
+        store._core.expire(entity_id, when)
+    except StorageError:
+        pass
+
+
 class Store:
     """A replicated entity-component store (thread-safe).
 
@@ -84,6 +97,7 @@ class Store:
         self._loop: EventLoop = o.event_loop or default_loop()
         self._timer_prefix = ("meshstore.store", id(self))
         self._collection_manager: object | None = None
+        self._closed = False
         # Timers hold the store weakly, so an unclosed store can still be collected.
         ref = weakref.ref(self)
         self._core.set_expiry_hook(lambda changes: (s := ref()) and s._schedule_expiries(changes))
@@ -280,6 +294,7 @@ class Store:
         stats = dict(self._core.stats())
         if self.storage is not None:
             stats.update(self.storage.stats(stats))
+            stats["storage_failing"] = int(stats["storage_error"] is not None)
         return stats
 
     def note_peer_ack(self, peer: str, node_id: str, incarnation: int, acked_seq: int) -> None:
@@ -294,8 +309,8 @@ class Store:
     def close(self) -> None:
         """Cancels this store's timers (the shared loop keeps running) and, with a data
         dir, commits what is left and closes it cleanly; later writes are refused."""
-        for key in (self._timer("maintenance"),):
-            self._loop.cancel(key)
+        self._closed = True  # pending expiry timers find it closed and do nothing
+        self._loop.cancel(self._timer("maintenance"))
         self._core.set_expiry_hook(None)
         if self.storage is not None:
             self.storage.close()
@@ -316,16 +331,20 @@ class Store:
             if when is None:
                 self._loop.cancel(key)
             else:
-                self._loop.schedule(key, when[0] + when[1] / 1e9,
-                                    lambda i=entity_id, w=when: (s := ref()) and s._core.expire(i, w))
+                self._loop.schedule(key, when[0] + when[1] / 1e9, lambda i=entity_id, w=when: _expire(ref, i, w))
 
     def _schedule_maintenance(self, ref: weakref.ref) -> None:
         def maintain() -> None:
             store = ref()
             if store is None:
                 return
-            if store._collection_manager is None:
-                store._core.collect_tombstones(None)
+            if store._closed:
+                return
+            try:
+                if store._collection_manager is None:
+                    store._core.collect_tombstones(None)
+            except StorageError:
+                pass  # a failing disk: storage logs it and refuses writes; try again next pass
             store._schedule_maintenance(ref)
 
         self._loop.schedule(self._timer("maintenance"), time.time() + self.options.maintenance_interval, maintain)

@@ -7,12 +7,9 @@
 
 **Restore** a backup by putting FILE as ``NEWDIR/meshstore.db`` (NEWDIR empty or new) and
 starting the node on NEWDIR (``meshstore serve --data-dir NEWDIR``). It keeps the node id.
-A backup of a *running* node is a copy that was not cleanly closed, so the restored node
-starts a new incarnation (it cannot know which dots the original issued after the copy
-and never reuses one). A backup of a cleanly *stopped* node is clean: the restored node
-resumes that incarnation and dot counter, which is only right if the original did not
-run after the copy (otherwise start the restored copy under another ``--node-id``
-after an export/import, or keep the original).
+A node restored from a backup always starts a new incarnation (copies are never marked
+cleanly closed): the original may have issued dots after the copy, and a restored node
+must never issue one of them again.
 
 **Export** writes one JSON line per entity after a header line::
 
@@ -164,8 +161,8 @@ def backup_cmd(
     """Copy a data dir's database to FILE, consistently, even while a node runs on it.
 
     Restore: put FILE as NEWDIR/meshstore.db and run `meshstore serve --data-dir NEWDIR`.
-    A copy of a running node was not cleanly closed, so the restored node starts a new
-    incarnation (it never reuses a dot the original issued after the copy)."""
+    The restored node starts a new incarnation (it never reuses a dot the original may
+    have issued after the copy)."""
     from meshstore._core import backup_data_dir
 
     if not os.path.isfile(os.path.join(data_dir, DB_FILE)):
@@ -176,17 +173,16 @@ def backup_cmd(
         except _storage_error() as exc:
             raise CliError(str(exc)) from None
         # What the copy holds, read from the copy itself (the source moves on).
-        meta, clean, _, states = _read(os.path.dirname(staged))
+        meta, _, _, states = _read(os.path.dirname(staged))
         size = os.path.getsize(staged)
     alive = sum(_alive(_decode(state)) for state, _ in states)
     summary = {"data_dir": data_dir, "file": file, "node_id": meta["node_id"], "entities": len(states),
-               "alive": alive, "seq": meta["seq"], "bytes": size, "pages": pages, "clean": clean}
+               "alive": alive, "seq": meta["seq"], "bytes": size, "pages": pages}
     if json_out:
         print_json(summary)
         return
-    how = ("cleanly closed: a node restored from it resumes its incarnation" if clean else
-           "taken from a running node: a node restored from it starts a new incarnation")
-    print(f"backed up {data_dir} to {file}: {len(states):,} entities ({alive:,} alive), seq {meta['seq']:,}, {size:,} bytes (node {meta['node_id']}; {how})")
+    print(f"backed up {data_dir} to {file}: {len(states):,} entities ({alive:,} alive), seq {meta['seq']:,}, "
+          f"{size:,} bytes (node {meta['node_id']}; restored, it starts a new incarnation)")
     print(f"restore: put {file} as NEWDIR/{DB_FILE}, then `meshstore serve --data-dir NEWDIR`")
 
 
