@@ -18,6 +18,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 import weakref
 from typing import Any
 
@@ -80,12 +81,15 @@ class Storage:
 
     def _run(self) -> None:
         interval = self.durability == "interval"
+        due = time.monotonic()
         while not self._stop.is_set():
             try:
                 if interval:
-                    # Woken early by stop, or by a sync() that wants its writes on disk now.
-                    self._commit_now.wait(self.commit_interval)
+                    # Commits start every interval (a slow commit delays the next one, no
+                    # more); stop or a sync() that wants its writes on disk wake it early.
+                    self._commit_now.wait(max(0.0, due - time.monotonic()))
                     self._commit_now.clear()
+                    due = time.monotonic() + self.commit_interval
                 committed = self._core.commit_pending(0.0 if interval else 0.5)
             except StorageError as exc:
                 self._failed(str(exc))
