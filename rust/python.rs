@@ -549,6 +549,7 @@ impl Core {
             t.persist(stored.as_ref()).map_err(|e| Error::Storage(format!("data dir {dir}: {e}")))?;
             let mut loaded = 0;
             if stored.is_some() {
+                t.reserve(storage.entity_count().map_err(|e| Error::Storage(e.0))?);
                 storage.each_state(|bytes, seq| t.restore(bytes, seq).map(|_| loaded += 1)).map_err(|e| Error::Storage(e.0))?;
             }
             storage.begin(&t.node_state(), &mode).map_err(|e| Error::Storage(e.0))?;

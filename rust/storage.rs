@@ -232,6 +232,13 @@ impl Storage {
         each_state(&self.conn, &self.dir.join(DB_FILE), f)
     }
 
+    /// How many entity states the data dir holds.
+    pub fn entity_count(&self) -> Result<usize> {
+        let db = self.dir.join(DB_FILE);
+        let n: i64 = self.conn.query_row("SELECT count(*) FROM entities", [], |r| r.get(0)).map_err(sql("cannot read", &db))?;
+        Ok(n as usize)
+    }
+
     /// Bytes the data dir's database takes on disk (WAL included).
     pub fn size_bytes(&self) -> u64 {
         size_bytes(&self.dir)

@@ -796,27 +796,35 @@ impl Table {
         Ok(())
     }
 
+    /// Makes room for `n` more entities (a load knows how many it brings).
+    pub fn reserve(&mut self, n: usize) {
+        self.entities.reserve(n);
+    }
+
     /// Loads one stored entity state (after `persist`), checked as a peer's state would be.
     pub fn restore(&mut self, bytes: &[u8], seq: u64) -> std::result::Result<(), String> {
         let e = decode_entity(bytes).map_err(|err| format!("stored entity (seq {seq}) is malformed: {err}"))?;
         let bad = |m: String| format!("stored entity '{}' (seq {seq}): {m}", e.id);
         let mut state = state_from_replica(&e, &self.registry, None).map_err(bad)?;
         self.check_own_dots(&state.ctx).map_err(bad)?;
-        if self.entities.contains_key(e.id) || self.log.contains_key(&seq) {
-            return Err(bad("stored twice".into()));
-        }
         if let Some(t) = state.max_stamp() {
             // Our own stamps are never ahead of our clock: keep it monotonic across runs.
             let _ = self.clock.update(t);
         }
         state.seq = seq;
         let id = state.id.clone();
-        if !state.is_alive() {
+        let (alive, expiry) = (state.is_alive(), state.expiry.filter(|_| state.is_alive()));
+        // A duplicate id or seq means a damaged file; the load fails as a whole.
+        match self.entities.entry(id.clone()) {
+            std::collections::hash_map::Entry::Occupied(_) => return Err(bad("stored twice".into())),
+            std::collections::hash_map::Entry::Vacant(slot) => slot.insert(state),
+        };
+        if self.log.insert(seq, id.clone()).is_some() {
+            return Err(bad("shares its seq with another entity".into()));
+        }
+        if !alive {
             self.dead.insert(id.clone(), self.clock.wall_ns());
         }
-        let expiry = state.expiry.filter(|_| state.is_alive());
-        self.log.insert(seq, id.clone());
-        self.entities.insert(id.clone(), state);
         if expiry.is_some() {
             self.expiry_changes.push((id, expiry));
         }
