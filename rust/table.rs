@@ -128,7 +128,7 @@ struct Persist {
 pub struct Pending {
     pub meta: NodeState,
     /// Snapshots of the entities changed since, in seq order.
-    pub states: Vec<EntityState>,
+    pub states: Vec<Arc<EntityState>>,
     pub forgotten: Vec<Arc<str>>,
     /// The summary, if it changed since the last take.
     pub context: Option<VersionVector>,
@@ -157,7 +157,9 @@ pub struct Table {
     counter: u64,
     /// The store's context summary (module docs of `causal`).
     seen: VersionVector,
-    entities: AHashMap<Arc<str>, EntityState>,
+    /// Shared with snapshots (events, group commits): a write copies an entity only
+    /// while a snapshot of it is still held (`Arc::make_mut`).
+    entities: AHashMap<Arc<str>, Arc<EntityState>>,
     /// seq -> entity whose latest change has that seq.
     log: BTreeMap<u64, Arc<str>>,
     seq: u64,
@@ -338,7 +340,7 @@ impl Table {
         if !p.cells.iter().any(|c| matches!(c.base, Base::Stamp(_))) {
             return Ok(());
         }
-        let latest = self.entities.get(&p.id).and_then(EntityState::max_stamp);
+        let latest = self.entities.get(&p.id).and_then(|s| s.max_stamp());
         for c in &p.cells {
             if let Base::Stamp(t) = c.base {
                 if latest.is_none_or(|l| t > l) {
@@ -359,7 +361,7 @@ impl Table {
     fn apply(&mut self, p: Prepared, mode: WriteMode, strict: bool, check_size: bool) -> Result<WriteOutcome> {
         self.check_bases(&p)?;
         let stored = self.entities.get(&p.id);
-        let was_alive = stored.is_some_and(EntityState::is_alive);
+        let was_alive = stored.is_some_and(|s| s.is_alive());
         match mode {
             WriteMode::Create if was_alive => return Err(Error::AlreadyExists(p.id.to_string())),
             WriteMode::Update if !was_alive => return Err(Error::NotFound(p.id.to_string())),
@@ -407,7 +409,7 @@ impl Table {
         self.counters.stale_keys += stale.len() as u64;
         let registry = self.registry.clone();
         if !changed {
-            let snapshot = Arc::new(self.entities[&p.id].clone());
+            let snapshot = self.entities[&p.id].clone();
             return Ok(WriteOutcome { id: p.id, snapshot, registry, applied, stale, unchanged, created: false });
         }
         let needed = applied.len() as u64 + write_meta as u64;
@@ -430,7 +432,8 @@ impl Table {
             new_sibs.push(Sibling { key, type_url, ts, incarnation, counter, value: meta.to_bytes().into() });
         }
         let expiry_before = self.live_expiry(&p.id);
-        let state = self.entities.entry(p.id.clone()).or_insert_with(|| EntityState::new(p.id.clone(), ts.node));
+        let state =
+            Arc::make_mut(self.entities.entry(p.id.clone()).or_insert_with(|| Arc::new(EntityState::new(p.id.clone(), ts.node))));
         // Exactly the room the new values need: a vector doubling past five values would
         // cost a track hundreds of bytes of empty slots.
         let added = new_sibs.iter().filter(|s| state.key_range(s.key).is_empty()).count();
@@ -461,7 +464,7 @@ impl Table {
     /// never jumps). Fails only if no such stamp exists (a delete at the end of time).
     fn stamp_for(&mut self, id: &str) -> Result<Timestamp> {
         let state = self.entities.get(id);
-        let (Some(latest), Some(_)) = (state.and_then(EntityState::max_stamp), state.and_then(|s| s.deleted)) else {
+        let (Some(latest), Some(_)) = (state.and_then(|s| s.max_stamp()), state.and_then(|s| s.deleted)) else {
             return Ok(self.clock.now());
         };
         let ts = self.clock.now_after(latest);
@@ -535,7 +538,7 @@ impl Table {
         let expiry_before = self.live_expiry(&id);
         let counter = self.next_dot()?;
         let record = DeleteRecord { ts, incarnation: self.opts.incarnation, counter };
-        let state = self.entities.get_mut(&id).expect("checked above");
+        let state = Arc::make_mut(self.entities.get_mut(&id).expect("checked above"));
         state.sibs.clear();
         state.ctx.add(&record.dot());
         state.deleted = Some(record);
@@ -562,7 +565,8 @@ impl Table {
     /// Returns a snapshot of it if `snapshot` is asked for (or None).
     fn record(&mut self, id: &Arc<str>, kind: Option<EventKind>, snapshot: bool) -> Option<Arc<EntityState>> {
         self.seq = self.seq.saturating_add(1);
-        let state = self.entities.get_mut(id).expect("a recorded entity is stored");
+        let entry = self.entities.get_mut(id).expect("a recorded entity is stored");
+        let state = Arc::make_mut(entry);
         if state.seq != 0 {
             self.log.remove(&state.seq);
         }
@@ -572,7 +576,7 @@ impl Table {
         if !snapshot && emit.is_none() {
             return None;
         }
-        let snap = Arc::new(state.clone());
+        let snap = entry.clone();
         if let Some(kind) = emit {
             self.emit(&snap, kind);
         }
@@ -603,6 +607,7 @@ impl Table {
         let mut alive: Vec<&EntityState> = self
             .entities
             .values()
+            .map(|s| &**s)
             .filter(|s| s.is_alive() && (type_filter == 0 || s.shown_type() == type_filter))
             .collect();
         alive.sort_unstable_by(|a, b| a.id.cmp(&b.id));
@@ -699,7 +704,7 @@ impl Table {
         let wall = self.clock.wall_ns();
         let mut fresh = None;
         let state = match self.entities.get_mut(&remote.id) {
-            Some(s) => s,
+            Some(s) => Arc::make_mut(s),
             None => fresh.insert(EntityState::new(remote.id.clone(), remote.source)),
         };
         let (was_alive, expiry_before) = (state.is_alive(), state.expiry.filter(|_| state.is_alive()));
@@ -727,7 +732,7 @@ impl Table {
         state.source = if remote_lacks { node } else { remote.source };
         let is_alive = state.is_alive();
         if let Some(s) = fresh {
-            self.entities.insert(s.id.clone(), s);
+            self.entities.insert(s.id.clone(), Arc::new(s));
         }
         self.counters.merges_changed += 1;
         let kind = match (was_alive, is_alive) {
@@ -817,7 +822,7 @@ impl Table {
         // A duplicate id or seq means a damaged file; the load fails as a whole.
         match self.entities.entry(id.clone()) {
             std::collections::hash_map::Entry::Occupied(_) => return Err(bad("stored twice".into())),
-            std::collections::hash_map::Entry::Vacant(slot) => slot.insert(state),
+            std::collections::hash_map::Entry::Vacant(slot) => slot.insert(Arc::new(state)),
         };
         if self.log.insert(seq, id.clone()).is_some() {
             return Err(bad("shares its seq with another entity".into()));
@@ -933,7 +938,7 @@ impl Table {
                     (false, false) => continue,
                 };
                 if w.matches(s.shown_type()) {
-                    w.push(event_for(&w, &Arc::new(s.clone()), kind, &self.registry));
+                    w.push(event_for(&w, s, kind, &self.registry));
                 }
             }
         }
