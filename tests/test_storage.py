@@ -406,6 +406,39 @@ def test_a_full_disk_refuses_writes_then_recovers_without_losing_what_was_synced
             assert not alive(again, "refused")
 
 
+# ---- backpressure --------------------------------------------------------------------------
+
+def test_a_writer_that_falls_behind_holds_writes_back_and_drops_none(tmp_path: pathlib.Path) -> None:
+    """With more than ``max_pending`` uncommitted changes, a write waits for the storage
+    writer (bounded backlog), and goes on once a commit catches up: nothing is dropped."""
+    bound, total = 50, 120
+    with Store(node_id="slow", path=tmp_path / "data", durability="interval", commit_interval=3600,
+               max_pending=bound) as store:
+        done: list[int] = []
+
+        def write_all() -> None:
+            for i in range(total):
+                store.put(track(f"w{i}", position=position(1.0, 1.0)))
+                done.append(i)
+
+        writer = threading.Thread(target=write_all)
+        writer.start()
+        # The interval is an hour: the writer thread commits nothing, so the writes stop
+        # one past the bound and stay there.
+        wait_for(lambda: len(done) == bound + 1, what="writes up to the bound")
+        time.sleep(0.5)
+        assert len(done) == bound + 1 and writer.is_alive()
+        assert store.stats()["pending_changes"] == bound + 1
+        store.sync()  # a commit now: the held write goes on, and the rest after more commits
+        while writer.is_alive():
+            store.sync()
+            writer.join(0.05)
+        assert len(done) == total and len(store.list()) == total
+        store.sync()
+        assert store.stats()["pending_changes"] == 0
+    assert len(stored_states(tmp_path / "data")) == total
+
+
 # ---- backup during ingest ---------------------------------------------------------------
 
 def test_a_backup_during_ingest_is_a_consistent_prefix(tmp_path: pathlib.Path) -> None:
