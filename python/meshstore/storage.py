@@ -95,6 +95,13 @@ class Storage:
                 self._failed(str(exc))
                 self._stop.wait(RETRY_INTERVAL)
                 continue
+            except BaseException as exc:  # noqa: BLE001 - a bug (a core panic): never leave waiters hanging
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
+                log.exception("storage writer failed unexpectedly; retrying")
+                self._failed(f"unexpected failure: {type(exc).__name__}: {exc}")
+                self._stop.wait(RETRY_INTERVAL)
+                continue
             if self._error:
                 log_event(log, logging.WARNING, "storage recovered", data_dir=self.path)
                 self._error = ""
