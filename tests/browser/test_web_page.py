@@ -58,7 +58,9 @@ class Store:
         self.channel.close()
 
 
-def eventually(check, timeout: float = 10.0, interval: float = 0.1, what: str = "condition"):
+def eventually(check, timeout: float = 10.0, interval: float = 0.1, what: str = "condition", page=None):
+    """Polls ``check`` until truthy. With ``page``, waits through it (Playwright's sync API
+    only runs route handlers and other callbacks while it is called)."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
@@ -66,7 +68,10 @@ def eventually(check, timeout: float = 10.0, interval: float = 0.1, what: str = 
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout}s (last: {value!r})")
-        time.sleep(interval)
+        if page is not None:
+            page.wait_for_timeout(interval * 1000)
+        else:
+            time.sleep(interval)
 
 
 def wait_js(page, expression: str, arg=None, timeout: int = WAIT_MS):
@@ -225,6 +230,7 @@ def test_a_high_track_is_pending_and_approve_decides_it(page, grpc_store, screen
     first = row.locator(".countdown").text_content()
     assert re.fullmatch(r"[01]:\d\d", first), first
     assert 40 <= int(first[0]) * 60 + int(first[2:]) <= 60
+    wait_js(page, "document.querySelector(\"#pending li[data-id='intruder-1'] .countdown\").textContent !== arg", first)
     # oldest request first
     ids = page.locator("#pending li[data-id]").evaluate_all("els => els.map(e => e.dataset.id)")
     requested = page.evaluate("(ids) => ids.map(id => Date.parse(meshstore.tracks.get(id).approval.requested_at))", ids)
@@ -381,6 +387,61 @@ def test_ten_thousand_tracks_at_one_hertz_stay_smooth(browser, pipeline, screens
         assert result["redraws"] >= 25, result  # every batch drawn (give or take a timer's slip)
         assert result["fps"] >= 15, result  # software rendering on a small VM; a real GPU does far better
         assert result["draw"] < 50 and result["apply"] < 50 and result["mainThread"] < 0.6, result
+    finally:
+        context.close()
+
+
+def test_the_feed_resumes_from_its_cursor_and_obeys_reset(browser, pipeline) -> None:
+    """The live feed's protocol, scripted by a route in a page of its own: a snapshot, a
+    stream that ends (the page reconnects with ?since=<its seq>), a batch, then `reset` +
+    a fresh snapshot that replaces everything the page held."""
+    track = lambda i, lat: {"id": i, "type": "TRACK", "position": {"lat": lat, "lon": 0.0, "alt": 0.0},  # noqa: E731
+                            "threat": "LOW", "source": {"sensor_id": "s", "sensor_type": "eo"}}
+    script = [
+        (None, "id: 100\nevent: snapshot\ndata: " + json.dumps({"seq": 100, "entities": [track("a", 50), track("b", 51)]})),
+        ("100", "id: 104\nevent: batch\ndata: " + json.dumps({"seq": 104, "events": [
+            {"type": "DELETED", "id": "a", "entity": None},
+            {"type": "CREATED", "id": "c", "entity": track("c", 52)},
+            {"type": "UPDATED", "id": "b", "entity": track("b", 51.5)}]})),
+        ("104", "event: reset\ndata: " + json.dumps({"reason": "cursor 104 is ahead of the store's seq 7", "seq": 7})
+         + "\n\nid: 7\nevent: snapshot\ndata: " + json.dumps({"seq": 7, "entities": [track("z", 49)]})),
+    ]
+    asked: list[str | None] = []
+    held: list = []  # the reconnection after the batch waits until the test has looked
+
+    def respond(route, step: int) -> None:
+        body = (script[step][1] if step < len(script) else ": heartbeat") + "\n\n"
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"},
+                      body=body)
+
+    def feed(route) -> None:
+        since = re.search(r"[?&]since=(\d+)", route.request.url)
+        asked.append(since and since.group(1))
+        if len(asked) == 3:
+            held.append(route)
+        else:
+            respond(route, len(asked) - 1)
+
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.route("**/api/events*", feed)
+        page.goto(pipeline.url, wait_until="load")
+        # snapshot, then (the stream ended) a resumed stream from seq 100 with one batch
+        wait_js(page, "meshstore.seq === 104 && meshstore.tracks.has('c') && !meshstore.tracks.has('a')")
+        assert page.evaluate("meshstore.tracks.get('b').position.lat") == 51.5
+        assert asked[:2] == [None, "100"]
+        # the stream ended again: the page says so and asks to resume from 104
+        wait_js(page, "document.querySelector('#status').dataset.state === 'reconnecting'")
+        eventually(lambda: len(held) == 1, what="a reconnection", page=page)
+        assert asked[2] == "104"
+        assert sorted(page.evaluate("[...meshstore.tracks.keys()]")) == ["b", "c"]
+        respond(held[0], 2)  # reset: the cursor means nothing here; a fresh snapshot follows
+        wait_js(page, "meshstore.seq === 7 && meshstore.tracks.has('z')")
+        assert sorted(page.evaluate("[...meshstore.tracks.keys()]")) == ["z"]
+        wait_js(page, "document.querySelector('#track-count').textContent === '1'")
+        eventually(lambda: len(asked) >= 4, what="a reconnection after the reset", page=page)
+        assert asked[3] == "7"
     finally:
         context.close()
 

@@ -416,7 +416,7 @@ function drawGraticule() {
     const y = Math.round(H / 2 - (lat - view.lat) * k) + 0.5;
     path.moveTo(0, y);
     path.lineTo(W, y);
-    if (y > 24) ctx.fillText(fmtDeg(lat, latStep, 'N', 'S'), 4, y - 2); // clear of the longitudes
+    if (y > 24 && y < H - 30) ctx.fillText(fmtDeg(lat, latStep, 'N', 'S'), 4, y - 2); // clear of the other labels
   }
   const lonStep = niceStep(kx, 90);
   ctx.textAlign = 'center';
@@ -426,7 +426,7 @@ function drawGraticule() {
     path.moveTo(x, 0);
     path.lineTo(x, H);
     const wrapped = ((((lon + 180) % 360) + 360) % 360) - 180;
-    ctx.fillText(fmtDeg(wrapped, lonStep, 'E', 'W'), x, 4);
+    if (x > 24 && x < W - 24) ctx.fillText(fmtDeg(wrapped, lonStep, 'E', 'W'), x, 4);
   }
   ctx.stroke(path);
 }
@@ -513,8 +513,7 @@ function draw() {
   const trailPaths = COLOURS.map(() => new Path2D());
   const links = new Path2D();
   const rings = new Path2D();
-  const labels = [];
-  const taken = new Set(); // label cells already used (no overlapping labels)
+  const labels = [[], []]; // [x, y, id, ...]: EO and other tracks first, then radar plots
   let minLat = Infinity, maxLat = -Infinity, minLon = Infinity, maxLon = -Infinity, n = 0;
   let sel = null;
   for (const [id, e] of tracks) {
@@ -559,9 +558,8 @@ function draw() {
       rings.arc(x, y, R + 4, 0, 2 * Math.PI);
     }
     if (id === selected) sel = [x, y];
-    if (onScreen <= LABEL_LIMIT && shape !== DIAMOND) {
-      const cell = `${Math.round((x + R + 5) / 70)},${Math.round((y + 8) / 13)}`;
-      if (!taken.has(cell)) { taken.add(cell); labels.push(x, y, id); }
+    if (onScreen <= LABEL_LIMIT && shape !== DIAMOND && id !== selected) {
+      labels[shape === SQUARE ? 1 : 0].push(x, y, id);
     }
   }
   ctx.lineWidth = 1;
@@ -588,12 +586,21 @@ function draw() {
   ctx.strokeStyle = COLOURS[3];
   ctx.lineWidth = 1.5;
   ctx.stroke(rings);
-  if (labels.length) {
+  if (labels[0].length || labels[1].length) {
     ctx.fillStyle = 'rgba(215, 222, 234, 0.75)';
     ctx.font = '10px system-ui, sans-serif';
     ctx.textAlign = 'left';
     ctx.textBaseline = 'middle';
-    for (let i = 0; i < labels.length; i += 3) ctx.fillText(labels[i + 2], labels[i] + R + 5, labels[i + 1] + 8);
+    const placed = []; // [x0, y0, x1, y1] of the labels drawn: labels never overlap
+    for (const list of labels) {
+      for (let i = 0; i < list.length; i += 3) {
+        const x = list[i] + R + 5, y = list[i + 1] + 8, text = list[i + 2];
+        const box = [x - 2, y - 7, x + ctx.measureText(text).width + 2, y + 7];
+        if (placed.some((b) => box[0] < b[2] && b[0] < box[2] && box[1] < b[3] && b[1] < box[3])) continue;
+        placed.push(box);
+        ctx.fillText(text, x, y);
+      }
+    }
   }
   if (sel) {
     ctx.strokeStyle = '#5aa9ff';
