@@ -5,7 +5,8 @@ pipeline as subprocesses, the page in Debian's chromium driven by Playwright.
   failure, not a skip: ``make test`` installs it (apt-get). No browser is ever downloaded
   (no ``playwright install``).
 - ``browser``: Playwright's chromium launched from that binary, headless, ``--no-sandbox``
-  (the tests run as root).
+  (the tests run as root); one per test module (Playwright's sync API keeps an asyncio
+  loop running on the main thread while it is open).
 - ``pipeline``: ``meshstore serve --port 0 --http-port 0 --data-dir <tmp>`` plus
   sensor-sim, radar-sim, classifier, task-manager and fusion against it; ``stop_node()``
   (SIGTERM) and ``start_node()`` again restart it on the same ports and data dir.
@@ -164,8 +165,10 @@ def chromium() -> str:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(chromium: str) -> Iterator:
+    # Module scope, not session: while Playwright's sync API runs, the main thread has a
+    # running asyncio loop, and the rest of the suite's asyncio.run() calls would fail.
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
