@@ -40,9 +40,8 @@ PENDING, APPROVED, DENIED = pb.APPROVAL_STATE_PENDING, pb.APPROVAL_STATE_APPROVE
 
 
 def ts(seconds: float) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
+    whole = math.floor(seconds)
+    return timestamp_pb2.Timestamp(seconds=whole, nanos=round((seconds - whole) * 1e9))
 
 
 def full_track(entity_id: str, requested_at: float = 1_800_000_000.0) -> pb.Entity:
@@ -120,7 +119,7 @@ class Feed:
 
     async def _read(self) -> None:
         event, data, ident = "message", [], None
-        async for raw in self.response.content:
+        while raw := await self.response.content.readline(max_line_length=1 << 30):  # a snapshot is one line
             line = raw.decode().rstrip("\n")
             if not line:
                 if data:

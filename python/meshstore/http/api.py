@@ -16,7 +16,11 @@ never changes state.
 
 The SSE feed (:meth:`Api.events`): one ``store.watch(..., min_interval=flush_interval)``
 per connection; every event ready is sent in one ``batch`` message (coalesced per
-entity), at most every ``flush_interval`` (0.1 s); a ``: heartbeat`` comment when idle for
+entity), at most every ``flush_interval`` (0.1 s), and never more often than leaves the
+feed a third of the loop (the pause after a batch is at least ``FEED_SHARE`` times the
+time it took to build, so heavy ingest is not starved: batches come less often and
+coalesce more); a big batch yields to the loop every ``YIELD_EVERY`` events; a
+``: heartbeat`` comment when idle for
 ``heartbeat`` seconds (15). The watcher is closed when the client goes away (the
 server runs with handler cancellation: the handler is cancelled on disconnect) or the
 server stops (:meth:`Api.close_streams`).
@@ -51,6 +55,13 @@ MAX_ID_BYTES = 1024
 _TYPES = {"track": pb.ENTITY_TYPE_TRACK, "asset": pb.ENTITY_TYPE_ASSET, "geo": pb.ENTITY_TYPE_GEO}
 _EVENT_NAMES = {1: "CREATED", 2: "UPDATED", 3: "DELETED"}
 _DELETED = 3
+#: A batch being built yields to the event loop after this many events.
+YIELD_EVERY = 500
+#: The pause after a batch is at least this many times the time it took to build (so
+#: the feed takes at most a third of the node's loop, however heavy the load).
+FEED_SHARE = 2.0
+#: ...but a client hears from the feed at least this often (seconds) while things change.
+MAX_PAUSE = 2.0
 
 
 def _dumps(obj: Any) -> str:
@@ -281,6 +292,7 @@ class Api:
         heartbeat, interval = self.heartbeat, self.flush_interval
         last_write = clock()
         last_flush = -interval
+        pause = interval
         while True:
             event = await watcher.aget(max(0.001, heartbeat - (clock() - last_write)))
             if event is None:
@@ -290,12 +302,22 @@ class Api:
                     await response.write(b": heartbeat\n\n")
                     last_write = clock()
                 continue
-            delay = last_flush + interval - clock()
-            if delay > 0:  # at most one batch per interval: what arrives meanwhile joins it
+            delay = last_flush + pause - clock()
+            if delay > 0:  # at most one batch per pause: what arrives meanwhile joins it
                 await asyncio.sleep(delay)
-            events = [event, *watcher.drain()]
-            seq, body = _batch(events)
-            await response.write(_message("batch", {"seq": seq, "events": body}, seq))
+            started = clock()
+            seq, latest = _coalesce([event, *watcher.drain()])
+            body = []
+            for i, (entity_id, kind, ev) in enumerate(latest, 1):
+                body.append({"type": _EVENT_NAMES.get(kind, str(kind)), "id": entity_id,
+                             "entity": None if kind == _DELETED else summary(ev.entity)})
+                if i % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # a big batch does not hold the loop (ingest, other clients)
+            message = _message("batch", {"seq": seq, "events": body}, seq)
+            # The feed takes at most 1 / (1 + FEED_SHARE) of the loop: under a load that
+            # makes batches slow to build, they come less often (and coalesce more).
+            pause = max(interval, min(MAX_PAUSE, (clock() - started) * FEED_SHARE))
+            await response.write(message)
             self.counters["sse_batches"] += 1
             self.counters["sse_events"] += len(body)
             last_flush = last_write = clock()
@@ -315,9 +337,10 @@ def _message(event: str, data: Any, seq: int | None = None) -> bytes:
     return f"{head}event: {event}\ndata: {_dumps(data)}\n\n".encode()
 
 
-def _batch(events: list[Any]) -> tuple[int, list[dict[str, Any]]]:
-    """The batch of ``events`` (in order), one per entity (its latest state; CREATED stays
-    CREATED through later updates), and the cursor after them."""
+def _coalesce(events: list[Any]) -> tuple[int, list[tuple[str, int, Any]]]:
+    """One (id, type, event) per entity of ``events`` (its latest; CREATED stays CREATED
+    through later updates), ordered by each entity's latest event, and the cursor after
+    them."""
     latest: dict[str, tuple[int, Any]] = {}
     for ev in events:
         kind = ev.type
@@ -325,8 +348,4 @@ def _batch(events: list[Any]) -> tuple[int, list[dict[str, Any]]]:
         if before is not None and before[0] == 1 and kind == 2:
             kind = 1
         latest[ev.entity_id] = (kind, ev)  # re-inserted: ordered by each entity's latest event
-    out = []
-    for entity_id, (kind, ev) in latest.items():
-        out.append({"type": _EVENT_NAMES.get(kind, str(kind)), "id": entity_id,
-                    "entity": None if kind == _DELETED else summary(ev.entity)})
-    return max(ev.seq for ev in events), out
+    return max(ev.seq for ev in events), [(entity_id, kind, ev) for entity_id, (kind, ev) in latest.items()]

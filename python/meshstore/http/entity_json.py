@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import math
 from typing import Any
 
@@ -56,22 +57,33 @@ def _num(value: float, digits: int | None = None) -> float | None:
     return round(value, digits) if digits is not None else value
 
 
+@functools.lru_cache(maxsize=4096)
+def _second(whole: int) -> str:
+    """``YYYY-MM-DDTHH:MM:SS`` of a Unix second (cached: a batch's times share a few)."""
+    return (_EPOCH + datetime.timedelta(seconds=whole)).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def _iso(whole: int, millis: int) -> str | None:
+    try:
+        return f"{_second(whole)}.{millis:03d}Z"
+    except OverflowError:
+        return None
+
+
 def iso(seconds: float | None) -> str | None:
     """Unix seconds as ISO 8601 UTC with milliseconds (``2026-12-02T10:00:00.123Z``)."""
     if seconds is None or not math.isfinite(seconds):
         return None
-    try:
-        when = _EPOCH + datetime.timedelta(seconds=seconds)
-    except OverflowError:
-        return None
-    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+    whole = math.floor(seconds)
+    return _iso(whole, min(999, int((seconds - whole) * 1000)))
 
 
 def _ts(ts: Any) -> str | None:
     """A protobuf Timestamp as ISO 8601 (None when unset)."""
-    if not ts.seconds and not ts.nanos:
+    seconds, nanos = ts.seconds, ts.nanos
+    if not seconds and not nanos:
         return None
-    return iso(ts.seconds + ts.nanos / 1e9)
+    return _iso(seconds, nanos // 1_000_000)
 
 
 def entity_type_name(value: int) -> str:
@@ -89,11 +101,19 @@ def _unpacked(entity: pb.Entity, key: str, message_class: type) -> Any:
     components = entity.components
     if key not in components:
         return None
+    return _parsed(components[key], message_class)
+
+
+def _parsed(packed: Any, message_class: type) -> Any:
+    """An Any's value as ``message_class``, None if it holds another type or does not parse."""
+    if packed.type_url.rpartition("/")[2] != message_class.DESCRIPTOR.full_name:
+        return None
     message = message_class()
     try:
-        return message if components[key].Unpack(message) else None
+        message.ParseFromString(packed.value)
     except DecodeError:
         return None
+    return message
 
 
 def _approval(approval: pb.ApprovalComponent) -> dict[str, Any]:
@@ -105,36 +125,51 @@ def _approval(approval: pb.ApprovalComponent) -> dict[str, Any]:
     }
 
 
+def _position(p: pb.PositionComponent) -> dict[str, Any] | None:
+    lat, lon = _num(p.lat), _num(p.lon)
+    return None if lat is None or lon is None else {"lat": lat, "lon": lon, "alt": _num(p.alt)}
+
+
+def _task(k: pb.TaskComponent) -> dict[str, Any]:
+    return {"task": k.state, "updated_at": _ts(k.updated_at) if k.HasField("updated_at") else None}
+
+
+def _fusion(f: pb.FusionComponent) -> dict[str, Any]:
+    return {"source_ids": list(f.source_ids), "fused_lat": _num(f.fused_lat), "fused_lon": _num(f.fused_lon),
+            "confidence": _num(f.confidence, 4)}
+
+
+#: The summary's component fields: key -> (message class, how it reads).
+_SUMMARY_FIELDS: dict[str, tuple[type, Any]] = {
+    POSITION: (pb.PositionComponent, _position),
+    VELOCITY: (pb.VelocityComponent, lambda v: {"speed": _num(v.speed), "heading": _num(v.heading)}),
+    THREAT: (pb.ThreatComponent, lambda t: _THREAT_NAMES.get(t.level)),
+    CLASSIFICATION: (pb.ClassificationComponent,
+                     lambda c: {"label": c.label, "confidence": _num(c.confidence, 4)}),
+    TASK: (pb.TaskComponent, _task),
+    APPROVAL: (pb.ApprovalComponent, _approval),
+    SOURCE: (pb.SourceComponent, lambda s: {"sensor_id": s.sensor_id, "sensor_type": s.sensor_type}),
+    FUSION: (pb.FusionComponent, _fusion),
+}
+
+
 def summary(entity: pb.Entity) -> dict[str, Any]:
-    """The summary view ``E`` (see docs/http.md)."""
-    p = _unpacked(entity, POSITION, pb.PositionComponent)
-    v = _unpacked(entity, VELOCITY, pb.VelocityComponent)
-    t = _unpacked(entity, THREAT, pb.ThreatComponent)
-    c = _unpacked(entity, CLASSIFICATION, pb.ClassificationComponent)
-    k = _unpacked(entity, TASK, pb.TaskComponent)
-    a = _unpacked(entity, APPROVAL, pb.ApprovalComponent)
-    s = _unpacked(entity, SOURCE, pb.SourceComponent)
-    f = _unpacked(entity, FUSION, pb.FusionComponent)
-    position = None
-    if p is not None and (lat := _num(p.lat)) is not None and (lon := _num(p.lon)) is not None:
-        position = {"lat": lat, "lon": lon, "alt": _num(p.alt)}
-    return {
+    """The summary view ``E`` (see docs/http.md). Reads each component present once (the
+    live feed calls this for every event)."""
+    out: dict[str, Any] = {
         "id": entity.id,
         "type": _TYPE_NAMES.get(entity.type, str(entity.type)),
-        "position": position,
-        "velocity": None if v is None else {"speed": _num(v.speed), "heading": _num(v.heading)},
-        "threat": None if t is None else _THREAT_NAMES.get(t.level),
-        "classification": None if c is None else {"label": c.label, "confidence": _num(c.confidence, 4)},
-        "task": None if k is None else {"task": k.state,
-                                        "updated_at": _ts(k.updated_at) if k.HasField("updated_at") else None},
-        "approval": None if a is None else _approval(a),
-        "source": None if s is None else {"sensor_id": s.sensor_id, "sensor_type": s.sensor_type},
-        "fusion": None if f is None else {"source_ids": list(f.source_ids), "fused_lat": _num(f.fused_lat),
-                                          "fused_lon": _num(f.fused_lon), "confidence": _num(f.confidence, 4)},
+        "position": None, "velocity": None, "threat": None, "classification": None, "task": None,
+        "approval": None, "source": None, "fusion": None,
         "expires_at": _ts(entity.expiry_time) if entity.HasField("expiry_time") else None,
         "updated_at": _ts(entity.updated_at) if entity.HasField("updated_at") else None,
         "origin_node": entity.origin_node or None,
     }
+    for key, packed in entity.components.items():
+        reader = _SUMMARY_FIELDS.get(key)
+        if reader is not None and (message := _parsed(packed, reader[0])) is not None:
+            out[key] = reader[1](message)
+    return out
 
 
 def component_value(packed: Any) -> dict[str, Any] | None:
