@@ -366,7 +366,7 @@ def test_mesh_shows_the_node_its_peers_and_storage(tmp_path: Path) -> None:
 
 def test_the_page_and_its_files_are_served() -> None:
     async def scenario() -> None:
-        async with serving() as (_, _, http):
+        async with serving() as (node, _, http):
             async with http.get("/") as response:
                 assert response.status == 200 and response.content_type == "text/html"
                 assert "<html" in (await response.text()).lower()
@@ -375,7 +375,13 @@ def test_the_page_and_its_files_are_served() -> None:
                     assert response.status == 200 and kind in response.content_type, name
             missing = await get_json(http, "/static/nope.js", 404)
             assert "error" in missing
-            await get_json(http, "/static/../server.py", 404)
+            host, port = node.http_address.rsplit(":", 1)
+            for path in ("/static/../server.py", "/static/%2e%2e/server.py", "/static/..%2Fapi.py", "/static/"):
+                reader, writer = await asyncio.open_connection(host, int(port))  # raw: no client-side normalizing
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                answer = await reader.read()
+                writer.close()
+                assert answer.startswith(b"HTTP/1.1 404") and b'{"error":' in answer, (path, answer[:200])
 
     run(scenario())
 
