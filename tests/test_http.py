@@ -613,6 +613,10 @@ def test_the_watcher_is_closed_when_the_client_goes_away() -> None:
                     await events.next()
                     assert node.http.api.open_streams == 1
                     assert node.store.stats()["watchers"] == base + 1
+                    async with grpc.aio.insecure_channel(node.address) as channel:
+                        got = await store_pb2_grpc.EntityStoreServiceStub(channel).GetStats(
+                            store_pb2.GetStatsRequest(), timeout=5)
+                    assert got.values["http.sse_streams"] == 1  # `meshstore stats` shows it
                 await eventually(lambda: node.http.api.open_streams == 0 and node.store.stats()["watchers"] == base,
                                  timeout=5, what="stream and watcher closed after the client left")
             # A client that goes away without reading (its socket just closes).

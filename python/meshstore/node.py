@@ -203,12 +203,18 @@ class Node:
         }
 
     def _stats_values(self) -> dict[str, float]:
-        """What GetStats adds to the store's counters: the mesh receiver's totals and each
-        relay link's numbers, flattened as ``mesh.<counter>`` and ``peer.<address>.<counter>``."""
+        """What GetStats adds to the store's counters: the mesh receiver's totals, the HTTP
+        side's (``http.<counter>``: open SSE streams, streams opened, events sent,
+        decisions) and each relay link's numbers, flattened as ``mesh.<counter>`` and
+        ``peer.<address>.<counter>``."""
         values: dict[str, float] = {}
         mesh = self.receiver.stats()
         for key in ("streams_open", "refused_self", "refused_invalid", "rejected_states"):
             values[f"mesh.{key}"] = float(mesh[key])
+        if self._http is not None:
+            http = self._http.stats()
+            for key in ("sse_streams", "sse_opened", "sse_events", "decisions"):
+                values[f"http.{key}"] = float(http[key])
         if self._relay is not None:
             for address, link in self._relay.stats()["peers"].items():
                 for key, value in link.items():
