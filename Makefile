@@ -9,7 +9,7 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 
 RUST_SOURCES := $(shell find rust proto -type f) Cargo.toml build.rs
 
-.PHONY: all build test interop demo demo-replicas bench proto clean
+.PHONY: all build chromium test interop demo demo-replicas bench proto clean
 
 all: build
 
@@ -25,7 +25,13 @@ $(VENV)/.built: $(VENV)/.deps $(RUST_SOURCES)
 
 build: $(VENV)/.built
 
-test: build
+# The browser tests (tests/browser) drive Debian's chromium through Playwright's Python
+# package; no browser is ever downloaded (no `playwright install`). Installed here when
+# missing (apt-get: run as root, as CI does).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium)
+
+test: build chromium
 	cargo test --release --quiet
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 

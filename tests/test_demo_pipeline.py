@@ -134,6 +134,38 @@ def test_demo_falls_back_to_a_free_port_when_its_port_is_taken() -> None:
     assert listening and int(listening.group(1)) != port
 
 
+def test_demo_serves_the_web_ui_and_prints_its_address() -> None:
+    import json
+    import urllib.request
+
+    with socket.socket() as taken:  # the asked-for UI port is taken: any free one, said so
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ui_port = taken.getsockname()[1]
+        proc = subprocess.Popen([*command("demo"), "--no-live", "--port", "0", "--http-port", str(ui_port)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+        try:
+            out = Lines(proc.stdout)
+            line = out.wait_for(r"web UI at http://127\.0\.0\.1:\d+/")
+            url = re.search(r"(http://127\.0\.0\.1:(\d+)/)", line)
+            assert int(url.group(2)) != ui_port and "meshstore approve ID --store 127.0.0.1:" in line
+            out.wait_for(r"classified=[1-9]")
+            with urllib.request.urlopen(url.group(1) + "api/entities?type=track", timeout=10) as response:
+                tracks = json.loads(response.read())["entities"]
+            assert len(tracks) >= 12 and any(t["threat"] for t in tracks)
+            with urllib.request.urlopen(url.group(1), timeout=10) as response:
+                assert response.status == 200
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = "".join(out.lines) + out.rest(1.0)
+    assert f"web UI port {ui_port} is not available" in " ".join(text.split())
+    assert "Traceback" not in text + proc.stderr.read()
+
+
 def test_a_service_command_waits_for_its_store_and_stops_on_sigterm() -> None:
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))

@@ -36,6 +36,15 @@ class CursorExpiredError(MeshstoreError):
     """A ``since_seq`` cursor older than a collected tombstone: take a fresh snapshot."""
 
 
+class FailedPreconditionError(MeshstoreError):
+    """The request does not apply to the entity's state (e.g. no pending approval)."""
+
+
+class NoPendingApprovalError(FailedPreconditionError):
+    """``approve`` / ``deny`` of an entity whose approval is not PENDING (or that has
+    none, or whose ``approval`` component is not an ApprovalComponent)."""
+
+
 class StorageError(MeshstoreError):
     """The data dir cannot be opened, read or written (the message says which and why):
     a foreign, newer or corrupt file, a dir in use by another process, a full or

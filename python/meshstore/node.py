@@ -13,14 +13,18 @@ A :class:`Node` holds
   ``store.v1.EntityStoreService``, the mesh receiver ``mesh.v1.MeshService``
   (:class:`~meshstore.mesh.receiver.MeshServicer`: peers push their changes to it), the
   standard health service and (``reflection``) server reflection;
+- with ``http_port``, an HTTP server (:class:`~meshstore.http.server.HttpServer`, aiohttp
+  on the same event loop) on ``http_host:http_port``: the JSON API, the live feed
+  (Server-Sent Events) and the web page;
 - with ``peers``, a :class:`~meshstore.mesh.relay.Relay` pushing the store's changes to
   each peer within the bandwidth budget. A mesh whose addresses are known only once
   every node listens (port 0) starts its relays later with :meth:`Node.start_relay`; a
   relay someone else runs can be attached with :meth:`Node.attach_relay`.
 
-One lifecycle: ``await node.start()`` (OSError if the address cannot be bound), then
-``await node.drain(grace)``: health NOT_SERVING, open watch, publish and mesh streams
-ended, no new calls, in-flight calls get ``grace`` seconds, then the relay stops; then
+One lifecycle: ``await node.start()`` (gRPC, then HTTP; OSError if an address cannot be
+bound), then ``await node.drain(grace)``: health NOT_SERVING, open watch, publish, mesh
+and SSE streams ended, no new calls or requests, in-flight ones get ``grace`` seconds,
+then the relay stops; then
 ``await node.stop()`` (drains first if that was not done, closes the store if the node
 made it). ``async with`` starts and stops. :meth:`Node.run_until_signal` (and
 :func:`run_node`, which is ``meshstore serve``) runs one until SIGINT/SIGTERM.
@@ -37,6 +41,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from meshstore.grpc.server import DEFAULT_MAX_MESSAGE_BYTES, GrpcServer, check_listen_options
+from meshstore.http.server import HttpServer
 from meshstore.logs import event as log_event
 from meshstore.mesh.protocol import SERVICE_NAME as MESH_SERVICE_NAME
 from meshstore.mesh.receiver import MeshServicer
@@ -62,7 +67,11 @@ class NodeOptions:
     - ``grace``: seconds in-flight calls get at shutdown (``drain``'s default);
     - ``reflection``: offer gRPC server reflection;
     - ``relay_options``: further keyword arguments of the node's ``Relay`` (batch size,
-      backoff, intervals, ``channel_factory``...).
+      backoff, intervals, ``channel_factory``...);
+    - ``http_host``, ``http_port``: where the HTTP API and web page listen (port None:
+      no HTTP server; 0: any free port, see ``Node.http_address``);
+    - ``http_options``: further keyword arguments of the node's ``HttpServer``
+      (``heartbeat``, ``flush_interval``, ``max_body_bytes``, ``static_dir``).
     """
 
     host: str = "127.0.0.1"
@@ -74,6 +83,9 @@ class NodeOptions:
     grace: float = 5.0
     reflection: bool = True
     relay_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    http_host: str = "127.0.0.1"
+    http_port: int | None = None
+    http_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str):
@@ -88,6 +100,12 @@ class NodeOptions:
         if not is_number(self.grace) or self.grace < 0:
             raise ValueError(f"grace must be a number >= 0, got {self.grace!r}")
         object.__setattr__(self, "relay_options", dict(self.relay_options))
+        if not isinstance(self.http_host, str):
+            raise TypeError(f"http_host must be a str, got {type(self.http_host).__name__}")
+        if self.http_port is not None and (not is_number(self.http_port, integer=True)
+                                           or not 0 <= self.http_port <= 65535):
+            raise ValueError(f"http_port must be None or an int in 0..65535, got {self.http_port!r}")
+        object.__setattr__(self, "http_options", dict(self.http_options))
 
 
 class Node:
@@ -129,6 +147,7 @@ class Node:
                 store.close()
             raise
         self._server: GrpcServer | None = None
+        self._http: HttpServer | None = None
         self._state = "new"  # -> "started" -> "drained" -> "stopped"
 
     # ---- what it holds --------------------------------------------------------------------
@@ -156,6 +175,16 @@ class Node:
         return self.server.address
 
     @property
+    def http(self) -> HttpServer | None:
+        """The HTTP server (None: ``http_port`` is None, or not started)."""
+        return self._http
+
+    @property
+    def http_address(self) -> str | None:
+        """``host:port`` of the HTTP API and web page (None without one)."""
+        return self._http.address if self._http is not None else None
+
+    @property
     def running(self) -> bool:
         return self._state == "started"
 
@@ -165,19 +194,27 @@ class Node:
         return {
             "node_id": self.store.node_id,
             "address": self.address if self._server is not None else None,
+            "http_address": self.http_address,
             "store": self.store.stats(),
             "server": self._server.stats() if self._server is not None else {},
             "mesh": self.receiver.stats(),
             "relay": self._relay.stats() if self._relay is not None else None,
+            "http": self._http.stats() if self._http is not None else None,
         }
 
     def _stats_values(self) -> dict[str, float]:
-        """What GetStats adds to the store's counters: the mesh receiver's totals and each
-        relay link's numbers, flattened as ``mesh.<counter>`` and ``peer.<address>.<counter>``."""
+        """What GetStats adds to the store's counters: the mesh receiver's totals, the HTTP
+        side's (``http.<counter>``: open SSE streams, streams opened, events sent,
+        decisions) and each relay link's numbers, flattened as ``mesh.<counter>`` and
+        ``peer.<address>.<counter>``."""
         values: dict[str, float] = {}
         mesh = self.receiver.stats()
         for key in ("streams_open", "refused_self", "refused_invalid", "rejected_states"):
             values[f"mesh.{key}"] = float(mesh[key])
+        if self._http is not None:
+            http = self._http.stats()
+            for key in ("sse_streams", "sse_opened", "sse_events", "decisions"):
+                values[f"http.{key}"] = float(http[key])
         if self._relay is not None:
             for address, link in self._relay.stats()["peers"].items():
                 for key, value in link.items():
@@ -219,8 +256,9 @@ class Node:
     # ---- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> Node:
-        """Starts listening, then the relay. OSError if the address cannot be bound (the
-        node is then stopped). Idempotent while running."""
+        """Starts listening (gRPC, then HTTP with ``http_port``), then the relay. OSError
+        if an address cannot be bound (the node is then stopped). Idempotent while
+        running."""
         if self._state == "started":
             return self
         if self._state != "new":
@@ -235,13 +273,23 @@ class Node:
             self._state = "stopped"
             self._close_store()
             raise
+        if o.http_port is not None:
+            http = HttpServer(self.store, o.http_host, o.http_port, stats=self.stats, **o.http_options)
+            try:
+                await http.start()
+            except BaseException:
+                self._state = "stopped"
+                await server.stop(None)
+                self._close_store()
+                raise
+            self._http = http
         self._server = server
         self._state = "started"
         storage = self.store.storage
         kept = (dict(data_dir=storage.path, durability=storage.durability, entities_loaded=storage.loaded)
                 if storage is not None else dict(data_dir="none (in memory)"))
         log_event(log, logging.INFO, "listening", address=self.address, node_id=self.store.node_id,
-                  max_message_bytes=o.max_message_bytes,
+                  http=self.http_address or "none", max_message_bytes=o.max_message_bytes,
                   peers=",".join(self._relay.peers) if self._relay is not None else "none", **kept, pid=os.getpid())
         if self._relay is not None and self._owns_relay:
             await self._relay.start()
@@ -250,9 +298,9 @@ class Node:
     async def drain(self, grace: float | None = None) -> None:
         """Graceful shutdown of the serving side: health NOT_SERVING, open watch streams
         ended (UNAVAILABLE with their resume cursor), open publish streams answered with
-        their summary, open mesh streams ended, no new calls; in-flight calls get
-        ``grace`` seconds (default ``options.grace``); then the relay stops. The store
-        stays open. Idempotent."""
+        their summary, open mesh streams and SSE streams ended, no new calls or HTTP
+        connections; in-flight calls and requests get ``grace`` seconds (default
+        ``options.grace``); then the relay stops. The store stays open. Idempotent."""
         if self._state != "started":
             return
         self._state = "drained"
@@ -260,7 +308,10 @@ class Node:
         server = self.server
         await server.begin_shutdown()
         self.receiver.close_streams()
-        await server.stop(grace)
+        if self._http is not None:
+            await asyncio.gather(server.stop(grace), self._http.stop(grace))
+        else:
+            await server.stop(grace)
         if self._relay is not None and self._owns_relay:
             await self._relay.stop()
 
@@ -301,6 +352,8 @@ class Node:
                 # A second signal: do not wait out the grace period (the final commit still runs).
                 log_event(log, logging.WARNING, "second signal: stopping now", signal=sig.name)
                 loop.create_task(self._server.stop_now())
+                if self._http is not None:
+                    self._http.stop_now()
             stop.set()
 
         installed = []

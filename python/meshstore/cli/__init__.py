@@ -1,11 +1,14 @@
 """The ``meshstore`` command: run a store server, and inspect or drive one over gRPC.
 
-    meshstore serve --port 50051 [--peer HOST:PORT ...]
-                                            run a store, a mesh node with peers (Ctrl-C / SIGTERM: graceful stop)
-    meshstore list [-t track|asset|geo]     live entities
+    meshstore serve --port 50051 [--peer HOST:PORT ...] [--http-port 8080]
+                                            run a store, a mesh node with peers, the web UI with --http-port
+                                            (Ctrl-C / SIGTERM: graceful stop)
+    meshstore list [-t track|asset|geo] [--wide]
+                                            live entities: position, speed, threat, task, approval
     meshstore get ID                        one entity, its components and versions
     meshstore watch [-t ...] [--existing] [--since SEQ] [--components k,...] [--count N] [--timeout S]
     meshstore approve ID / deny ID          decide an entity's pending approval
+    meshstore pending                       approvals waiting, oldest first, with the time left
     meshstore stats                         the store's counters and health
     meshstore backup DIR FILE               a consistent copy of a data dir (also of a running node's)
     meshstore export DIR [--out FILE]       a data dir's entities as JSON lines (also a running node's)
@@ -21,7 +24,7 @@ for ``watch``). On failure they print ONE line to stderr and exit non-zero:
 130 interrupted (Ctrl-C).
 
 The commands live by group: ``meshstore.cli.entities`` (list, get, watch, approve,
-deny), ``meshstore.cli.node`` (serve, stats), ``meshstore.cli.data`` (backup, export,
+deny, pending), ``meshstore.cli.node`` (serve, stats), ``meshstore.cli.data`` (backup, export,
 import: offline tools on a data dir, exit 1 when it cannot be read or written),
 ``meshstore.cli.services`` (sensor-sim, radar-sim, classifier, task-manager, fusion),
 ``meshstore.cli.demo`` (demo);
@@ -58,7 +61,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-entities.register(app)  # list, get, approve, deny, watch
+entities.register(app)  # list, get, approve, deny, watch, pending
 node.register(app)  # stats, serve
 data.register(app)  # backup, export, import
 services.register(app)  # sensor-sim, radar-sim, classifier, task-manager, fusion

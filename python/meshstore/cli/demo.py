@@ -35,14 +35,19 @@ def demo_cmd(
         "--nodes", min=1, max=5, envvar="DEMO_NODES",
         help="Run the store as a mesh of this many nodes on loopback (relays between every pair); "
              "the services are spread over them and a table shows each node's view.")] = 1,
+    http_port: Annotated[int, typer.Option(
+        "--http-port", min=0, max=65535, envvar="DEMO_HTTP_PORT", show_envvar=True,
+        help="Port of the web UI on 127.0.0.1 (0: any free port). If taken, a free one is used; the address "
+             "is printed.")] = 8080,
     log_level: Annotated[str, typer.Option("--log-level", envvar="MESHSTORE_LOG_LEVEL",
                                            help="Service logs (stderr): debug, info, warning or error.")] = "warning",
 ) -> None:
     """Run the whole pipeline in one process: a store and its gRPC server on 127.0.0.1,
     sensor-sim, radar-sim, classifier, task-manager and fusion, with a live table of
     tracks, classification, threat, task, approval and fused tracks (refreshed twice a
-    second). Approve or deny a PENDING intercept from another terminal with
-    `meshstore approve ID` / `meshstore deny ID`. Stops on Ctrl-C or after --duration and
+    second), and the web UI (a map of the same picture, printed address). Approve or deny
+    a PENDING intercept there, or from another terminal with `meshstore approve ID` /
+    `meshstore deny ID`. Stops on Ctrl-C or after --duration and
     prints a summary."""
     from rich.console import Console
 
@@ -50,7 +55,7 @@ def demo_cmd(
 
     setup_logs(log_level)
     config = DemoConfig(port=port, tracks=tracks, rate=rate, seed=seed, duration=duration, live=not no_live,
-                        approval_timeout=approval_timeout, nodes=nodes)
+                        approval_timeout=approval_timeout, nodes=nodes, http_port=http_port)
     try:
         code = asyncio.run(run_demo(config, Console(highlight=False)))
     except OSError as exc:

@@ -1,7 +1,9 @@
-"""The entity commands: ``meshstore list | get | watch | approve | deny``, each a client
-of the store at ``--store`` (``MESHSTORE_ADDR``).
+"""The entity commands: ``meshstore list | get | watch | approve | deny | pending``, each
+a client of the store at ``--store`` (``MESHSTORE_ADDR``).
 
-    meshstore list [-t track|asset|geo]     live entities
+    meshstore list [-t track|asset|geo] [--wide]
+                                            live entities: position, speed, threat, task, approval
+    meshstore pending                       approvals waiting for an operator, oldest first
     meshstore get ID                        one entity, its components and versions
     meshstore watch [-t ...] [--existing] [--since SEQ] [--components k,...] [--count N] [--timeout S]
     meshstore approve ID / deny ID          decide an entity's pending approval
@@ -10,7 +12,6 @@ of the store at ``--store`` (``MESHSTORE_ADDR``).
 # No `from __future__ import annotations` here: approve and deny are made by one factory
 # whose option types are built at run time, and typer reads them as objects.
 
-import base64
 import datetime
 import enum
 import json
@@ -53,28 +54,12 @@ def _type_value(kind: Kind | None) -> int:
 
 # ---- rendering --------------------------------------------------------------------------
 
-def _any_dict(packed: Any) -> dict[str, Any]:
-    """A component as JSON: its fields when the type is known, else type URL + base64."""
-    from google.protobuf import json_format
-
-    try:
-        return json_format.MessageToDict(packed, preserving_proto_field_name=True)
-    except Exception:  # unknown type URL or bytes that do not parse as it
-        return {"@type": packed.type_url, "value": base64.b64encode(packed.value).decode()}
-
-
 def entity_dict(entity: Any) -> dict[str, Any]:
     """``json_format.MessageToDict`` of an entity (proto field names), components
-    unpacked where their type is known."""
-    from google.protobuf import json_format
+    unpacked where their type is known (``meshstore.http.entity_json.proto_dict``)."""
+    from meshstore.http.entity_json import proto_dict
 
-    shell = type(entity)()
-    shell.CopyFrom(entity)
-    shell.ClearField("components")
-    out = json_format.MessageToDict(shell, preserving_proto_field_name=True)
-    if entity.components:
-        out["components"] = {key: _any_dict(entity.components[key]) for key in sorted(entity.components)}
-    return out
+    return proto_dict(entity)
 
 
 def _type_name(value: int) -> str:
@@ -102,7 +87,9 @@ def _version_text(v: Any) -> str:
 
 
 def _component_text(packed: Any) -> tuple[str, str]:
-    d = _any_dict(packed)
+    from meshstore.http.entity_json import any_dict
+
+    d = any_dict(packed)
     type_url = d.pop("@type", packed.type_url)
     return type_url.rsplit("/", 1)[-1].removeprefix("entity.v1."), json.dumps(d, ensure_ascii=False)
 
@@ -158,29 +145,149 @@ def _show_event(ev: Any, out: Any) -> None:
 
 # ---- commands ---------------------------------------------------------------------------
 
-def list_cmd(
-    type_: KindOpt = None,
-    store: StoreOpt = DEFAULT_ADDR,
-    json_out: JsonOpt = False,
-    deadline: DeadlineOpt = 5.0,
-) -> None:
-    """List the store's live entities (ordered by id)."""
+#: ``meshstore list`` columns, in order, and the order narrow terminals drop them in.
+LIST_COLUMNS = ("ID", "TYPE", "POSITION", "SPEED", "THREAT", "TASK", "APPROVAL")
+WIDE_COLUMNS = ("COMPONENTS", "UPDATED (UTC)", "ORIGIN")
+DROP_ORDER = ("TYPE", "SPEED", "TASK", "POSITION")
+
+
+def _list_cells(e: Any, wide: bool) -> dict[str, str]:
+    """One ``meshstore list`` row, from the same summary view as the HTTP API."""
+    from meshstore.http.entity_json import summary
+
+    v = summary(e)
+    p, vel, task, approval = v["position"], v["velocity"], v["task"], v["approval"]
+    speed = vel["speed"] if vel is not None else None
+    cells = {
+        "ID": e.id,
+        "TYPE": _type_name(e.type),
+        "POSITION": f"{p['lat']:.4f},{p['lon']:.4f}" if p is not None else "-",
+        "SPEED": f"{speed:.1f}" if speed is not None else "-",
+        "THREAT": v["threat"] or "-",
+        "TASK": (task["task"] or "-") if task is not None else "-",
+        "APPROVAL": approval["state"] if approval is not None else "-",
+    }
+    if wide:
+        cells["COMPONENTS"] = ", ".join(sorted(e.components))
+        cells["UPDATED (UTC)"] = _when(e.updated_at)
+        cells["ORIGIN"] = e.origin_node or "-"
+    return cells
+
+
+def _list_table(title: str, rows: list[dict[str, str]], columns: list[str], fold_id: bool) -> Any:
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                  padding=(0, 1, 0, 0))
+    for column in columns:
+        right = column == "SPEED"
+        if column == "ID" and fold_id:
+            table.add_column(column, overflow="fold")
+        else:
+            table.add_column(column, no_wrap=True, justify="right" if right else "left")
+    for row in rows:
+        table.add_row(*(row[c] for c in columns))
+    return table
+
+
+def _print_list(entities: list[Any], wide: bool) -> None:
+    """The table of ``meshstore list``: every column with ``--wide`` (never folded),
+    else the columns that fit the terminal (dropped in ``DROP_ORDER``, ids folded last)."""
+    from rich.measure import Measurement
+
+    rows = [_list_cells(e, wide) for e in entities]
+    title = f"{len(entities)} entities"
+    out = console()
+    unbounded = out.options.update_width(1_000_000)
+
+    def width(table: Any) -> int:
+        return Measurement.get(out, unbounded, table).maximum
+
+    if wide:
+        table = _list_table(title, rows, [*LIST_COLUMNS, *WIDE_COLUMNS], fold_id=False)
+        out.width = max(out.width, width(table))
+        out.print(table)
+        return
+    columns = list(LIST_COLUMNS)
+    for drop in (None, *DROP_ORDER):
+        if drop is not None:
+            columns.remove(drop)
+        table = _list_table(title, rows, columns, fold_id=False)
+        if width(table) <= out.width:
+            break
+    else:
+        table = _list_table(title, rows, columns, fold_id=True)
+    out.print(table)
+
+
+def _list_entities(store: str, type_value: int, deadline: float) -> list[Any]:
     from meshstore.pb import store_pb2, store_pb2_grpc
 
     with channel(store) as ch, rpc_errors(store, "ListEntities", deadline):
         resp = store_pb2_grpc.EntityStoreServiceStub(ch).ListEntities(
-            store_pb2.ListEntitiesRequest(type_filter=_type_value(type_)), timeout=deadline, wait_for_ready=False)
+            store_pb2.ListEntitiesRequest(type_filter=type_value), timeout=deadline, wait_for_ready=False)
+    return list(resp.entities)
+
+
+def list_cmd(
+    type_: KindOpt = None,
+    wide: Annotated[bool, typer.Option("--wide", "-w", help="Every column (components, updated, origin too), "
+                                                           "however wide the terminal.")] = False,
+    store: StoreOpt = DEFAULT_ADDR,
+    json_out: JsonOpt = False,
+    deadline: DeadlineOpt = 5.0,
+) -> None:
+    """List the store's live entities (ordered by id): position (lat,lon), speed, threat,
+    task and approval; columns a narrow terminal has no room for are left out (--wide
+    shows them all)."""
+    entities = _list_entities(store, _type_value(type_), deadline)
     if json_out:
-        print_json({"count": len(resp.entities), "entities": [entity_dict(e) for e in resp.entities]})
+        print_json({"count": len(entities), "entities": [entity_dict(e) for e in entities]})
         return
+    _print_list(entities, wide)
+
+
+def _left_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds <= 0:
+        return "due"
+    whole = int(seconds)
+    return f"{whole // 60}m{whole % 60:02d}s" if whole >= 60 else f"{seconds:.0f}s"
+
+
+def pending_cmd(
+    store: StoreOpt = DEFAULT_ADDR,
+    json_out: JsonOpt = False,
+    deadline: DeadlineOpt = 5.0,
+) -> None:
+    """List the approvals waiting for an operator (PENDING), oldest request first, with
+    the time each has left before it times out. Decide one with `meshstore approve ID`
+    or `meshstore deny ID`."""
+    import time
+
+    from meshstore.approvals import pending
+    from meshstore.http.entity_json import pending_dict
+
+    waiting = [pending_dict(p) for p in pending(_list_entities(store, 0, deadline), time.time())]
+    if json_out:
+        print_json({"count": len(waiting), "pending": waiting})
+        return
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=f"{len(resp.entities)} entities", title_justify="left")
-    for column in ("ID", "TYPE", "COMPONENTS", "UPDATED (UTC)", "ORIGIN"):
-        table.add_column(column, overflow="fold")
-    for e in resp.entities:
-        table.add_row(e.id, _type_name(e.type), ", ".join(sorted(e.components)), _when(e.updated_at), e.origin_node)
-    console().print(table)
+    table = Table(title=f"{len(waiting)} pending approvals", title_justify="left", box=box.SIMPLE_HEAD,
+                  show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+    for column in ("ID", "REQUESTED (UTC)", "LEFT", "THREAT", "TASK"):
+        table.add_column(column, overflow="fold", justify="right" if column == "LEFT" else "left")
+    for p in waiting:
+        requested = p["requested_at"].replace("T", " ").removesuffix("Z") if p["requested_at"] else "-"
+        table.add_row(p["id"], requested, _left_text(p["time_left_s"]), p["threat"] or "-", p["task"] or "-")
+    out = console()
+    out.print(table)
+    if waiting:
+        out.print(f"decide with `meshstore approve ID` or `meshstore deny ID` (--store {store})", markup=False)
 
 
 def get_cmd(
@@ -300,8 +407,9 @@ def watch_cmd(
 
 
 def register(app: typer.Typer) -> None:
-    """Adds list, get, watch, approve and deny to ``app``."""
+    """Adds list, get, watch, approve, deny and pending to ``app``."""
     app.command("list")(list_cmd)
+    app.command("pending")(pending_cmd)
     app.command("get")(get_cmd)
     app.command("approve")(approve_cmd)
     app.command("deny")(deny_cmd)

@@ -1,8 +1,9 @@
 """The node commands: ``meshstore serve`` runs a node (``meshstore.node.Node``) until
 SIGINT/SIGTERM; ``meshstore stats`` shows a running node's counters and health.
 
-    meshstore serve --port 50051 [--peer HOST:PORT ...]
-                                            run a store, a mesh node with peers (Ctrl-C / SIGTERM: graceful stop)
+    meshstore serve --port 50051 [--peer HOST:PORT ...] [--http-port 8080]
+                                            run a store, a mesh node with peers, the web UI with
+                                            --http-port (Ctrl-C / SIGTERM: graceful stop)
     meshstore stats                         the store's counters and health
 """
 
@@ -96,6 +97,14 @@ def serve_cmd(
                                       help="Port to listen on (0: any free port, logged at startup).")] = 50051,
     host: Annotated[str, typer.Option("--host", envvar="MESHSTORE_HOST", show_envvar=True,
                                       help="Interface to bind (0.0.0.0 or :: for every interface).")] = "127.0.0.1",
+    http_port: Annotated[int | None, typer.Option(
+        "--http-port", envvar="MESHSTORE_HTTP_PORT", show_envvar=True, min=0, max=65535, metavar="PORT",
+        help="Also serve the web UI and the HTTP API (docs/http.md) on this port (0: any free port, logged "
+             "at startup). Off by default.")] = None,
+    http_host: Annotated[str, typer.Option(
+        "--http-host", envvar="MESHSTORE_HTTP_HOST", show_envvar=True,
+        help="Interface the HTTP side binds (no authentication: anyone who reaches it can approve).")]
+        = "127.0.0.1",
     node_id: Annotated[str | None, typer.Option("--node-id", envvar="MESHSTORE_NODE_ID", show_envvar=True,
                                                 help="This store's node id (default: hostname-random).")] = None,
     peer_expiry: Annotated[float, typer.Option(
@@ -142,8 +151,9 @@ def serve_cmd(
     """Run a store server (gRPC store.v1.EntityStoreService and mesh.v1.MeshService,
     health, reflection) until SIGINT or SIGTERM, then shut down gracefully (open watch
     streams are ended). With --peer it is a mesh node: it pushes its changes to every
-    peer and merges theirs. Logs go to stderr; the first line says
-    `listening address=HOST:PORT node_id=N`."""
+    peer and merges theirs. With --http-port it also serves the web UI and the HTTP API.
+    Logs go to stderr; the first line says
+    `listening address=HOST:PORT node_id=N http=HOST:PORT`."""
     setup_logs(log_level, log_json)
 
     from meshstore.node import NodeOptions, run_node
@@ -162,7 +172,8 @@ def serve_cmd(
         raise CliError(f"--max-message-bytes must be at least 1024, got {max_message_bytes}", EXIT_USAGE)
     try:
         options = NodeOptions(host=host, port=port, max_message_bytes=max_message_bytes, grace=grace,
-                              peers=_peer_list(peers), bandwidth_bps=bandwidth_bps, burst_bytes=burst_bytes)
+                              peers=_peer_list(peers), bandwidth_bps=bandwidth_bps, burst_bytes=burst_bytes,
+                              http_host=http_host, http_port=http_port)
     except (TypeError, ValueError) as exc:
         raise CliError(f"invalid option: {exc}", EXIT_USAGE) from None
     try:

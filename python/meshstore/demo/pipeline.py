@@ -8,7 +8,9 @@ they make of the scenario.
 
 The server listens on 127.0.0.1 (port 50051 by default, so ``meshstore approve ID`` from
 another terminal reaches it without flags; if the port is taken, an ephemeral one, said
-loudly). The services are the same classes the ``sensor-sim``, ``classifier``... commands
+loudly). The first node also serves the web UI and the HTTP API (``http_port``, 8080 by
+default, else any free port; its address is printed): the same picture on a map, with
+approve and deny buttons. The services are the same classes the ``sensor-sim``, ``classifier``... commands
 run, talking to the store over gRPC. Runs until Ctrl-C / SIGTERM or ``duration``, then
 prints a summary. ``live=False`` (or a stdout that is not a terminal) prints a status line
 every few seconds instead of the table.
@@ -37,6 +39,7 @@ from rich.table import Table
 from rich.text import Text
 
 from meshstore.components import APPROVAL, CLASSIFICATION, FUSION, POSITION, SOURCE, TASK, THREAT, VELOCITY
+from meshstore.http.server import HttpListenError
 from meshstore.logs import event as log_event
 from meshstore.node import Node, NodeOptions
 from meshstore.options import StoreOptions
@@ -81,6 +84,8 @@ class DemoConfig:
     refresh: float = 0.5
     status_every: float = 2.0
     nodes: int = 1
+    #: The first node's web UI and HTTP API (taken: any free port; None: none).
+    http_port: int | None = 8080
 
 
 @dataclass
@@ -153,7 +158,8 @@ def nodes_table(nodes: list[Node]) -> Table:
     return table
 
 
-def render(store: Store, address: str, started: float, services: list[Service], nodes: list[Node] = ()) -> Group:
+def render(store: Store, address: str, started: float, services: list[Service], nodes: list[Node] = (),
+           ui: str | None = None) -> Group:
     """The live picture: one row per track that is not a radar plot or a fused track, with
     what the services made of it, and the fused tracks (as the first node sees them), and
     in a mesh each node's view."""
@@ -178,7 +184,7 @@ def render(store: Store, address: str, started: float, services: list[Service], 
     table = Table(title=f"meshstore demo: {len(rows)} tracks, {radar} radar plots, {len(fused_rows)} fused "
                         f"· store {address} · {summary.events} events · {time.monotonic() - started:.0f}s",
                   title_justify="left", caption=f"PENDING intercepts: run `{approve_hint(address)}` in another "
-                                                f"terminal. Ctrl-C stops.",
+                                                f"terminal{f' or use the web UI at {ui}' if ui else ''}. Ctrl-C stops.",
                   caption_justify="left", expand=False)
     for column in ("TRACK", "POSITION", "SPEED", "CLASS", "THREAT", "TASK", "APPROVAL", "FUSED WITH"):
         table.add_column(column, no_wrap=True)
@@ -225,15 +231,24 @@ def render(store: Store, address: str, started: float, services: list[Service], 
 
 
 async def _start_first(node_id: str, config: DemoConfig, console: Console) -> Node:
-    """The first node, on the configured port if it is free, else an ephemeral one."""
-    try:
-        return await Node(NodeOptions(host=config.host, port=config.port), store=StoreOptions(node_id=node_id)).start()
-    except OSError as exc:
-        if config.port == 0:
-            raise
-        console.print(f"[yellow]port {config.port} is not available ({exc}); using an ephemeral port instead. "
-                      f"Pass --store with the address below to `meshstore approve`.[/]")
-        return await Node(NodeOptions(host=config.host, port=0), store=StoreOptions(node_id=node_id)).start()
+    """The first node, on the configured ports if they are free, else ephemeral ones; it
+    serves the web UI (``http_port``)."""
+    port, http_port = config.port, config.http_port
+    while True:
+        try:
+            return await Node(NodeOptions(host=config.host, port=port, http_host=config.host, http_port=http_port),
+                              store=StoreOptions(node_id=node_id)).start()
+        except HttpListenError as exc:
+            if not http_port:
+                raise
+            console.print(f"[yellow]web UI port {http_port} is not available ({exc}); using any free port.[/]")
+            http_port = 0
+        except OSError as exc:
+            if port == 0:
+                raise
+            console.print(f"[yellow]port {port} is not available ({exc}); using an ephemeral port instead. "
+                          f"Pass --store with the address below to `meshstore approve`.[/]")
+            port = 0
 
 
 async def _start_nodes(config: DemoConfig, console: Console) -> list[Node]:
@@ -273,6 +288,10 @@ async def run_demo(config: DemoConfig, console: Console | None = None) -> int:
     console.print(f"meshstore demo: store listening at {address}{mesh} ({config.tracks} targets, seed {config.seed}, "
                   f"{config.rate:g} ticks/s); {'Ctrl-C to stop' if config.duration is None else f'{config.duration:g}s'}",
                   highlight=False)
+    ui = nodes[0].http.url if nodes[0].http is not None else None
+    if ui is not None:
+        console.print(f"web UI at {ui}  (the tracks on a map; approve or deny there, or from a terminal: "
+                      f"{approve_hint(address)})", highlight=False, soft_wrap=True)
     scenario = Scenario(seed=config.seed, count=config.tracks, bbox=config.bbox, speed_min=config.speed_min,
                         speed_max=config.speed_max)
 
@@ -324,11 +343,11 @@ async def run_demo(config: DemoConfig, console: Console | None = None) -> int:
         if live:
             from rich.live import Live
 
-            with Live(render(store, address, started, services, nodes), console=console,
+            with Live(render(store, address, started, services, nodes, ui), console=console,
                       refresh_per_second=4, transient=False) as display:
                 while not await wait_tick(config.refresh):
-                    display.update(render(store, address, started, services, nodes))
-                display.update(render(store, address, started, services, nodes))
+                    display.update(render(store, address, started, services, nodes, ui))
+                display.update(render(store, address, started, services, nodes, ui))
         else:
             next_status = started + config.status_every
             while not await wait_tick(min(config.refresh, max(0.05, next_status - time.monotonic()))):

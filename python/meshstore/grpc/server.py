@@ -45,7 +45,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as _health_aio
 from grpc_reflection.v1alpha import reflection
 
-from meshstore.components import APPROVAL, unpack
+from meshstore.approvals import decide
 from meshstore.grpc.status import RpcFailure, status_for
 from meshstore.logs import event as log_event
 from meshstore.pb import entity_pb2, store_pb2
@@ -310,31 +310,11 @@ class EntityStoreServicer:
 
     @_write
     async def ApproveAction(self, request: store_pb2.ApproveActionRequest, context: Any) -> entity_pb2.Entity:
-        return self._decide(request.entity_id, entity_pb2.APPROVAL_STATE_APPROVED)
+        return decide(self.store, request.entity_id, entity_pb2.APPROVAL_STATE_APPROVED)
 
     @_write
     async def DenyAction(self, request: store_pb2.DenyActionRequest, context: Any) -> entity_pb2.Entity:
-        return self._decide(request.entity_id, entity_pb2.APPROVAL_STATE_DENIED)
-
-    def _decide(self, entity_id: str, state: int) -> entity_pb2.Entity:
-        """Moves the entity's pending approval to ``state``, over the version read
-        (strict), so the decision replicates and a concurrent decision is not lost."""
-        entity = self.store.get(entity_id)
-        try:
-            approval = unpack(entity, APPROVAL, entity_pb2.ApprovalComponent)
-        except TypeError as exc:
-            raise RpcFailure(_C.FAILED_PRECONDITION, f"no pending approval on entity '{entity_id}': {exc}") from None
-        if approval is None or approval.state != entity_pb2.APPROVAL_STATE_PENDING:
-            current = "none" if approval is None else entity_pb2.ApprovalState.Name(approval.state)
-            raise RpcFailure(_C.FAILED_PRECONDITION, f"no pending approval on entity '{entity_id}' (approval: {current})")
-        decision = entity_pb2.ApprovalComponent(state=state, timeout_seconds=approval.timeout_seconds)
-        if approval.HasField("requested_at"):
-            decision.requested_at.CopyFrom(approval.requested_at)
-        write = entity_pb2.Entity(id=entity_id)
-        write.components[APPROVAL].Pack(decision)
-        if APPROVAL in entity.versions:
-            write.versions[APPROVAL].CopyFrom(entity.versions[APPROVAL])
-        return self.store.update(write, strict=True).entity
+        return decide(self.store, request.entity_id, entity_pb2.APPROVAL_STATE_DENIED)
 
     @_rpc
     async def GetStats(self, request: store_pb2.GetStatsRequest, context: Any) -> store_pb2.GetStatsResponse:

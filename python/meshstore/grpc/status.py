@@ -7,7 +7,8 @@ code (the server's own checks).
 Client side: :func:`error_from_rpc` is the meshstore error a failed call stands for
 (the inverse mapping), plus the errors only a remote store has:
 :class:`StoreUnavailableError` (unreachable or no answer in time: retry later),
-:class:`FailedPreconditionError` and :class:`RpcError` (any other code).
+:class:`FailedPreconditionError` (defined in ``meshstore.errors``, re-exported here)
+and :class:`RpcError` (any other code).
 
     ================================  ==================
     exception                         status code
@@ -17,6 +18,8 @@ Client side: :func:`error_from_rpc` is the meshstore error a failed call stands 
     AlreadyExistsError                ALREADY_EXISTS
     ClockSkewError                    OUT_OF_RANGE
     CursorExpiredError                OUT_OF_RANGE
+    FailedPreconditionError,          FAILED_PRECONDITION
+    NoPendingApprovalError
     InvalidEntityError, ValueError,   INVALID_ARGUMENT
     TypeError
     StorageError                      UNAVAILABLE (a full or failing disk)
@@ -32,6 +35,7 @@ from meshstore.errors import (
     AlreadyExistsError,
     ClockSkewError,
     CursorExpiredError,
+    FailedPreconditionError,
     InvalidEntityError,
     MeshstoreError,
     NotFoundError,
@@ -75,6 +79,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return _C.ALREADY_EXISTS, message
     if isinstance(exc, (ClockSkewError, CursorExpiredError)):
         return _C.OUT_OF_RANGE, message
+    if isinstance(exc, FailedPreconditionError):  # e.g. NoPendingApprovalError
+        return _C.FAILED_PRECONDITION, message
     if isinstance(exc, (InvalidEntityError, ValueError, TypeError)):
         return _C.INVALID_ARGUMENT, message
     if isinstance(exc, StorageError):  # a full or failing disk: retry later, elsewhere
@@ -88,10 +94,6 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 class StoreUnavailableError(MeshstoreError, ConnectionError):
     """The store could not be reached (or did not answer in time): retry later."""
-
-
-class FailedPreconditionError(MeshstoreError):
-    """The request does not apply to the entity's state (e.g. no pending approval)."""
 
 
 class RpcError(MeshstoreError):
