@@ -54,22 +54,23 @@ def only_when_benchmarking(request: pytest.FixtureRequest) -> None:
 
 
 @contextlib.contextmanager
-def served(tmp: pathlib.Path, *serve_args: str) -> Iterator[str]:
-    """``meshstore serve --port 0`` in a subprocess (in memory unless ``serve_args`` say
-    otherwise); yields its address."""
+def serve_process(tmp: pathlib.Path, *serve_args: str, node_id: str = "b4",
+                  listening: str = r"msg=listening address=(\S+)") -> Iterator[tuple[re.Match, int]]:
+    """``meshstore serve --port 0 SERVE_ARGS`` in a subprocess; yields the match of
+    ``listening`` in its log (the line it prints once it serves) and its pid. SIGTERM at
+    the end."""
     log_path = tmp / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHSTORE_")}
     with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "meshstore.cli", "serve", "--port", "0", "--node-id", "b4",
-                                 *(serve_args or ("--in-memory",))],
-                                stdout=subprocess.DEVNULL, stderr=log, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "meshstore.cli", "serve", "--port", "0", "--node-id", node_id,
+                                 *serve_args], stdout=subprocess.DEVNULL, stderr=log, env=env)
         try:
             deadline = time.monotonic() + 30
-            while not (m := re.search(r"msg=listening address=(\S+)", log_path.read_text())):
+            while not (m := re.search(listening, log_path.read_text())):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"meshstore serve did not start: {log_path.read_text()}")
                 time.sleep(0.05)
-            yield m.group(1)
+            yield m, proc.pid
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -77,6 +78,13 @@ def served(tmp: pathlib.Path, *serve_args: str) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextlib.contextmanager
+def served(tmp: pathlib.Path, *serve_args: str) -> Iterator[str]:
+    """A ``serve_process`` (in memory unless ``serve_args`` say otherwise); yields its address."""
+    with serve_process(tmp, *(serve_args or ("--in-memory",))) as (m, _):
+        yield m.group(1)
 
 
 def run_load(addr: str, mode: str) -> dict:

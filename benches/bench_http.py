@@ -30,9 +30,6 @@ import contextlib
 import json
 import os
 import pathlib
-import re
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +37,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from bench_grpc import serve_process
 from pytest_benchmark.fixture import BenchmarkFixture
 
 LOAD = pathlib.Path(__file__).resolve().parent / "http_load.py"
@@ -61,25 +59,9 @@ def only_when_benchmarking(request: pytest.FixtureRequest) -> None:
 @contextlib.contextmanager
 def served(tmp: pathlib.Path) -> Iterator[tuple[str, str, int]]:
     """``meshstore serve --in-memory --http-port 0``; yields (gRPC address, HTTP address, pid)."""
-    log_path = tmp / "serve.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHSTORE_")}
-    with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "meshstore.cli", "serve", "--port", "0", "--http-port", "0",
-                                 "--node-id", "bh", "--in-memory"], stdout=subprocess.DEVNULL, stderr=log, env=env)
-        try:
-            deadline = time.monotonic() + 30
-            while not (m := re.search(r"msg=listening address=(\S+) node_id=\S+ http=(\S+)", log_path.read_text())):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"meshstore serve did not start: {log_path.read_text()}")
-                time.sleep(0.05)
-            yield m.group(1), m.group(2), proc.pid
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with serve_process(tmp, "--http-port", "0", "--in-memory", node_id="bh",
+                       listening=r"msg=listening address=(\S+) node_id=\S+ http=(\S+)") as (m, pid):
+        yield m.group(1), m.group(2), pid
 
 
 def cpu_seconds(pid: int) -> float:
