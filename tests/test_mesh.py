@@ -721,7 +721,7 @@ def test_randomized_partitions_heals_and_conflicting_writes_converge():
                 return True
 
             try:
-                await eventually(converged, timeout=40, interval=0.1, what=f"convergence (seed {seed})")
+                await eventually(converged, timeout=60, interval=0.1, what=f"convergence (seed {seed})")
             except AssertionError:  # say which entities differ, and how, and where each link stands
                 for n in names:
                     print(n, "seq", c[n].store.seq, "summary", c[n].store.context_summary(), file=sys.stderr)
@@ -753,7 +753,7 @@ def test_randomized_partitions_heals_and_conflicting_writes_converge():
         assert counts["write"] > 50 and counts["partition"] >= 1, counts
         return counts
 
-    counts = run(scenario(), timeout=seconds + 80)
+    counts = run(scenario(), timeout=seconds + 100)
     print(f"randomized mesh run: seed={seed} seconds={seconds} {counts}")
 
 
