@@ -5,16 +5,14 @@
 from __future__ import annotations
 
 import os
-import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 
 import pytest
+from helpers import Lines
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -29,39 +27,6 @@ def command(name: str) -> list[str]:
 
 def env() -> dict[str, str]:
     return {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}
-
-
-class Lines:
-    """Collects a stream's lines on a thread, so the test can wait for one with a timeout."""
-
-    def __init__(self, stream) -> None:
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str] = queue.Queue()
-        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _pump(self, stream) -> None:
-        for line in stream:
-            self._queue.put(line)
-
-    def wait_for(self, pattern: str, timeout: float = 20.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            self.lines.append(line)
-            if re.search(pattern, line):
-                return line
-        raise AssertionError(f"no line matching {pattern!r} within {timeout}s; got: {''.join(self.lines)[-2000:]}")
-
-    def rest(self, timeout: float = 5.0) -> str:
-        """Everything, once the stream has ended (the process exited)."""
-        self._thread.join(timeout)
-        while not self._queue.empty():
-            self.lines.append(self._queue.get_nowait())
-        return "".join(self.lines)
 
 
 def summary_of(output: str) -> dict[str, int]:
@@ -146,7 +111,7 @@ def test_demo_serves_the_web_ui_and_prints_its_address() -> None:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
         try:
             out = Lines(proc.stdout)
-            line = out.wait_for(r"web UI at http://127\.0\.0\.1:\d+/")
+            line = out.wait_for(r"web UI at http://127\.0\.0\.1:\d+/").string
             url = re.search(r"(http://127\.0\.0\.1:(\d+)/)", line)
             assert int(url.group(2)) != ui_port and "meshstore approve ID --store 127.0.0.1:" in line
             out.wait_for(r"classified=[1-9]")

@@ -17,19 +17,17 @@ pipeline as subprocesses, the page in Debian's chromium driven by Playwright.
 from __future__ import annotations
 
 import os
-import queue
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import Lines
 
 NODE_ID = "browser-node"
 SERVICES = {
@@ -65,35 +63,6 @@ def _stop(proc: subprocess.Popen, timeout: float = 10.0) -> int:
     return proc.returncode
 
 
-class _Lines:
-    """A stream's lines, pumped by a thread (the pipe never fills) and kept for diagnostics."""
-
-    def __init__(self, stream, log: Path) -> None:
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str] = queue.Queue()
-        self._log = log.open("a", encoding="utf-8")
-        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
-
-    def _pump(self, stream) -> None:
-        for line in stream:
-            self._log.write(line)
-            self._log.flush()
-            self._queue.put(line)
-
-    def wait_for(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            self.lines.append(line)
-            if match := pattern.search(line):
-                return match
-        raise AssertionError(f"no line matching {pattern.pattern!r} within {timeout}s; got: "
-                             f"{''.join(self.lines)[-3000:]}")
-
-
 class Pipeline:
     """A node (``meshstore serve``) and the pipeline's services, as subprocesses."""
 
@@ -119,7 +88,7 @@ class Pipeline:
             [*_command("serve"), "--port", str(self.grpc_port), "--http-port", str(self.http_port),
              "--data-dir", str(self.data_dir), "--node-id", NODE_ID, "--peer", self.dead_peer, "--grace", "1"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
-        lines = _Lines(self.node.stderr, log)
+        lines = Lines(self.node.stderr, log)
         try:
             match = lines.wait_for(LISTENING, timeout)
         except AssertionError:
