@@ -16,6 +16,7 @@ use crate::storage::{Batch, PeerAck, Storage, StorageError};
 use crate::table::Table;
 use parking_lot::{Condvar, Mutex};
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,10 @@ pub struct Durable {
     /// Signalled by writers (paired with the table mutex): the writer thread waits on it.
     pub changed: Condvar,
     pub max_pending: u64,
+    /// Mirrors of `CommitState::committed` and of "failing or closed", so a write is
+    /// admitted with two atomic loads inside the table lock it already holds (`admits`).
+    committed_seq: AtomicU64,
+    refusing: AtomicBool,
     /// As the user chose it: `commit` or `interval:<ms>`.
     pub mode: String,
 }
@@ -76,6 +81,8 @@ impl Durable {
             committed_cv: Condvar::new(),
             changed: Condvar::new(),
             max_pending: max_pending.max(1),
+            committed_seq: AtomicU64::new(committed),
+            refusing: AtomicBool::new(false),
             mode,
         }
     }
@@ -134,6 +141,8 @@ impl Durable {
             Ok(()) => {
                 s.carry_context = None;
                 s.committed = s.committed.max(seq);
+                self.committed_seq.store(s.committed, Ordering::Release);
+                self.refusing.store(s.closed, Ordering::Release);
                 s.commits += 1;
                 s.error = None;
                 s.last_commit = Some(Instant::now());
@@ -148,10 +157,18 @@ impl Durable {
                 s.carry_forgotten = batch.forgotten;
                 s.acks_changed = true;
                 s.error = Some(e.0.clone());
+                self.refusing.store(true, Ordering::Release);
                 self.committed_cv.notify_all();
                 Err(storage_err(e))
             }
         }
+    }
+
+    /// The fast path of `gate`, for a caller holding the table lock: true if a write may
+    /// go ahead now (storage healthy, backlog within `max_pending`).
+    pub fn admits(&self, table_seq: u64) -> bool {
+        !self.refusing.load(Ordering::Acquire)
+            && table_seq.saturating_sub(self.committed_seq.load(Ordering::Acquire)) <= self.max_pending
     }
 
     /// Admits a write: refuses it while storage fails or after close, and waits (up to
@@ -214,6 +231,7 @@ impl Durable {
     /// releases the data dir. Idempotent.
     pub fn close(&self, table: &Mutex<Table>) -> Result<()> {
         self.state.lock().closed = true;
+        self.refusing.store(true, Ordering::Release);
         if self.storage.lock().is_none() {
             return Ok(());
         }

@@ -315,14 +315,18 @@ impl Core {
     where
         T: Send,
     {
-        if let Some(d) = self.durable.get() {
+        let Some(d) = self.durable.get() else { return self.run(py, release_gil, op) };
+        let mut op = Some(op);
+        loop {
+            // Admitted inside the lock the write takes anyway; only a write that must wait
+            // (backlog, failing disk) leaves it for `gate`, then tries again.
+            let out = self.run(py, release_gil, |t| d.admits(t.seq()).then(|| (op.take().expect("runs once"))(t)))?;
+            if let Some(out) = out {
+                d.changed.notify_one();
+                return Ok(out);
+            }
             py.allow_threads(|| d.gate(|| self.table.lock().seq(), BACKPRESSURE_TIMEOUT)).map_err(|e| py_err(py, e))?;
         }
-        let out = self.run(py, release_gil, op);
-        if let Some(d) = self.durable.get() {
-            d.changed.notify_one();
-        }
-        out
     }
 
     fn write(&self, py: Python<'_>, bytes: &[u8], mode: WriteMode, strict: bool) -> PyResult<PyUpdateResult> {
