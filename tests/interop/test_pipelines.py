@@ -181,8 +181,10 @@ def test_go_classifier_read_modify_write_never_clobbers_a_newer_position(interop
     threat, and writes the whole entity back (the position it read included, with the
     entity-level HLC it read) while the Go sensor writes new positions as fast as it can
     (a 2 ms tick), so the classifier reads fall behind.
-    Every position the store ever shows must be the sensor's latest-so-far."""
-    server = interop.serve()
+    Every position the store ever shows must be the sensor's latest-so-far.
+    The server acknowledges at once (interval durability): with every write waiting for
+    its commit, the classifier can keep up and the race this test needs may not happen."""
+    server = interop.serve("--durability", "interval")
     stop, seen = threading.Event(), []
     watcher = threading.Thread(target=positions_watched, args=(server, stop, seen), daemon=True)
     watcher.start()
