@@ -9,7 +9,7 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 
 RUST_SOURCES := $(shell find rust proto -type f) Cargo.toml build.rs
 
-.PHONY: all build chromium test interop demo demo-replicas bench proto clean
+.PHONY: all build chromium test interop bench-seed demo demo-replicas bench proto clean
 
 all: build
 
@@ -49,6 +49,20 @@ interop:
 	  git --git-dir="$(LATTICE_GIT)" archive HEAD cmd gen internal proto go.mod go.sum | tar -x -C "$(LATTICE_SRC)"; }
 	bash "$(LATTICE_BUILD_SCRIPT)" "$(LATTICE_GIT)" "$(LATTICE_BUILD)"
 	LATTICE_BIN="$(abspath $(LATTICE_SRC))/bin" $(PY) -m pytest tests/interop -v $(PYTEST_ARGS)
+
+# BSEED (benches/bench_seed.py): unary UpdateEntity throughput of meshstore serve against
+# the seed system's own entity-store, one Go load generator built against the seed's
+# generated client. Builds the seed as `interop` does, from the same variables.
+bench-seed:
+	@if [ -z "$(LATTICE_GIT)" ] || [ -z "$(LATTICE_BUILD)" ] || [ -z "$(LATTICE_BUILD_SCRIPT)" ]; then \
+	  echo "usage: make bench-seed LATTICE_GIT=<git dir of a boshu2/lattice-lab snapshot>" \
+	       "LATTICE_BUILD=<build dir> LATTICE_BUILD_SCRIPT=<its build script>" >&2; exit 2; fi
+	$(MAKE) build
+	@[ -d "$(LATTICE_SRC)/cmd" ] || { mkdir -p "$(LATTICE_SRC)" && \
+	  git --git-dir="$(LATTICE_GIT)" archive HEAD cmd gen internal proto go.mod go.sum | tar -x -C "$(LATTICE_SRC)"; }
+	bash "$(LATTICE_BUILD_SCRIPT)" "$(LATTICE_GIT)" "$(LATTICE_BUILD)"
+	LATTICE_BUILD="$(abspath $(LATTICE_BUILD))" LATTICE_BIN="$(abspath $(LATTICE_SRC))/bin" \
+	  $(PY) -m pytest benches/bench_seed.py --benchmark-only -s $(BENCH_ARGS)
 
 demo: build
 	$(PY) -m meshstore.cli demo $(DEMO_ARGS)
