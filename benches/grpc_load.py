@@ -30,7 +30,7 @@ import grpc
 
 from meshstore.components import make_entity
 from meshstore.pb import entity_pb2, store_pb2
-from meshstore.grpc.server import UPDATE_RESULT_TRAILER
+from meshstore.grpc.server import UPDATE_RESULT_METADATA
 
 METHOD = "/store.v1.EntityStoreService/"
 
@@ -91,7 +91,7 @@ async def run(args: argparse.Namespace) -> dict:
                     except grpc.aio.AioRpcError:
                         failed += 1
                         continue
-                    keys = store_pb2.UpdateResult.FromString(dict(await call.trailing_metadata())[UPDATE_RESULT_TRAILER])
+                    keys = store_pb2.UpdateResult.FromString(dict(await call.initial_metadata())[UPDATE_RESULT_METADATA])
                     if keys.applied:
                         written += 1
                     elif keys.stale:

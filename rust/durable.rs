@@ -42,8 +42,10 @@ struct CommitState {
 pub struct Durable {
     storage: Mutex<Option<Storage>>,
     state: Mutex<CommitState>,
-    /// Signalled when a commit ends (or fails): durable waiters and gated writers.
+    /// Signalled when a commit ends (or fails): durable waiters and gated writers, and
+    /// (`commit_notify`) async waiters.
     committed_cv: Condvar,
+    commit_notify: tokio::sync::Notify,
     /// Signalled by writers (paired with the table mutex): the writer thread waits on it.
     pub changed: Condvar,
     pub max_pending: u64,
@@ -79,6 +81,7 @@ impl Durable {
             storage: Mutex::new(Some(storage)),
             state: Mutex::new(state),
             committed_cv: Condvar::new(),
+            commit_notify: tokio::sync::Notify::new(),
             changed: Condvar::new(),
             max_pending: max_pending.max(1),
             committed_seq: AtomicU64::new(committed),
@@ -151,6 +154,7 @@ impl Durable {
                 }
                 s.latencies_ms.push_back(started.elapsed().as_secs_f64() * 1e3);
                 self.committed_cv.notify_all();
+                self.commit_notify.notify_waiters();
                 Ok(s.committed)
             }
             Err(e) => {
@@ -159,6 +163,7 @@ impl Durable {
                 s.error = Some(e.0.clone());
                 self.refusing.store(true, Ordering::Release);
                 self.committed_cv.notify_all();
+                self.commit_notify.notify_waiters();
                 Err(storage_err(e))
             }
         }
@@ -194,6 +199,29 @@ impl Durable {
                     self.max_pending
                 )));
             }
+        }
+    }
+
+    /// `wait_committed` for async callers, without a timeout: Ok once `seq` is
+    /// committed, StorageError if storage fails or closes first.
+    pub async fn committed_async(&self, seq: u64) -> Result<()> {
+        loop {
+            // Registered before the check, so a commit between the two is not missed.
+            let mut notified = std::pin::pin!(self.commit_notify.notified());
+            notified.as_mut().enable();
+            {
+                let s = self.state.lock();
+                if s.committed >= seq {
+                    return Ok(());
+                }
+                if let Some(e) = &s.error {
+                    return Err(Error::Storage(format!("not durable: storage is failing ({e})")));
+                }
+                if s.closed {
+                    return Err(Error::Storage("the store closed before the write was durable".into()));
+                }
+            }
+            notified.await;
         }
     }
 
@@ -244,6 +272,7 @@ impl Durable {
         }
         let storage = self.storage.lock().take();
         self.committed_cv.notify_all();
+        self.commit_notify.notify_waiters();
         storage.map_or(Ok(()), |s| s.close().map_err(storage_err))
     }
 

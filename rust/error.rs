@@ -15,6 +15,8 @@ pub enum Error {
     ClockSkew { id: String, key: Option<String>, what: String, ahead_ms: f64, max_ms: f64 },
     /// A `since_seq` cursor older than a collected tombstone.
     CursorExpired { seq: u64, floor: u64 },
+    /// The request does not apply to the entity's state (e.g. no pending approval).
+    FailedPrecondition { id: String, key: Option<String>, msg: String },
     /// The data dir cannot be opened, read or written (the message says which and why).
     Storage(String),
 }
@@ -32,7 +34,7 @@ impl fmt::Display for Error {
                 f,
                 "entity '{id}': {what} is {ahead_ms:.1} ms ahead of the local clock (max offset {max_ms:.1} ms)"
             ),
-            Error::Storage(msg) => write!(f, "{msg}"),
+            Error::Storage(msg) | Error::FailedPrecondition { msg, .. } => write!(f, "{msg}"),
             Error::CursorExpired { seq, floor } => write!(
                 f,
                 "cursor {seq} is older than collected tombstones (up to seq {floor}); take a fresh snapshot"
@@ -46,6 +48,21 @@ impl std::error::Error for Error {}
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// The name of the exception class `meshstore.errors` raises for it (also what the
+    /// mesh reports a refused state as).
+    pub fn class_name(&self) -> &'static str {
+        match self {
+            Error::Invalid { .. } => "InvalidEntityError",
+            Error::NotFound(_) => "NotFoundError",
+            Error::AlreadyExists(_) => "AlreadyExistsError",
+            Error::Stale { .. } => "StaleWriteError",
+            Error::ClockSkew { .. } => "ClockSkewError",
+            Error::CursorExpired { .. } => "CursorExpiredError",
+            Error::FailedPrecondition { .. } => "NoPendingApprovalError",
+            Error::Storage(_) => "StorageError",
+        }
+    }
+
     pub fn invalid(id: Option<&str>, key: Option<&str>, msg: String) -> Error {
         Error::Invalid { msg, id: id.map(str::to_owned), key: key.map(str::to_owned) }
     }

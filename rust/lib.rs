@@ -5,11 +5,15 @@
 //! - `strategy`: merge strategies dispatched on a component's Any type URL.
 //! - `decode`: entity wire bytes read in place (the write and merge paths).
 //! - `entity`: one entity's CRDT state (siblings, context, delete) and its wire form.
+//! - `approval`: operator decisions on a pending approval.
 //! - `table`: the entity table (writes, merges, deletes, context summary, change log).
 //! - `watch`: bounded, coalescing watcher queues.
+//! - `store`: the table and its storage as every front end shares them.
 //! - `storage`: the data dir (SQLite, WAL) a table is saved to and loaded from.
 //! - `durable`: group commit of a table to its storage, backpressure, durable waits.
+//! - `server` (feature "server"): the gRPC data plane on tonic.
 //! - `python` (feature "python"): the pyo3 bindings behind `meshstore._core`.
+pub mod approval;
 pub mod causal;
 pub mod decode;
 pub mod durable;
@@ -19,14 +23,36 @@ pub mod hlc;
 pub mod intern;
 pub mod strategy;
 pub mod storage;
+pub mod store;
 pub mod table;
 pub mod watch;
 pub mod wire;
 
 #[cfg(feature = "python")]
 mod python;
+#[cfg(feature = "python")]
+mod py_server;
+#[cfg(feature = "server")]
+pub mod server;
 
-/// Types generated from proto/entity/v1/entity.proto.
+/// Types generated from proto/ (entity.v1's are also re-exported at the top).
 pub mod pb {
-    include!(concat!(env!("OUT_DIR"), "/entity.v1.rs"));
+    pub mod entity {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/entity.v1.rs"));
+        }
+    }
+    pub mod store {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/store.v1.rs"));
+        }
+    }
+    pub mod mesh {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/mesh.v1.rs"));
+        }
+    }
+    pub use entity::v1::*;
+    /// The encoded descriptors of every file above (and their imports), for reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
 }

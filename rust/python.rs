@@ -5,7 +5,9 @@
 //! scans) release the GIL first; no thread ever waits for the GIL while holding the
 //! table lock (watcher and expiry callbacks run after it is released), so the two
 //! locks cannot deadlock.
+use crate::approval;
 use crate::causal::VersionVector;
+use crate::pb::ApprovalState;
 use crate::durable::Durable;
 use crate::storage::{self, PeerAck, Storage};
 use crate::entity::WallTime;
@@ -13,9 +15,9 @@ use crate::error::Error;
 use crate::hlc::system_wall_ns;
 use crate::intern::{intern, Sym};
 use crate::strategy::{Merge, Rule};
+use crate::store::{Notices, Store};
 use crate::table::{Options, Table, WriteMode, WriteOutcome};
 use crate::watch::{Event, Watch, WatchSpec};
-use crate::wire::{put_bytes_field, put_len_prefix, put_varint_field};
 use parking_lot::Mutex;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -26,9 +28,6 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
-
-/// How long a write waits for a storage writer that is `max_pending` changes behind.
-const BACKPRESSURE_TIMEOUT: Duration = Duration::from_secs(30);
 
 static ENTITY_CLASS: GILOnceCell<Py<PyAny>> = GILOnceCell::new();
 static ERRORS: GILOnceCell<Py<PyModule>> = GILOnceCell::new();
@@ -72,14 +71,15 @@ fn py_err(py: Python<'_>, err: Error) -> PyErr {
         Ok(m) => m.bind(py),
         Err(e) => return e,
     };
-    let (class, entity_id, keys): (&str, Option<String>, Vec<String>) = match &err {
-        Error::Invalid { id, key, .. } => ("InvalidEntityError", id.clone(), key.iter().cloned().collect()),
-        Error::NotFound(id) => ("NotFoundError", Some(id.clone()), vec![]),
-        Error::AlreadyExists(id) => ("AlreadyExistsError", Some(id.clone()), vec![]),
-        Error::Stale { id, keys } => ("StaleWriteError", Some(id.clone()), keys.clone()),
-        Error::ClockSkew { id, key, .. } => ("ClockSkewError", Some(id.clone()), key.iter().cloned().collect()),
-        Error::CursorExpired { .. } => ("CursorExpiredError", None, vec![]),
-        Error::Storage(_) => ("StorageError", None, vec![]),
+    let class = err.class_name();
+    let (entity_id, keys): (Option<String>, Vec<String>) = match &err {
+        Error::Invalid { id, key, .. } => (id.clone(), key.iter().cloned().collect()),
+        Error::NotFound(id) | Error::AlreadyExists(id) => (Some(id.clone()), vec![]),
+        Error::Stale { id, keys } => (Some(id.clone()), keys.clone()),
+        Error::ClockSkew { id, key, .. } | Error::FailedPrecondition { id, key, .. } => {
+            (Some(id.clone()), key.iter().cloned().collect())
+        }
+        Error::CursorExpired { .. } | Error::Storage(_) => (None, vec![]),
     };
     let build = || -> PyResult<PyErr> {
         let exc = module.getattr(class)?.call1((err.to_string(),))?;
@@ -191,14 +191,7 @@ impl PyEvent {
     /// The event as serialized `store.v1.EntityEvent` bytes (for the wire, no decode).
     fn to_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
         let e = &self.event;
-        let entity = self.entity.bytes(|| e.entity_bytes());
-        let mut out = Vec::with_capacity(entity.len() + 32);
-        put_varint_field(&mut out, 1, e.kind as u64);
-        put_len_prefix(&mut out, 2, entity.len());
-        out.extend_from_slice(entity);
-        put_bytes_field(&mut out, 3, e.source.as_str().as_bytes());
-        put_varint_field(&mut out, 4, e.cursor);
-        PyBytes::new(py, &out)
+        PyBytes::new(py, &e.to_wire(self.entity.bytes(|| e.entity_bytes())))
     }
     fn __repr__(&self) -> String {
         let kind = ["", "CREATED", "UPDATED", "DELETED"][self.event.kind as usize];
@@ -240,7 +233,7 @@ impl WatchHandle {
     /// Closes the watcher and wakes its consumers (iteration ends).
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         let core = self.core.get();
-        py.allow_threads(|| core.table.lock().unwatch(self.watch.id));
+        py.allow_threads(|| core.store.table.lock().unwatch(self.watch.id));
         let waker = core.wakers.lock().remove(&self.watch.id);
         match waker {
             Some(w) => w.call0(py).map(drop),
@@ -265,31 +258,30 @@ impl WatchHandle {
 
 #[pyclass(module = "meshstore._core", frozen)]
 pub struct Core {
-    table: Mutex<Table>,
+    pub(crate) store: Arc<Store>,
     wakers: Mutex<HashMap<u64, PyObject>>,
     on_expiry: Mutex<Option<PyObject>>,
     wall_offset_ns: Arc<AtomicI64>,
-    /// Set once by `open_storage`.
-    durable: OnceLock<Durable>,
 }
 
 impl Core {
-    /// Runs `op` on the table, then (locks released) wakes async watchers and reports
-    /// expiry changes to Python.
+    /// Runs `op` on the table (without the GIL if `release_gil`), then delivers its notices.
     fn run<T>(&self, py: Python<'_>, release_gil: bool, op: impl FnOnce(&mut Table) -> T + Send) -> PyResult<T>
     where
         T: Send,
     {
-        let work = || {
-            let mut t = self.table.lock();
-            let out = op(&mut t);
-            (out, std::mem::take(&mut t.wake), std::mem::take(&mut t.expiry_changes))
-        };
-        let (out, wake, expiries) = if release_gil { py.allow_threads(work) } else { work() };
-        if !wake.is_empty() {
+        let (out, notices) = if release_gil { py.allow_threads(|| self.store.run(op)) } else { self.store.run(op) };
+        self.deliver(py, notices)?;
+        Ok(out)
+    }
+
+    /// Wakes the async watchers a table operation named and reports expiry changes to
+    /// Python (the GIL held, the table lock not).
+    pub(crate) fn deliver(&self, py: Python<'_>, notices: Notices) -> PyResult<()> {
+        if !notices.wake.is_empty() {
             let wakers: Vec<PyObject> = {
                 let mut w = self.wakers.lock();
-                wake.iter().filter_map(|id| w.remove(id)).collect()
+                notices.wake.iter().filter_map(|id| w.remove(id)).collect()
             };
             for waker in wakers {
                 // A consumer's broken waker must not fail the write that woke it.
@@ -298,34 +290,33 @@ impl Core {
                 }
             }
         }
-        if !expiries.is_empty() {
+        if !notices.expiries.is_empty() {
             let hook = self.on_expiry.lock().as_ref().map(|h| h.clone_ref(py));
             if let Some(hook) = hook {
                 let changes: Vec<(String, Option<(i64, i32)>)> =
-                    expiries.into_iter().map(|(id, when)| (id.to_string(), when)).collect();
+                    notices.expiries.into_iter().map(|(id, when)| (id.to_string(), when)).collect();
                 hook.call1(py, (changes,))?;
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// `run` for an operation that changes the table: admitted by storage first (see
-    /// `Durable::gate`), and the storage writer is told afterwards.
+    /// `Store::try_write`); a write that must wait (backlog, failing disk) waits in
+    /// `Store::gate` without the GIL, then tries again.
     fn run_write<T>(&self, py: Python<'_>, release_gil: bool, op: impl FnOnce(&mut Table) -> T + Send) -> PyResult<T>
     where
         T: Send,
     {
-        let Some(d) = self.durable.get() else { return self.run(py, release_gil, op) };
         let mut op = Some(op);
         loop {
-            // Admitted inside the lock the write takes anyway; only a write that must wait
-            // (backlog, failing disk) leaves it for `gate`, then tries again.
-            let out = self.run(py, release_gil, |t| d.admits(t.seq()).then(|| (op.take().expect("runs once"))(t)))?;
-            if let Some(out) = out {
-                d.changed.notify_one();
+            let store = &self.store;
+            let done = if release_gil { py.allow_threads(|| store.try_write(&mut op)) } else { store.try_write(&mut op) };
+            if let Some((out, notices)) = done {
+                self.deliver(py, notices)?;
                 return Ok(out);
             }
-            py.allow_threads(|| d.gate(|| self.table.lock().seq(), BACKPRESSURE_TIMEOUT)).map_err(|e| py_err(py, e))?;
+            py.allow_threads(|| store.gate()).map_err(|e| py_err(py, e))?;
         }
     }
 
@@ -334,7 +325,7 @@ impl Core {
     }
 
     fn durable(&self, py: Python<'_>) -> PyResult<&Durable> {
-        self.durable.get().ok_or_else(|| py_err(py, Error::Storage("this store has no storage".into())))
+        self.store.durable.get().ok_or_else(|| py_err(py, Error::Storage("this store has no storage".into())))
     }
 }
 
@@ -361,11 +352,10 @@ impl Core {
             ..Options::default()
         };
         Ok(Core {
-            table: Mutex::new(Table::new(opts, wall)),
+            store: Arc::new(Store::new(Table::new(opts, wall))),
             wakers: Mutex::new(HashMap::new()),
             on_expiry: Mutex::new(None),
             wall_offset_ns: offset,
-            durable: OnceLock::new(),
         })
     }
 
@@ -391,6 +381,14 @@ impl Core {
 
     fn delete(&self, py: Python<'_>, entity_id: &str) -> PyResult<()> {
         self.run_write(py, false, |t| t.delete(entity_id))?.map_err(|e| py_err(py, e))
+    }
+
+    /// Moves the entity's pending approval to `state` (entity.v1.ApprovalState APPROVED or
+    /// DENIED); the result of the write (see `approval::decide`).
+    fn decide(&self, py: Python<'_>, entity_id: &str, state: i32) -> PyResult<PyUpdateResult> {
+        let state = ApprovalState::try_from(state)
+            .map_err(|_| PyValueError::new_err(format!("a decision is APPROVED or DENIED, got {state}")))?;
+        self.run_write(py, false, |t| approval::decide(t, entity_id, state))?.map(result).map_err(|e| py_err(py, e))
     }
 
     fn get<'py>(&self, py: Python<'py>, entity_id: &str) -> PyResult<Bound<'py, PyBytes>> {
@@ -429,7 +427,7 @@ impl Core {
     /// (seq, [(node, incarnation, counter), ...]): the store's context summary, valid as
     /// of that seq.
     fn context_summary(&self) -> (u64, Vec<(&'static str, u64, u64)>) {
-        let t = self.table.lock();
+        let t = self.store.table.lock();
         (t.seq(), t.context_summary().entries().iter().map(|&(n, i, c)| (n.as_str(), i, c)).collect())
     }
 
@@ -503,7 +501,7 @@ impl Core {
             }
         };
         let bounds = finite.unwrap_or_default().into_iter().map(|f| (f, f64::MIN, f64::MAX)).collect();
-        self.table.lock().register(type_url, Rule::new(merge, bounds));
+        self.store.table.lock().register(type_url, Rule::new(merge, bounds));
         Ok(())
     }
 
@@ -520,17 +518,17 @@ impl Core {
 
     #[getter]
     fn node_id(&self) -> &'static str {
-        self.table.lock().node().as_str()
+        self.store.table.lock().node().as_str()
     }
 
     #[getter]
     fn seq(&self) -> u64 {
-        self.table.lock().seq()
+        self.store.table.lock().seq()
     }
 
     #[getter]
     fn incarnation(&self) -> u64 {
-        self.table.lock().incarnation()
+        self.store.table.lock().incarnation()
     }
 
     // ---- storage -----------------------------------------------------------------------
@@ -540,12 +538,12 @@ impl Core {
     /// start can say what a crash may have lost. Returns what was found: entities
     /// loaded, whether the last run closed cleanly, and its durability mode.
     fn open_storage<'py>(&self, py: Python<'py>, dir: &str, mode: String, max_pending: u64) -> PyResult<Bound<'py, PyDict>> {
-        if self.durable.get().is_some() {
+        if self.store.durable.get().is_some() {
             return Err(py_err(py, Error::Storage("storage is already attached".into())));
         }
         let opened = py.allow_threads(|| -> Result<_, Error> {
             let (mut storage, stored) = Storage::open(Path::new(dir)).map_err(|e| Error::Storage(e.0))?;
-            let mut t = self.table.lock();
+            let mut t = self.store.table.lock();
             if let Some(s) = stored.as_ref().filter(|s| s.meta.node_id != t.node().as_str()) {
                 let msg = format!("data dir {dir} belongs to node '{}', not '{}'", s.meta.node_id, t.node().as_str());
                 return Err(Error::Storage(msg));
@@ -558,7 +556,7 @@ impl Core {
             }
             storage.begin(&t.node_state(), &mode).map_err(|e| Error::Storage(e.0))?;
             let (clean, previous, acks) = stored.map_or((true, String::new(), vec![]), |s| (s.clean, s.durability, s.peer_acks));
-            let _ = self.durable.set(Durable::new(storage, t.seq(), acks, max_pending, mode));
+            let _ = self.store.durable.set(Durable::new(storage, t.seq(), acks, max_pending, mode));
             Ok((loaded, clean, previous))
         });
         let (loaded, clean, previous) = opened.map_err(|e| py_err(py, e))?;
@@ -576,7 +574,7 @@ impl Core {
     fn commit_pending(&self, py: Python<'_>, wait: f64) -> PyResult<u64> {
         let d = self.durable(py)?;
         let wait = Duration::try_from_secs_f64(wait).unwrap_or_default();
-        py.allow_threads(|| d.commit_pending(&self.table, wait)).map_err(|e| py_err(py, e))
+        py.allow_threads(|| d.commit_pending(&self.store.table, wait)).map_err(|e| py_err(py, e))
     }
 
     /// True once `seq` is committed, False after `timeout` seconds; StorageError if
@@ -589,12 +587,12 @@ impl Core {
 
     #[getter]
     fn committed_seq(&self) -> Option<u64> {
-        self.durable.get().map(|d| d.committed())
+        self.store.durable.get().map(|d| d.committed())
     }
 
     /// Wakes a writer thread waiting in `commit_pending` (so it can see it must stop).
     fn wake_writer(&self) {
-        if let Some(d) = self.durable.get() {
+        if let Some(d) = self.store.durable.get() {
             d.changed.notify_all();
         }
     }
@@ -602,8 +600,8 @@ impl Core {
     /// Commits what is left, marks the data dir cleanly closed and releases it; later
     /// writes are refused. No-op without storage.
     fn close_storage(&self, py: Python<'_>) -> PyResult<()> {
-        match self.durable.get() {
-            Some(d) => py.allow_threads(|| d.close(&self.table)).map_err(|e| py_err(py, e)),
+        match self.store.durable.get() {
+            Some(d) => py.allow_threads(|| d.close(&self.store.table)).map_err(|e| py_err(py, e)),
             None => Ok(()),
         }
     }
@@ -611,7 +609,7 @@ impl Core {
     /// Records how far the mesh peer at `peer` (node `node_id`, `incarnation`)
     /// acknowledged this node's log, for storage.
     fn note_peer_ack(&self, peer: String, node_id: String, incarnation: u64, acked_seq: u64) {
-        if let Some(d) = self.durable.get() {
+        if let Some(d) = self.store.durable.get() {
             d.note_peer_ack(PeerAck { peer, node_id, incarnation, acked_seq });
         }
     }
@@ -619,13 +617,13 @@ impl Core {
     /// The peers' acknowledgements as stored: [(peer, node_id, incarnation, acked_seq)]
     /// (empty without storage).
     fn peer_acks(&self) -> Vec<(String, String, u64, u64)> {
-        let acks = self.durable.get().map(|d| d.peer_acks()).unwrap_or_default();
+        let acks = self.store.durable.get().map(|d| d.peer_acks()).unwrap_or_default();
         acks.into_iter().map(|a| (a.peer, a.node_id, a.incarnation, a.acked_seq)).collect()
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        if let Some(durable) = self.durable.get() {
+        if let Some(durable) = self.store.durable.get() {
             let s = durable.stats();
             d.set_item("durability", &durable.mode)?;
             d.set_item("committed_seq", s.committed_seq)?;
@@ -637,7 +635,7 @@ impl Core {
             d.set_item("storage_bytes", s.storage_bytes)?;
             d.set_item("max_pending", durable.max_pending)?;
         }
-        let t = self.table.lock();
+        let t = self.store.table.lock();
         if let Some(committed) = self.committed_seq() {
             d.set_item("pending_changes", t.seq().saturating_sub(committed))?;
         }
@@ -718,5 +716,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyUpdateResult>()?;
     m.add_class::<PyEvent>()?;
     m.add_class::<WatchHandle>()?;
+    m.add_class::<crate::py_server::PyGrpcServer>()?;
     Ok(())
 }

@@ -18,7 +18,9 @@ use crate::intern::Sym;
 use parking_lot::{Condvar, Mutex};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use crate::wire::{put_bytes_field, put_len_prefix, put_varint_field};
 use std::sync::Arc;
+use std::task::Waker;
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +63,18 @@ impl Event {
     pub fn entity_bytes(&self) -> Vec<u8> {
         self.state.to_bytes(View { full: false, projection: self.projection.as_deref() }, &self.registry)
     }
+
+    /// The event as `store.v1.EntityEvent` bytes around the given entity bytes: type,
+    /// entity, origin node and the resume cursor as `seq`.
+    pub fn to_wire(&self, entity: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(entity.len() + 32);
+        put_varint_field(&mut out, 1, self.kind as u64);
+        put_len_prefix(&mut out, 2, entity.len());
+        out.extend_from_slice(entity);
+        put_bytes_field(&mut out, 3, self.source.as_str().as_bytes());
+        put_varint_field(&mut out, 4, self.cursor);
+        out
+    }
 }
 
 pub struct WatchSpec {
@@ -92,8 +106,10 @@ struct Queue {
     held_due: BinaryHeap<Reverse<(Instant, u64)>>,
     held_ids: HashMap<u64, Arc<str>>,
     held_serial: u64,
-    /// An async consumer waits to be told when the queue stops being empty.
+    /// A Python async consumer waits to be told when the queue stops being empty.
     armed: bool,
+    /// A Rust async consumer's waker (`poll_ready`), woken on the same occasions.
+    waker: Option<Waker>,
     closed: bool,
 }
 
@@ -146,6 +162,7 @@ impl Watch {
                     // Waiting consumers must learn the new due time: a sleeping poll
                     // re-computes its deadline, an armed async consumer re-arms.
                     self.ready.notify_one();
+                    wake_rust(&mut q);
                     return std::mem::take(&mut q.armed);
                 }
             }
@@ -173,6 +190,7 @@ impl Watch {
         q.events.push_back(Some(Slot { event, first_seq: slot.first_seq }));
         q.live += 1;
         self.ready.notify_one();
+        wake_rust(q);
         std::mem::take(&mut q.armed)
     }
 
@@ -249,6 +267,22 @@ impl Watch {
         (false, Self::next_due(&q).map(|d| d.saturating_duration_since(now)))
     }
 
+    /// For async consumers in Rust: true if events are ready now (or the watch is
+    /// closed); otherwise `waker` is woken on the next event, and the time until the next
+    /// held event falls due is returned (the consumer wakes itself then).
+    pub fn poll_ready(&self, waker: &Waker) -> (bool, Option<Duration>) {
+        let mut q = self.queue.lock();
+        let now = Instant::now();
+        self.release_held(&mut q, now);
+        if q.live > 0 || q.closed {
+            return (true, None);
+        }
+        if !q.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            q.waker = Some(waker.clone());
+        }
+        (false, Self::next_due(&q).map(|d| d.saturating_duration_since(now)))
+    }
+
     pub fn close(&self) {
         let mut q = self.queue.lock();
         q.closed = true;
@@ -256,6 +290,7 @@ impl Watch {
         q.live = 0;
         q.pending = None;
         self.ready.notify_all();
+        wake_rust(&mut q);
     }
 
     pub fn is_closed(&self) -> bool {
@@ -271,6 +306,12 @@ impl Watch {
             delivered: q.delivered,
             coalescing: q.pending.is_some(),
         }
+    }
+}
+
+fn wake_rust(q: &mut Queue) {
+    if let Some(w) = q.waker.take() {
+        w.wake();
     }
 }
 

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from meshstore import Store
 from meshstore.components import APPROVAL, POSITION, THREAT, make_entity, pack, type_url, unpack
 from meshstore.pb import entity_pb2, store_pb2, store_pb2_grpc
-from meshstore.grpc.server import SERVICE_NAME, UPDATE_RESULT_TRAILER
+from meshstore.grpc.server import SERVICE_NAME, UPDATE_RESULT_METADATA
 from meshstore.grpc.status import RpcFailure, status_for
 from meshstore.node import Node
 
@@ -273,9 +273,9 @@ class OldClient(grpc.UnaryUnaryClientInterceptor):
         return continuation(details, request)
 
 
-def update_result_trailer(call: Any) -> store_pb2.UpdateResult:
-    trailers = dict(call.trailing_metadata())
-    return store_pb2.UpdateResult.FromString(trailers[UPDATE_RESULT_TRAILER])
+def update_result_metadata(call: Any) -> store_pb2.UpdateResult:
+    found = dict(call.initial_metadata())
+    return store_pb2.UpdateResult.FromString(found[UPDATE_RESULT_METADATA])
 
 
 def test_old_client_read_modify_write_gets_the_per_key_merge(server: ServerThread) -> None:
@@ -289,7 +289,7 @@ def test_old_client_read_modify_write_gets_the_per_key_merge(server: ServerThrea
     sensor, call = old.UpdateEntity.with_call(
         store_pb2.UpdateEntityRequest(entity=track("t1", lat=2.0, lon=2.0)), timeout=TIMEOUT)
     assert position(sensor) == (2.0, 2.0)
-    assert list(update_result_trailer(call).applied) == [POSITION]
+    assert list(update_result_metadata(call).applied) == [POSITION]
     # ...and the classifier sends back the whole entity it read, plus its threat.
     read.components[THREAT].CopyFrom(pack(entity_pb2.ThreatComponent(level=entity_pb2.THREAT_LEVEL_HIGH)))
     answer, call = old.UpdateEntity.with_call(store_pb2.UpdateEntityRequest(entity=read), timeout=TIMEOUT)
@@ -297,7 +297,7 @@ def test_old_client_read_modify_write_gets_the_per_key_merge(server: ServerThrea
     # The bare entity answers (the kept position in it); the per-key outcome rides in
     # the trailing metadata, where an old client does not look.
     assert position(answer) == (2.0, 2.0)
-    keys = update_result_trailer(call)
+    keys = update_result_metadata(call)
     assert list(keys.applied) == [THREAT]
     assert list(keys.stale) == [POSITION]
     assert not keys.HasField("entity")
@@ -495,7 +495,7 @@ def test_watch_client_disconnect_closes_the_server_watcher(server: ServerThread)
     wait_for(lambda: server.store.stats()["watchers"] == 1, what="first watcher closed")
     streams[1].close()
     wait_for(lambda: server.store.stats()["watchers"] == 0, what="second watcher closed")
-    wait_for(lambda: server.running.server.servicer.open_streams == 0, what="server streams forgotten")
+    wait_for(lambda: server.running.server.stats()["watch_streams"] == 0, what="server streams forgotten")
     # The server still serves watches.
     again = Stream(server)
     server.store.put(track("t2"))

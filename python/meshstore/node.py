@@ -10,8 +10,9 @@ A :class:`Node` holds
   closes it) or one made from the given :class:`~meshstore.options.StoreOptions` (closed
   by :meth:`Node.stop`);
 - a gRPC server (:class:`~meshstore.grpc.server.GrpcServer`) on ``host:port`` serving
-  ``store.v1.EntityStoreService``, the mesh receiver ``mesh.v1.MeshService``
-  (:class:`~meshstore.mesh.receiver.MeshServicer`: peers push their changes to it), the
+  ``store.v1.EntityStoreService``, the mesh receiver ``mesh.v1.MeshService`` (peers
+  push their changes to it; :class:`~meshstore.mesh.receiver.MeshReceiver` answers its
+  questions and reads its counters), the
   standard health service and (``reflection``) server reflection;
 - with ``http_port``, an HTTP server (:class:`~meshstore.http.server.HttpServer`, aiohttp
   on the same event loop) on ``http_host:http_port``: the JSON API, the live feed
@@ -43,8 +44,7 @@ from typing import Any
 from meshstore.grpc.server import DEFAULT_MAX_MESSAGE_BYTES, GrpcServer, check_listen_options
 from meshstore.http.server import HttpServer
 from meshstore.logs import event as log_event
-from meshstore.mesh.protocol import SERVICE_NAME as MESH_SERVICE_NAME
-from meshstore.mesh.receiver import MeshServicer
+from meshstore.mesh.receiver import MeshReceiver
 from meshstore.mesh.relay import Relay
 from meshstore.options import StoreOptions
 from meshstore.store import Store
@@ -135,7 +135,7 @@ class Node:
         self.store: Store = store
         try:
             #: The receiving side of the mesh (served by the node's gRPC server).
-            self.receiver = MeshServicer(store)
+            self.receiver = MeshReceiver(store)
             self._relay: Relay | None = None
             self._owns_relay = False
             if options.peers:
@@ -265,8 +265,8 @@ class Node:
             raise RuntimeError("a stopped node cannot start again: make a new one")
         o = self.options
         server = GrpcServer(self.store, o.host, o.port, o.max_message_bytes, reflection=o.reflection,
-                            extra_stats=self._stats_values)
-        server.add_service(MESH_SERVICE_NAME, self.receiver.add_to_server)
+                            extra_stats=self._stats_values, mesh=self.receiver)
+        self.receiver.server = server
         try:
             await server.start()
         except BaseException:
@@ -307,7 +307,6 @@ class Node:
         grace = self.options.grace if grace is None else grace
         server = self.server
         await server.begin_shutdown()
-        self.receiver.close_streams()
         if self._http is not None:
             await asyncio.gather(server.stop(grace), self._http.stop(grace))
         else:
@@ -367,7 +366,7 @@ class Node:
             await self.start()
             await stop.wait()
             log_event(log, logging.INFO, "shutting down", signal=received[0] if received else "none",
-                      watch_streams=self.server.servicer.open_streams, grace_s=self.options.grace)
+                      watch_streams=self.server.stats()["watch_streams"], grace_s=self.options.grace)
             await self.drain()
         finally:
             # The handlers stay until the store is closed: a signal's default action now

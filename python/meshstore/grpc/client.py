@@ -350,42 +350,47 @@ class WatchStream:
             if self.cursor is None and not self.include_existing:
                 self.cursor = info.seq  # live from here; a reconnect resumes from it
             request = self._request()
-            call = client.stub.WatchEntities(request, wait_for_ready=False)
+            # The batched form: every event ready at the server in one message.
+            call = client.stub.WatchEntityBatches(request, wait_for_ready=False)
             log_event(log, logging.INFO if not first else logging.DEBUG,
                       "watch resumed" if not first else "watching", client=client.name, store=client.address,
                       since_seq=request.since_seq if request.HasField("since_seq") else None,
                       include_existing=request.include_existing)
             first = False
             try:
-                while True:
+                reconnect = False
+                while not reconnect:
                     try:
                         # asyncio.timeout, not wait_for: on 3.11 wait_for drops a
                         # cancellation that races with the read completing.
                         async with asyncio.timeout(self.idle_timeout):
-                            ev = await call.read()
+                            batch = await call.read()
                     except TimeoutError:
                         log_event(log, logging.WARNING, "watch silent too long; reconnecting",
                                   client=client.name, store=client.address, idle_timeout_s=self.idle_timeout)
                         break
-                    if ev is grpc.aio.EOF:
+                    if batch is grpc.aio.EOF:
                         log_event(log, logging.INFO, "watch ended by the store; resuming",
                                   client=client.name, cursor=self.cursor)
                         break
                     self.connected = True
-                    if ev.type == store_pb2.EVENT_TYPE_HEARTBEAT:
+                    for ev in batch.events:
+                        if ev.type == store_pb2.EVENT_TYPE_HEARTBEAT:
+                            if self.cursor is None or ev.seq > self.cursor:
+                                self.cursor = ev.seq
+                            continue
+                        self._nacked = False
+                        self.events += 1
+                        yield ev
+                        if self._nacked:
+                            # The rest of the batch comes again: the cursor stops before this event.
+                            log_event(log, logging.INFO, "event not handled; resuming from before it",
+                                      client=client.name, entity_id=ev.entity.id, cursor=self.cursor)
+                            await asyncio.sleep(client.backoff.delay(0, client._rng))
+                            reconnect = True
+                            break
                         if self.cursor is None or ev.seq > self.cursor:
                             self.cursor = ev.seq
-                        continue
-                    self._nacked = False
-                    self.events += 1
-                    yield ev
-                    if self._nacked:
-                        log_event(log, logging.INFO, "event not handled; resuming from before it",
-                                  client=client.name, entity_id=ev.entity.id, cursor=self.cursor)
-                        await asyncio.sleep(client.backoff.delay(0, client._rng))
-                        break
-                    if self.cursor is None or ev.seq > self.cursor:
-                        self.cursor = ev.seq
             except grpc.RpcError as err:
                 exc = error_from_rpc(err, "WatchEntities", client.address)
                 if isinstance(exc, CursorExpiredError):

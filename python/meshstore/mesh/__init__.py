@@ -2,9 +2,9 @@
 
 - ``meshstore.mesh.relay``: the sending side, :class:`~meshstore.mesh.relay.Relay`
   pushes a store's changes to every peer;
-- ``meshstore.mesh.receiver``: the receiving side,
-  :class:`~meshstore.mesh.receiver.MeshServicer` (``mesh.v1.MeshService``) merges what
-  peers push;
+- ``meshstore.mesh.receiver``: the node's side of the receiving end,
+  :class:`~meshstore.mesh.receiver.MeshReceiver` (``mesh.v1.MeshService`` itself is
+  served by the core's gRPC server, which merges what peers push);
 - ``meshstore.mesh.budget``: the per-peer bandwidth budget (token bucket, priorities,
   coalescing);
 - ``meshstore.mesh.protocol``: what both sides share (service and method names, message

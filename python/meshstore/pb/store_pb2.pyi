@@ -34,6 +34,12 @@ class EntityEvent(_message.Message):
     seq: int
     def __init__(self, type: _Optional[_Union[EventType, str]] = ..., entity: _Optional[_Union[_entity_pb2.Entity, _Mapping]] = ..., origin_node: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
 
+class EntityEventBatch(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[EntityEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[EntityEvent, _Mapping]]] = ...) -> None: ...
+
 class CreateEntityRequest(_message.Message):
     __slots__ = ("entity",)
     ENTITY_FIELD_NUMBER: _ClassVar[int]

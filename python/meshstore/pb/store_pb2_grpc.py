@@ -91,6 +91,11 @@ class EntityStoreServiceStub:
                 request_serializer=store_dot_v1_dot_store__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=store_dot_v1_dot_store__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.WatchEntityBatches = channel.unary_stream(
+                '/store.v1.EntityStoreService/WatchEntityBatches',
+                request_serializer=store_dot_v1_dot_store__pb2.WatchEntitiesRequest.SerializeToString,
+                response_deserializer=store_dot_v1_dot_store__pb2.EntityEventBatch.FromString,
+                _registered_method=True)
 
 
 class EntityStoreServiceServicer:
@@ -166,6 +171,14 @@ class EntityStoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchEntityBatches(self, request, context):
+        """WatchEntities for high-rate consumers: the same request and semantics, every event
+        ready at that moment in one message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EntityStoreServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -223,6 +236,11 @@ def add_EntityStoreServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=store_dot_v1_dot_store__pb2.GetStatsRequest.FromString,
                     response_serializer=store_dot_v1_dot_store__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'WatchEntityBatches': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEntityBatches,
+                    request_deserializer=store_dot_v1_dot_store__pb2.WatchEntitiesRequest.FromString,
+                    response_serializer=store_dot_v1_dot_store__pb2.EntityEventBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -522,6 +540,33 @@ class EntityStoreService:
             '/store.v1.EntityStoreService/GetStats',
             store_dot_v1_dot_store__pb2.GetStatsRequest.SerializeToString,
             store_dot_v1_dot_store__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEntityBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/store.v1.EntityStoreService/WatchEntityBatches',
+            store_dot_v1_dot_store__pb2.WatchEntitiesRequest.SerializeToString,
+            store_dot_v1_dot_store__pb2.EntityEventBatch.FromString,
             options,
             channel_credentials,
             insecure,

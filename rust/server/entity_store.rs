@@ -1,0 +1,296 @@
+//! `store.v1.EntityStoreService`: the seed system's eight RPCs with their bare messages
+//! (its clients work unchanged), and meshstore's additions: UpdateEntityDetailed,
+//! PublishEntities, GetStats and WatchEntityBatches (in `watch_stream`).
+//!
+//! Requests are read in place: the entity a request carries is sliced out of its bytes
+//! and handed to the table, which decodes it once. Responses are the table's own
+//! encoding. Every write is answered once it is as durable as the store promises.
+use super::rpc::{self, grpc, malformed, BoxStream, ClientStreaming, HttpResponse, Reply, ServerStreaming, Unary};
+use super::{watch_stream, Context, Level, Open};
+use crate::approval;
+use crate::pb::store::v1 as pb;
+use crate::pb::{ApprovalState, EntityType};
+use crate::table::{WriteMode, WriteOutcome};
+use crate::wire::{put_bytes_field, scan, Field};
+use bytes::Bytes;
+use prost::Message;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::{Request, Response, Status, Streaming};
+
+/// PublishEntities upserts this many entities per table call...
+const PUBLISH_CHUNK: usize = 1024;
+/// ...or whatever arrived within this time, so a slow publisher is applied promptly.
+const PUBLISH_FLUSH_DELAY: Duration = Duration::from_millis(5);
+/// How many rejection messages a PublishSummary carries.
+const PUBLISH_MAX_ERRORS: usize = 10;
+/// Metadata of UpdateEntity: a serialized UpdateResult without the entity.
+pub const UPDATE_RESULT_METADATA: &str = "meshstore-update-result-bin";
+
+pub(crate) async fn handle<B>(ctx: Arc<Context>, req: http::Request<B>, peer: SocketAddr) -> HttpResponse
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    let mut g = grpc(ctx.max_message_bytes);
+    let method = req.uri().path().strip_prefix("/store.v1.EntityStoreService/").unwrap_or("").to_string();
+    let c = ctx.clone();
+    match method.as_str() {
+        "CreateEntity" => g.unary(Unary(Some(|r| create(c, r))), req).await,
+        "GetEntity" => g.unary(Unary(Some(|r| get(c, r))), req).await,
+        "ListEntities" => g.unary(Unary(Some(|r| list(c, r))), req).await,
+        "UpdateEntity" => g.unary(Unary(Some(|r| update(c, r, false))), req).await,
+        "UpdateEntityDetailed" => g.unary(Unary(Some(|r| update(c, r, true))), req).await,
+        "DeleteEntity" => g.unary(Unary(Some(|r| delete(c, r))), req).await,
+        "ApproveAction" => g.unary(Unary(Some(|r| decide(c, r, ApprovalState::Approved))), req).await,
+        "DenyAction" => g.unary(Unary(Some(|r| decide(c, r, ApprovalState::Denied))), req).await,
+        "GetStats" => g.unary(Unary(Some(|r| stats(c, r))), req).await,
+        "PublishEntities" => g.client_streaming(ClientStreaming(Some(move |r| publish(c, r, peer))), req).await,
+        "WatchEntities" => g.server_streaming(ServerStreaming(Some(|r| watch(c, r, false))), req).await,
+        "WatchEntityBatches" => g.server_streaming(ServerStreaming(Some(|r| watch(c, r, true))), req).await,
+        _ => rpc::unimplemented(),
+    }
+}
+
+/// The entity (field 1) and `strict` (field 2) of a Create/UpdateEntityRequest. An
+/// embedded message sent in several pieces is their concatenation (protobuf merges them).
+fn entity_request(raw: &Bytes, type_name: &str) -> Result<(Bytes, bool), Status> {
+    let mut pieces: Vec<&[u8]> = Vec::new();
+    let mut strict = false;
+    scan(raw, |number, field| match (number, field) {
+        (1, Field::Bytes(b)) => pieces.push(b),
+        (2, Field::Varint(v)) => strict = v != 0,
+        _ => {}
+    })
+    .map_err(|_| malformed(type_name))?;
+    let entity = match pieces.as_slice() {
+        [] => return Err(Status::invalid_argument("request has no entity")),
+        [one] => raw.slice_ref(one),
+        many => Bytes::from(many.concat()),
+    };
+    Ok((entity, strict))
+}
+
+fn decode<M: Message + Default>(raw: &Bytes, type_name: &str) -> Result<M, Status> {
+    M::decode(raw.as_ref()).map_err(|_| malformed(type_name))
+}
+
+fn check_id(id: &str) -> Result<(), Status> {
+    if id.is_empty() {
+        return Err(Status::invalid_argument("entity id is empty"));
+    }
+    Ok(())
+}
+
+async fn create(ctx: Arc<Context>, req: Request<Bytes>) -> Reply {
+    let (entity, _) = entity_request(req.get_ref(), "store.v1.CreateEntityRequest")?;
+    let out = ctx.write(move |t| t.write(&entity, WriteMode::Create, false)).await?;
+    Ok(Response::new(out.entity_bytes().into()))
+}
+
+async fn update(ctx: Arc<Context>, req: Request<Bytes>, detailed: bool) -> Reply {
+    let (entity, strict) = entity_request(req.get_ref(), "store.v1.UpdateEntityRequest")?;
+    let out = ctx.write(move |t| t.write(&entity, WriteMode::Update, strict)).await?;
+    let keys = |o: &WriteOutcome| pb::UpdateResult {
+        entity: None,
+        applied: o.applied.iter().map(|s| s.as_str().to_string()).collect(),
+        stale: o.stale.iter().map(|s| s.as_str().to_string()).collect(),
+        unchanged: o.unchanged.iter().map(|s| s.as_str().to_string()).collect(),
+    };
+    if detailed {
+        // UpdateResult{entity = 1, ...}: the keys, then the entity bytes as field 1.
+        let mut bytes = keys(&out).encode_to_vec();
+        put_bytes_field(&mut bytes, 1, &out.entity_bytes());
+        return Ok(Response::new(bytes.into()));
+    }
+    let mut response = Response::new(out.entity_bytes().into());
+    let result = tonic::metadata::MetadataValue::from_bytes(&keys(&out).encode_to_vec());
+    response.metadata_mut().insert_bin(UPDATE_RESULT_METADATA, result);
+    Ok(response)
+}
+
+async fn get(ctx: Arc<Context>, req: Request<Bytes>) -> Reply {
+    let r: pb::GetEntityRequest = decode(req.get_ref(), "store.v1.GetEntityRequest")?;
+    check_id(&r.id)?;
+    Ok(Response::new(ctx.store.table.lock().get(&r.id)?.into()))
+}
+
+fn check_type(type_filter: i32) -> Result<(), Status> {
+    if EntityType::try_from(type_filter).is_err() {
+        let known: Vec<i32> = (0..64).filter(|v| EntityType::try_from(*v).is_ok()).collect();
+        return Err(Status::invalid_argument(format!("type_filter must be an EntityType value {known:?}, got {type_filter}")));
+    }
+    Ok(())
+}
+
+async fn list(ctx: Arc<Context>, req: Request<Bytes>) -> Reply {
+    let r: pb::ListEntitiesRequest = decode(req.get_ref(), "store.v1.ListEntitiesRequest")?;
+    check_type(r.type_filter)?;
+    let store = ctx.store.clone();
+    // A full list can be large: encoded off the runtime's workers.
+    let bytes = tokio::task::spawn_blocking(move || {
+        let entities = store.table.lock().list(r.type_filter);
+        let mut out = Vec::with_capacity(entities.iter().map(|e| e.len() + 6).sum());
+        for e in &entities {
+            put_bytes_field(&mut out, 1, e);
+        }
+        out
+    })
+    .await
+    .map_err(|e| Status::internal(format!("list failed: {e}")))?;
+    Ok(Response::new(bytes.into()))
+}
+
+async fn delete(ctx: Arc<Context>, req: Request<Bytes>) -> Reply {
+    let r: pb::DeleteEntityRequest = decode(req.get_ref(), "store.v1.DeleteEntityRequest")?;
+    check_id(&r.id)?;
+    ctx.write(move |t| t.delete(&r.id)).await?;
+    Ok(Response::new(Bytes::new())) // google.protobuf.Empty
+}
+
+async fn decide(ctx: Arc<Context>, req: Request<Bytes>, state: ApprovalState) -> Reply {
+    // ApproveActionRequest and DenyActionRequest are the same message: entity_id = 1.
+    let name = if state == ApprovalState::Approved { "store.v1.ApproveActionRequest" } else { "store.v1.DenyActionRequest" };
+    let r: pb::ApproveActionRequest = decode(req.get_ref(), name)?;
+    check_id(&r.entity_id)?;
+    let out = ctx.write(move |t| approval::decide(t, &r.entity_id, state)).await?;
+    Ok(Response::new(out.entity_bytes().into()))
+}
+
+async fn stats(ctx: Arc<Context>, req: Request<Bytes>) -> Reply {
+    let _: pb::GetStatsRequest = decode(req.get_ref(), "store.v1.GetStatsRequest")?;
+    let values = ctx.blocking(|host| host.stats()).await;
+    let node_id = ctx.store.table.lock().node().as_str().to_string();
+    let response = pb::GetStatsResponse { node_id, values: values.into_iter().collect() };
+    Ok(Response::new(response.encode_to_vec().into()))
+}
+
+async fn watch(ctx: Arc<Context>, req: Request<Bytes>, batched: bool) -> Result<Response<BoxStream>, Status> {
+    let r: pb::WatchEntitiesRequest = decode(req.get_ref(), "store.v1.WatchEntitiesRequest")?;
+    check_type(r.type_filter)?;
+    Ok(Response::new(watch_stream::open(ctx, r, batched)?))
+}
+
+/// The serialized entities of a PublishRequest (`entity`, then `entities`).
+fn publish_payloads(raw: &Bytes) -> Result<Vec<Bytes>, String> {
+    let mut single: Vec<&[u8]> = Vec::new();
+    let mut batch: Vec<&[u8]> = Vec::new();
+    scan(raw, |number, field| match (number, field) {
+        (1, Field::Bytes(b)) => single.push(b),
+        (2, Field::Bytes(b)) => batch.push(b),
+        _ => {}
+    })
+    .map_err(|e| format!("malformed PublishRequest: {e}"))?;
+    let mut out = Vec::with_capacity(batch.len() + 1);
+    match single.as_slice() {
+        [] => {}
+        [one] => out.push(raw.slice_ref(one)),
+        many => out.push(Bytes::from(many.concat())),
+    }
+    out.extend(batch.into_iter().map(|b| raw.slice_ref(b)));
+    if out.is_empty() {
+        return Err("publish request has no entity".into());
+    }
+    Ok(out)
+}
+
+#[derive(Default)]
+struct Tally {
+    summary: pb::PublishSummary,
+}
+
+impl Tally {
+    fn count(&mut self, o: &WriteOutcome) {
+        // Stale: every key written was stale (nothing applied, nothing equal to it).
+        if !o.stale.is_empty() && o.applied.is_empty() && o.unchanged.is_empty() {
+            self.summary.stale += 1;
+        } else {
+            self.summary.applied += 1;
+        }
+    }
+
+    fn reject(&mut self, message: String) {
+        self.summary.rejected += 1;
+        if self.summary.errors.len() < PUBLISH_MAX_ERRORS {
+            self.summary.errors.push(message);
+        }
+    }
+}
+
+/// Upserts a chunk: all in one table call, or (a bad entity in it) one at a time in the
+/// same lock, so the good ones apply and each bad one is counted.
+async fn apply(ctx: &Context, chunk: Vec<Bytes>, tally: &mut Tally) -> Result<(), Status> {
+    let results = ctx
+        .write(move |t| {
+            let slices: Vec<&[u8]> = chunk.iter().map(|b| b.as_ref()).collect();
+            Ok(match t.put_many(&slices) {
+                Ok(all) => all.into_iter().map(Ok).collect(),
+                Err(_) => slices.iter().map(|s| t.write(s, WriteMode::Put, false)).collect::<Vec<_>>(),
+            })
+        })
+        .await?;
+    for result in results {
+        match result {
+            Ok(o) => tally.count(&o),
+            Err(e) => tally.reject(rpc::one_line(&e.to_string())),
+        }
+    }
+    Ok(())
+}
+
+async fn publish(ctx: Arc<Context>, req: Request<Streaming<Bytes>>, peer: SocketAddr) -> Reply {
+    if ctx.is_closing() {
+        return Err(Status::unavailable("server shutting down"));
+    }
+    let _open = Open::new(&ctx, |c| &c.publish_streams);
+    let mut stream = req.into_inner();
+    let mut closing = ctx.closing.subscribe();
+    let mut tally = Tally::default();
+    let mut chunk: Vec<Bytes> = Vec::new();
+    loop {
+        let next = tokio::select! {
+            next = stream.message() => Some(next),
+            _ = tokio::time::sleep(PUBLISH_FLUSH_DELAY), if !chunk.is_empty() => None,
+            _ = closing.wait_for(|c| *c) => {
+                // Shutdown drains the stream: stop reading, answer what was applied.
+                ctx.log(Level::Info, "meshstore.grpc.server", "publish stream drained at shutdown",
+                        vec![("peer", super::peer_name(Some(peer)))]);
+                break;
+            }
+        };
+        match next {
+            None => apply(&ctx, std::mem::take(&mut chunk), &mut tally).await?,
+            Some(Ok(Some(raw))) => match publish_payloads(&raw) {
+                Ok(payloads) => {
+                    chunk.extend(payloads);
+                    if chunk.len() >= PUBLISH_CHUNK {
+                        apply(&ctx, std::mem::take(&mut chunk), &mut tally).await?;
+                    }
+                }
+                Err(message) => tally.reject(message),
+            },
+            Some(Ok(None)) => break,
+            Some(Err(status)) => {
+                // What arrived is applied, even if the client went away or sent too much.
+                apply(&ctx, std::mem::take(&mut chunk), &mut tally).await?;
+                return Err(rpc::limit_status(status));
+            }
+        }
+    }
+    if !chunk.is_empty() {
+        apply(&ctx, chunk, &mut tally).await?;
+    }
+    let s = &tally.summary;
+    if s.rejected > 0 {
+        let fields = vec![
+            ("rejected", s.rejected.to_string()),
+            ("applied", s.applied.to_string()),
+            ("stale", s.stale.to_string()),
+            ("first_error", s.errors[0].clone()),
+            ("peer", super::peer_name(Some(peer))),
+        ];
+        ctx.log(Level::Info, "meshstore.grpc.server", "publish rejected entities", fields);
+    }
+    Ok(Response::new(tally.summary.encode_to_vec().into()))
+}
