@@ -188,11 +188,6 @@ impl PyEvent {
     fn entity_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
         PyBytes::new(py, self.entity.bytes(|| self.event.entity_bytes()))
     }
-    /// The event as serialized `store.v1.EntityEvent` bytes (for the wire, no decode).
-    fn to_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        let e = &self.event;
-        PyBytes::new(py, &e.to_wire(self.entity.bytes(|| e.entity_bytes())))
-    }
     fn __repr__(&self) -> String {
         let kind = ["", "CREATED", "UPDATED", "DELETED"][self.event.kind as usize];
         format!("Event({kind} {:?} seq={} from {:?})", &*self.event.id, self.event.seq, self.event.source.as_str())

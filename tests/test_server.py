@@ -24,7 +24,7 @@ from meshstore import Store
 from meshstore.components import APPROVAL, POSITION, THREAT, make_entity, pack, type_url, unpack
 from meshstore.pb import entity_pb2, store_pb2, store_pb2_grpc
 from meshstore.grpc.server import SERVICE_NAME, UPDATE_RESULT_METADATA
-from meshstore.grpc.status import RpcFailure, status_for
+from meshstore.grpc.status import status_for
 from meshstore.node import Node
 
 pytestmark = pytest.mark.timeout(60)
@@ -215,7 +215,6 @@ def test_unexpected_exceptions_map_to_internal_never_unknown() -> None:
     assert status_for(RuntimeError("boom"))[0] == C.INTERNAL
     assert status_for(PanicLike("core panicked"))[0] == C.INTERNAL
     assert "boom" not in status_for(RuntimeError("boom"))[1]
-    assert status_for(RpcFailure(C.FAILED_PRECONDITION, "x")) == (C.FAILED_PRECONDITION, "x")
     assert status_for(KeyError("k"))[0] == C.INTERNAL
     assert status_for(TypeError("t"))[0] == C.INVALID_ARGUMENT
 

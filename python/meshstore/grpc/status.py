@@ -1,8 +1,8 @@
 """meshstore's exceptions <-> gRPC status codes, both directions.
 
-Server side: :func:`status_for` is the status code and details an exception is answered
-with (nothing escapes as UNKNOWN); :class:`RpcFailure` is a refusal with an explicit
-code (the server's own checks).
+Server side: :func:`status_for` is the status code and details an exception stands for
+(nothing escapes as UNKNOWN): the HTTP side answers with it. The gRPC server itself maps
+the core's errors in Rust (rust/server/rpc.rs, the same table).
 
 Client side: :func:`error_from_rpc` is the meshstore error a failed call stands for
 (the inverse mapping), plus the errors only a remote store has:
@@ -46,7 +46,6 @@ from meshstore.errors import (
 __all__ = [
     "FailedPreconditionError",
     "RpcError",
-    "RpcFailure",
     "StoreUnavailableError",
     "error_from_rpc",
     "status_for",
@@ -58,19 +57,9 @@ _C = grpc.StatusCode
 # ---- server side: exception -> status ------------------------------------------------------
 
 
-class RpcFailure(Exception):
-    """A request refused with an explicit status code (the server's own checks)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and details an exception is answered with."""
     message = " ".join(str(exc).split()) or type(exc).__name__
-    if isinstance(exc, RpcFailure):
-        return exc.code, message
     if isinstance(exc, StaleWriteError):
         return _C.ABORTED, message
     if isinstance(exc, NotFoundError):
