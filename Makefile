@@ -32,7 +32,7 @@ chromium:
 	@command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium)
 
 test: build chromium
-	cargo test --release --quiet
+	cargo test --release --quiet --features server
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The seed system's Go clients against meshstore serve (tests/interop; not part of

@@ -28,6 +28,22 @@ const PUBLISH_MAX_ERRORS: usize = 10;
 /// Metadata of UpdateEntity: a serialized UpdateResult without the entity.
 pub const UPDATE_RESULT_METADATA: &str = "meshstore-update-result-bin";
 
+/// Every method of the service, by full path.
+pub(crate) const METHODS: [&str; 12] = [
+    "/store.v1.EntityStoreService/CreateEntity",
+    "/store.v1.EntityStoreService/GetEntity",
+    "/store.v1.EntityStoreService/ListEntities",
+    "/store.v1.EntityStoreService/UpdateEntity",
+    "/store.v1.EntityStoreService/UpdateEntityDetailed",
+    "/store.v1.EntityStoreService/DeleteEntity",
+    "/store.v1.EntityStoreService/ApproveAction",
+    "/store.v1.EntityStoreService/DenyAction",
+    "/store.v1.EntityStoreService/GetStats",
+    "/store.v1.EntityStoreService/PublishEntities",
+    "/store.v1.EntityStoreService/WatchEntities",
+    "/store.v1.EntityStoreService/WatchEntityBatches",
+];
+
 pub(crate) async fn handle<B>(ctx: Arc<Context>, req: http::Request<B>, peer: SocketAddr) -> HttpResponse
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,

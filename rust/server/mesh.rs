@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 use tonic::{Request, Response, Status, Streaming};
 
+pub(crate) const PUSH: &str = "/mesh.v1.MeshService/Push";
 const LOG_FIRST: u64 = 5;
 const LOG_EVERY: u64 = 1000;
 const LOGGER: &str = "meshstore.mesh.receiver";
@@ -74,7 +75,7 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
-    if req.uri().path() != "/mesh.v1.MeshService/Push" {
+    if req.uri().path() != PUSH {
         return super::rpc::unimplemented();
     }
     let mut g = grpc(ctx.max_message_bytes);

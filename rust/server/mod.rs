@@ -268,7 +268,7 @@ impl Server {
             max_message_bytes: opts.max_message_bytes,
             watch_queue: opts.watch_queue.max(1),
             closing: tokio::sync::watch::channel(false).0,
-            metrics: Metrics::default(),
+            metrics: Metrics::new(&entity_store::METHODS.iter().chain(&[mesh::PUSH]).copied().collect::<Vec<_>>()),
             authorize: opts.authorize,
             watch_streams: AtomicUsize::new(0),
             publish_streams: AtomicUsize::new(0),
@@ -381,11 +381,11 @@ impl Server {
         let methods = self
             .ctx
             .metrics
-            .snapshot()
-            .into_iter()
+            .called()
             .map(|(path, m)| {
                 let buckets = m.latency.iter().map(|b| b.load(Ordering::Relaxed)).collect();
-                (path, m.calls.load(Ordering::Relaxed), m.failed.lock().clone(), buckets, m.latency_sum_us.load(Ordering::Relaxed))
+                let sum = m.latency_sum_us.load(Ordering::Relaxed);
+                (path.to_string(), m.calls.load(Ordering::Relaxed), m.failed.lock().clone(), buckets, sum)
             })
             .collect();
         ServerStats {

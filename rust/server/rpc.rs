@@ -203,19 +203,27 @@ impl MethodStats {
     }
 }
 
-/// The counters of every method, by full method path.
-#[derive(Default)]
+/// The counters of every method, by full method path: made once for the methods the
+/// server has (looked up without a lock or an allocation per call); calls to any other
+/// path count under "other".
 pub struct Metrics {
-    methods: Mutex<BTreeMap<String, Arc<MethodStats>>>,
+    methods: BTreeMap<&'static str, MethodStats>,
+    other: MethodStats,
 }
 
 impl Metrics {
-    pub fn method(&self, path: &str) -> Arc<MethodStats> {
-        self.methods.lock().entry(path.to_string()).or_default().clone()
+    pub fn new(paths: &[&'static str]) -> Self {
+        Metrics { methods: paths.iter().map(|p| (*p, MethodStats::default())).collect(), other: MethodStats::default() }
     }
 
-    pub fn snapshot(&self) -> Vec<(String, Arc<MethodStats>)> {
-        self.methods.lock().iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    pub fn method(&self, path: &str) -> &MethodStats {
+        self.methods.get(path).unwrap_or(&self.other)
+    }
+
+    /// Every method with at least one call.
+    pub fn called(&self) -> impl Iterator<Item = (&'static str, &MethodStats)> {
+        self.methods.iter().map(|(p, m)| (*p, m)).chain(std::iter::once(("other", &self.other)))
+            .filter(|(_, m)| m.calls.load(Ordering::Relaxed) > 0)
     }
 }
 
