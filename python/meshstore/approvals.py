@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from meshstore.components import APPROVAL, unpack
-from meshstore.errors import NoPendingApprovalError
+from meshstore.errors import InvalidEntityError
 from meshstore.pb import entity_pb2
 from meshstore.store import Store
 
@@ -49,29 +49,16 @@ def deadline_of(approval: entity_pb2.ApprovalComponent) -> float | None:
 
 
 def decide(store: Store, entity_id: str, state: int) -> entity_pb2.Entity:
-    """Moves the entity's pending approval to ``state`` (APPROVED or DENIED) over the
-    version read (strict), so the decision replicates and a concurrent decision is not
-    lost. Returns the entity after the write. NotFoundError, NoPendingApprovalError."""
+    """Moves the entity's pending approval to ``state`` (APPROVED or DENIED): a strict
+    update over the version read, in the same table lock as the read, so the decision
+    replicates and a concurrent one is never lost (the core's ``approval::decide``, which
+    the gRPC server's ApproveAction/DenyAction call too). Returns the entity after the
+    write. NotFoundError, NoPendingApprovalError."""
     if state not in DECISIONS:
         raise ValueError(f"a decision is APPROVED or DENIED, got {state!r}")
-    entity = store.get(entity_id)
-    try:
-        approval = unpack(entity, APPROVAL, entity_pb2.ApprovalComponent)
-    except TypeError as exc:
-        raise NoPendingApprovalError(f"no pending approval on entity '{entity_id}': {exc}") from None
-    if approval is None or approval.state != entity_pb2.APPROVAL_STATE_PENDING:
-        current = "none" if approval is None else entity_pb2.ApprovalState.Name(approval.state)
-        error = NoPendingApprovalError(f"no pending approval on entity '{entity_id}' (approval: {current})")
-        error.entity_id, error.keys = entity_id, [APPROVAL]
-        raise error
-    decision = entity_pb2.ApprovalComponent(state=state, timeout_seconds=approval.timeout_seconds)
-    if approval.HasField("requested_at"):
-        decision.requested_at.CopyFrom(approval.requested_at)
-    write = entity_pb2.Entity(id=entity_id)
-    write.components[APPROVAL].Pack(decision)
-    if APPROVAL in entity.versions:
-        write.versions[APPROVAL].CopyFrom(entity.versions[APPROVAL])
-    return store.update(write, strict=True).entity
+    if not isinstance(entity_id, str) or not entity_id:
+        raise InvalidEntityError(f"entity id must be a non-empty str, got {entity_id!r}")
+    return store._core.decide(entity_id, state).entity
 
 
 @dataclass(frozen=True)
