@@ -18,7 +18,7 @@ import asyncio
 import logging
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf import timestamp_pb2
@@ -35,6 +35,7 @@ DEFAULT_ADDR = "127.0.0.1:50051"
 
 __all__ = [
     "ABSENT_NODE",
+    "Lag",
     "Service",
     "base_version",
     "newer",
@@ -108,6 +109,28 @@ def finite(*values: float) -> bool:
     return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
 
 
+class Lag:
+    """How far a service's writes trail the sensor writes they answer: from the write
+    stamp of what it read (a version's HLC physical time, Unix ns) to the moment it
+    wrote. Keeps the last ``window`` samples; ``summary()`` gives p50/p99 in ms."""
+
+    def __init__(self, window: int = 10_000) -> None:
+        self._samples: deque[float] = deque(maxlen=window)
+
+    def since(self, stamp_ns: int, now_ns: int | None = None) -> None:
+        """Records one write answering a sensor write stamped ``stamp_ns`` (0: unknown, skipped)."""
+        if stamp_ns > 0:
+            self._samples.append(max(0.0, ((now_ns or time.time_ns()) - stamp_ns) / 1e6))
+
+    def summary(self) -> dict[str, float]:
+        """``lag_ms_p50``, ``lag_ms_p99`` (0 before any sample) and ``lag_samples``."""
+        ordered = sorted(self._samples)
+        if not ordered:
+            return {"lag_ms_p50": 0.0, "lag_ms_p99": 0.0, "lag_samples": 0}
+        at = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+        return {"lag_ms_p50": round(at(0.50), 1), "lag_ms_p99": round(at(0.99), 1), "lag_samples": len(ordered)}
+
+
 class Service:
     """Base of the pipeline services.
 
@@ -125,6 +148,8 @@ class Service:
         self.client = client or StoreClient(store, name=self.name, backoff=backoff)
         self.log = logging.getLogger(f"meshstore.services.{self.name}")
         self.counters: Counter[str] = Counter()
+        #: Sensor write -> this service's write (services that answer sensor writes record it).
+        self.lag = Lag()
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._started_at: float | None = None
@@ -178,5 +203,7 @@ class Service:
     async def _cleanup(self) -> None:
         pass
 
-    def stats(self) -> dict[str, int]:
-        return dict(self.counters)
+    def stats(self) -> dict[str, float]:
+        """The counters and, once the service answered a sensor write, its lag p50/p99 (ms)."""
+        lag = self.lag.summary()
+        return {**self.counters, **(lag if lag["lag_samples"] else {})}
