@@ -19,6 +19,7 @@ import logging
 import math
 import time
 from collections import Counter, deque
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf import timestamp_pb2
@@ -36,6 +37,7 @@ DEFAULT_ADDR = "127.0.0.1:50051"
 __all__ = [
     "ABSENT_NODE",
     "Lag",
+    "PerEntity",
     "Service",
     "base_version",
     "newer",
@@ -129,6 +131,60 @@ class Lag:
             return {"lag_ms_p50": 0.0, "lag_ms_p99": 0.0, "lag_samples": 0}
         at = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
         return {"lag_ms_p50": round(at(0.50), 1), "lag_ms_p99": round(at(0.99), 1), "lag_samples": len(ordered)}
+
+
+class PerEntity:
+    """Runs a service's handling of watch events concurrently across entities (at most
+    ``limit`` at once: the watch waits beyond that) and in order per entity, so a
+    service never waits a round trip per event. An entity's events that arrive while one
+    of its own is being handled wait, and only the latest of them is kept: each carries
+    the entity's whole (projected) state, so it supersedes the ones before it
+    (``superseded`` counts them). A handler's unexpected exception is logged and counted
+    in ``failed``; it never stops the others."""
+
+    def __init__(self, service: Service, limit: int = 64) -> None:
+        self.service = service
+        self.superseded = 0
+        self.failed = 0
+        self._slots = asyncio.Semaphore(limit)
+        self._running: dict[str, asyncio.Task] = {}
+        self._waiting: dict[str, Callable[[], Awaitable[None]]] = {}
+
+    async def submit(self, key: str, job: Callable[[], Awaitable[None]]) -> None:
+        """Runs ``job()`` after the running one of ``key``, if any; waits for a free slot."""
+        if key in self._running:
+            self.superseded += key in self._waiting
+            self._waiting[key] = job
+            return
+        await self._slots.acquire()
+        self._running[key] = asyncio.create_task(self._run(key, job), name=f"{self.service.name}-{key}")
+
+    async def _run(self, key: str, job: Callable[[], Awaitable[None]] | None) -> None:
+        try:
+            while job is not None:
+                try:
+                    await job()
+                except Exception as exc:  # noqa: BLE001 - one entity's bug must not stop the service
+                    self.failed += 1
+                    self.service.event(logging.ERROR, "handling an event failed", entity_id=key,
+                                       error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+                job = self._waiting.pop(key, None)
+        finally:
+            del self._running[key]
+            self._slots.release()
+
+    async def drain(self) -> None:
+        """Waits until every submitted job has run."""
+        while self._running:
+            await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+    async def close(self) -> None:
+        """Cancels what runs and forgets what waits."""
+        self._waiting.clear()
+        tasks = list(self._running.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class Service:

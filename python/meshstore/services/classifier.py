@@ -14,6 +14,12 @@ velocity, the speed (knots) picks a band:
 Confidence grows with the distance from the band's edges (0.5 on an edge, 0.99 from 20 %
 of the threshold away), rounded to 0.01 so a steady speed gives a steady value.
 
+Events are handled concurrently across tracks and in order per track
+(``meshstore.services.PerEntity``), so a round trip per write never holds back the rest;
+the echo of the classifier's own write (classification as it wrote it, velocity as it
+read it) is dropped before anything is decoded. ``stats()`` reports the lag from the
+sensor's velocity write to the classification answering it (p50/p99).
+
 The write carries ONLY ``classification`` and ``threat``, each with the version it was
 based on (``entity.versions[key]`` as read; for a key that was absent, a version older
 than any write), through UpdateEntity: a classification or threat written meanwhile by
@@ -30,6 +36,7 @@ speed either. Non-finite or negative speeds are ignored with a warning.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -39,7 +46,7 @@ from meshstore.components import CLASSIFICATION, THREAT, VELOCITY, pack
 from meshstore.errors import InvalidEntityError, NotFoundError
 from meshstore.pb import entity_pb2 as pb
 from meshstore.pb import store_pb2
-from meshstore.services import Service, base_version, newer, read_component
+from meshstore.services import PerEntity, Service, base_version, newer, read_component
 from meshstore.validate import is_number
 
 __all__ = ["Classification", "Classifier", "Thresholds", "classify", "plan_write"]
@@ -133,32 +140,54 @@ class Classifier(Service):
         #: The version of the classification key of our last write per entity: an event
         #: showing an older one predates that write (its echo is still on the way).
         self._written: dict[str, pb.Version] = {}
+        #: The velocity version each of those writes answered: an event showing both is
+        #: the echo of our own write.
+        self._answered: dict[str, pb.Version] = {}
         #: Every key the classifier has ever sent (tests assert it is only its own two).
         self.keys_written: set[str] = set()
         self.stream = None
+        self.workers = PerEntity(self)
 
     async def _main(self) -> None:
         t = self.thresholds
         self.event(logging.INFO, "classifying", low_kts=t.low, medium_kts=t.medium, high_kts=t.high)
         self.stream = self.client.watch(pb.ENTITY_TYPE_TRACK, include_existing=True,
                                         components=[VELOCITY, CLASSIFICATION, THREAT],
-                                        min_interval=self.min_interval, on_reset=self._written.clear)
+                                        min_interval=self.min_interval, on_reset=self._forget)
         async for ev in self.stream:
+            await self.workers.submit(ev.entity.id, functools.partial(self._handle_retrying, ev))
+
+    async def _cleanup(self) -> None:
+        await self.workers.close()
+
+    def _forget(self) -> None:
+        self._written.clear()
+        self._answered.clear()
+
+    async def _handle_retrying(self, ev: store_pb2.EntityEvent) -> None:
+        """``handle``, again once the store is back if it went away (the write is checked
+        against the versions read, so a retry of a view gone stale is refused as stale)."""
+        while True:
             try:
-                await self.handle(ev)
+                return await self.handle(ev)
             except StoreUnavailableError as exc:
                 self.counters["retries"] += 1
                 self.event(logging.WARNING, "write failed, store unavailable; will retry", entity_id=ev.entity.id,
                            error=str(exc))
-                self.stream.nack()
+                await self.client.wait_ready()
 
     async def handle(self, ev: store_pb2.EntityEvent) -> None:
         entity = ev.entity
         if ev.type == store_pb2.EVENT_TYPE_DELETED:
             self._written.pop(entity.id, None)
+            self._answered.pop(entity.id, None)
             return
         self.counters["events"] += 1
         written = self._written.get(entity.id)
+        if written is not None and written == entity.versions.get(CLASSIFICATION) \
+                and self._answered.get(entity.id) == entity.versions.get(VELOCITY):
+            self.counters["skipped_echo"] += 1
+            return
         if written is not None and newer(written, entity.versions.get(CLASSIFICATION)):
             self.counters["skipped_old_view"] += 1
             return
@@ -182,6 +211,8 @@ class Classifier(Service):
             self.counters["writes"] += 1
             if CLASSIFICATION in result.entity.versions:
                 self._written[entity.id] = result.entity.versions[CLASSIFICATION]
+                self._answered[entity.id] = result.entity.versions[VELOCITY]
+            self.lag.since(entity.versions[VELOCITY].physical)
             cls = pb.ClassificationComponent()
             write.components[CLASSIFICATION].Unpack(cls)
             level = pb.ThreatComponent()
