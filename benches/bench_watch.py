@@ -30,8 +30,8 @@ component; consecutive writes to a track always change it, so every write is app
 - BW3, many watchers: BWATCH_READERS (100) WatchEntityBatches streams that read
   (BWATCH_READER_PROCS processes of grpc.aio, a connection per stream, counting bytes
   only) and BWATCH_STUCK (100) streams never read (half grpc.aio calls never ``read()``,
-  half raw HTTP/2 connections that send their request with huge flow-control windows
-  and never read their socket) over BWATCH_MANY_TRACKS (5,000) tracks, while the writer
+  half raw HTTP/2 connections that send their request with huge flow-control windows,
+  a 64 KiB receive buffer, and never read their socket) over BWATCH_MANY_TRACKS (5,000) tracks, while the writer
   ingests at full speed for BWATCH_SECONDS. Figures: ingest rate with the watchers over
   the rate without (same server, run first; target >= 0.5x), the server's RSS
   (/proc/PID/status VmRSS) before the watchers, with them idle, at its peak during the
@@ -338,7 +338,11 @@ def raw_watch(target: str) -> socket.socket:
     """A WatchEntityBatches call over a bare HTTP/2 connection that offers the server the
     largest flow-control windows and never reads its socket."""
     host, port = target.rsplit(":", 1)
-    sock = socket.create_connection((host, int(port)))
+    sock = socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET, socket.SOCK_STREAM)
+    # A small receive buffer, set before connecting: the kernel must not read on for the
+    # client (it would take up to net.ipv4.tcp_rmem's maximum, 32 MiB here, per socket).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.connect((host.strip("[]"), int(port)))
     big = 2**31 - 1
     headers = b"".join(hpack_literal(k, v) for k, v in (
         (":method", "POST"), (":scheme", "http"), (":path", METHOD + "WatchEntityBatches"), (":authority", target),
