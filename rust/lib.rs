@@ -7,7 +7,7 @@
 //! - `entity`: one entity's CRDT state (siblings, context, delete) and its wire form.
 //! - `approval`: operator decisions on a pending approval.
 //! - `table`: the entity table (writes, merges, deletes, context summary, change log).
-//! - `watch`: bounded, coalescing watcher queues.
+//! - `watch`: bounded watcher queues that fall behind and catch up from the log.
 //! - `store`: the table and its storage as every front end shares them.
 //! - `storage`: the data dir (SQLite, WAL) a table is saved to and loaded from.
 //! - `durable`: group commit of a table to its storage, backpressure, durable waits.

@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 static ENTITY_CLASS: GILOnceCell<Py<PyAny>> = GILOnceCell::new();
 static ERRORS: GILOnceCell<Py<PyModule>> = GILOnceCell::new();
@@ -208,10 +208,21 @@ impl WatchHandle {
         self.watch.id
     }
     /// Up to `max` events, waiting up to `timeout` seconds for the first (GIL released).
+    /// A watcher that fell behind is caught up from the table's log first.
     fn poll(&self, py: Python<'_>, max: usize, timeout: f64) -> Vec<PyEvent> {
-        let timeout = Duration::from_secs_f64(timeout.max(0.0));
-        let watch = self.watch.clone();
-        let events = if timeout.is_zero() { watch.poll(max, timeout) } else { py.allow_threads(|| watch.poll(max, timeout)) };
+        let deadline = Instant::now() + Duration::from_secs_f64(timeout.max(0.0));
+        let (watch, store) = (&self.watch, &self.core.get().store);
+        let take = || loop {
+            if watch.is_behind() {
+                // Only this watcher can be woken by its own catch-up: nothing to deliver.
+                let _ = store.run(|t| t.catch_up(watch));
+            }
+            let events = watch.poll(max, deadline.saturating_duration_since(Instant::now()));
+            if !events.is_empty() || watch.is_closed() || Instant::now() >= deadline {
+                return events;
+            }
+        };
+        let events = if timeout <= 0.0 { take() } else { py.allow_threads(take) };
         events.into_iter().map(|event| PyEvent { event, entity: LazyEntity::new() }).collect()
     }
     /// For async consumers: (ready, seconds until a held event falls due). When not ready,

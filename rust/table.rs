@@ -879,6 +879,9 @@ impl Table {
     /// replicated or the delete is older than `peer_expiry`. Returns how many.
     pub fn collect_deleted(&mut self, acked: Option<u64>) -> usize {
         let wall = self.clock.wall_ns();
+        // A watcher that fell behind still has to read the deletes from where it fell
+        // behind: they wait for it, as for a peer that has not acknowledged them.
+        let behind = self.watchers.iter().filter_map(|w| w.catch_from()).min().unwrap_or(u64::MAX);
         let expiry = self.opts.peer_expiry_ns;
         let mut gone = Vec::new();
         self.dead.retain(|id, died| {
@@ -886,10 +889,11 @@ impl Table {
             if s.is_alive() {
                 return false;
             }
-            let released = match acked {
-                Some(mark) => s.seq <= mark,
-                None => !self.replicating || died.saturating_add(expiry) <= wall,
-            };
+            let released = s.seq < behind
+                && match acked {
+                    Some(mark) => s.seq <= mark,
+                    None => !self.replicating || died.saturating_add(expiry) <= wall,
+                };
             // A delete stamped ahead of our clock stays until the clock passes it: new
             // writes are then stamped after it even here, where it is forgotten.
             let current = s.deleted.is_none_or(|d| d.ts.physical <= wall);
@@ -923,6 +927,9 @@ impl Table {
         }
         let w = Arc::new(Watch::new(self.next_watch_id, spec));
         self.next_watch_id += 1;
+        if include_existing && since.is_none() {
+            w.set_snapshot_until(self.seq);
+        }
         let start = match (since, include_existing) {
             (Some(seq), _) => Some(seq),
             (None, true) => Some(0),
@@ -958,10 +965,44 @@ impl Table {
     fn emit(&mut self, state: &Arc<EntityState>, kind: EventKind) {
         self.watchers.retain(|w| !w.is_closed());
         for w in &self.watchers {
-            if w.matches(state.shown_type()) && w.push(event_for(w, state, kind, &self.registry)) {
+            if !w.matches(state.shown_type()) {
+                continue;
+            }
+            // A watcher that fell behind reads this change from the log later: skipping
+            // it costs one atomic load, however many watchers are stuck.
+            if w.is_behind() {
+                w.skip();
+            } else if w.push(event_for(w, state, kind, &self.registry)) {
                 self.wake.push(w.id);
             }
         }
+    }
+
+    /// Catches a watcher that fell behind up from the change log, once its consumer has
+    /// drained its queue: queues the latest state of up to a queue's worth of entities
+    /// changed since (UPDATED, DELETED if gone, in change order), and makes the watcher
+    /// plain again when the log is read to its end. Consumers call it before taking
+    /// events; a no-op for a watcher that is not behind.
+    pub fn catch_up(&mut self, w: &Watch) {
+        let Some(from) = w.catch_up_from() else { return };
+        let mut pushed = 0;
+        let mut next = None;
+        for (&seq, id) in self.log.range(from..) {
+            if pushed == w.spec.capacity {
+                next = Some(seq);
+                break;
+            }
+            let s = &self.entities[id];
+            if !w.matches(s.shown_type()) {
+                continue;
+            }
+            let kind = if s.is_alive() { w.caught_up_kind(seq) } else { EventKind::Deleted };
+            if w.push_caught_up(event_for(w, s, kind, &self.registry)) {
+                self.wake.push(w.id);
+            }
+            pushed += 1;
+        }
+        w.caught_up(next);
     }
 
     pub fn watchers(&self) -> &[Arc<Watch>] {

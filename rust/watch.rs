@@ -1,13 +1,16 @@
 //! Watchers: a bounded event queue per subscriber that never drops silently.
 //!
-//! When a queue is full it switches to coalescing: each entity keeps one pending event
-//! (its latest state) at the position of its first pending one, and every event folded
-//! into another is counted. Memory is then bounded by the number of entities, and a
-//! slow consumer still ends on the true state. Once drained the queue is plain again.
-//! `min_interval` holds back an entity's events until the interval since its last one
-//! has passed, then releases the latest.
+//! When a queue is full its watcher falls *behind*: writes stop queueing events for it
+//! (they skip it with one atomic load, so a stuck watcher costs a writer nothing), and
+//! once its consumer has drained the queue it *catches up* from the table's change log
+//! (`Table::catch_up`): the latest state of every entity changed since it fell behind,
+//! in change order, as UPDATED (DELETED if gone), like a resume. Every change skipped
+//! meanwhile and not delivered one by one is counted (`coalesced`). Memory is then
+//! bounded by the queue size, a slow consumer still ends on the true state, and once
+//! caught up the watcher is plain again. `min_interval` holds back an entity's events
+//! until the interval since its last one has passed, then releases the latest.
 //!
-//! Both reorder events, so an event's change seq is not a safe resume point: a folded
+//! Both reorder events, so an event's change seq is not a safe resume point: a held
 //! event can jump ahead of older pending ones. Each delivered event therefore carries a
 //! `cursor`: the highest seq such that every change up to it has been delivered (the
 //! first change folded into each pending slot bounds it). Resuming from the last
@@ -19,6 +22,7 @@ use parking_lot::{Condvar, Mutex};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use crate::wire::{put_bytes_field, put_len_prefix, put_varint_field};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Waker;
 use std::time::{Duration, Instant};
@@ -92,13 +96,16 @@ struct Slot {
 
 #[derive(Default)]
 struct Queue {
-    /// Pending events in first-pending order; `None` marks a slot folded into an earlier one.
-    events: VecDeque<Option<Slot>>,
-    /// Ticket of the first slot in `events` (tickets only grow).
-    base: u64,
-    /// While coalescing: entity -> ticket of its pending event.
-    pending: Option<HashMap<Arc<str>, u64>>,
+    /// Pending events, in order.
+    events: VecDeque<Slot>,
     live: usize,
+    /// While behind: the seq from which the table's log still has to be read.
+    catch_from: u64,
+    /// Entities changed up to this seq belong to the watcher's initial snapshot
+    /// (`include_existing`): caught up, they are CREATED.
+    snapshot_until: u64,
+    /// Events delivered by catch-up since the watcher fell behind.
+    caught_up: u64,
     coalesced: u64,
     delivered: u64,
     last_sent: HashMap<Arc<str>, Instant>,
@@ -118,6 +125,11 @@ pub struct Watch {
     pub spec: WatchSpec,
     queue: Mutex<Queue>,
     ready: Condvar,
+    /// Mirrors of "behind" and "closed", read by writers without the queue lock.
+    behind: AtomicBool,
+    closed: AtomicBool,
+    /// Changes skipped while behind (read back when caught up, for `coalesced`).
+    skipped: AtomicU64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -131,17 +143,35 @@ pub struct WatchStats {
 
 impl Watch {
     pub fn new(id: u64, spec: WatchSpec) -> Self {
-        Watch { id, spec, queue: Mutex::new(Queue::default()), ready: Condvar::new() }
+        Watch {
+            id,
+            spec,
+            queue: Mutex::new(Queue::default()),
+            ready: Condvar::new(),
+            behind: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            skipped: AtomicU64::new(0),
+        }
     }
 
     pub fn matches(&self, etype: i32) -> bool {
         self.spec.type_filter == 0 || self.spec.type_filter == etype
     }
 
+    /// Whether writes skip this watcher (its queue filled up: it catches up later).
+    pub fn is_behind(&self) -> bool {
+        self.behind.load(Ordering::Acquire)
+    }
+
+    /// A change this watcher skips while behind (its writer checked `is_behind`).
+    pub fn skip(&self) {
+        self.skipped.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Queues an event. Returns true if an armed async consumer must be woken.
     pub fn push(&self, event: Event) -> bool {
         let mut q = self.queue.lock();
-        if q.closed {
+        if q.closed || self.is_behind() {
             return false;
         }
         if !self.spec.min_interval.is_zero() {
@@ -173,25 +203,74 @@ impl Watch {
     }
 
     fn enqueue(&self, q: &mut Queue, slot: Slot) -> bool {
-        let event = slot.event;
-        if q.pending.is_none() && q.live >= self.spec.capacity {
-            start_coalescing(q);
+        if q.live >= self.spec.capacity {
+            // Full: fall behind. This change and every later one come from the table's
+            // log once the consumer has drained the queue.
+            q.catch_from = slot.first_seq;
+            q.caught_up = 0;
+            self.behind.store(true, Ordering::Release);
+            self.skip();
+            // The consumer must learn it has to catch up even if it is waiting.
+            self.ready.notify_one();
+            wake_rust(q);
+            return std::mem::take(&mut q.armed);
         }
-        let ticket = q.base + q.events.len() as u64;
-        if let Some(pending) = &mut q.pending {
-            if let Some(&t) = pending.get(&event.id) {
-                let pending = q.events[(t - q.base) as usize].as_mut().expect("pending slot holds an event");
-                pending.event = Event { kind: pending.event.kind.then(event.kind), ..event };
-                q.coalesced += 1;
-                return false;
-            }
-            pending.insert(event.id.clone(), ticket);
-        }
-        q.events.push_back(Some(Slot { event, first_seq: slot.first_seq }));
+        q.events.push_back(slot);
         q.live += 1;
         self.ready.notify_one();
         wake_rust(q);
         std::mem::take(&mut q.armed)
+    }
+
+    /// While behind: the seq its catch-up has still to read the log from.
+    pub fn catch_from(&self) -> Option<u64> {
+        self.is_behind().then(|| self.queue.lock().catch_from)
+    }
+
+    /// Marks changes up to `seq` as the initial snapshot (before any event is pushed).
+    pub fn set_snapshot_until(&self, seq: u64) {
+        self.queue.lock().snapshot_until = seq;
+    }
+
+    /// The kind an alive entity whose latest change is `seq` is caught up as.
+    pub fn caught_up_kind(&self, seq: u64) -> EventKind {
+        if seq <= self.queue.lock().snapshot_until { EventKind::Created } else { EventKind::Updated }
+    }
+
+    /// For `Table::catch_up`: the seq to read the log from, if this watcher is behind
+    /// and its consumer has drained the queue (else None: nothing to do now).
+    pub fn catch_up_from(&self) -> Option<u64> {
+        let q = self.queue.lock();
+        (self.is_behind() && q.live == 0 && !q.closed).then_some(q.catch_from)
+    }
+
+    /// Queues an event read from the log while catching up (the queue has room: the
+    /// caller pushes at most `spec.capacity` after `catch_up_from`).
+    pub fn push_caught_up(&self, event: Event) -> bool {
+        let mut q = self.queue.lock();
+        q.caught_up += 1;
+        let first_seq = event.seq;
+        q.events.push_back(Slot { event, first_seq });
+        q.live += 1;
+        self.ready.notify_one();
+        wake_rust(&mut q);
+        std::mem::take(&mut q.armed)
+    }
+
+    /// Ends a catch-up step: `next` is where the next one reads from, None once the
+    /// log is read to its end (the watcher is plain again: called under the table lock,
+    /// so no write comes in between).
+    pub fn caught_up(&self, next: Option<u64>) {
+        let mut q = self.queue.lock();
+        match next {
+            Some(seq) => q.catch_from = seq,
+            None => {
+                let skipped = self.skipped.swap(0, Ordering::Relaxed);
+                q.coalesced += skipped.saturating_sub(q.caught_up);
+                q.caught_up = 0;
+                self.behind.store(false, Ordering::Release);
+            }
+        }
     }
 
     fn release_held(&self, q: &mut Queue, now: Instant) -> bool {
@@ -214,24 +293,17 @@ impl Watch {
         q.held_due.peek().map(|Reverse((due, _))| *due)
     }
 
-    fn take(q: &mut Queue, max: usize) -> Vec<Event> {
+    fn take(&self, q: &mut Queue, max: usize) -> Vec<Event> {
         let mut out = Vec::with_capacity(max.min(q.live));
         let held_first = q.held.values().map(|s| s.first_seq).min().unwrap_or(u64::MAX);
+        // While behind, nothing from `catch_from` on has been delivered yet.
+        let unread = if self.is_behind() { q.catch_from } else { u64::MAX };
         while out.len() < max {
-            let Some(slot) = q.events.pop_front() else { break };
-            q.base += 1;
-            let Some(Slot { mut event, .. }) = slot else { continue };
-            if let Some(pending) = &mut q.pending {
-                pending.remove(&event.id);
-            }
+            let Some(Slot { mut event, .. }) = q.events.pop_front() else { break };
             q.live -= 1;
-            let next_first = q.events.iter().flatten().next().map_or(u64::MAX, |s| s.first_seq);
-            event.cursor = event.seq.min(next_first.min(held_first).saturating_sub(1));
+            let next_first = q.events.front().map_or(u64::MAX, |s| s.first_seq);
+            event.cursor = event.seq.min(next_first.min(held_first).min(unread).saturating_sub(1));
             out.push(event);
-        }
-        if q.live == 0 {
-            q.events.clear();
-            q.pending = None; // drained: back to a plain queue
         }
         q.delivered += out.len() as u64;
         out
@@ -245,8 +317,9 @@ impl Watch {
         loop {
             let now = Instant::now();
             self.release_held(&mut q, now);
-            if q.live > 0 || q.closed || now >= deadline {
-                return Self::take(&mut q, max.max(1));
+            // Behind with an empty queue: return so the caller catches up.
+            if q.live > 0 || q.closed || now >= deadline || self.is_behind() {
+                return self.take(&mut q, max.max(1));
             }
             let until = Self::next_due(&q).map_or(deadline, |d| d.min(deadline));
             self.ready.wait_until(&mut q, until);
@@ -260,7 +333,7 @@ impl Watch {
         let mut q = self.queue.lock();
         let now = Instant::now();
         self.release_held(&mut q, now);
-        if q.live > 0 || q.closed {
+        if q.live > 0 || q.closed || self.is_behind() {
             return (true, None);
         }
         q.armed = true;
@@ -274,7 +347,7 @@ impl Watch {
         let mut q = self.queue.lock();
         let now = Instant::now();
         self.release_held(&mut q, now);
-        if q.live > 0 || q.closed {
+        if q.live > 0 || q.closed || self.is_behind() {
             return (true, None);
         }
         if !q.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
@@ -286,15 +359,15 @@ impl Watch {
     pub fn close(&self) {
         let mut q = self.queue.lock();
         q.closed = true;
+        self.closed.store(true, Ordering::Release);
         q.events.clear();
         q.live = 0;
-        q.pending = None;
         self.ready.notify_all();
         wake_rust(&mut q);
     }
 
     pub fn is_closed(&self) -> bool {
-        self.queue.lock().closed
+        self.closed.load(Ordering::Acquire)
     }
 
     pub fn stats(&self) -> WatchStats {
@@ -302,9 +375,10 @@ impl Watch {
         WatchStats {
             queued: q.live,
             held: q.held.len(),
-            coalesced: q.coalesced,
+            // While behind, the changes skipped so far and not yet caught up count too.
+            coalesced: q.coalesced + self.skipped.load(Ordering::Relaxed).saturating_sub(q.caught_up),
             delivered: q.delivered,
-            coalescing: q.pending.is_some(),
+            coalescing: self.is_behind(),
         }
     }
 }
@@ -313,28 +387,6 @@ fn wake_rust(q: &mut Queue) {
     if let Some(w) = q.waker.take() {
         w.wake();
     }
-}
-
-/// Switches a full queue to coalescing, folding events already queued for one entity.
-fn start_coalescing(q: &mut Queue) {
-    let mut pending: HashMap<Arc<str>, u64> = HashMap::with_capacity(q.live * 2);
-    for i in 0..q.events.len() {
-        let Some(slot) = q.events[i].take() else { continue };
-        let ticket = q.base + i as u64;
-        match pending.get(&slot.event.id) {
-            Some(&first) => {
-                let kept = q.events[(first - q.base) as usize].as_mut().expect("first slot is live");
-                kept.event = Event { kind: kept.event.kind.then(slot.event.kind), ..slot.event };
-                q.coalesced += 1;
-                q.live -= 1;
-            }
-            None => {
-                pending.insert(slot.event.id.clone(), ticket);
-                q.events[i] = Some(slot);
-            }
-        }
-    }
-    q.pending = Some(pending);
 }
 
 #[cfg(test)]
@@ -353,26 +405,40 @@ mod tests {
     }
 
     #[test]
-    fn full_queue_coalesces_latest_per_entity_in_first_pending_order() {
+    fn a_full_queue_falls_behind_and_asks_for_a_catch_up_once_drained() {
         let w = watch(2, Duration::ZERO);
         w.push(ev(1, "a", EventKind::Created));
         w.push(ev(2, "b", EventKind::Created));
-        w.push(ev(3, "a", EventKind::Updated));
-        w.push(ev(4, "c", EventKind::Created));
-        w.push(ev(5, "b", EventKind::Deleted));
-        let got: Vec<_> =
-            w.poll(10, Duration::ZERO).into_iter().map(|e| (e.seq, e.cursor, e.id.to_string(), e.kind)).collect();
-        assert_eq!(
-            got,
-            [
-                // a's event jumped ahead of b's first change (seq 2): resuming must start at 1.
-                (3, 1, "a".into(), EventKind::Created),
-                (5, 3, "b".into(), EventKind::Deleted),
-                (4, 4, "c".into(), EventKind::Created)
-            ]
-        );
-        let s = w.stats();
-        assert_eq!((s.coalesced, s.coalescing), (2, false));
+        w.push(ev(3, "a", EventKind::Updated)); // full: behind from seq 3
+        assert!(w.is_behind() && w.stats().coalescing);
+        assert!(!w.push(ev(4, "c", EventKind::Created)), "skipped while behind");
+        assert_eq!(w.catch_up_from(), None, "not before the queue is drained");
+        let got: Vec<_> = w.poll(10, Duration::ZERO).into_iter().map(|e| (e.seq, e.cursor)).collect();
+        assert_eq!(got, [(1, 1), (2, 2)]);
+        assert_eq!(w.catch_up_from(), Some(3));
+        // The table queues what changed since (here: a and c), then it is plain again.
+        w.push_caught_up(ev(3, "a", EventKind::Updated));
+        w.push_caught_up(ev(4, "c", EventKind::Updated));
+        w.skip(); // the writer skipped c's change (seq 4) while behind; a's (seq 3) was counted on falling behind
+        w.caught_up(None);
+        assert!(!w.is_behind());
+        assert_eq!(w.poll(10, Duration::ZERO).iter().map(|e| (e.seq, e.cursor)).collect::<Vec<_>>(), [(3, 3), (4, 4)]);
+        w.push(ev(5, "a", EventKind::Updated));
+        assert_eq!(w.stats().queued, 1, "queues again");
+        assert_eq!(w.stats().coalesced, 0, "every skipped change was delivered");
+    }
+
+    #[test]
+    fn skipped_changes_not_delivered_one_by_one_count_as_coalesced() {
+        let w = watch(1, Duration::ZERO);
+        w.push(ev(1, "a", EventKind::Created));
+        w.push(ev(2, "a", EventKind::Updated)); // behind
+        w.skip();
+        w.skip(); // two more changes of a
+        w.poll(10, Duration::ZERO);
+        w.push_caught_up(ev(4, "a", EventKind::Updated));
+        w.caught_up(None);
+        assert_eq!(w.stats().coalesced, 2, "three changes of a, one event");
     }
 
     #[test]

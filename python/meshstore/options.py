@@ -44,7 +44,8 @@ class StoreOptions:
     #: deleted entities (a delete is kept until every peer acknowledged it). A peer that
     #: returns later rejoins with a full exchange; correctness never depends on it.
     peer_expiry: float = 86400.0
-    #: Events a watcher queues before it coalesces per entity.
+    #: Events a watcher queues before it falls behind (and later catches up from the
+    #: change log with each entity's latest state).
     watch_queue: int = 1024
     #: Largest entity accepted, in bytes.
     max_entity_bytes: int = 1 << 20

@@ -1,7 +1,8 @@
 """Watchers: a live feed of a store's changes, iterable from threads and from asyncio.
 
-The queue itself lives in the Rust core (bounded, coalescing per entity when full, so a
-slow consumer is never silently dropped and still ends on the true state). This class
+The queue itself lives in the Rust core (bounded; a consumer that lets it fill up falls
+behind and then catches up from the store's change log with each entity's latest state,
+so it is never silently dropped and still ends on the true state). This class
 only buffers batches and bridges the core's wake-up to threads and event loops.
 """
 

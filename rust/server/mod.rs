@@ -292,6 +292,11 @@ impl Server {
                 })
             });
             let mut router = tonic::transport::Server::builder()
+                // Receive windows big enough for a publisher of many small messages: h2
+                // refuses a peer that has more small DATA frames in flight than the window
+                // allows for, and ends its connection.
+                .initial_connection_window_size(Some(8 << 20))
+                .initial_stream_window_size(Some(4 << 20))
                 .add_service(EntityStoreService(ctx.clone()))
                 .add_service(MeshService(ctx.clone()))
                 .add_service(health_service);

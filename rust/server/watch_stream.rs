@@ -99,6 +99,10 @@ impl WatchStream {
             if *self.closing.borrow() {
                 return self.end("server shutting down");
             }
+            if self.watch.is_behind() {
+                // Only this stream's watcher can be woken by its catch-up: nothing to deliver.
+                let _ = self.ctx.store.run(|t| t.catch_up(&self.watch));
+            }
             let events = self.watch.poll(TAKE, Duration::ZERO);
             if let Some(last) = events.last() {
                 self.cursor = last.cursor;

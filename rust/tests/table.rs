@@ -1606,3 +1606,67 @@ fn hlc_versions_strictly_increase_under_wall_jumps() {
     let del = ts(a.replica("t1").unwrap().deleted_version.as_ref().unwrap());
     assert!(del > last.unwrap());
 }
+
+// ==== watchers that fall behind ======================================================
+
+#[test]
+fn a_watcher_behind_catches_up_from_the_log_with_each_entity_latest_state() {
+    let mut a = Node::new("a");
+    let w = a.t.watch(WatchSpec { capacity: 2, ..spec() }, false, None).unwrap();
+    for (id, lat) in [("e1", 1.0), ("e2", 2.0), ("e3", 3.0), ("e1", 11.0), ("e4", 4.0)] {
+        a.put(&entity(id, vec![("position", position(lat))]));
+    }
+    a.t.delete("e2").unwrap();
+    assert!(w.is_behind(), "the third change found the queue full");
+    // Deletes wait for the watcher, as for a peer that has not acknowledged them.
+    assert_eq!(a.t.collect_deleted(None), 0);
+    let queued: Vec<_> = w.poll(10, Duration::ZERO).into_iter().map(|e| (e.id.to_string(), e.kind)).collect();
+    assert_eq!(queued, [("e1".into(), EventKind::Created), ("e2".into(), EventKind::Created)]);
+    // A queue's worth at a time, until the log is read to its end.
+    let mut caught = Vec::new();
+    while w.is_behind() {
+        a.t.catch_up(&w);
+        caught.extend(w.poll(10, Duration::ZERO).into_iter().map(|e| (e.id.to_string(), e.kind, e.seq, e.cursor)));
+    }
+    // In change order, each entity's latest state; e2's delete included.
+    assert_eq!(
+        caught,
+        [
+            ("e3".into(), EventKind::Updated, 3, 3),
+            ("e1".into(), EventKind::Updated, 4, 4),
+            ("e4".into(), EventKind::Updated, 5, 5),
+            ("e2".into(), EventKind::Deleted, 6, 6)
+        ]
+    );
+    assert_eq!(w.stats().coalesced, 0, "four changes skipped, four delivered");
+    assert_eq!(a.t.collect_deleted(None), 1, "caught up: the delete can go");
+    a.put(&entity("e5", vec![("position", position(5.0))]));
+    assert_eq!(w.poll(10, Duration::ZERO).len(), 1, "plain again");
+}
+
+#[test]
+fn a_snapshot_larger_than_the_queue_is_caught_up_as_created() {
+    let mut a = Node::new("a");
+    for i in 0..5 {
+        a.put(&entity(&format!("e{i}"), vec![("position", position(i as f64))]));
+    }
+    a.put(&entity("e0", vec![("position", position(10.0))]));
+    let w = a.t.watch(WatchSpec { capacity: 2, ..spec() }, true, None).unwrap();
+    a.put(&entity("e1", vec![("position", position(11.0))])); // after the snapshot
+    let mut kinds = Vec::new();
+    for _ in 0..4 {
+        a.t.catch_up(&w);
+        kinds.extend(w.poll(10, Duration::ZERO).into_iter().map(|e| (e.id.to_string(), e.kind)));
+    }
+    assert_eq!(
+        kinds,
+        [
+            ("e1".into(), EventKind::Created),
+            ("e2".into(), EventKind::Created),
+            ("e3".into(), EventKind::Created),
+            ("e4".into(), EventKind::Created),
+            ("e0".into(), EventKind::Created),
+            ("e1".into(), EventKind::Updated)
+        ]
+    );
+}
