@@ -30,7 +30,9 @@ def demo_cmd(
         "--approval-timeout", min=1.0, envvar="APPROVAL_TIMEOUT", metavar="S",
         help="Seconds an intercept request waits for `meshstore approve` before TIMED_OUT.")] = 30.0,
     no_live: Annotated[bool, typer.Option(
-        "--no-live", help="Print a status line every 2 s instead of the live table.")] = False,
+        "--no-live", help="Print a status line every 2 s instead of the live table: the counts, store "
+                          "writes/s, sensor ticks skipped, share of targets classified, each service's lag "
+                          "p50/p99.")] = False,
     nodes: Annotated[int, typer.Option(
         "--nodes", min=1, max=5, envvar="DEMO_NODES",
         help="Run the store as a mesh of this many nodes on loopback (relays between every pair); "
@@ -45,10 +47,12 @@ def demo_cmd(
     """Run the whole pipeline in one process: a store and its gRPC server on 127.0.0.1,
     sensor-sim, radar-sim, classifier, task-manager and fusion, with a live table of
     tracks, classification, threat, task, approval and fused tracks (refreshed twice a
-    second), and the web UI (a map of the same picture, printed address). Approve or deny
-    a PENDING intercept there, or from another terminal with `meshstore approve ID` /
-    `meshstore deny ID`. Stops on Ctrl-C or after --duration and
-    prints a summary."""
+    second; each track's state at most 2 s old), and the web UI (a map of the same picture,
+    printed address). Approve or deny a PENDING intercept there, or from another terminal
+    with `meshstore approve ID` / `meshstore deny ID`. Under the table: store writes/s,
+    sensor ticks skipped, share of targets classified and each service's lag p50/p99 (ms,
+    from a sensor's write to the service's answer). Stops on Ctrl-C or after --duration
+    and prints a summary with the same figures."""
     from rich.console import Console
 
     from meshstore.demo.pipeline import DemoConfig, run_demo

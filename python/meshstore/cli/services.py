@@ -118,8 +118,11 @@ def sensor_sim_cmd(
     """Simulate an electro-optical sensor: COUNT targets moving by dead reckoning in the
     bounding box (bouncing or wrapping at its edges), reported RATE times a second as TRACK
     entities eo-<n> with position, velocity (knots) and source {sensor_id, sensor_type=eo},
-    over PublishEntities. The targets are a pure function of the seed, count, box, speeds
-    and time, so radar-sim with the same values observes the same targets."""
+    each tick one PublishEntities stream (messages of up to 1,024 tracks). A slow store
+    slows the ticks down; a sim more than a tick behind skips to the current tick and
+    warns how many it skipped (at most every 10 s). The targets are a pure function of
+    the seed, count, box, speeds and time, so radar-sim with the same values observes the
+    same targets."""
     from meshstore.services.sensor_sim import SensorSim
 
     _setup_logs(log_level, log_json)
@@ -155,7 +158,8 @@ def radar_sim_cmd(
 ) -> None:
     """Simulate a radar observing the same targets as sensor-sim (give it the same seed,
     count, box and speeds): TRACK entities radar-<n> with a noisy position (Gaussian, NOISE
-    metres; deterministic for a seed) and source {sensor_type=radar}, no velocity."""
+    metres; deterministic for a seed) and source {sensor_type=radar}, no velocity; published
+    and paced as sensor-sim's tracks are."""
     from meshstore.services.radar_sim import RadarSim
 
     _setup_logs(log_level, log_json)

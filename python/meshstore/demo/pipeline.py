@@ -15,6 +15,14 @@ run, talking to the store over gRPC. Runs until Ctrl-C / SIGTERM or ``duration``
 prints a summary. ``live=False`` (or a stdout that is not a terminal) prints a status line
 every few seconds instead of the table.
 
+Refreshing costs what changed, not the size of the picture: the table and the status
+line read a ``Picture`` kept from a watch of the tracks projected on what the services
+write (source, classification, threat, task, approval, fusion: never a sensor's position)
+and coalesced per track (``picture_interval``), plus counters (``Gauges``: the stores'
+writes per second, the ticks the sims skipped, each service's lag p50/p99 from its
+``stats()``). Only the rows the table shows are read in full. The final summary lists
+the store once.
+
 With ``nodes`` > 1 (``meshstore demo --nodes 3``) the store is a mesh of that many
 nodes on loopback, each a Node with a relay to every other node; the services
 are spread over the nodes (the two sims write to different nodes), and a nodes table shows
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import re
 import signal
@@ -34,16 +43,19 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from google.protobuf.message import Message
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
 from meshstore.components import APPROVAL, CLASSIFICATION, FUSION, POSITION, SOURCE, TASK, THREAT, VELOCITY
+from meshstore.errors import NotFoundError
 from meshstore.http.server import HttpListenError
 from meshstore.logs import event as log_event
 from meshstore.node import Node, NodeOptions
 from meshstore.options import StoreOptions
 from meshstore.pb import entity_pb2 as pb
+from meshstore.pb import store_pb2
 from meshstore.services import Service, read_component
 from meshstore.services.classifier import Classifier, Thresholds
 from meshstore.services.fusion import Fusion
@@ -52,8 +64,9 @@ from meshstore.services.scenario import DEFAULT_BBOX, BBox, Scenario
 from meshstore.services.sensor_sim import SensorSim
 from meshstore.services.task_manager import TaskManager
 from meshstore.store import Store
+from meshstore.watcher import Watcher
 
-__all__ = ["DemoConfig", "Summary", "run_demo", "summarize"]
+__all__ = ["DemoConfig", "Gauges", "Picture", "Reading", "Summary", "run_demo", "summarize"]
 
 log = logging.getLogger("meshstore.demo")
 
@@ -63,6 +76,11 @@ THREAT_STYLE = {"HIGH": "bold red", "MEDIUM": "yellow", "LOW": "cyan", "NONE": "
 #: Rows of the live table (pending approvals and the highest threats first).
 MAX_ROWS = 30
 APPROVAL_STYLE = {"PENDING": "bold magenta", "APPROVED": "bold green", "DENIED": "red", "TIMED_OUT": "yellow"}
+#: What the picture reads of a track (its watch is projected on these keys): key -> message type.
+PICTURE_KEYS: dict[str, type[Message]] = {
+    SOURCE: pb.SourceComponent, CLASSIFICATION: pb.ClassificationComponent, THREAT: pb.ThreatComponent,
+    TASK: pb.TaskComponent, APPROVAL: pb.ApprovalComponent, FUSION: pb.FusionComponent,
+}
 
 
 @dataclass
@@ -83,6 +101,9 @@ class DemoConfig:
     thresholds: Thresholds = field(default_factory=Thresholds)
     refresh: float = 0.5
     status_every: float = 2.0
+    #: A track's row in the picture is at most this old (seconds): the watch that keeps it
+    #: delivers at most one change per track per interval, its latest.
+    picture_interval: float = 2.0
     nodes: int = 1
     #: The first node's web UI and HTTP API (taken: any free port; None: none).
     http_port: int | None = 8080
@@ -107,29 +128,169 @@ class Summary:
                 f"fused={self.fused} events={self.events}")
 
 
+class Track:
+    """One track as the picture sees it: its ``PICTURE_KEYS`` components, each unpacked
+    when first asked for after its value changed (a fused track's position changes at
+    every fusion pass; counting it needs none of that)."""
+
+    __slots__ = ("entity", "id", "natural", "parts", "values")
+
+    def __init__(self, entity_id: str) -> None:
+        self.id = entity_id
+        self.natural = _natural(entity_id)
+        self.entity: pb.Entity | None = None
+        self.values: dict[str, bytes] = {}
+        self.parts: dict[str, Message | None] = {}
+
+    def read(self, entity: pb.Entity) -> None:
+        values = {key: packed.value for key, packed in entity.components.items() if key in PICTURE_KEYS}
+        if values == self.values:  # a sensor's write: nothing the picture shows changed
+            return
+        for key in self.values.keys() | values.keys():
+            if values.get(key) != self.values.get(key):
+                self.parts.pop(key, None)
+        self.entity, self.values = entity, values
+
+    def has(self, key: str) -> bool:
+        return key in self.values
+
+    def part(self, key: str) -> Message | None:
+        """The component under ``key`` (None: absent, or not what it should be, logged)."""
+        if key not in self.values:
+            return None
+        if key not in self.parts:
+            self.parts[key] = read_component(self.entity, key, PICTURE_KEYS[key], log)
+        return self.parts[key]
+
+    def priority(self) -> tuple:
+        """Pending approvals first, then the highest threats, then by id."""
+        approval, threat = self.part(APPROVAL), self.part(THREAT)
+        return (not (approval is not None and approval.state == pb.APPROVAL_STATE_PENDING),
+                -(threat.level if threat is not None else 0), self.natural)
+
+
+class Picture:
+    """What the services made of the scenario, track by track: ``Picture.of(store)``
+    reads it with one list; ``Picture.follow(store, interval)`` keeps it from a watch
+    projected on ``PICTURE_KEYS`` and coalesced per track (``catch_up()`` applies what
+    arrived), so keeping it costs the changes, at most one per track per interval."""
+
+    def __init__(self, watcher: Watcher | None = None) -> None:
+        self.tracks: dict[str, Track] = {}
+        self._watcher = watcher
+
+    @classmethod
+    def of(cls, store: Store) -> Picture:
+        picture = cls()
+        for entity in store.list(pb.ENTITY_TYPE_TRACK):
+            picture.apply(entity)
+        return picture
+
+    @classmethod
+    def follow(cls, store: Store, interval: float) -> Picture:
+        return cls(store.watch(pb.ENTITY_TYPE_TRACK, include_existing=True, components=list(PICTURE_KEYS),
+                               min_interval=interval))
+
+    def apply(self, entity: pb.Entity) -> None:
+        track = self.tracks.get(entity.id)
+        if track is None:
+            track = self.tracks[entity.id] = Track(entity.id)
+        track.read(entity)
+
+    def catch_up(self) -> Picture:
+        """Applies every change the watch holds (none without one)."""
+        if self._watcher is not None:
+            for event in self._watcher.drain():
+                if event.type == store_pb2.EVENT_TYPE_DELETED:
+                    self.tracks.pop(event.entity_id, None)
+                else:
+                    self.apply(event.entity)
+        return self
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.close()
+
+    def summary(self, events: int) -> Summary:
+        """The counts (``events``: the store's change sequence, given by the caller)."""
+        s = Summary(events=events)
+        for track in self.tracks.values():
+            source = track.part(SOURCE)
+            if source is not None:
+                s.tracks += 1
+                s.eo += source.sensor_type == "eo"
+                s.radar += source.sensor_type == "radar"
+            s.fused += track.has(FUSION)
+            s.classified += track.has(CLASSIFICATION)
+            threat = track.part(THREAT)
+            if threat is not None:
+                s.threats[THREAT_NAMES.get(threat.level, str(threat.level))] += 1
+            task = track.part(TASK)
+            if task is not None:
+                s.tasks[task.state] += 1
+            approval = track.part(APPROVAL)
+            if approval is not None and approval.state:
+                s.approvals[APPROVAL_NAMES.get(approval.state, str(approval.state))] += 1
+        return s
+
+
 def summarize(store: Store) -> Summary:
-    """Counts from the store's current picture (events: its change sequence)."""
-    s = Summary(events=store.seq)
-    for entity in store.list(pb.ENTITY_TYPE_TRACK):
-        source = read_component(entity, SOURCE, pb.SourceComponent)
-        if source is not None:
-            s.tracks += 1
-            s.eo += source.sensor_type == "eo"
-            s.radar += source.sensor_type == "radar"
-        if FUSION in entity.components:
-            s.fused += 1
-        if CLASSIFICATION in entity.components:
-            s.classified += 1
-        threat = read_component(entity, THREAT, pb.ThreatComponent)
-        if threat is not None:
-            s.threats[THREAT_NAMES.get(threat.level, str(threat.level))] += 1
-        task = read_component(entity, TASK, pb.TaskComponent)
-        if task is not None:
-            s.tasks[task.state] += 1
-        approval = read_component(entity, APPROVAL, pb.ApprovalComponent)
-        if approval is not None and approval.state:
-            s.approvals[APPROVAL_NAMES.get(approval.state, str(approval.state))] += 1
-    return s
+    """Counts from the store's current picture, read with one list (events: its change sequence)."""
+    return Picture.of(store).summary(store.seq)
+
+
+@dataclass
+class Reading:
+    """The gauges at one moment (see ``Gauges``)."""
+
+    writes_per_s: float
+    ticks: int
+    ticks_skipped: int
+    classified_share: float
+    #: service name -> (lag p50, lag p99) in ms, for the services that answered a sensor write.
+    lags: dict[str, tuple[float, float]]
+
+    def lag_text(self) -> str:
+        return ", ".join(f"{name} {p50:.0f}/{p99:.0f}" for name, (p50, p99) in self.lags.items()) or "no samples yet"
+
+    def line(self) -> str:
+        return (f"{self.writes_per_s:.0f} writes/s, {self.ticks_skipped} of {self.ticks} ticks skipped, "
+                f"{self.classified_share:.0%} of targets classified · lag p50/p99 ms: {self.lag_text()}")
+
+
+class Gauges:
+    """What the demo says beyond the picture, all read from counters: the stores'
+    writes per second, the ticks the sims published and skipped, the share of targets
+    classified (from a ``Summary``), and each service's lag p50/p99 (its ``stats()``).
+    The rate is over at least ``window`` seconds, so readings between two sensor ticks
+    do not swing."""
+
+    def __init__(self, nodes: list[Node], services: list[Service], targets: int, window: float) -> None:
+        self.nodes, self.services, self.targets, self.window = nodes, services, targets, window
+        self._start = self._last = (self.writes(), time.monotonic())
+        self._rate = 0.0
+
+    def writes(self) -> int:
+        """Entity writes the stores took from their clients (replicated ones not counted again)."""
+        return sum(int(node.store.stats()["writes"]) for node in self.nodes)
+
+    def read(self, summary: Summary, *, overall: bool = False) -> Reading:
+        """The gauges now; ``overall``: writes/s since the start rather than recently."""
+        writes, now = self.writes(), time.monotonic()
+        since_writes, since = self._start if overall else self._last
+        if overall or now - since >= self.window:
+            self._rate = (writes - since_writes) / max(now - since, 1e-9)
+            self._last = (writes, now)
+        stats = {s.name: s.stats() for s in self.services}
+        sims = [stats[s.name] for s in self.services if isinstance(s, SensorSim)]
+        skipped = sum(sim.get("ticks_skipped", 0) for sim in sims)
+        return Reading(
+            writes_per_s=self._rate,
+            ticks=sum(sim.get("ticks", 0) for sim in sims) + skipped,
+            ticks_skipped=skipped,
+            classified_share=summary.classified / self.targets if self.targets else 0.0,
+            lags={name: (v["lag_ms_p50"], v["lag_ms_p99"]) for name, v in stats.items() if "lag_ms_p50" in v},
+        )
 
 
 def _natural(entity_id: str) -> tuple:
@@ -140,16 +301,15 @@ def approve_hint(address: str) -> str:
     return f"meshstore approve ID --store {address}  (or deny)"
 
 
-def nodes_table(nodes: list[Node]) -> Table:
-    """Each node's view of the picture, and whether they all agree."""
-    views = [summarize(n.store) for n in nodes]
+def nodes_table(nodes: list[Node], views: list[Summary]) -> Table:
+    """Each node's view of the picture (``views``, in the order of ``nodes``), and whether they all agree."""
     same = [(v.tracks, v.classified, v.fused, v.approvals, v.tasks) for v in views]
     agree = all(x == same[0] for x in same)
     table = Table(title=f"mesh of {len(nodes)} nodes: {'views agree' if agree else 'converging...'}",
                   title_justify="left", expand=False)
     for column in ("NODE", "TRACKS", "CLASSIFIED", "FUSED", "PENDING", "SEQ", "PEERS UP", "LAG"):
         table.add_column(column, no_wrap=True, justify="left" if column == "NODE" else "right")
-    for node, view in zip(nodes, views):
+    for node, view in zip(nodes, views, strict=True):
         links = node.relay.stats()["peers"].values() if node.relay is not None else []
         up = sum(1 for link in links if link["connected"])
         lag = max((link["lag"] for link in links), default=0)
@@ -158,46 +318,48 @@ def nodes_table(nodes: list[Node]) -> Table:
     return table
 
 
-def render(store: Store, address: str, started: float, services: list[Service], nodes: list[Node] = (),
-           ui: str | None = None) -> Group:
-    """The live picture: one row per track that is not a radar plot or a fused track, with
-    what the services made of it, and the fused tracks (as the first node sees them), and
-    in a mesh each node's view."""
-    entities = store.list(pb.ENTITY_TYPE_TRACK)
-    fused_of: dict[str, tuple[str, pb.FusionComponent]] = {}
-    fused_rows = []
+def _current(store: Store, entity_ids: list[str]) -> list[pb.Entity]:
+    """The entities as the store holds them now (those deleted meanwhile left out)."""
+    found = []
+    for entity_id in entity_ids:
+        with contextlib.suppress(NotFoundError):
+            found.append(store.get(entity_id))
+    return found
+
+
+def render(store: Store, picture: Picture, address: str, started: float, status: str, services: list[Service],
+           views: Table | None = None, ui: str | None = None) -> Group:
+    """The live picture: one row per track that is not a radar plot or a fused track,
+    with what the services made of it, and the fused tracks (as the first node sees
+    them), then ``status`` (the gauges) and in a mesh each node's view (``views``). The
+    rows shown are picked from ``picture`` and read from ``store`` as they are now."""
+    fused_of: dict[str, pb.FusionComponent] = {}
+    fused_rows: list[tuple[Track, pb.FusionComponent]] = []
     radar = 0
-    rows = []
-    for e in entities:
-        fusion = read_component(e, FUSION, pb.FusionComponent)
+    rows: list[Track] = []
+    for track in picture.tracks.values():
+        fusion = track.part(FUSION)
         if fusion is not None:
-            fused_rows.append((e, fusion))
+            fused_rows.append((track, fusion))
             for sid in fusion.source_ids:
-                fused_of[sid] = (e.id, fusion)
+                fused_of[sid] = fusion
             continue
-        source = read_component(e, SOURCE, pb.SourceComponent)
+        source = track.part(SOURCE)
         if source is not None and source.sensor_type == "radar":
             radar += 1
             continue
-        rows.append(e)
-    summary = summarize(store)
+        rows.append(track)
     table = Table(title=f"meshstore demo: {len(rows)} tracks, {radar} radar plots, {len(fused_rows)} fused "
-                        f"· store {address} · {summary.events} events · {time.monotonic() - started:.0f}s",
+                        f"· store {address} · {store.seq} events · {time.monotonic() - started:.0f}s",
                   title_justify="left", caption=f"PENDING intercepts: run `{approve_hint(address)}` in another "
                                                 f"terminal{f' or use the web UI at {ui}' if ui else ''}. Ctrl-C stops.",
                   caption_justify="left", expand=False)
     for column in ("TRACK", "POSITION", "SPEED", "CLASS", "THREAT", "TASK", "APPROVAL", "FUSED WITH"):
         table.add_column(column, no_wrap=True)
-    def priority(e: pb.Entity) -> tuple:
-        approval = read_component(e, APPROVAL, pb.ApprovalComponent)
-        threat = read_component(e, THREAT, pb.ThreatComponent)
-        pending = approval is not None and approval.state == pb.APPROVAL_STATE_PENDING
-        return (not pending, -(threat.level if threat else 0), _natural(e.id))
-
-    shown = sorted(rows, key=priority)[:MAX_ROWS]
+    shown = heapq.nsmallest(MAX_ROWS, rows, key=Track.priority)
     if len(rows) > len(shown):
         table.title = f"{table.title} · showing {len(shown)} (pending and highest threat first)"
-    for e in shown:
+    for e in _current(store, [track.id for track in shown]):
         pos = read_component(e, POSITION, pb.PositionComponent)
         vel = read_component(e, VELOCITY, pb.VelocityComponent)
         cls = read_component(e, CLASSIFICATION, pb.ClassificationComponent)
@@ -208,7 +370,7 @@ def render(store: Store, address: str, started: float, services: list[Service], 
         approval_name = APPROVAL_NAMES.get(approval.state, "?") if approval and approval.state else "-"
         fused = fused_of.get(e.id)
         partners = "-" if fused is None else (
-            ", ".join(s for s in fused[1].source_ids if s != e.id) + f" ({fused[1].confidence:.2f})")
+            ", ".join(s for s in fused.source_ids if s != e.id) + f" ({fused.confidence:.2f})")
         table.add_row(
             e.id,
             f"{pos.lat:8.4f} {pos.lon:9.4f}" if pos else "-",
@@ -222,11 +384,14 @@ def render(store: Store, address: str, started: float, services: list[Service], 
     fused_table = Table(title="fused tracks", title_justify="left", expand=False)
     for column in ("FUSED", "SOURCES", "POSITION", "CONF"):
         fused_table.add_column(column, no_wrap=True)
-    for e, fusion in sorted(fused_rows, key=lambda x: [_natural(i) for i in x[1].source_ids])[:20]:
-        fused_table.add_row(e.id, ", ".join(fusion.source_ids), f"{fusion.fused_lat:8.4f} {fusion.fused_lon:9.4f}",
-                            f"{fusion.confidence:.2f}")
+    first_fused = heapq.nsmallest(20, fused_rows, key=lambda row: [_natural(i) for i in row[1].source_ids])
+    for e in _current(store, [track.id for track, _ in first_fused]):
+        fusion = read_component(e, FUSION, pb.FusionComponent)
+        if fusion is not None:
+            fused_table.add_row(e.id, ", ".join(fusion.source_ids), f"{fusion.fused_lat:8.4f} {fusion.fused_lon:9.4f}",
+                                f"{fusion.confidence:.2f}")
     health = "  ".join(f"{s.name}:{'ok' if s.running else 'STOPPED'}" for s in services)
-    parts = [table, fused_table] + ([nodes_table(nodes)] if len(nodes) > 1 else [])
+    parts = [table, fused_table, Text(status)] + ([views] if views is not None else [])
     return Group(*parts, Text(f"services  {health}", style="dim"))
 
 
@@ -305,6 +470,8 @@ async def run_demo(config: DemoConfig, console: Console | None = None) -> int:
         TaskManager(at(0), approval_timeout=config.approval_timeout),
         Fusion(at(1), max_distance=config.max_distance),
     ]
+    pictures = [Picture.follow(node.store, config.picture_interval) for node in nodes]
+    gauges = Gauges(nodes, services, config.tracks, window=config.status_every)
     tasks = {asyncio.create_task(s.run(), name=s.name): s for s in services}
 
     loop = asyncio.get_running_loop()
@@ -339,32 +506,53 @@ async def run_demo(config: DemoConfig, console: Console | None = None) -> int:
                 console.print(f"[red]service {service.name} stopped: {exc!r}[/]")
         return stop.is_set() or (deadline is not None and time.monotonic() >= deadline) or len(failed) == len(tasks)
 
+    def catch_up() -> None:
+        for picture in pictures:
+            picture.catch_up()
+
+    def views() -> list[Summary]:
+        """Each node's view, as its picture stands."""
+        return [picture.summary(node.store.seq) for picture, node in zip(pictures, nodes, strict=True)]
+
+    def status(views: list[Summary]) -> str:
+        return f"{views[0].line()} · {gauges.read(views[0]).line()}"
+
+    def frame() -> Group:
+        catch_up()
+        now = views()
+        return render(store, pictures[0], address, started, status(now), services,
+                      nodes_table(nodes, now) if len(nodes) > 1 else None, ui)
+
     try:
         if live:
             from rich.live import Live
 
-            with Live(render(store, address, started, services, nodes, ui), console=console,
-                      refresh_per_second=4, transient=False) as display:
+            with Live(frame(), console=console, refresh_per_second=4, transient=False) as display:
                 while not await wait_tick(config.refresh):
-                    display.update(render(store, address, started, services, nodes, ui))
-                display.update(render(store, address, started, services, nodes, ui))
+                    display.update(frame())
+                display.update(frame())
         else:
             next_status = started + config.status_every
             while not await wait_tick(min(config.refresh, max(0.05, next_status - time.monotonic()))):
+                catch_up()  # at every wait, so the work is spread rather than all at the status line
                 if time.monotonic() >= next_status:
                     next_status += config.status_every
-                    console.print(f"[{time.monotonic() - started:5.1f}s] {summarize(store).line()}", highlight=False, soft_wrap=True)
+                    console.print(f"[{time.monotonic() - started:5.1f}s] {status(views())}", highlight=False,
+                                  soft_wrap=True)
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
         if received:
             console.print(f"{received[0]} received: stopping", highlight=False)
+        for picture in pictures:
+            picture.close()
         # Producers first, so the last writes are judged by the consumers still running.
         for service in services:
             await service.stop()
         converged = len(nodes) == 1 or await _converged(nodes, timeout=10.0)
         summary = summarize(store)
-        views = nodes_table(nodes) if len(nodes) > 1 else None
+        reading = gauges.read(summary, overall=True)
+        views = nodes_table(nodes, [summarize(node.store) for node in nodes]) if len(nodes) > 1 else None
         # Every relay first, so no node sees its peers go away; then each node drains and
         # closes its store.
         for node in nodes:
@@ -372,27 +560,33 @@ async def run_demo(config: DemoConfig, console: Console | None = None) -> int:
                 await node.relay.stop()
         for node in nodes:
             await node.stop(1.0)
-    _print_summary(console, summary, services, time.monotonic() - started)
+    _print_summary(console, summary, reading, services, time.monotonic() - started)
     if views is not None:
         console.print(views)
         console.print(f"nodes converged: {'yes' if converged else 'NO'}", highlight=False)
     return 1 if failed or not converged else 0
 
 
-def _print_summary(console: Console, s: Summary, services: list[Service], elapsed: float) -> None:
+def _print_summary(console: Console, s: Summary, reading: Reading, services: list[Service], elapsed: float) -> None:
     table = Table(title=f"summary after {elapsed:.1f}s", title_justify="left", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("count", justify="right")
     table.add_row("tracks (eo + radar)", f"{s.tracks} ({s.eo} + {s.radar})")
-    table.add_row("classified", str(s.classified))
+    table.add_row("classified", f"{s.classified} ({reading.classified_share:.0%} of targets)")
     table.add_row("threats", ", ".join(f"{k} {v}" for k, v in sorted(s.threats.items())) or "-")
     table.add_row("tasks", ", ".join(f"{k} {v}" for k, v in sorted(s.tasks.items())) or "-")
     for name in ("PENDING", "APPROVED", "DENIED", "TIMED_OUT"):
         table.add_row(f"approvals {name.lower().replace('_', ' ')}", str(s.approvals[name]))
     table.add_row("fused tracks", str(s.fused))
     table.add_row("store events", str(s.events))
+    table.add_row("store writes/s (mean)", f"{reading.writes_per_s:.0f}")
+    table.add_row("sensor ticks skipped", f"{reading.ticks_skipped} of {reading.ticks}")
     for service in services:
-        counts = ", ".join(f"{k} {v}" for k, v in sorted(service.stats().items()) if v)
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(service.stats().items()) if v and not k.startswith("lag_"))
         table.add_row(f"{service.name}", counts or "-")
+        if service.name in reading.lags:
+            p50, p99 = reading.lags[service.name]
+            table.add_row(f"{service.name} lag p50 / p99", f"{p50:.0f} / {p99:.0f} ms")
     console.print(table)
     console.print(f"summary: {s.line()}", highlight=False, soft_wrap=True)
+    console.print(f"pipeline: {reading.line()}", highlight=False, soft_wrap=True)

@@ -15,6 +15,9 @@ What it adds over a bare stub:
   (``Backoff``) until the store answers, logging the outage once (not every attempt) and
   how long it lasted. The channel's own reconnect backoff is capped low so a store that
   comes back is found within about a second.
+- **Publishing** (``publish``) sends a batch on one PublishEntities stream as a few
+  messages of up to 1,024 entities and 1 MiB (``publish_chunks``), each write awaited:
+  the stream's flow control, not the caller, paces a publisher the store cannot keep up with.
 - **Watching** (``watch`` -> ``WatchStream``) resumes after a disconnect with
   ``since_seq`` = the last event's seq (its resume cursor), so nothing is missed and
   nothing is re-snapshotted. If the store on the other end is a different one (another
@@ -57,6 +60,7 @@ __all__ = [
     "UpdateResponse",
     "WatchStream",
     "error_from_rpc",
+    "publish_chunks",
 ]
 
 log = logging.getLogger("meshstore.grpc.client")
@@ -118,6 +122,36 @@ class UpdateResponse:
     applied: list[str]
     stale: list[str]
     unchanged: list[str]
+
+
+# ---- publishing --------------------------------------------------------------------------
+
+#: Entities per PublishRequest: the server applies 1,024 at a time (PUBLISH_CHUNK in
+#: rust/server/entity_store.rs), so a full message is applied as it arrives.
+PUBLISH_MAX_ENTITIES = 1024
+#: Bytes of entities per PublishRequest: well under the server's message limit (4 MiB by
+#: default), and small enough that the store applies one while the next is on the wire.
+PUBLISH_MAX_BYTES = 1 << 20
+#: A repeated field's framing per entity: a tag byte and a length varint (<= 4 bytes up to 256 MiB).
+_ENTRY_OVERHEAD = 5
+
+
+def publish_chunks(entities: Iterable[entity_pb2.Entity], max_entities: int = PUBLISH_MAX_ENTITIES,
+                   max_bytes: int = PUBLISH_MAX_BYTES) -> Iterator[list[entity_pb2.Entity]]:
+    """``entities`` in order, cut into the ``entities`` of successive PublishRequests: at
+    most ``max_entities`` each and, but for an entity bigger than that alone, at most
+    ``max_bytes`` of encoded entities."""
+    chunk: list[entity_pb2.Entity] = []
+    size = 0
+    for entity in entities:
+        n = entity.ByteSize() + _ENTRY_OVERHEAD
+        if chunk and (len(chunk) >= max_entities or size + n > max_bytes):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(entity)
+        size += n
+    if chunk:
+        yield chunk
 
 
 # ---- the client --------------------------------------------------------------------------
@@ -245,14 +279,33 @@ class StoreClient:
         return await self._call("DenyAction", self.stub.DenyAction, store_pb2.DenyActionRequest(entity_id=entity_id))
 
     async def publish(self, entities: Iterable[entity_pb2.Entity]) -> store_pb2.PublishSummary:
-        """Upserts a batch over one PublishEntities stream (the ingest path): bad entities
-        are counted in the summary (``rejected``, ``errors``) and skipped."""
-        requests = [store_pb2.PublishRequest(entity=e) for e in entities]
+        """Upserts a batch over one PublishEntities stream (the ingest path), as few
+        messages as ``publish_chunks`` allows: bad entities are counted in the summary
+        (``rejected``, ``errors``) and skipped. Each message is awaited until the stream
+        takes it (HTTP/2 flow control), and then the summary, so a store that applies
+        slowly slows the publisher down instead of messages piling up in memory."""
+        call = self.stub.PublishEntities(timeout=max(self.rpc_timeout, 30.0), wait_for_ready=False)
         try:
-            return await self.stub.PublishEntities(iter(requests), timeout=max(self.rpc_timeout, 30.0),
-                                                   wait_for_ready=False)
+            try:
+                for chunk in publish_chunks(entities):
+                    await call.write(store_pb2.PublishRequest(entities=chunk))
+                await call.done_writing()
+            except asyncio.InvalidStateError:
+                pass  # the store ended the call early: its status, awaited below, says why
+            except grpc.RpcError as err:
+                # A write the store's end had already closed: grpc.aio reports INTERNAL in
+                # place of the status the store sent (grpc/grpc#36066), UNAVAILABLE or an
+                # early summary when it shuts down. The batch was not taken whole either
+                # way: the caller retries once the store answers.
+                if err.code() != grpc.StatusCode.INTERNAL:
+                    raise
+                raise StoreUnavailableError(f"PublishEntities: store at {self.address} ended the stream before "
+                                            f"the batch was written ({err.details()})") from None
+            return await call
         except grpc.RpcError as err:
             raise error_from_rpc(err, "PublishEntities", self.address) from None
+        finally:
+            call.cancel()  # a no-op once answered; after an error while writing, ends the stream
 
     async def put(self, entity: entity_pb2.Entity) -> None:
         """Upserts one entity; InvalidEntityError if the store refuses it."""

@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable
 
 from meshstore.grpc.client import DEFAULT_ADDR, Backoff, StoreClient
-from meshstore.components import make_entity
 from meshstore.pb import entity_pb2 as pb
 from meshstore.services.scenario import SCENARIO_EPOCH, Scenario, offset_position
 from meshstore.services.sensor_sim import SensorSim
@@ -54,12 +53,9 @@ class RadarSim(SensorSim):
 
     def observe(self, tick: int) -> list[pb.Entity]:
         t = self.tick_time(tick)
-        source = self.source()
-        entities = []
+        shared = self.shared(t)
+        plots = []
         for state, (north, east) in zip(self.scenario.states(t - SCENARIO_EPOCH), self.noise(tick), strict=True):
             lat, lon = offset_position(state.lat, state.lon, north, east)
-            entity = make_entity(self.track_id(state.index), pb.ENTITY_TYPE_TRACK,
-                                 position=pb.PositionComponent(lat=lat, lon=lon), source=source)
-            self._decorate(entity, tick, t)
-            entities.append(entity)
-        return entities
+            plots.append(self.report(state.index, shared, position=pb.PositionComponent(lat=lat, lon=lon)))
+        return plots

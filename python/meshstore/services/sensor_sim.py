@@ -1,16 +1,21 @@
 """sensor-sim: an electro-optical sensor reporting every target of the scenario exactly.
 
 Each tick it upserts one TRACK entity per target (``<prefix>-<n>``) with position,
-velocity (knots, degrees true) and ``SourceComponent{sensor_id, sensor_type="eo"}``, in
-one PublishEntities stream per tick (the store's ingest path). The first tick creates
-the entities; later ticks carry the same keys, and the unchanged ones (type, source)
-cost the store nothing. Each write can set an expiry (``ttl``), so the tracks of a sim
-that stops disappear (and fusion cascade-deletes what it built on them).
+velocity (knots, degrees true) and ``SourceComponent{sensor_id, sensor_type="eo"}``, as
+one batch: one PublishEntities stream per tick (the store's ingest path), a few
+messages of up to 1,024 entities (``StoreClient.publish``). The first tick creates the
+entities; later ticks carry the same keys, and the unchanged ones (type, source) cost
+the store nothing. Each write can set an expiry (``ttl``), so the tracks of a sim that
+stops disappear (and fusion cascade-deletes what it built on them).
 
 Ticks are aligned to the wall clock (tick k at k / rate seconds), and the ground truth
 is sampled at the tick's time, so two sims at the same rate observe the same instants.
-A tick that falls behind (slow store, outage) is skipped, never queued. While the store
-is away the sim waits (backoff) and carries on from the current tick when it is back.
+A slow store slows the sim through the stream (each write and the summary are
+awaited), and a tick published late is still published. Only a sim more than a tick
+behind skips, to the present tick, never queueing: ``ticks_skipped`` counts the ticks
+left out, and a warning says how many (at most once per ``SKIP_LOG_INTERVAL`` seconds).
+While the store is away the sim waits (backoff) and carries on from the current tick
+when it is back.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import math
 import time
 from collections.abc import Callable
 
+from google.protobuf.message import Message
+
 from meshstore.grpc.client import DEFAULT_ADDR, Backoff, StoreClient, StoreUnavailableError
 from meshstore.components import make_entity
 from meshstore.pb import entity_pb2 as pb
@@ -28,7 +35,11 @@ from meshstore.services import Service, timestamp
 from meshstore.services.scenario import SCENARIO_EPOCH, Scenario
 from meshstore.validate import is_number
 
-__all__ = ["SensorSim"]
+__all__ = ["SKIP_LOG_INTERVAL", "SensorSim"]
+
+#: Seconds between two "ticks skipped" warnings: a sim that cannot keep up says so, with
+#: the count since its last warning, without a line per tick.
+SKIP_LOG_INTERVAL = 10.0
 
 
 class SensorSim(Service):
@@ -54,6 +65,8 @@ class SensorSim(Service):
         self.ttl = float(ttl)
         self.clock = clock
         self.last_tick: int | None = None
+        self._skipped_unlogged = 0
+        self._skip_logged_at = -math.inf
 
     def track_id(self, index: int) -> str:
         return f"{self.prefix}-{index}"
@@ -68,20 +81,24 @@ class SensorSim(Service):
     def observe(self, tick: int) -> list[pb.Entity]:
         """The entities this sensor reports at ``tick`` (a pure function of the tick)."""
         t = self.tick_time(tick)
-        source = self.source()
-        entities = []
-        for state in self.scenario.states(t - SCENARIO_EPOCH):
-            entity = make_entity(self.track_id(state.index), pb.ENTITY_TYPE_TRACK,
-                                 position=pb.PositionComponent(lat=state.lat, lon=state.lon),
-                                 velocity=pb.VelocityComponent(speed=state.speed_kts, heading=state.heading_deg),
-                                 source=source)
-            self._decorate(entity, tick, t)
-            entities.append(entity)
-        return entities
+        shared = self.shared(t)
+        return [self.report(state.index, shared, position=pb.PositionComponent(lat=state.lat, lon=state.lon),
+                            velocity=pb.VelocityComponent(speed=state.speed_kts, heading=state.heading_deg))
+                for state in self.scenario.states(t - SCENARIO_EPOCH)]
 
-    def _decorate(self, entity: pb.Entity, tick: int, t: float) -> None:
+    def shared(self, t: float) -> pb.Entity:
+        """What every report of the tick at ``t`` carries alike (type, source, expiry),
+        built once per tick rather than once per target."""
+        entity = make_entity("", pb.ENTITY_TYPE_TRACK, source=self.source())
         if self.ttl:
             entity.expiry_time.CopyFrom(timestamp(t + self.ttl))
+        return entity
+
+    def report(self, index: int, shared: pb.Entity, **components: Message) -> pb.Entity:
+        """Target ``index``'s track: ``components`` and what ``shared`` carries."""
+        entity = make_entity(self.track_id(index), **components)
+        entity.MergeFrom(shared)
+        return entity
 
     async def _main(self) -> None:
         self.event(logging.INFO, "simulating", tracks=self.scenario.count, rate=self.rate, seed=self.scenario.seed,
@@ -95,8 +112,8 @@ class SensorSim(Service):
             if delay > 0:
                 await asyncio.sleep(delay)
             now_tick = math.floor(self.clock() * self.rate)
-            if now_tick > tick + 1:  # fell behind: skip to the present, never queue
-                self.counters["ticks_skipped"] += now_tick - tick
+            if now_tick > tick + 1:  # more than a tick behind: skip to the present, never queue
+                self._skip(tick, now_tick)
                 tick = now_tick
             entities = self.observe(tick)
             try:
@@ -116,6 +133,18 @@ class SensorSim(Service):
                 self.event(logging.INFO, "tracks created", count=len(entities), first=entities[0].id if entities else None)
             self.last_tick = tick
             tick += 1
+
+    def _skip(self, tick: int, now_tick: int) -> None:
+        """Counts ticks ``tick`` .. ``now_tick - 1`` as skipped; warns at most once per
+        SKIP_LOG_INTERVAL seconds, with the count since the last warning."""
+        self.counters["ticks_skipped"] += now_tick - tick
+        self._skipped_unlogged += now_tick - tick
+        now = self.clock()
+        if now - self._skip_logged_at >= SKIP_LOG_INTERVAL:
+            self.event(logging.WARNING, "falling behind: ticks skipped", skipped=self._skipped_unlogged,
+                       total=self.counters["ticks_skipped"], ticks=self.counters["ticks"], resume_tick=now_tick)
+            self._skipped_unlogged = 0
+            self._skip_logged_at = now
 
     def stats(self) -> dict[str, int]:
         return {**super().stats(), "tracks": self.scenario.count}
