@@ -64,6 +64,16 @@ bench-seed:
 	LATTICE_BUILD="$(abspath $(LATTICE_BUILD))" LATTICE_BIN="$(abspath $(LATTICE_SRC))/bin" \
 	  $(PY) -m pytest benches/bench_seed.py --benchmark-only -s $(BENCH_ARGS)
 
+# B9 (benches/bench_pipeline.py): the whole pipeline at 2 Hz (demo, and serve + each service
+# as its own process) next to the seed system's Go pipeline, measured by one watcher. The
+# seed's side runs its built binaries: LATTICE_BIN=<their dir>, or LATTICE_BUILD=<the build
+# dir `make interop` / `make bench-seed` built into>; without either it is skipped. Knobs:
+# BPIPE_SECONDS (60), BPIPE_TARGETS (1000,3000,10000), BPIPE_RUNS, BPIPE_RATE (see the file).
+.PHONY: bench-pipeline
+bench-pipeline: build
+	LATTICE_BIN="$(or $(LATTICE_BIN),$(if $(LATTICE_BUILD),$(abspath $(LATTICE_SRC))/bin))" \
+	  $(PY) -m pytest benches/bench_pipeline.py --benchmark-only -s $(BENCH_ARGS)
+
 demo: build
 	$(PY) -m meshstore.cli demo $(DEMO_ARGS)
 
