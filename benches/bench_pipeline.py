@@ -70,7 +70,9 @@ radar-sim, classifier, task-manager, fusion> (``make bench-pipeline LATTICE_BUIL
 build dir of make interop>`` sets it); without, they are skipped with that message.
 
 Knobs (environment): BPIPE_SECONDS (60), BPIPE_TARGETS (1000,3000,10000), BPIPE_RUNS
-(meshstore-demo,meshstore-procs,seed-procs), BPIPE_RATE (2).
+(meshstore-demo,meshstore-procs,seed-procs), BPIPE_RATE (2); on a shared machine
+BPIPE_QUIET_WAIT (0: before each run, wait up to this many seconds for the machine to be
+idle) and BPIPE_RETRIES (0: run again a run that other processes disturbed).
 Runs only when benchmarks are asked for: pytest benches/bench_pipeline.py --benchmark-only -s
 (make bench-pipeline).
 """
@@ -105,6 +107,12 @@ SCENARIO_SEED = 7
 TARGET_AT = 3000  # the issue's target count
 LAG_TARGET_MS = 1000.0
 DRAIN = 30.0  # seconds the watcher may take, after the window, to see what was written within it
+# On a shared machine: wait up to BPIPE_QUIET_WAIT s before each run for the machine to be idle
+# (under IDLE_PCT of a core over 3 s), and run again (up to BPIPE_RETRIES times) a run during
+# which other processes took more than DISTURBED_PCT of a core.
+QUIET_WAIT = float(os.environ.get("BPIPE_QUIET_WAIT", 0))
+RETRIES = int(os.environ.get("BPIPE_RETRIES", 0))
+IDLE_PCT, DISTURBED_PCT = 10, 10
 GO_BINARIES = ("entity-store", "sensor-sim", "radar-sim", "classifier", "task-manager", "fusion")
 SEED_USAGE = ("B9's seed runs need the seed system's Go binaries: set LATTICE_BIN=<dir with "
               f"{', '.join(GO_BINARIES)}> (`make bench-pipeline LATTICE_BUILD=<the build dir of make interop>` "
@@ -469,6 +477,18 @@ def machine_busy() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def wait_quiet(max_wait: float) -> float:
+    """Waits (up to ``max_wait`` s) until the machine was busy less than IDLE_PCT of a core
+    over 3 s; returns the seconds waited."""
+    started = time.monotonic()
+    while max_wait > 0:
+        before = machine_busy()
+        time.sleep(3)
+        if 100 * (machine_busy() - before) / 3 < IDLE_PCT or time.monotonic() - started > max_wait:
+            break
+    return round(time.monotonic() - started, 1)
+
+
 def cpu_now(procs: Procs | None, **pids: int) -> dict[str, float]:
     """CPU seconds so far of the run's processes (``procs`` and ``pids``) and of the machine."""
     out = procs.cpu() if procs is not None else {}
@@ -738,7 +758,7 @@ def row(r: dict) -> str:
             f"{skipped:>13} {100 * w['classified'] / n:>9.1f}% {at_end:>5} "
             f"{ms(w['classify_lag_ms']['p50']):>8}/{ms(w['classify_lag_ms']['p99']):<8} "
             f"{100 * w['fused'] / n:>5.1f}% {ms(w['fusion_lag_ms']['p50']):>8}/{ms(w['fusion_lag_ms']['p99']):<8} "
-            f"{'yes' if r['met'] else 'no':>4}")
+            f"{'yes' if r['met'] else 'no':>4}{' (disturbed)' if r['cpu_pct']['other'] > DISTURBED_PCT else ''}")
 
 
 HEADER = (f"  {'system':<9} {'mode':<11} {'targets':>7} {'writes/s':>9} {'events/s':>9} {'ticks skipped':>13} "
@@ -788,7 +808,19 @@ def test_b9_pipeline(benchmark: BenchmarkFixture, targets: int, run: str, tmp_pa
         system, mode, runner = RUNNERS[run]
         if system == "seed":
             seed_bin()  # skips, with the reason, when the seed is not there
-        result = benchmark.pedantic(runner, args=(targets, tmp_path), rounds=1, iterations=1)
+
+        def attempts() -> dict:
+            for attempt in range(RETRIES + 1):
+                waited = wait_quiet(QUIET_WAIT)
+                run_dir = tmp_path / f"attempt{attempt}"
+                run_dir.mkdir()
+                result = runner(targets, run_dir)
+                result.update(attempt=attempt, waited_for_quiet_s=waited)
+                if result["cpu_pct"]["other"] <= DISTURBED_PCT:
+                    break
+            return result
+
+        result = benchmark.pedantic(attempts, rounds=1, iterations=1)
         result.update(system=system, mode=mode, targets=targets, seconds=SECONDS, rate=RATE, nproc=os.cpu_count())
         result["short"] = shortfalls(result)
         result["met"] = not result["short"]
@@ -808,6 +840,8 @@ def test_b9_pipeline(benchmark: BenchmarkFixture, targets: int, run: str, tmp_pa
                      f"{'' if w['drained'] else ' (NOT: gave up)'}; store at end {result['store_end']}")
         bench_report(f"    writes from {result['writes_from']}; ticks from {result['ticks_from']}; "
                      f"CPU % of a core: {result['cpu_pct']}"
+                     + (" (DISTURBED: other processes ran)" if result["cpu_pct"]["other"] > DISTURBED_PCT else "")
+                     + (f"; attempt {result['attempt'] + 1}" if result["attempt"] else "")
                      + (f"; demo's own lag {result['demo_reported_lag']}" if result.get("demo_reported_lag") else "")
                      + (f"; writes by service {result['writes_by_service']}" if "writes_by_service" in result
                         else f"; services {result['services']}" if "services" in result else ""))
