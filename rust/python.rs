@@ -182,11 +182,11 @@ impl PyEvent {
     }
     #[getter]
     fn entity(&self, py: Python<'_>) -> PyResult<PyObject> {
-        self.entity.message(py, || self.event.entity_bytes())
+        self.entity.message(py, || self.event.entity_bytes().to_vec())
     }
     #[getter]
     fn entity_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, self.entity.bytes(|| self.event.entity_bytes()))
+        PyBytes::new(py, self.entity.bytes(|| self.event.entity_bytes().to_vec()))
     }
     fn __repr__(&self) -> String {
         let kind = ["", "CREATED", "UPDATED", "DELETED"][self.event.kind as usize];
@@ -251,7 +251,7 @@ impl WatchHandle {
         self.watch.is_closed()
     }
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.watch.stats();
+        let s = self.core.get().store.table.lock().watch_stats(&self.watch);
         let d = PyDict::new(py);
         d.set_item("queued", s.queued)?;
         d.set_item("held", s.held)?;
@@ -666,7 +666,7 @@ impl Core {
         d.set_item("tombstones_collected", c.collected)?;
         d.set_item("expired", c.expired)?;
         d.set_item("watchers", t.watchers().len())?;
-        d.set_item("coalesced", t.watchers().iter().map(|w| w.stats().coalesced).sum::<u64>())?;
+        d.set_item("coalesced", t.watchers().iter().map(|w| t.watch_stats(w).coalesced).sum::<u64>())?;
         Ok(d)
     }
 }

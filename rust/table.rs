@@ -18,10 +18,10 @@ use crate::hlc::{Clock, Timestamp, WallClock};
 use crate::intern::{intern, Sym};
 use crate::strategy::{Registry, Rule};
 use crate::storage::{NodeState, Stored};
-use crate::watch::{Event, EventKind, Watch, WatchSpec};
+use crate::watch::{Event, EventKind, Watch, WatchSpec, WatchStats};
 use ahash::AHashMap;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// A merged state may hold concurrent siblings of several writers, each within the
 /// limit: replicas accept states up to this many times `max_entity_bytes`.
@@ -174,6 +174,12 @@ pub struct Table {
     /// whether the summary changed since.
     persist: Option<Persist>,
     watchers: Vec<Arc<Watch>>,
+    /// The watchers that are not behind: the only ones a change is pushed to.
+    active: Vec<Arc<Watch>>,
+    /// Changes watchers were told of, in all and per entity type (what a watcher that
+    /// fell behind skipped is the difference since it did).
+    changes: u64,
+    changes_by_type: AHashMap<i32, u64>,
     next_watch_id: u64,
     /// Watchers whose async consumer must be woken (drained by the caller).
     pub wake: Vec<u64>,
@@ -199,6 +205,9 @@ impl Table {
             replicating: false,
             persist: None,
             watchers: Vec::new(),
+            active: Vec::new(),
+            changes: 0,
+            changes_by_type: AHashMap::new(),
             next_watch_id: 1,
             wake: Vec::new(),
             expiry_changes: Vec::new(),
@@ -945,9 +954,15 @@ impl Table {
                     (false, false) => continue,
                 };
                 if w.matches(s.shown_type()) {
-                    w.push(event_for(&w, s, kind, &self.registry));
+                    w.push(event_for(&w, s, kind, &self.registry, None));
                 }
             }
+        }
+        if w.is_behind() {
+            // The snapshot did not fit: the rest of it is caught up (not counted as folded).
+            w.set_behind_mark(self.changes_for(w.spec.type_filter));
+        } else {
+            self.active.push(w.clone());
         }
         self.watchers.push(w.clone());
         Ok(w)
@@ -960,21 +975,50 @@ impl Table {
             }
             w.id != id
         });
+        self.active.retain(|w| w.id != id);
     }
 
+    /// Changes watchers of `type_filter` were told of (see `changes`).
+    fn changes_for(&self, type_filter: i32) -> u64 {
+        if type_filter == 0 {
+            self.changes
+        } else {
+            self.changes_by_type.get(&type_filter).copied().unwrap_or(0)
+        }
+    }
+
+    /// A watcher's counters, with the changes it skipped so far while behind.
+    pub fn watch_stats(&self, w: &Watch) -> WatchStats {
+        let mut s = w.stats();
+        s.coalesced += w.folded_since_behind(self.changes_for(w.spec.type_filter));
+        s
+    }
+
+    /// Pushes a change to the watchers that are not behind: one that fell behind reads
+    /// it from the log later, so however many are stuck, a change costs nothing for them.
     fn emit(&mut self, state: &Arc<EntityState>, kind: EventKind) {
-        self.watchers.retain(|w| !w.is_closed());
-        for w in &self.watchers {
-            if !w.matches(state.shown_type()) {
+        let etype = state.shown_type();
+        self.changes += 1;
+        *self.changes_by_type.entry(etype).or_default() += 1;
+        let mut dropped = false;
+        let shared = Arc::default();
+        for w in &self.active {
+            if !w.matches(etype) {
                 continue;
             }
-            // A watcher that fell behind reads this change from the log later: skipping
-            // it costs one atomic load, however many watchers are stuck.
-            if w.is_behind() {
-                w.skip();
-            } else if w.push(event_for(w, state, kind, &self.registry)) {
+            if w.push(event_for(w, state, kind, &self.registry, Some(&shared))) {
                 self.wake.push(w.id);
             }
+            if w.is_behind() {
+                // This change did not fit: it is the first one the watcher skips.
+                w.set_behind_mark(self.changes_for(w.spec.type_filter) - 1);
+                dropped = true;
+            }
+            dropped |= w.is_closed();
+        }
+        if dropped {
+            self.active.retain(|w| !w.is_behind() && !w.is_closed());
+            self.watchers.retain(|w| !w.is_closed());
         }
     }
 
@@ -983,12 +1027,12 @@ impl Table {
     /// changed since (UPDATED, DELETED if gone, in change order), and makes the watcher
     /// plain again when the log is read to its end. Consumers call it before taking
     /// events; a no-op for a watcher that is not behind.
-    pub fn catch_up(&mut self, w: &Watch) {
-        let Some(from) = w.catch_up_from() else { return };
-        let mut pushed = 0;
+    pub fn catch_up(&mut self, w: &Arc<Watch>) {
+        let Some((from, snapshot_until)) = w.catch_up_from() else { return };
+        let mut events = Vec::with_capacity(w.spec.capacity.min(self.log.len()));
         let mut next = None;
         for (&seq, id) in self.log.range(from..) {
-            if pushed == w.spec.capacity {
+            if events.len() == w.spec.capacity {
                 next = Some(seq);
                 break;
             }
@@ -996,13 +1040,20 @@ impl Table {
             if !w.matches(s.shown_type()) {
                 continue;
             }
-            let kind = if s.is_alive() { w.caught_up_kind(seq) } else { EventKind::Deleted };
-            if w.push_caught_up(event_for(w, s, kind, &self.registry)) {
-                self.wake.push(w.id);
-            }
-            pushed += 1;
+            let kind = match (s.is_alive(), seq <= snapshot_until) {
+                (false, _) => EventKind::Deleted,
+                (true, true) => EventKind::Created,
+                (true, false) => EventKind::Updated,
+            };
+            events.push(event_for(w, s, kind, &self.registry, None));
         }
-        w.caught_up(next);
+        if w.push_caught_up(events) {
+            self.wake.push(w.id);
+        }
+        w.caught_up(next, self.changes_for(w.spec.type_filter));
+        if next.is_none() {
+            self.active.push(w.clone());
+        }
     }
 
     pub fn watchers(&self) -> &[Arc<Watch>] {
@@ -1025,8 +1076,16 @@ impl Table {
 }
 
 /// The event for one watcher: a shared snapshot, encoded only when delivered.
-fn event_for(w: &Watch, s: &Arc<EntityState>, kind: EventKind, registry: &Arc<Registry>) -> Event {
+/// An event of `s` for `w`; `shared`: the encoding cell of this change for watchers
+/// without a projection (see `Event::encoded`), None for one of its own.
+fn event_for(w: &Watch, s: &Arc<EntityState>, kind: EventKind, registry: &Arc<Registry>,
+             shared: Option<&Arc<OnceLock<Vec<u8>>>>) -> Event {
+    let encoded = match (&w.spec.projection, shared) {
+        (None, Some(cell)) => cell.clone(),
+        _ => Arc::default(),
+    };
     Event {
+        encoded,
         seq: s.seq,
         cursor: s.seq,
         kind,

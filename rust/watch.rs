@@ -22,8 +22,8 @@ use parking_lot::{Condvar, Mutex};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use crate::wire::{put_bytes_field, put_len_prefix, put_varint_field};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
@@ -60,12 +60,18 @@ pub struct Event {
     pub projection: Option<Arc<[Sym]>>,
     /// The strategies in force when the event was made (they pick the values shown).
     pub registry: Arc<Registry>,
+    /// The entity's bytes, encoded once: shared by the events of one change for every
+    /// watcher that sees it the same way (no projection), so a hundred watchers cost one
+    /// encoding.
+    pub encoded: Arc<OnceLock<Vec<u8>>>,
 }
 
 impl Event {
     /// The entity (user view, projected) as `entity.v1.Entity` bytes.
-    pub fn entity_bytes(&self) -> Vec<u8> {
-        self.state.to_bytes(View { full: false, projection: self.projection.as_deref() }, &self.registry)
+    pub fn entity_bytes(&self) -> &[u8] {
+        self.encoded.get_or_init(|| {
+            self.state.to_bytes(View { full: false, projection: self.projection.as_deref() }, &self.registry)
+        })
     }
 
     /// The event as `store.v1.EntityEvent` bytes around the given entity bytes: type,
@@ -112,6 +118,9 @@ struct Queue {
     snapshot_until: u64,
     /// Events delivered by catch-up since the watcher fell behind.
     caught_up: u64,
+    /// The table's count of changes this watcher matches, as it fell behind (`Table`
+    /// keeps the count: the changes skipped since are the difference).
+    behind_mark: u64,
     /// A catch-up pass is under way (its next steps are not held back).
     catching: bool,
     /// When the next catch-up pass may start (see `CATCH_UP_INTERVAL`).
@@ -135,11 +144,9 @@ pub struct Watch {
     pub spec: WatchSpec,
     queue: Mutex<Queue>,
     ready: Condvar,
-    /// Mirrors of "behind" and "closed", read by writers without the queue lock.
+    /// Mirrors of "behind" and "closed", read without the queue lock.
     behind: AtomicBool,
     closed: AtomicBool,
-    /// Changes skipped while behind (read back when caught up, for `coalesced`).
-    skipped: AtomicU64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -160,7 +167,6 @@ impl Watch {
             ready: Condvar::new(),
             behind: AtomicBool::new(false),
             closed: AtomicBool::new(false),
-            skipped: AtomicU64::new(0),
         }
     }
 
@@ -171,11 +177,6 @@ impl Watch {
     /// Whether writes skip this watcher (its queue filled up: it catches up later).
     pub fn is_behind(&self) -> bool {
         self.behind.load(Ordering::Acquire)
-    }
-
-    /// A change this watcher skips while behind (its writer checked `is_behind`).
-    pub fn skip(&self) {
-        self.skipped.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Queues an event. Returns true if an armed async consumer must be woken.
@@ -219,7 +220,6 @@ impl Watch {
             q.catch_from = slot.first_seq;
             q.caught_up = 0;
             self.behind.store(true, Ordering::Release);
-            self.skip();
             // The consumer must learn it has to catch up even if it is waiting.
             self.ready.notify_one();
             wake_rust(q);
@@ -242,45 +242,56 @@ impl Watch {
         self.queue.lock().snapshot_until = seq;
     }
 
-    /// The kind an alive entity whose latest change is `seq` is caught up as.
-    pub fn caught_up_kind(&self, seq: u64) -> EventKind {
-        if seq <= self.queue.lock().snapshot_until { EventKind::Created } else { EventKind::Updated }
-    }
-
-    /// For `Table::catch_up`: the seq to read the log from, if this watcher is behind
-    /// and its consumer has drained the queue (else None: nothing to do now).
-    pub fn catch_up_from(&self) -> Option<u64> {
+    /// For `Table::catch_up`: the seq to read the log from and the end of the initial
+    /// snapshot (alive entities up to it are CREATED), if this watcher is behind and its
+    /// consumer has drained the queue (else None: nothing to do now).
+    pub fn catch_up_from(&self) -> Option<(u64, u64)> {
         let mut q = self.queue.lock();
         if !self.catch_up_due(&q, Instant::now()) {
             return None;
         }
         q.catching = true;
-        Some(q.catch_from)
+        Some((q.catch_from, q.snapshot_until))
     }
 
-    /// Queues an event read from the log while catching up (the queue has room: the
-    /// caller pushes at most `spec.capacity` after `catch_up_from`).
-    pub fn push_caught_up(&self, event: Event) -> bool {
+    /// Queues the events read from the log by one catch-up step (the queue has room: the
+    /// caller reads at most `spec.capacity` after `catch_up_from`).
+    pub fn push_caught_up(&self, events: Vec<Event>) -> bool {
         let mut q = self.queue.lock();
-        q.caught_up += 1;
-        let first_seq = event.seq;
-        q.events.push_back(Slot { event, first_seq });
-        q.live += 1;
+        q.caught_up += events.len() as u64;
+        q.live += events.len();
+        q.events.extend(events.into_iter().map(|event| Slot { first_seq: event.seq, event }));
         self.ready.notify_one();
         wake_rust(&mut q);
         std::mem::take(&mut q.armed)
     }
 
+    /// Records the table's count of matching changes as the watcher fell behind.
+    pub fn set_behind_mark(&self, changes: u64) {
+        self.queue.lock().behind_mark = changes;
+    }
+
+    /// Changes skipped while behind and not delivered one by one, given the table's
+    /// count of matching changes now (0 when not behind).
+    pub fn folded_since_behind(&self, changes: u64) -> u64 {
+        let q = self.queue.lock();
+        if !self.is_behind() {
+            return 0;
+        }
+        changes.saturating_sub(q.behind_mark).saturating_sub(q.caught_up)
+    }
+
     /// Ends a catch-up step: `next` is where the next step reads from, None once the
-    /// log is read to its end (the watcher is plain again: called under the table lock,
-    /// so no write comes in between). Should it fall behind again, its next pass waits
-    /// for `CATCH_UP_INTERVAL` after this one.
-    pub fn caught_up(&self, next: Option<u64>) {
+    /// log is read to its end (`changes`: the table's count of matching changes; the
+    /// watcher is plain again: called under the table lock, so no write comes in
+    /// between). Should it fall behind again, its next pass waits for
+    /// `CATCH_UP_INTERVAL` after this one.
+    pub fn caught_up(&self, next: Option<u64>, changes: u64) {
         let mut q = self.queue.lock();
         match next {
             Some(seq) => q.catch_from = seq,
             None => {
-                let skipped = self.skipped.swap(0, Ordering::Relaxed);
+                let skipped = changes.saturating_sub(q.behind_mark);
                 q.coalesced += skipped.saturating_sub(q.caught_up);
                 q.caught_up = 0;
                 q.catching = false;
@@ -404,8 +415,8 @@ impl Watch {
         WatchStats {
             queued: q.live,
             held: q.held.len(),
-            // While behind, the changes skipped so far and not yet caught up count too.
-            coalesced: q.coalesced + self.skipped.load(Ordering::Relaxed).saturating_sub(q.caught_up),
+            // Up to the last catch-up pass; `Table::watch_stats` adds what is skipped now.
+            coalesced: q.coalesced,
             delivered: q.delivered,
             coalescing: self.is_behind(),
         }
@@ -426,7 +437,17 @@ mod tests {
     fn ev(seq: u64, id: &str, kind: EventKind) -> Event {
         let state = Arc::new(EntityState::new(Arc::from(id), intern("n")));
         let registry = Arc::new(Registry::default());
-        Event { seq, cursor: seq, kind, id: Arc::from(id), source: intern("n"), state, projection: None, registry }
+        Event {
+            seq,
+            cursor: seq,
+            kind,
+            id: Arc::from(id),
+            source: intern("n"),
+            state,
+            projection: None,
+            registry,
+            encoded: Arc::default(),
+        }
     }
 
     fn watch(capacity: usize, min_interval: Duration) -> Watch {
@@ -439,17 +460,16 @@ mod tests {
         w.push(ev(1, "a", EventKind::Created));
         w.push(ev(2, "b", EventKind::Created));
         w.push(ev(3, "a", EventKind::Updated)); // full: behind from seq 3
+        w.set_behind_mark(2); // the table had counted 3 matching changes; this one was skipped
         assert!(w.is_behind() && w.stats().coalescing);
         assert!(!w.push(ev(4, "c", EventKind::Created)), "skipped while behind");
         assert_eq!(w.catch_up_from(), None, "not before the queue is drained");
         let got: Vec<_> = w.poll(10, Duration::ZERO).into_iter().map(|e| (e.seq, e.cursor)).collect();
         assert_eq!(got, [(1, 1), (2, 2)]);
-        assert_eq!(w.catch_up_from(), Some(3));
+        assert_eq!(w.catch_up_from(), Some((3, 0)));
         // The table queues what changed since (here: a and c), then it is plain again.
-        w.push_caught_up(ev(3, "a", EventKind::Updated));
-        w.push_caught_up(ev(4, "c", EventKind::Updated));
-        w.skip(); // the writer skipped c's change (seq 4) while behind; a's (seq 3) was counted on falling behind
-        w.caught_up(None);
+        w.push_caught_up(vec![ev(3, "a", EventKind::Updated), ev(4, "c", EventKind::Updated)]);
+        w.caught_up(None, 4);
         assert!(!w.is_behind());
         assert_eq!(w.poll(10, Duration::ZERO).iter().map(|e| (e.seq, e.cursor)).collect::<Vec<_>>(), [(3, 3), (4, 4)]);
         w.push(ev(5, "a", EventKind::Updated));
@@ -462,11 +482,12 @@ mod tests {
         let w = watch(1, Duration::ZERO);
         w.push(ev(1, "a", EventKind::Created));
         w.push(ev(2, "a", EventKind::Updated)); // behind
-        w.skip();
-        w.skip(); // two more changes of a
+        w.set_behind_mark(1);
+        assert_eq!(w.folded_since_behind(4), 3, "three changes skipped, none delivered yet");
         w.poll(10, Duration::ZERO);
-        w.push_caught_up(ev(4, "a", EventKind::Updated));
-        w.caught_up(None);
+        w.catch_up_from();
+        w.push_caught_up(vec![ev(4, "a", EventKind::Updated)]);
+        w.caught_up(None, 4);
         assert_eq!(w.stats().coalesced, 2, "three changes of a, one event");
     }
 
@@ -476,8 +497,8 @@ mod tests {
         w.push(ev(1, "a", EventKind::Created));
         w.push(ev(2, "a", EventKind::Updated)); // behind
         w.poll(10, Duration::ZERO);
-        assert_eq!(w.catch_up_from(), Some(2), "the first pass starts at once");
-        w.caught_up(None);
+        assert_eq!(w.catch_up_from(), Some((2, 0)), "the first pass starts at once");
+        w.caught_up(None, 2);
         w.push(ev(3, "b", EventKind::Created));
         w.push(ev(4, "b", EventKind::Updated)); // behind again
         w.poll(10, Duration::ZERO);
@@ -485,7 +506,7 @@ mod tests {
         let started = Instant::now();
         assert!(w.poll(10, Duration::from_secs(5)).is_empty(), "poll returns when the pass is due");
         assert!(started.elapsed() >= CATCH_UP_INTERVAL - Duration::from_millis(20));
-        assert_eq!(w.catch_up_from(), Some(4));
+        assert_eq!(w.catch_up_from(), Some((4, 0)));
     }
 
     #[test]

@@ -107,7 +107,7 @@ impl WatchStream {
             if let Some(last) = events.last() {
                 self.cursor = last.cursor;
                 self.last_write = Instant::now();
-                let encoded = events.iter().map(|e| e.to_wire(&e.entity_bytes()));
+                let encoded = events.iter().map(|e| e.to_wire(e.entity_bytes()));
                 self.queue(encoded);
                 continue;
             }
