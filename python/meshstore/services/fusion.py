@@ -10,9 +10,11 @@ Correlation (``Correlator``, pure, no I/O; a pass every ``interval`` seconds):
   antimeridian. ``candidate_pairs_brute`` is the all-pairs reference it must equal.
 - Distances are equirectangular (flat-earth at the pair's mean latitude): exact enough at
   correlation distances and cheap.
-- Groups form greedily, closest candidates first: two free tracks start a group; a free
-  track joins a group that has no track of its sensor type if it is within the distance
-  of every member. Each group holds at most one track per sensor type.
+- Groups form greedily, closest candidates first (ties by track id): two free tracks
+  start a group; a free track joins a group that has no track of its sensor type if it
+  is within the distance of every member. Each group holds at most one track per sensor
+  type; only free tracks are candidates, so a standing group never grows (its id would
+  change under it).
 - An existing group is kept while its tracks stay within ``hysteresis x max_distance``
   of each other (1.5x by default): a pair hovering around the threshold does not flap.
   Beyond it (or when a member has no valid position any more) the group is dissolved
@@ -23,15 +25,40 @@ Correlation (``Correlator``, pure, no I/O; a pass every ``interval`` seconds):
   sensor type's accuracy (e.g. eo 10 m, radar 50 m). Confidence is
   1 - (largest member distance / (hysteresis x max_distance)), floored at 0.05.
 
-The service watches TRACK entities (positions, sources, fusion). A source track that is
-deleted or expires (DELETED event) cascade-deletes the fused entities built on it at
-once. Tracks without a position or a source are not correlated. A position that is not
-finite (or out of range) is ignored with a warning, once per track: the track keeps its
-last valid position, if it had one (the store refuses NaN positions, but one can arrive
-under a type URL the store does not validate). At start (and on a
-new store) it lists the tracks first (a complete snapshot), adopts the fused entities it
-finds (restart), then follows the changes since that snapshot; fused entities whose
-sources are gone are deleted by the first pass.
+Passes are incremental: a pass re-checks and re-fuses only the groups with a track
+touched (moved, added, removed) since the last pass, and looks for new pairs only around
+the free tracks touched or freed since then (a persistent grid of every track, its
+cells sized for a latitude bound that only grows). That gives exactly the full pass's
+result (``correlate(full=True)``): two tracks free at the end of a pass have no
+candidate pair (greedy would have grouped them), so every candidate pair of the next
+pass has a touched or freed track; untouched groups would pass their checks again and
+fuse to the same point (members are fused in id order). Only groups adopted from the
+store can overlap others; they are checked after every standing group, in adoption
+order, as the full pass does.
+
+The service watches TRACK entities projected to position, source and fusion. It takes
+events in without I/O and skips those that cannot change its output: an entity whose
+position and source show the dots it has already taken in (another service's write to
+a key it does not read), and any fused entity (the echo of its own write; fused entities
+are read only from the snapshot, so a late echo of a fused entity it has since deleted
+is never adopted back). A source track that is deleted or expires (DELETED event)
+cascade-deletes the fused entities built on it at once. Tracks without a position or a
+source are not correlated. A position that is not finite (or out of range) is ignored
+with a warning, once per track: the track keeps its last valid position, if it had one
+(the store refuses NaN positions, but one can arrive under a type URL the store does
+not validate). At start (and on a new store) it lists the tracks first (a complete
+snapshot), adopts the fused entities it finds (restart), then follows the changes since
+that snapshot; the first pass after a snapshot is a full one, and deletes fused entities
+whose sources are gone.
+
+Writes: after each pass, one publish of the fused tracks that differ from what it last
+wrote (fusion is the only writer of fused entities: whole entities, no base versions).
+Deletes go first, and a pass's publish and the deletes take turns (a lock), so a fused
+entity deleted because its source went is never written back by a publish that was in
+flight. A fused entity deleted by someone else while its group stands is written again
+by the next pass. What fails because the store went away stays queued for the next pass.
+``stats()`` reports the lag from the newest source position a fused write answers (its
+version's HLC time) to that write, p50/p99.
 """
 
 from __future__ import annotations
@@ -40,6 +67,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -57,6 +85,7 @@ __all__ = [
     "Fusion",
     "FusedTrack",
     "Obs",
+    "PassResult",
     "candidate_pairs_brute",
     "candidate_pairs_grid",
     "distance_m",
@@ -114,16 +143,30 @@ def valid_position(lat: float, lon: float) -> bool:
 # ---- candidate search ----------------------------------------------------------------------
 
 
-def _grid_geometry(tracks: Sequence[Obs], max_distance: float) -> tuple[float, float, int]:
-    """(cell height in degrees of latitude, cell width in degrees of longitude, columns)."""
-    cell_lat = max_distance / M_PER_DEG
-    max_abs_lat = max((abs(t.lat) for t in tracks), default=0.0)
-    c = math.cos(math.radians(max_abs_lat))
-    # The equirectangular distance scales longitude by cos(mean latitude) >= c, so pairs
-    # within max_distance are within max_distance / (M_PER_DEG * c) degrees of longitude.
-    cell_lon = max_distance / (M_PER_DEG * c) if c > 1e-9 else 360.0
-    cols = max(1, int(360.0 // cell_lon)) if cell_lon < 360.0 else 1
-    return cell_lat, 360.0 / cols, cols
+class _Cells:
+    """A grid's geometry: rows of ``max_distance`` in latitude; columns (a whole number
+    around the globe) never narrower than ``max_distance`` at latitudes up to ``bound``."""
+
+    __slots__ = ("col_offsets", "cols", "height", "width")
+
+    def __init__(self, max_distance: float, bound: float) -> None:
+        self.height = max_distance / M_PER_DEG
+        c = math.cos(math.radians(bound))
+        # The equirectangular distance scales longitude by cos(mean latitude) >= c, so pairs
+        # within max_distance are within max_distance / (M_PER_DEG * c) degrees of longitude.
+        width = max_distance / (M_PER_DEG * c) if c > 1e-9 else 360.0
+        self.cols = max(1, int(360.0 // width)) if width < 360.0 else 1
+        self.width = 360.0 / self.cols
+        # The 3x3 neighbourhood's column offsets (fewer with fewer than 3 columns).
+        self.col_offsets = sorted({d % self.cols for d in (-1, 0, 1)})
+
+    def key(self, lat: float, lon: float) -> tuple[int, int]:
+        return math.floor((lat + 90.0) / self.height), math.floor((lon + 180.0) / self.width) % self.cols
+
+    def around(self, key: tuple[int, int]) -> list[tuple[int, int]]:
+        row, col = key
+        cols = self.cols
+        return [(row + dr, (col + dc) % cols) for dr in (-1, 0, 1) for dc in self.col_offsets]
 
 
 def candidate_pairs_grid(tracks: Sequence[Obs], max_distance: float) -> list[tuple[float, int, int]]:
@@ -131,19 +174,20 @@ def candidate_pairs_grid(tracks: Sequence[Obs], max_distance: float) -> list[tup
     ``max_distance``, sorted; through the grid (3x3 neighbourhood per track)."""
     if max_distance <= 0 or len(tracks) < 2:
         return []
-    cell_lat, width, cols = _grid_geometry(tracks, max_distance)
+    grid = _Cells(max_distance, max(abs(t.lat) for t in tracks))
     cells: dict[tuple[int, int], list[int]] = {}
     keys = []
     for i, t in enumerate(tracks):
-        key = (math.floor((t.lat + 90.0) / cell_lat), math.floor((t.lon + 180.0) / width) % cols)
+        key = grid.key(t.lat, t.lon)
         keys.append(key)
         cells.setdefault(key, []).append(i)
-    col_offsets = sorted({(d % cols) for d in (-1, 0, 1)})
     out = []
     dist = distance_m
+    cols, col_offsets = grid.cols, grid.col_offsets
     for i, t in enumerate(tracks):
         row, col = keys[i]
         kind, lat, lon = t.sensor_type, t.lat, t.lon
+        # The 3x3 neighbourhood, inline (the hot loop: no list of cells per track).
         for dr in (-1, 0, 1):
             for dc in col_offsets:
                 members = cells.get((row + dr, (col + dc) % cols))
@@ -181,16 +225,68 @@ def candidate_pairs_brute(tracks: Sequence[Obs], max_distance: float) -> list[tu
     return out
 
 
+class _TrackGrid:
+    """Every track's id by grid cell, kept as tracks come, move and go: the incremental
+    pass's neighbour search. Its cells are sized for a latitude bound (whole degrees)
+    that only grows; a track beyond it rebuilds the grid for the new bound (wider cells,
+    still correct for every track below it)."""
+
+    def __init__(self, max_distance: float) -> None:
+        self.max_distance = max_distance
+        self.bound = 0.0
+        self.geometry = _Cells(max_distance, self.bound)
+        self.cells: dict[tuple[int, int], set[str]] = {}
+        self.where: dict[str, tuple[int, int]] = {}
+
+    def place(self, t: Obs, tracks: Mapping[str, Obs]) -> None:
+        """Puts ``t`` (already in ``tracks``) in its cell."""
+        if abs(t.lat) > self.bound:
+            self.bound = min(90.0, float(math.ceil(abs(t.lat))))
+            self.geometry = _Cells(self.max_distance, self.bound)
+            self.cells.clear()
+            self.where.clear()
+            for u in tracks.values():
+                self._put(u.id, self.geometry.key(u.lat, u.lon))
+            return
+        key = self.geometry.key(t.lat, t.lon)
+        if self.where.get(t.id) != key:
+            self.drop(t.id)
+            self._put(t.id, key)
+
+    def _put(self, track_id: str, key: tuple[int, int]) -> None:
+        self.where[track_id] = key
+        self.cells.setdefault(key, set()).add(track_id)
+
+    def drop(self, track_id: str) -> None:
+        key = self.where.pop(track_id, None)
+        if key is not None:
+            cell = self.cells[key]
+            cell.discard(track_id)
+            if not cell:
+                del self.cells[key]
+
+    def near(self, track_id: str) -> Iterable[str]:
+        """The ids in the 3x3 cells around the track's (itself included)."""
+        cells = self.cells
+        for key in self.geometry.around(self.where[track_id]):
+            members = cells.get(key)
+            if members:
+                yield from members
+
+
 # ---- the correlator ------------------------------------------------------------------------
 
 
 @dataclass
 class PassResult:
-    """A correlation pass: the fused tracks now, and the fused ids dissolved by it."""
+    """A correlation pass: every fused track now, the fused ids this pass (re)computed
+    (the only ones that can differ from before it), and the fused ids it dissolved."""
 
     fused: dict[str, FusedTrack] = field(default_factory=dict)
+    changed: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     candidates: int = 0
+    full: bool = False
 
 
 def parse_sigmas(text: str | Mapping[str, float] | None) -> dict[str, float]:
@@ -226,21 +322,37 @@ class Correlator:
         self.sigmas = dict(DEFAULT_SIGMAS if sigmas is None else sigmas)
         self.default_sigma = default_sigma
         self.tracks: dict[str, Obs] = {}
-        #: fused id -> its source ids (sorted)
+        #: fused id -> its source ids (sorted), in the order the groups formed or were adopted
         self.groups: dict[str, tuple[str, ...]] = {}
+        #: fused id -> its fused track as of the last pass
+        self.fused: dict[str, FusedTrack] = {}
+        #: source id -> its group (exact for the groups a pass kept; adopted ones may overlap)
         self._member_of: dict[str, str] = {}
+        self._grid = _TrackGrid(self.max_distance)
+        # Since the last pass: tracks upserted or removed, and members of groups dissolved
+        # by a removal (free again); groups adopted; whether the next pass must be full.
+        self._touched: set[str] = set()
+        self._adopted: set[str] = set()
+        self._full_next = False
 
     # ---- input ---------------------------------------------------------------------
 
     def upsert(self, obs: Obs) -> None:
+        if self.tracks.get(obs.id) == obs:
+            return
         self.tracks[obs.id] = obs
+        self._grid.place(obs, self.tracks)
+        self._touched.add(obs.id)
 
     def remove(self, track_id: str) -> list[str]:
         """Forgets a source track; returns the fused ids built on it (now dissolved)."""
-        self.tracks.pop(track_id, None)
+        if self.tracks.pop(track_id, None) is not None:
+            self._grid.drop(track_id)
+            self._touched.add(track_id)
         fid = self._member_of.get(track_id)
         if fid is None:
             return []
+        self._touched.update(self.groups[fid])
         self._dissolve(fid)
         return [fid]
 
@@ -251,10 +363,20 @@ class Correlator:
         if fid in self.groups:
             return
         self.groups[fid] = ids
+        self._adopted.add(fid)
         for sid in ids:
             self._member_of.setdefault(sid, fid)
 
+    def clear_tracks(self) -> None:
+        """Forgets every source track (a snapshot follows). The groups stay: the next pass
+        is a full one and checks them all."""
+        self.tracks.clear()
+        self._grid = _TrackGrid(self.max_distance)
+        self._touched.clear()
+        self._full_next = True
+
     def _dissolve(self, fid: str) -> None:
+        self.fused.pop(fid, None)
         for sid in self.groups.pop(fid, ()):
             if self._member_of.get(sid) == fid:
                 del self._member_of[sid]
@@ -265,65 +387,127 @@ class Correlator:
     # ---- a pass --------------------------------------------------------------------
 
     def _spread(self, members: Sequence[Obs]) -> float:
+        """The largest distance between two members (in the given order: rounding)."""
+        if len(members) == 2:  # the common case, without a generator
+            a, b = members
+            return distance_m(a.lat, a.lon, b.lat, b.lon)
         return max((distance_m(a.lat, a.lon, b.lat, b.lon)
                     for k, a in enumerate(members) for b in members[k + 1:]), default=0.0)
 
-    def correlate(self, brute: bool = False) -> PassResult:
-        """One pass over every track (``brute``: all-pairs candidates, for comparison)."""
-        result = PassResult()
-        keep_limit = self.hysteresis * self.max_distance
-        assigned: dict[str, list[Obs]] = {}  # group key -> members
-        owner: dict[str, str] = {}  # track id -> group key
-        # 1. Existing groups stay while their members are present and close enough.
-        for fid, ids in list(self.groups.items()):
+    def correlate(self, full: bool = False, brute: bool = False) -> PassResult:
+        """One pass. Incremental unless ``full`` (or the first after ``clear_tracks``): the
+        same result, from the groups and free tracks touched since the last pass only (see
+        the module's docstring). ``brute``: a full pass with all-pairs candidates."""
+        full = full or brute or self._full_next
+        self._full_next = False
+        touched, self._touched = self._touched, set()
+        adopted, self._adopted = self._adopted, set()
+        result = PassResult(full=full)
+        if full:
+            check = list(self.groups)
+            self._member_of.clear()  # rebuilt from the groups kept
+            self.fused.clear()
+        else:
+            check = list({self._member_of[t] for t in touched if t in self._member_of} - adopted)
+            if adopted:
+                check += [fid for fid in self.groups if fid in adopted]  # after the others, in order
+        kept, freed = self._check(check, result)
+        if full:
+            free = [t for tid, t in sorted(self.tracks.items()) if tid not in self._member_of]
+            found = (candidate_pairs_brute if brute else candidate_pairs_grid)(free, self.max_distance)
+            pairs = [(free[i], free[j]) for _, i, j in found]
+        else:
+            pairs = self._pairs_near(touched | freed)
+        result.candidates = len(pairs)
+        for members in self._greedy(pairs):
+            ids = tuple(sorted(m.id for m in members))
+            fid = fused_id(ids)
+            self.groups[fid] = ids
+            for sid in ids:
+                self._member_of[sid] = fid
+            kept[fid] = None
+        tracks = self.tracks
+        for fid, spread in kept.items():
+            self.fused[fid] = self.fuse(fid, [tracks[sid] for sid in self.groups[fid]], spread)
+        result.changed = list(kept)
+        result.fused = dict(self.fused)
+        return result
+
+    def _check(self, fids: Sequence[str], result: PassResult) -> tuple[dict[str, float | None], set[str]]:
+        """Keeps each of ``fids`` (in order) whose members are all present, of distinct
+        sensor types, within ``hysteresis x max_distance`` of each other and not in a group
+        kept before it or not checked (only adopted groups overlap others); dissolves the
+        others (into ``result.removed``). Returns the kept ids (-> their spread) and the
+        dissolved groups' members."""
+        limit = self.hysteresis * self.max_distance
+        checking = set(fids)
+        kept: dict[str, float | None] = {}
+        freed: set[str] = set()
+        member_of = self._member_of
+        for fid in fids:
+            ids = self.groups[fid]
             members = [self.tracks.get(sid) for sid in ids]
-            types = [m.sensor_type for m in members if m is not None]
-            if (any(m is None for m in members) or len(set(types)) != len(types) or len(members) < 2
-                    or any(sid in owner for sid in ids) or self._spread(members) > keep_limit):
+            ok = not (len(members) < 2 or any(m is None for m in members)
+                      or len({m.sensor_type for m in members}) != len(members)
+                      or any((g := member_of.get(sid)) is not None and g != fid and (g in kept or g not in checking)
+                             for sid in ids))
+            spread = self._spread(members) if ok else math.inf
+            if spread > limit:
                 self._dissolve(fid)
                 result.removed.append(fid)
+                freed.update(ids)
                 continue
-            assigned[fid] = members
+            kept[fid] = spread
             for sid in ids:
-                owner[sid] = fid
-        # 2. Free tracks: candidates within max_distance, closest first.
-        free = [t for tid, t in sorted(self.tracks.items()) if tid not in owner]
-        pairs = (candidate_pairs_brute if brute else candidate_pairs_grid)(free, self.max_distance)
-        result.candidates = len(pairs)
-        new_key = 0
-        for _, i, j in pairs:
-            a, b = free[i], free[j]
+                member_of[sid] = fid
+        return kept, freed
+
+    def _pairs_near(self, seeds: Iterable[str]) -> list[tuple[Obs, Obs]]:
+        """The candidate pairs with a free track of ``seeds`` (through the track grid),
+        as the full pass has them: (lower id, higher id), by distance, then ids."""
+        tracks, member_of, limit, dist = self.tracks, self._member_of, self.max_distance, distance_m
+        found = set()
+        for sid in seeds:
+            t = tracks.get(sid)
+            if t is None or sid in member_of:
+                continue
+            for uid in self._grid.near(sid):
+                if uid == sid or uid in member_of:
+                    continue
+                u = tracks[uid]
+                if u.sensor_type == t.sensor_type:
+                    continue
+                a, b = (t, u) if sid < uid else (u, t)  # the distance's rounding depends on the order
+                d = dist(a.lat, a.lon, b.lat, b.lon)
+                if d <= limit:
+                    found.add((d, a.id, b.id))
+        return [(tracks[a], tracks[b]) for _, a, b in sorted(found)]
+
+    def _greedy(self, pairs: Iterable[tuple[Obs, Obs]]) -> list[list[Obs]]:
+        """New groups from candidate pairs of free tracks, closest first (module docstring)."""
+        groups: list[list[Obs]] = []
+        owner: dict[str, int] = {}
+        for a, b in pairs:
             ga, gb = owner.get(a.id), owner.get(b.id)
             if ga is None and gb is None:
-                key = f"new:{new_key}"
-                new_key += 1
-                assigned[key] = [a, b]
-                owner[a.id] = owner[b.id] = key
+                owner[a.id] = owner[b.id] = len(groups)
+                groups.append([a, b])
                 continue
             if (ga is None) == (gb is None):
-                continue  # both already grouped
-            key, joiner = (gb, a) if ga is None else (ga, b)
-            if not key.startswith("new:"):
-                continue  # kept groups do not grow (their id would change under them)
-            members = assigned[key]
+                continue  # both grouped already
+            g, joiner = (gb, a) if ga is None else (ga, b)
+            members = groups[g]
             if any(m.sensor_type == joiner.sensor_type for m in members):
                 continue
             if all(distance_m(m.lat, m.lon, joiner.lat, joiner.lon) <= self.max_distance for m in members):
                 members.append(joiner)
-                owner[joiner.id] = key
-        # 3. Fused tracks.
-        for key, members in assigned.items():
-            ids = tuple(sorted(m.id for m in members))
-            fid = key if not key.startswith("new:") else fused_id(ids)
-            if key.startswith("new:"):
-                self.groups[fid] = ids
-                for sid in ids:
-                    self._member_of[sid] = fid
-            result.fused[fid] = self.fuse(fid, members)
-        return result
+                owner[joiner.id] = g
+        return groups
 
-    def fuse(self, fid: str, members: Sequence[Obs]) -> FusedTrack:
-        """The weighted (1/sigma^2) mean position of ``members``."""
+    def fuse(self, fid: str, members: Sequence[Obs], spread: float | None = None) -> FusedTrack:
+        """The weighted (1/sigma^2) mean position of ``members``, given in id order: the
+        sums' rounding depends on it, and a group must fuse to the same point whichever
+        pass fuses it. ``spread``: their ``_spread`` if already known."""
         ref = members[0].lon
         total = lat = lon = alt = 0.0
         for m in members:
@@ -334,10 +518,10 @@ class Correlator:
             alt += w * m.alt
         lat, lon, alt = lat / total, lon / total, alt / total
         lon = (lon + 180.0) % 360.0 - 180.0 if not -180.0 <= lon <= 180.0 else lon
-        spread = self._spread(members)
+        if spread is None:
+            spread = self._spread(members)
         confidence = round(max(0.05, 1.0 - spread / (self.hysteresis * self.max_distance)), 2)
-        return FusedTrack(fid, tuple(sorted(m.id for m in members)), lat, lon, alt, confidence,
-                          1.0 / math.sqrt(total))
+        return FusedTrack(fid, tuple(m.id for m in members), lat, lon, alt, confidence, 1.0 / math.sqrt(total))
 
 
 # ---- the service -------------------------------------------------------------------------
@@ -348,6 +532,16 @@ def _fused_entity(f: FusedTrack) -> pb.Entity:
                        fusion=pb.FusionComponent(source_ids=f.source_ids, fused_lat=f.lat, fused_lon=f.lon,
                                                  confidence=f.confidence),
                        position=pb.PositionComponent(lat=f.lat, lon=f.lon, alt=f.alt))
+
+
+def _dots(entity: pb.Entity) -> tuple:
+    """The dot (node, incarnation, counter) of the position and the source as shown: a
+    value's dot names that one write, so the same dots mean the same values."""
+    out = []
+    for key in (POSITION, SOURCE):
+        v = entity.versions.get(key)
+        out.append(None if v is None else (v.node, v.incarnation, v.counter))
+    return tuple(out)
 
 
 class Fusion(Service):
@@ -363,17 +557,49 @@ class Fusion(Service):
             raise ValueError(f"interval must be > 0 seconds, got {interval!r}")
         self.correlator = Correlator(max_distance, hysteresis, sigmas)
         self.interval = float(interval)
-        #: fused id -> what we last wrote (source ids, lat, lon, alt, confidence)
-        self._written: dict[str, tuple] = {}
+        #: fused id -> what we last wrote (source ids, lat, lon, alt, confidence); None:
+        #: found in the snapshot
+        self._written: dict[str, tuple | None] = {}
+        #: fused ids whose fused track the store may not hold as it is now
+        self._unsynced: set[str] = set()
+        #: fused ids to delete -> why (kept until the store confirms)
+        self._doomed: dict[str, str] = {}
+        #: fused id -> the newest source position stamp its last write answered (lag)
+        self._answered: dict[str, int] = {}
+        #: track id -> the dots of its position and source as taken in
+        self._seen: dict[str, tuple] = {}
+        #: source track id -> its position's HLC physical time (Unix ns) as taken in
+        self._stamps: dict[str, int] = {}
         self._warned: set[str] = set()
         self._ready = False
         self.stream = None
         self.last_pass: PassResult | None = None
-        # Passes and event handling take turns: a pass's writes must not land after a
-        # cascade delete that happened while they were in flight.
+        # A pass's writes and the deletes take turns: a publish in flight must not land
+        # after the delete of a fused entity it carries.
         self._lock = asyncio.Lock()
 
     # ---- reading tracks -----------------------------------------------------------
+
+    def take(self, ev: store_pb2.EntityEvent) -> None:
+        """Takes in one watch event (no I/O); cascade deletes are queued."""
+        entity = ev.entity
+        if ev.type == store_pb2.EVENT_TYPE_DELETED:
+            doomed = self.forget(entity.id)
+            if doomed:
+                self.event(logging.INFO, "source track gone: deleting its fused track", entity_id=entity.id,
+                           fused=",".join(doomed))
+            self._doom(doomed, "cascade")
+            return
+        self.counters["events"] += 1
+        if FUSION in entity.components:
+            self.counters["skipped_echo"] += 1
+            return
+        dots = _dots(entity)
+        if self._seen.get(entity.id) == dots:
+            self.counters["skipped_unchanged"] += 1
+            return
+        self._seen[entity.id] = dots
+        self._doom(self.ingest(entity), "cascade")
 
     def ingest(self, entity: pb.Entity) -> list[str]:
         """Takes in one entity as read; returns fused ids to delete (cascade: a source lost
@@ -386,6 +612,7 @@ class Fusion(Service):
         source = read_component(entity, SOURCE, pb.SourceComponent, self.log)
         position = read_component(entity, POSITION, pb.PositionComponent, self.log)
         if source is None or not source.sensor_type or position is None:
+            self._stamps.pop(entity.id, None)
             return self.correlator.remove(entity.id) if entity.id in self.correlator.tracks else []
         if not valid_position(position.lat, position.lon) or not math.isfinite(position.alt):
             if entity.id not in self._warned:
@@ -397,13 +624,24 @@ class Fusion(Service):
         self._warned.discard(entity.id)
         self.correlator.upsert(Obs(entity.id, source.sensor_type, position.lat, position.lon, position.alt,
                                    source.sensor_id))
+        version = entity.versions.get(POSITION)
+        self._stamps[entity.id] = version.physical if version is not None else 0
         return []
 
     def forget(self, entity_id: str) -> list[str]:
-        """A DELETED event: a source's fused entities go (cascade); a fused one is forgotten."""
-        self._written.pop(entity_id, None)
+        """A DELETED event: a source's fused entities go (cascade); a fused one whose group
+        stands is written again by the next pass. (A queued delete of it stays: this may be
+        the echo of an earlier delete, the fused entity written and doomed again since.)"""
+        for known in (self._written, self._answered, self._seen, self._stamps):
+            known.pop(entity_id, None)
         self._warned.discard(entity_id)
+        if entity_id in self.correlator.groups:
+            self._unsynced.add(entity_id)
         return self.correlator.remove(entity_id)
+
+    def _doom(self, fids: Iterable[str], why: str) -> None:
+        for fid in fids:
+            self._doomed.setdefault(fid, why)
 
     # ---- main ----------------------------------------------------------------------
 
@@ -414,8 +652,9 @@ class Fusion(Service):
 
     async def _take_snapshot(self) -> int:
         self._ready = False
-        self.correlator.tracks.clear()
-        self._written.clear()
+        self.correlator.clear_tracks()
+        for known in (self._written, self._unsynced, self._doomed, self._answered, self._seen, self._stamps):
+            known.clear()
         while True:
             try:
                 info = await self.client.wait_ready()
@@ -427,6 +666,8 @@ class Fusion(Service):
             self.ingest(entity)
             if FUSION in entity.components:
                 self._written[entity.id] = None  # exists; rewrite on the first pass
+            else:
+                self._seen[entity.id] = _dots(entity)
         self._ready = True
         self.event(logging.INFO, "snapshot", tracks=len(self.correlator.tracks),
                    fused=len(self.correlator.groups), seq=info.seq)
@@ -442,77 +683,97 @@ class Fusion(Service):
         passes = asyncio.create_task(self._pass_loop(), name="fusion-passes")
         try:
             async for ev in self.stream:
-                try:
-                    await self.handle(ev)
-                except StoreUnavailableError:
-                    self.stream.nack()
+                self.take(ev)
+                if self._doomed:
+                    await self._cascade()
         finally:
             passes.cancel()
             await asyncio.gather(passes, return_exceptions=True)
 
-    async def handle(self, ev: store_pb2.EntityEvent) -> None:
+    async def _cascade(self) -> None:
+        """Deletes what is doomed now (after a publish in flight), not at the next pass."""
+        try:
+            async with self._lock:
+                await self._delete_doomed()
+        except StoreUnavailableError:
+            self.counters["delete_failed"] += 1  # still doomed: the next pass retries
+
+    async def _pass_loop(self) -> None:
+        """A pass every ``interval`` from start to start (a pass that takes longer is
+        followed by the next at once): the time a pass takes does not add to the lag."""
+        while True:
+            started = time.monotonic()
+            if self._ready:
+                try:
+                    await self.run_pass()
+                except StoreUnavailableError:
+                    self.counters["pass_failed"] += 1
+                    await self.client.wait_ready()
+            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+
+    async def run_pass(self) -> PassResult:
+        """One correlation pass, then the store brought up to date: deletes first, then one
+        publish of the fused tracks that differ from what was written. StoreUnavailableError
+        leaves what was not done queued for the next pass."""
         async with self._lock:
-            await self._handle(ev)
+            result = self.correlator.correlate()
+            self.last_pass = result
+            self.counters["passes"] += 1
+            self._doom(result.removed, "dissolved")
+            if result.full:
+                # Fused entities of the snapshot that no group stands for (ones that did not parse).
+                self._doom([fid for fid in self._written if fid not in self.correlator.groups], "orphan")
+            self._unsynced.update(result.changed)
+            await self._delete_doomed()
+            await self._write_unsynced()
+            return result
 
-    async def _handle(self, ev: store_pb2.EntityEvent) -> None:
-        if ev.type == store_pb2.EVENT_TYPE_DELETED:
-            doomed = self.forget(ev.entity.id)
-            if doomed:
-                self.event(logging.INFO, "source track gone: deleting its fused track", entity_id=ev.entity.id,
-                           fused=",".join(doomed))
-            await self._delete(doomed, "cascade")
-            return
-        self.counters["events"] += 1
-        await self._delete(self.ingest(ev.entity), "cascade")
-
-    async def _delete(self, fids: Iterable[str], why: str) -> None:
-        for fid in fids:
+    async def _delete_doomed(self) -> None:
+        while self._doomed:
+            fid, why = next(iter(self._doomed.items()))
             self._written.pop(fid, None)
+            self._answered.pop(fid, None)
             try:
                 await self.client.delete(fid)
             except NotFoundError:
-                continue
-            self.counters["deleted_" + why] += 1
-            self.event(logging.INFO, "fused track deleted", fused=fid, reason=why)
+                pass
+            else:
+                self.counters["deleted_" + why] += 1
+                self.event(logging.INFO, "fused track deleted", fused=fid, reason=why)
+            self._doomed.pop(fid, None)
 
-    async def _pass_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            if not self._ready:
-                continue
-            try:
-                async with self._lock:
-                    await self.run_pass()
-            except StoreUnavailableError:
-                self.counters["pass_failed"] += 1
-                await self.client.wait_ready()
-
-    async def run_pass(self) -> PassResult:
-        """One correlation pass, and the writes and deletes it calls for (callers hold the
-        lock when events are being handled concurrently)."""
-        result = self.correlator.correlate()
-        self.last_pass = result
-        self.counters["passes"] += 1
-        # Dissolved groups, and fused entities in the store that no group stands for.
-        orphans = [fid for fid in self._written if fid not in self.correlator.groups and fid not in result.removed]
-        await self._delete(result.removed, "dissolved")
-        await self._delete(orphans, "orphan")
+    async def _write_unsynced(self) -> None:
+        fused = self.correlator.fused
+        batch, self._unsynced = self._unsynced, set()
         writes = []
-        for fid, f in result.fused.items():
+        for fid in batch:
+            f = fused.get(fid)
+            if f is None:
+                continue  # dissolved since
             state = (f.source_ids, round(f.lat, 9), round(f.lon, 9), round(f.alt, 3), f.confidence)
             if self._written.get(fid) != state:
-                writes.append((_fused_entity(f), state, fid not in self._written))
-        if writes:
-            summary = await self.client.publish([w[0] for w in writes])
-            if summary.rejected:
-                self.counters["rejected"] += summary.rejected
-                self.event(logging.WARNING, "store rejected fused tracks", rejected=summary.rejected,
-                           first_error=summary.errors[0] if summary.errors else "")
-            for entity, state, new in writes:
-                self._written[entity.id] = state
-                if new:
-                    self.counters["fused_created"] += 1
-                    self.event(logging.INFO, "fused track", fused=entity.id, sources=",".join(state[0]),
-                               confidence=state[4])
-            self.counters["writes"] += len(writes)
-        return result
+                writes.append((f, state))
+        if not writes:
+            return
+        try:
+            summary = await self.client.publish([_fused_entity(f) for f, _ in writes])
+        except BaseException:
+            self._unsynced |= batch
+            raise
+        if summary.rejected:
+            self.counters["rejected"] += summary.rejected
+            self.event(logging.WARNING, "store rejected fused tracks", rejected=summary.rejected,
+                       first_error=summary.errors[0] if summary.errors else "")
+        now = time.time_ns()
+        for f, state in writes:
+            if f.id not in self._written:
+                self.counters["fused_created"] += 1
+                self.event(logging.INFO, "fused track", fused=f.id, sources=",".join(f.source_ids),
+                           confidence=f.confidence)
+            self._written[f.id] = state
+            # The lag of an answer to a sensor write: from the newest source position in it.
+            stamp = max(self._stamps.get(sid, 0) for sid in f.source_ids)
+            if stamp > self._answered.get(f.id, 0):
+                self._answered[f.id] = stamp
+                self.lag.since(stamp, now)
+        self.counters["writes"] += len(writes)
