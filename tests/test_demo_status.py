@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from meshstore.components import APPROVAL, CLASSIFICATION, FUSION, POSITION, SOURCE, TASK, THREAT, make_entity
+from meshstore.components import APPROVAL, CLASSIFICATION, FUSION, SOURCE, TASK, THREAT, make_entity
 from meshstore.demo import pipeline
 from meshstore.demo.pipeline import DemoConfig, Gauges, Picture, run_demo, summarize
 from meshstore.pb import entity_pb2 as pb
@@ -64,18 +64,29 @@ def test_the_watched_picture_counts_what_one_list_counts(store: Store) -> None:
     assert (s.tracks, s.eo, s.radar, s.classified, s.fused) == (4, 3, 1, 2, 1)
     assert s.approvals["PENDING"] == 1 and s.threats == {"LOW": 1, "HIGH": 1}
 
-    # A sensor's write changes nothing the picture shows: nothing is unpacked again.
-    threat = picture.tracks["eo-1"].part(THREAT)
+    # A sensor's write changes nothing the picture shows: the track is neither decoded
+    # nor unpacked again.
+    entity, threat = picture.tracks["eo-1"].entity, picture.tracks["eo-1"].part(THREAT)
     store.put(eo(1, 50.5))
     picture.catch_up()
-    assert picture.tracks["eo-1"].part(THREAT) is threat
-    # The threat changes, a track goes: the picture follows.
-    store.put(make_entity("eo-1", threat=pb.ThreatComponent(level=pb.THREAT_LEVEL_MEDIUM)))
+    assert picture.tracks["eo-1"].entity is entity and picture.tracks["eo-1"].part(THREAT) is threat
+    # Nor is a fusion pass that moves a fused track: the picture shows only that it is fused.
+    fused = picture.tracks["fused-x"].entity
+    store.put(make_entity("fused-x", fusion=pb.FusionComponent(source_ids=["eo-0", "radar-0"], fused_lat=50.5)))
+    picture.catch_up()
+    assert picture.tracks["fused-x"].entity is fused
+    # The threat and the approval change, tracks go: the picture and its counts follow.
+    store.put(make_entity("eo-1", threat=pb.ThreatComponent(level=pb.THREAT_LEVEL_MEDIUM),
+                          approval=pb.ApprovalComponent(state=pb.APPROVAL_STATE_APPROVED)))
     store.delete("radar-0")
+    store.delete("eo-0")
     picture.catch_up()
     assert picture.tracks["eo-1"].part(THREAT).level == pb.THREAT_LEVEL_MEDIUM
-    assert "radar-0" not in picture.tracks
-    assert picture.summary(store.seq) == summarize(store)
+    assert "radar-0" not in picture.tracks and "eo-0" not in picture.tracks
+    s = picture.summary(store.seq)
+    assert s == summarize(store)
+    assert (s.tracks, s.eo, s.radar, s.classified, s.fused) == (2, 2, 0, 1, 1)
+    assert (s.threats, s.approvals, s.tasks) == ({"MEDIUM": 1}, {"APPROVED": 1}, {"track": 1})
     picture.close()
 
 
@@ -88,9 +99,8 @@ def test_the_picture_watch_is_projected_and_coalesced(store: Store) -> None:
     picture.catch_up()
     held = picture._watcher.stats()
     assert held["delivered"] == 5  # the first state of each track; the rest is held, coalesced
-    track = picture.tracks["eo-0"]
-    assert POSITION not in track.entity.components  # projected on what the picture reads
-    assert set(track.values) == {SOURCE, CLASSIFICATION, THREAT, TASK}
+    # Projected on what the picture reads: no position.
+    assert set(picture.tracks["eo-0"].entity.components) == {SOURCE, CLASSIFICATION, THREAT, TASK}
     assert set(pipeline.PICTURE_KEYS) == {SOURCE, CLASSIFICATION, THREAT, TASK, APPROVAL, FUSION}
     picture.close()
 
@@ -176,6 +186,7 @@ def test_the_live_table_reads_the_picture_and_only_the_rows_it_shows(monkeypatch
     assert code == 0, text
     assert lists.callers == ["Picture.of"]
     frames = config.duration / config.refresh + 2
-    assert 0 < len(gets) <= frames * (pipeline.MAX_ROWS + 20)  # the shown rows and fused rows, per frame
+    # Per frame: the rows shown, their fused tracks and the first 20 fused tracks.
+    assert 0 < len(gets) <= frames * (2 * pipeline.MAX_ROWS + 20)
     assert f"showing {pipeline.MAX_ROWS}" in text and "of targets classified" in text
     assert re.search(r"eo-\d+ +│ +\d+\.\d{4} +-?\d+\.\d{4} │ +\d+ kn │", text)

@@ -15,13 +15,14 @@ run, talking to the store over gRPC. Runs until Ctrl-C / SIGTERM or ``duration``
 prints a summary. ``live=False`` (or a stdout that is not a terminal) prints a status line
 every few seconds instead of the table.
 
-Refreshing costs what changed, not the size of the picture: the table and the status
-line read a ``Picture`` kept from a watch of the tracks projected on what the services
-write (source, classification, threat, task, approval, fusion: never a sensor's position)
-and coalesced per track (``picture_interval``), plus counters (``Gauges``: the stores'
-writes per second, the ticks the sims skipped, each service's lag p50/p99 from its
-``stats()``). Only the rows the table shows are read in full. The final summary lists
-the store once.
+Refreshing costs about one watch event per track, not a list: the table and the
+status line read a ``Picture`` kept from a watch of the tracks projected on what the
+services write (source, classification, threat, task, approval, fusion: never a
+sensor's position), coalesced per track and caught up once per ``picture_interval``
+(the status line: at each line), whose counts change as tracks do; plus counters
+(``Gauges``: the stores' writes per second, the ticks the sims skipped, each service's
+lag p50/p99 from its ``stats()``). Only the rows the table shows are read in full. The
+final summary lists the store once.
 
 With ``nodes`` > 1 (``meshstore demo --nodes 3``) the store is a mesh of that many
 nodes on loopback, each a Node with a relay to every other node; the services
@@ -35,14 +36,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import heapq
 import logging
 import re
 import signal
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 from rich.console import Console, Group
 from rich.table import Table
@@ -101,8 +105,8 @@ class DemoConfig:
     thresholds: Thresholds = field(default_factory=Thresholds)
     refresh: float = 0.5
     status_every: float = 2.0
-    #: A track's row in the picture is at most this old (seconds): the watch that keeps it
-    #: delivers at most one change per track per interval, its latest.
+    #: The live table's picture is caught up once per this many seconds (the status
+    #: line's at each line); the rows it shows are read as they are at each refresh.
     picture_interval: float = 2.0
     nodes: int = 1
     #: The first node's web UI and HTTP API (taken: any free port; None: none).
@@ -128,36 +132,59 @@ class Summary:
                 f"fused={self.fused} events={self.events}")
 
 
-class Track:
-    """One track as the picture sees it: its ``PICTURE_KEYS`` components, each unpacked
-    when first asked for after its value changed (a fused track's position changes at
-    every fusion pass; counting it needs none of that)."""
+def _components_view() -> type[Message]:
+    """``entity.v1.Entity`` read as its ``components`` entries alone, each kept as its
+    encoded bytes (a map entry and ``bytes`` share the length-delimited encoding; the
+    other fields are skipped as unknown), as store.v1's PublishRequestView does for
+    PublishRequest. Parsing it costs a fraction of decoding the entity."""
+    field_type = descriptor_pb2.FieldDescriptorProto
+    proto = descriptor_pb2.FileDescriptorProto(name="meshstore/demo/picture.proto", package="meshstore.demo",
+                                               syntax="proto3")
+    proto.message_type.add(name="ComponentsView").field.add(
+        name="components", number=3, type=field_type.TYPE_BYTES, label=field_type.LABEL_REPEATED)
+    pool = descriptor_pool.DescriptorPool()
+    pool.AddSerializedFile(proto.SerializeToString())
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("meshstore.demo.ComponentsView"))
 
-    __slots__ = ("entity", "id", "natural", "parts", "values")
+
+ComponentsView = _components_view()
+#: How the ``components`` entry of a fusion begins on the wire: its key, the map entry's
+#: field 1 (tag 0x0a, then the length). Fusion rewrites a fused track's fusion at every
+#: pass (its position and confidence), but the picture shows only that the track is fused
+#: and from which sources (fixed: they name the fused track), so ``fingerprint`` keeps the
+#: entry's key alone.
+FUSION_ENTRY = bytes([0x0A, len(FUSION)]) + FUSION.encode()
+
+
+def fingerprint(entity_bytes: bytes) -> tuple[bytes, ...]:
+    """What the picture shows of an encoded track, compared without decoding it: its
+    components entries as encoded (a fusion's by its key alone, see FUSION_ENTRY)."""
+    return tuple(FUSION_ENTRY if entry.startswith(FUSION_ENTRY) else entry
+                 for entry in ComponentsView.FromString(entity_bytes).components)
+
+
+class Track:
+    """One track as the picture sees it: the entity last read (projected on
+    ``PICTURE_KEYS`` when it came from the watch), each component unpacked when first
+    asked for, and the ``fingerprint`` it was read at."""
+
+    __slots__ = ("entity", "fingerprint", "id", "natural", "parts")
 
     def __init__(self, entity_id: str) -> None:
         self.id = entity_id
         self.natural = _natural(entity_id)
-        self.entity: pb.Entity | None = None
-        self.values: dict[str, bytes] = {}
+        self.entity = pb.Entity()
+        self.fingerprint: tuple[bytes, ...] | None = None
         self.parts: dict[str, Message | None] = {}
 
-    def read(self, entity: pb.Entity) -> None:
-        values = {key: packed.value for key, packed in entity.components.items() if key in PICTURE_KEYS}
-        if values == self.values:  # a sensor's write: nothing the picture shows changed
-            return
-        for key in self.values.keys() | values.keys():
-            if values.get(key) != self.values.get(key):
-                self.parts.pop(key, None)
-        self.entity, self.values = entity, values
+    def show(self, entity: pb.Entity, fingerprint: tuple[bytes, ...] | None = None) -> None:
+        self.entity, self.fingerprint, self.parts = entity, fingerprint, {}
 
     def has(self, key: str) -> bool:
-        return key in self.values
+        return key in self.entity.components
 
     def part(self, key: str) -> Message | None:
         """The component under ``key`` (None: absent, or not what it should be, logged)."""
-        if key not in self.values:
-            return None
         if key not in self.parts:
             self.parts[key] = read_component(self.entity, key, PICTURE_KEYS[key], log)
         return self.parts[key]
@@ -170,68 +197,86 @@ class Track:
 
 
 class Picture:
-    """What the services made of the scenario, track by track: ``Picture.of(store)``
-    reads it with one list; ``Picture.follow(store, interval)`` keeps it from a watch
-    projected on ``PICTURE_KEYS`` and coalesced per track (``catch_up()`` applies what
-    arrived), so keeping it costs the changes, at most one per track per interval."""
+    """What the services made of the scenario, track by track, and its counts (kept as
+    tracks change, not recounted): ``Picture.of(store)`` reads it with one list;
+    ``Picture.follow(store, interval)`` keeps it from a watch projected on
+    ``PICTURE_KEYS``, ``catch_up()`` applying what arrived, meant to be called once per
+    interval. The watch coalesces per track: it holds a track's changes for half an
+    interval, and one that fell behind (more changes than its queue holds) catches up
+    with each changed track's latest state. So each catch-up costs at most about one
+    event per track (two when few change), each compared by its ``fingerprint``, and a
+    decode only for the tracks that changed what the picture shows; and what it shows
+    is at most about one and a half intervals old. (Caught up more often it gets more
+    events, not fresher ones.)"""
 
     def __init__(self, watcher: Watcher | None = None) -> None:
         self.tracks: dict[str, Track] = {}
         self._watcher = watcher
+        self._counts = Summary()
 
     @classmethod
     def of(cls, store: Store) -> Picture:
         picture = cls()
         for entity in store.list(pb.ENTITY_TYPE_TRACK):
-            picture.apply(entity)
+            picture.show(entity.id, entity)
         return picture
 
     @classmethod
     def follow(cls, store: Store, interval: float) -> Picture:
         return cls(store.watch(pb.ENTITY_TYPE_TRACK, include_existing=True, components=list(PICTURE_KEYS),
-                               min_interval=interval))
+                               min_interval=interval / 2))
 
-    def apply(self, entity: pb.Entity) -> None:
-        track = self.tracks.get(entity.id)
+    def show(self, entity_id: str, entity: pb.Entity, fingerprint: tuple[bytes, ...] | None = None) -> None:
+        track = self.tracks.get(entity_id)
         if track is None:
-            track = self.tracks[entity.id] = Track(entity.id)
-        track.read(entity)
+            track = self.tracks[entity_id] = Track(entity_id)
+        self._count(track, -1)
+        track.show(entity, fingerprint)
+        self._count(track, 1)
 
     def catch_up(self) -> Picture:
         """Applies every change the watch holds (none without one)."""
         if self._watcher is not None:
             for event in self._watcher.drain():
                 if event.type == store_pb2.EVENT_TYPE_DELETED:
-                    self.tracks.pop(event.entity_id, None)
-                else:
-                    self.apply(event.entity)
+                    track = self.tracks.pop(event.entity_id, None)
+                    if track is not None:
+                        self._count(track, -1)
+                    continue
+                seen = fingerprint(event.entity_bytes)
+                track = self.tracks.get(event.entity_id)
+                if track is None or track.fingerprint != seen:
+                    self.show(event.entity_id, event.entity, seen)
         return self
 
     def close(self) -> None:
         if self._watcher is not None:
             self._watcher.close()
 
+    def _count(self, track: Track, sign: int) -> None:
+        """Counts ``track`` as it stands in (``sign`` 1) or out (-1)."""
+        c = self._counts
+        source = track.part(SOURCE)
+        if source is not None:
+            c.tracks += sign
+            c.eo += sign * (source.sensor_type == "eo")
+            c.radar += sign * (source.sensor_type == "radar")
+        c.fused += sign * track.has(FUSION)
+        c.classified += sign * track.has(CLASSIFICATION)
+        threat = track.part(THREAT)
+        if threat is not None:
+            c.threats[THREAT_NAMES.get(threat.level, str(threat.level))] += sign
+        task = track.part(TASK)
+        if task is not None:
+            c.tasks[task.state] += sign
+        approval = track.part(APPROVAL)
+        if approval is not None and approval.state:
+            c.approvals[APPROVAL_NAMES.get(approval.state, str(approval.state))] += sign
+
     def summary(self, events: int) -> Summary:
         """The counts (``events``: the store's change sequence, given by the caller)."""
-        s = Summary(events=events)
-        for track in self.tracks.values():
-            source = track.part(SOURCE)
-            if source is not None:
-                s.tracks += 1
-                s.eo += source.sensor_type == "eo"
-                s.radar += source.sensor_type == "radar"
-            s.fused += track.has(FUSION)
-            s.classified += track.has(CLASSIFICATION)
-            threat = track.part(THREAT)
-            if threat is not None:
-                s.threats[THREAT_NAMES.get(threat.level, str(threat.level))] += 1
-            task = track.part(TASK)
-            if task is not None:
-                s.tasks[task.state] += 1
-            approval = track.part(APPROVAL)
-            if approval is not None and approval.state:
-                s.approvals[APPROVAL_NAMES.get(approval.state, str(approval.state))] += 1
-        return s
+        c = self._counts
+        return dataclasses.replace(c, events=events, threats=+c.threats, tasks=+c.tasks, approvals=+c.approvals)
 
 
 def summarize(store: Store) -> Summary:
@@ -318,7 +363,7 @@ def nodes_table(nodes: list[Node], views: list[Summary]) -> Table:
     return table
 
 
-def _current(store: Store, entity_ids: list[str]) -> list[pb.Entity]:
+def _current(store: Store, entity_ids: Iterable[str]) -> list[pb.Entity]:
     """The entities as the store holds them now (those deleted meanwhile left out)."""
     found = []
     for entity_id in entity_ids:
@@ -333,7 +378,7 @@ def render(store: Store, picture: Picture, address: str, started: float, status:
     with what the services made of it, and the fused tracks (as the first node sees
     them), then ``status`` (the gauges) and in a mesh each node's view (``views``). The
     rows shown are picked from ``picture`` and read from ``store`` as they are now."""
-    fused_of: dict[str, pb.FusionComponent] = {}
+    fused_of: dict[str, Track] = {}
     fused_rows: list[tuple[Track, pb.FusionComponent]] = []
     radar = 0
     rows: list[Track] = []
@@ -342,7 +387,7 @@ def render(store: Store, picture: Picture, address: str, started: float, status:
         if fusion is not None:
             fused_rows.append((track, fusion))
             for sid in fusion.source_ids:
-                fused_of[sid] = fusion
+                fused_of[sid] = track
             continue
         source = track.part(SOURCE)
         if source is not None and source.sensor_type == "radar":
@@ -359,6 +404,9 @@ def render(store: Store, picture: Picture, address: str, started: float, status:
     shown = heapq.nsmallest(MAX_ROWS, rows, key=Track.priority)
     if len(rows) > len(shown):
         table.title = f"{table.title} · showing {len(shown)} (pending and highest threat first)"
+    first_fused = heapq.nsmallest(20, fused_rows, key=lambda row: [_natural(i) for i in row[1].source_ids])
+    fused_now = {e.id: read_component(e, FUSION, pb.FusionComponent) for e in _current(
+        store, {fused_of[t.id].id for t in shown if t.id in fused_of} | {t.id for t, _ in first_fused})}
     for e in _current(store, [track.id for track in shown]):
         pos = read_component(e, POSITION, pb.PositionComponent)
         vel = read_component(e, VELOCITY, pb.VelocityComponent)
@@ -368,7 +416,7 @@ def render(store: Store, picture: Picture, address: str, started: float, status:
         approval = read_component(e, APPROVAL, pb.ApprovalComponent)
         threat_name = THREAT_NAMES.get(threat.level, "?") if threat else "-"
         approval_name = APPROVAL_NAMES.get(approval.state, "?") if approval and approval.state else "-"
-        fused = fused_of.get(e.id)
+        fused = fused_now.get(fused_of[e.id].id) if e.id in fused_of else None
         partners = "-" if fused is None else (
             ", ".join(s for s in fused.source_ids if s != e.id) + f" ({fused.confidence:.2f})")
         table.add_row(
@@ -384,12 +432,11 @@ def render(store: Store, picture: Picture, address: str, started: float, status:
     fused_table = Table(title="fused tracks", title_justify="left", expand=False)
     for column in ("FUSED", "SOURCES", "POSITION", "CONF"):
         fused_table.add_column(column, no_wrap=True)
-    first_fused = heapq.nsmallest(20, fused_rows, key=lambda row: [_natural(i) for i in row[1].source_ids])
-    for e in _current(store, [track.id for track, _ in first_fused]):
-        fusion = read_component(e, FUSION, pb.FusionComponent)
+    for track, _ in first_fused:
+        fusion = fused_now.get(track.id)
         if fusion is not None:
-            fused_table.add_row(e.id, ", ".join(fusion.source_ids), f"{fusion.fused_lat:8.4f} {fusion.fused_lon:9.4f}",
-                                f"{fusion.confidence:.2f}")
+            fused_table.add_row(track.id, ", ".join(fusion.source_ids),
+                                f"{fusion.fused_lat:8.4f} {fusion.fused_lon:9.4f}", f"{fusion.confidence:.2f}")
     health = "  ".join(f"{s.name}:{'ok' if s.running else 'STOPPED'}" for s in services)
     parts = [table, fused_table, Text(status)] + ([views] if views is not None else [])
     return Group(*parts, Text(f"services  {health}", style="dim"))
@@ -470,7 +517,8 @@ async def run_demo(config: DemoConfig, console: Console | None = None) -> int:
         TaskManager(at(0), approval_timeout=config.approval_timeout),
         Fusion(at(1), max_distance=config.max_distance),
     ]
-    pictures = [Picture.follow(node.store, config.picture_interval) for node in nodes]
+    pictures = [Picture.follow(node.store, config.picture_interval if live else config.status_every)
+                for node in nodes]
     gauges = Gauges(nodes, services, config.tracks, window=config.status_every)
     tasks = {asyncio.create_task(s.run(), name=s.name): s for s in services}
 
@@ -510,6 +558,8 @@ async def run_demo(config: DemoConfig, console: Console | None = None) -> int:
         for picture in pictures:
             picture.catch_up()
 
+    next_catch_up = started  # the live table's, once per picture interval (see Picture)
+
     def views() -> list[Summary]:
         """Each node's view, as its picture stands."""
         return [picture.summary(node.store.seq) for picture, node in zip(pictures, nodes, strict=True)]
@@ -518,7 +568,10 @@ async def run_demo(config: DemoConfig, console: Console | None = None) -> int:
         return f"{views[0].line()} · {gauges.read(views[0]).line()}"
 
     def frame() -> Group:
-        catch_up()
+        nonlocal next_catch_up
+        if time.monotonic() >= next_catch_up:
+            next_catch_up = time.monotonic() + config.picture_interval
+            catch_up()
         now = views()
         return render(store, pictures[0], address, started, status(now), services,
                       nodes_table(nodes, now) if len(nodes) > 1 else None, ui)
@@ -534,9 +587,9 @@ async def run_demo(config: DemoConfig, console: Console | None = None) -> int:
         else:
             next_status = started + config.status_every
             while not await wait_tick(min(config.refresh, max(0.05, next_status - time.monotonic()))):
-                catch_up()  # at every wait, so the work is spread rather than all at the status line
                 if time.monotonic() >= next_status:
                     next_status += config.status_every
+                    catch_up()
                     console.print(f"[{time.monotonic() - started:5.1f}s] {status(views())}", highlight=False,
                                   soft_wrap=True)
     finally:
