@@ -87,12 +87,6 @@ impl Event {
     }
 }
 
-/// A watcher that keeps falling behind catches up at most this often: each pass costs
-/// the whole set of entities changed since, so a pass per write would make slow
-/// consumers cost the server in proportion to ingest; this way they cost it in
-/// proportion to the entities, and still see the true state within this interval.
-pub const CATCH_UP_INTERVAL: Duration = Duration::from_secs(1);
-
 pub struct WatchSpec {
     pub type_filter: i32,
     pub projection: Option<Arc<[Sym]>>,
@@ -121,10 +115,6 @@ struct Queue {
     /// The table's count of changes this watcher matches, as it fell behind (`Table`
     /// keeps the count: the changes skipped since are the difference).
     behind_mark: u64,
-    /// A catch-up pass is under way (its next steps are not held back).
-    catching: bool,
-    /// When the next catch-up pass may start (see `CATCH_UP_INTERVAL`).
-    next_pass: Option<Instant>,
     coalesced: u64,
     delivered: u64,
     last_sent: HashMap<Arc<str>, Instant>,
@@ -246,12 +236,8 @@ impl Watch {
     /// snapshot (alive entities up to it are CREATED), if this watcher is behind and its
     /// consumer has drained the queue (else None: nothing to do now).
     pub fn catch_up_from(&self) -> Option<(u64, u64)> {
-        let mut q = self.queue.lock();
-        if !self.catch_up_due(&q, Instant::now()) {
-            return None;
-        }
-        q.catching = true;
-        Some((q.catch_from, q.snapshot_until))
+        let q = self.queue.lock();
+        self.catch_up_due(&q).then_some((q.catch_from, q.snapshot_until))
     }
 
     /// Queues the events read from the log by one catch-up step (the queue has room: the
@@ -284,8 +270,7 @@ impl Watch {
     /// Ends a catch-up step: `next` is where the next step reads from, None once the
     /// log is read to its end (`changes`: the table's count of matching changes; the
     /// watcher is plain again: called under the table lock, so no write comes in
-    /// between). Should it fall behind again, its next pass waits for
-    /// `CATCH_UP_INTERVAL` after this one.
+    /// between).
     pub fn caught_up(&self, next: Option<u64>, changes: u64) {
         let mut q = self.queue.lock();
         match next {
@@ -294,8 +279,6 @@ impl Watch {
                 let skipped = changes.saturating_sub(q.behind_mark);
                 q.coalesced += skipped.saturating_sub(q.caught_up);
                 q.caught_up = 0;
-                q.catching = false;
-                q.next_pass = Some(Instant::now() + CATCH_UP_INTERVAL);
                 self.behind.store(false, Ordering::Release);
             }
         }
@@ -317,20 +300,14 @@ impl Watch {
         wake
     }
 
-    /// When the consumer must look again by itself: the next held event falls due, or
-    /// (behind, drained) the next catch-up pass may start.
-    fn next_due(&self, q: &Queue) -> Option<Instant> {
-        let held = q.held_due.peek().map(|Reverse((due, _))| *due);
-        let pass = if self.is_behind() && q.live == 0 && !q.catching { q.next_pass } else { None };
-        match (held, pass) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+    /// When the next held event falls due (the consumer must look again by itself then).
+    fn next_due(q: &Queue) -> Option<Instant> {
+        q.held_due.peek().map(|Reverse((due, _))| *due)
     }
 
-    /// Behind, drained, and a catch-up step may run now.
-    fn catch_up_due(&self, q: &Queue, now: Instant) -> bool {
-        self.is_behind() && q.live == 0 && !q.closed && (q.catching || q.next_pass.is_none_or(|t| now >= t))
+    /// Behind with a drained queue: the consumer catches up before taking more.
+    fn catch_up_due(&self, q: &Queue) -> bool {
+        self.is_behind() && q.live == 0 && !q.closed
     }
 
     fn take(&self, q: &mut Queue, max: usize) -> Vec<Event> {
@@ -358,10 +335,10 @@ impl Watch {
             let now = Instant::now();
             self.release_held(&mut q, now);
             // Behind with an empty queue: return so the caller catches up.
-            if q.live > 0 || q.closed || now >= deadline || self.catch_up_due(&q, now) {
+            if q.live > 0 || q.closed || now >= deadline || self.catch_up_due(&q) {
                 return self.take(&mut q, max.max(1));
             }
-            let until = self.next_due(&q).map_or(deadline, |d| d.min(deadline));
+            let until = Self::next_due(&q).map_or(deadline, |d| d.min(deadline));
             self.ready.wait_until(&mut q, until);
         }
     }
@@ -373,11 +350,11 @@ impl Watch {
         let mut q = self.queue.lock();
         let now = Instant::now();
         self.release_held(&mut q, now);
-        if q.live > 0 || q.closed || self.catch_up_due(&q, now) {
+        if q.live > 0 || q.closed || self.catch_up_due(&q) {
             return (true, None);
         }
         q.armed = true;
-        (false, self.next_due(&q).map(|d| d.saturating_duration_since(now)))
+        (false, Self::next_due(&q).map(|d| d.saturating_duration_since(now)))
     }
 
     /// For async consumers in Rust: true if events are ready now (or the watch is
@@ -387,13 +364,13 @@ impl Watch {
         let mut q = self.queue.lock();
         let now = Instant::now();
         self.release_held(&mut q, now);
-        if q.live > 0 || q.closed || self.catch_up_due(&q, now) {
+        if q.live > 0 || q.closed || self.catch_up_due(&q) {
             return (true, None);
         }
         if !q.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
             q.waker = Some(waker.clone());
         }
-        (false, self.next_due(&q).map(|d| d.saturating_duration_since(now)))
+        (false, Self::next_due(&q).map(|d| d.saturating_duration_since(now)))
     }
 
     pub fn close(&self) {
@@ -489,24 +466,6 @@ mod tests {
         w.push_caught_up(vec![ev(4, "a", EventKind::Updated)]);
         w.caught_up(None, 4);
         assert_eq!(w.stats().coalesced, 2, "three changes of a, one event");
-    }
-
-    #[test]
-    fn a_watcher_that_keeps_falling_behind_catches_up_once_per_interval() {
-        let w = watch(1, Duration::ZERO);
-        w.push(ev(1, "a", EventKind::Created));
-        w.push(ev(2, "a", EventKind::Updated)); // behind
-        w.poll(10, Duration::ZERO);
-        assert_eq!(w.catch_up_from(), Some((2, 0)), "the first pass starts at once");
-        w.caught_up(None, 2);
-        w.push(ev(3, "b", EventKind::Created));
-        w.push(ev(4, "b", EventKind::Updated)); // behind again
-        w.poll(10, Duration::ZERO);
-        assert_eq!(w.catch_up_from(), None, "the next pass waits for the interval");
-        let started = Instant::now();
-        assert!(w.poll(10, Duration::from_secs(5)).is_empty(), "poll returns when the pass is due");
-        assert!(started.elapsed() >= CATCH_UP_INTERVAL - Duration::from_millis(20));
-        assert_eq!(w.catch_up_from(), Some((4, 0)));
     }
 
     #[test]
