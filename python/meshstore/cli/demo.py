@@ -47,8 +47,8 @@ def demo_cmd(
     """Run the whole pipeline in one process: a store and its gRPC server on 127.0.0.1,
     sensor-sim, radar-sim, classifier, task-manager and fusion, with a live table of
     tracks, classification, threat, task, approval and fused tracks (refreshed twice a
-    second; each track's state at most 2 s old), and the web UI (a map of the same picture,
-    printed address). Approve or deny a PENDING intercept there, or from another terminal
+    second; the counts and the choice of rows follow the services within about 3 s), and
+    the web UI (a map of the same picture, printed address). Approve or deny a PENDING intercept there, or from another terminal
     with `meshstore approve ID` / `meshstore deny ID`. Under the table: store writes/s,
     sensor ticks skipped, share of targets classified and each service's lag p50/p99 (ms,
     from a sensor's write to the service's answer). Stops on Ctrl-C or after --duration
