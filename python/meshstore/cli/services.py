@@ -239,7 +239,8 @@ def fusion_cmd(
              "each source by 1/sigma^2 (unknown types: 100 m).")] = "eo=10,radar=50",
     interval: Annotated[float, typer.Option(
         "--interval", min=0.01, envvar="FUSION_INTERVAL", show_envvar=True, metavar="S",
-        help="Seconds between correlation passes.")] = 0.5,
+        help="Seconds between correlation passes (start to start; the fused track trails "
+             "its sources by about this much).")] = 0.25,
     log_level: LogLevelOpt = "info",
     log_json: LogJsonOpt = False,
 ) -> None:

@@ -550,7 +550,7 @@ class Fusion(Service):
     name = "fusion"
 
     def __init__(self, store: str = DEFAULT_ADDR, *, max_distance: float = 500.0, hysteresis: float = 1.5,
-                 sigmas: Mapping[str, float] | None = None, interval: float = 0.5,
+                 sigmas: Mapping[str, float] | None = None, interval: float = 0.25,
                  client: StoreClient | None = None, backoff: Backoff | None = None) -> None:
         super().__init__(store, client=client, backoff=backoff)
         if not math.isfinite(interval) or interval <= 0:
