@@ -110,3 +110,27 @@ def test_the_classifier_ignores_its_own_echo_and_reports_its_lag() -> None:
                     await task
 
     arun(scenario())
+
+
+def test_the_task_manager_measures_its_lag_once_per_threat_it_answers() -> None:
+    from meshstore.services.task_manager import TaskManager
+
+    async def scenario() -> None:
+        with Store() as store:
+            async with Node(store=store, grace=0.2) as node:
+                manager = TaskManager(node.address, approval_timeout=0.3)
+                task = asyncio.create_task(manager.run())
+                try:
+                    store.put(make_entity("t1", pb.ENTITY_TYPE_TRACK, threat=pb.ThreatComponent(level=pb.THREAT_LEVEL_LOW)))
+                    await eventually(lambda: manager.stats().get("lag_samples") == 1, what="the task answers the threat")
+                    store.put(make_entity("t1", threat=pb.ThreatComponent(level=pb.THREAT_LEVEL_HIGH)))
+                    # HIGH: a task and an approval request answer it; the request times out
+                    # later and is written again: that write answers no new threat.
+                    await eventually(lambda: manager.counters["approvals_timed_out"] == 1, what="time-out")
+                    stats = manager.stats()
+                    assert stats["lag_samples"] == 2 and stats["lag_ms_p99"] < 300
+                finally:
+                    await manager.stop()
+                    await task
+
+    arun(scenario())

@@ -174,6 +174,8 @@ class TaskManager(Service):
         self._timeouts: asyncio.Queue[str] | None = None
         self._aloop: asyncio.AbstractEventLoop | None = None
         self._written: dict[str, pb.Version] = {}
+        #: The threat version each entity's last write answered (lag is measured once per threat).
+        self._answered: dict[str, pb.Version] = {}
         self.keys_written: set[str] = set()
         self.stream = None
         self.workers = PerEntity(self)
@@ -248,6 +250,7 @@ class TaskManager(Service):
         entity = ev.entity
         if ev.type == store_pb2.EVENT_TYPE_DELETED:
             self._written.pop(entity.id, None)
+            self._answered.pop(entity.id, None)
             if entity.id in self.deadlines:
                 self._disarm(entity.id)
                 self.event(logging.INFO, "entity deleted: approval timer cancelled", entity_id=entity.id)
@@ -296,8 +299,11 @@ class TaskManager(Service):
             self.counters["stale"] += 1
             self.event(logging.DEBUG, "task write stale: newer value kept", entity_id=write.id,
                        stale=",".join(result.stale))
-        if result.applied and THREAT in result.entity.versions:
-            self.lag.since(result.entity.versions[THREAT].physical)
+        threat = result.entity.versions.get(THREAT)
+        if result.applied and threat is not None and self._answered.get(write.id) != threat:
+            # The first write answering this threat (not a later one for a decision or a time-out).
+            self._answered[write.id] = threat
+            self.lag.since(threat.physical)
         if TASK in result.applied:
             self._written[write.id] = result.entity.versions[TASK]
             task = pb.TaskComponent()
