@@ -458,7 +458,12 @@ impl Table {
         }
         self.note_expiry(&p.id, expiry_before);
         let kind = if was_alive { EventKind::Updated } else { EventKind::Created };
-        let snapshot = self.record(&p.id, Some(kind), true).expect("a snapshot was asked for");
+        // What a projected watcher needs to know: the keys this write changed.
+        let mut changed = applied.clone();
+        if write_meta {
+            changed.push(intern(META_KEY));
+        }
+        let snapshot = self.record(&p.id, Some(kind), true, Some(&changed)).expect("a snapshot was asked for");
         Ok(WriteOutcome { id: p.id, snapshot, registry, applied, stale, unchanged, created: !was_alive })
     }
 
@@ -556,7 +561,7 @@ impl Table {
         let wall = self.clock.wall_ns();
         self.dead.insert(id.clone(), wall);
         self.note_expiry(&id, expiry_before);
-        self.record(&id, Some(EventKind::Deleted), false);
+        self.record(&id, Some(EventKind::Deleted), false, None);
         Ok(())
     }
 
@@ -572,7 +577,9 @@ impl Table {
 
     /// Gives a stored entity's latest change the next seq and tells the watchers.
     /// Returns a snapshot of it if `snapshot` is asked for (or None).
-    fn record(&mut self, id: &Arc<str>, kind: Option<EventKind>, snapshot: bool) -> Option<Arc<EntityState>> {
+    /// `changed`: the keys the change touched, when known (a projected watcher that reads
+    /// none of them is not told of an update).
+    fn record(&mut self, id: &Arc<str>, kind: Option<EventKind>, snapshot: bool, changed: Option<&[Sym]>) -> Option<Arc<EntityState>> {
         self.seq = self.seq.saturating_add(1);
         let entry = self.entities.get_mut(id).expect("a recorded entity is stored");
         let state = Arc::make_mut(entry);
@@ -587,7 +594,7 @@ impl Table {
         }
         let snap = entry.clone();
         if let Some(kind) = emit {
-            self.emit(&snap, kind);
+            self.emit(&snap, kind, changed);
         }
         Some(snap)
     }
@@ -756,7 +763,7 @@ impl Table {
             self.dead.entry(remote.id.clone()).or_insert(wall);
         }
         self.note_expiry(&remote.id, expiry_before);
-        self.record(&remote.id, kind, false);
+        self.record(&remote.id, kind, false, None);
         true
     }
 
@@ -996,8 +1003,9 @@ impl Table {
 
     /// Pushes a change to the watchers that are not behind: one that fell behind reads
     /// it from the log later, so however many are stuck, a change costs nothing for them.
-    fn emit(&mut self, state: &Arc<EntityState>, kind: EventKind) {
+    fn emit(&mut self, state: &Arc<EntityState>, kind: EventKind, changed: Option<&[Sym]>) {
         let etype = state.shown_type();
+        let meta = intern(META_KEY);
         self.changes += 1;
         *self.changes_by_type.entry(etype).or_default() += 1;
         let mut dropped = false;
@@ -1005,6 +1013,12 @@ impl Table {
         for w in &self.active {
             if !w.matches(etype) {
                 continue;
+            }
+            // An update of keys a projected watcher does not read changes nothing it sees.
+            if let (EventKind::Updated, Some(keys), Some(projection)) = (kind, changed, &w.spec.projection) {
+                if !keys.iter().any(|k| *k == meta || projection.contains(k)) {
+                    continue;
+                }
             }
             if w.push(event_for(w, state, kind, &self.registry, Some(&shared))) {
                 self.wake.push(w.id);

@@ -1670,3 +1670,18 @@ fn a_snapshot_larger_than_the_queue_is_caught_up_as_created() {
         ]
     );
 }
+
+#[test]
+fn a_projected_watcher_is_told_only_of_writes_to_the_keys_it_reads() {
+    let mut a = Node::new("a");
+    a.put(&entity("t1", vec![("position", position(1.0)), ("threat", threat(LOW))]));
+    let projection: Arc<[Sym]> = Arc::from(vec![intern("threat")]);
+    let w = a.t.watch(WatchSpec { projection: Some(projection), ..spec() }, false, None).unwrap();
+    a.put(&entity("t1", vec![("position", position(2.0))])); // not read by it
+    a.put(&entity("t1", vec![("position", position(3.0)), ("threat", threat(LOW))])); // threat unchanged
+    assert!(w.poll(10, Duration::ZERO).is_empty(), "nothing it reads changed");
+    a.put(&entity("t1", vec![("threat", threat(HIGH))]));
+    a.t.delete("t1").unwrap();
+    let kinds: Vec<_> = w.poll(10, Duration::ZERO).into_iter().map(|e| e.kind).collect();
+    assert_eq!(kinds, [EventKind::Updated, EventKind::Deleted]);
+}
