@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from bench_grpc import serve_process
+from bench_grpc import serve_process, stop_process
 from bench_http import cpu_seconds
 from pytest_benchmark.fixture import BenchmarkFixture
 
@@ -109,12 +109,7 @@ def seed_served(entity_store: pathlib.Path, tmp: pathlib.Path) -> Iterator[tuple
             time.sleep(0.05)
         yield f"127.0.0.1:{port}", proc.pid
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 @contextlib.contextmanager

@@ -256,6 +256,23 @@ class Service:
     async def _main(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    async def handle(self, ev: Any) -> None:  # pragma: no cover - for services that watch
+        raise NotImplementedError
+
+    async def handle_until_done(self, ev: Any) -> None:
+        """``handle(ev)``, again once the store is back if it went away (writes are checked
+        against the versions read, so a retry of a view gone stale is refused as stale)."""
+        from meshstore.grpc.client import StoreUnavailableError
+
+        while True:
+            try:
+                return await self.handle(ev)
+            except StoreUnavailableError as exc:
+                self.counters["retries"] += 1
+                self.event(logging.WARNING, "write failed, store unavailable; will retry",
+                           entity_id=ev.entity.id, error=str(exc))
+                await self.client.wait_ready()
+
     async def _cleanup(self) -> None:
         pass
 

@@ -41,7 +41,7 @@ import logging
 import math
 from dataclasses import dataclass
 
-from meshstore.grpc.client import DEFAULT_ADDR, Backoff, StoreClient, StoreUnavailableError
+from meshstore.grpc.client import DEFAULT_ADDR, Backoff, StoreClient
 from meshstore.components import CLASSIFICATION, THREAT, VELOCITY, pack
 from meshstore.errors import InvalidEntityError, NotFoundError
 from meshstore.pb import entity_pb2 as pb
@@ -155,7 +155,7 @@ class Classifier(Service):
                                         components=[VELOCITY, CLASSIFICATION, THREAT],
                                         min_interval=self.min_interval, on_reset=self._forget)
         async for ev in self.stream:
-            await self.workers.submit(ev.entity.id, functools.partial(self._handle_retrying, ev))
+            await self.workers.submit(ev.entity.id, functools.partial(self.handle_until_done, ev))
 
     async def _cleanup(self) -> None:
         await self.workers.close()
@@ -163,18 +163,6 @@ class Classifier(Service):
     def _forget(self) -> None:
         self._written.clear()
         self._answered.clear()
-
-    async def _handle_retrying(self, ev: store_pb2.EntityEvent) -> None:
-        """``handle``, again once the store is back if it went away (the write is checked
-        against the versions read, so a retry of a view gone stale is refused as stale)."""
-        while True:
-            try:
-                return await self.handle(ev)
-            except StoreUnavailableError as exc:
-                self.counters["retries"] += 1
-                self.event(logging.WARNING, "write failed, store unavailable; will retry", entity_id=ev.entity.id,
-                           error=str(exc))
-                await self.client.wait_ready()
 
     async def handle(self, ev: store_pb2.EntityEvent) -> None:
         entity = ev.entity

@@ -224,22 +224,10 @@ class TaskManager(Service):
         timeouts = asyncio.create_task(self._timeout_worker(), name="task-manager-timeouts")
         try:
             async for ev in self.stream:
-                await self.workers.submit(ev.entity.id, functools.partial(self._handle_retrying, ev))
+                await self.workers.submit(ev.entity.id, functools.partial(self.handle_until_done, ev))
         finally:
             timeouts.cancel()
             await asyncio.gather(timeouts, return_exceptions=True)
-
-    async def _handle_retrying(self, ev: store_pb2.EntityEvent) -> None:
-        """``handle``, again once the store is back if it went away (writes are checked
-        against the versions read, so a retry of a view gone stale is refused as stale)."""
-        while True:
-            try:
-                return await self.handle(ev)
-            except StoreUnavailableError as exc:
-                self.counters["retries"] += 1
-                self.event(logging.WARNING, "write failed, store unavailable; will retry",
-                           entity_id=ev.entity.id, error=str(exc))
-                await self.client.wait_ready()
 
     async def _cleanup(self) -> None:
         await self.workers.close()
