@@ -44,8 +44,9 @@ class StoreOptions:
     #: deleted entities (a delete is kept until every peer acknowledged it). A peer that
     #: returns later rejoins with a full exchange; correctness never depends on it.
     peer_expiry: float = 86400.0
-    #: Events a watcher queues before it falls behind (and later catches up from the
-    #: change log with each entity's latest state).
+    #: Events a watcher (``Store.watch``) queues before it falls behind (and later catches
+    #: up from the change log with each entity's latest state). The gRPC server's watch
+    #: streams queue ``meshstore.grpc.server.WATCH_QUEUE`` (8192).
     watch_queue: int = 1024
     #: Largest entity accepted, in bytes.
     max_entity_bytes: int = 1 << 20

@@ -50,6 +50,12 @@ UPDATE_RESULT_METADATA = "meshstore-update-result-bin"
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 #: Threads of the server's runtime.
 WORKERS = 2
+#: Events each watch stream queues before it falls behind (and catches up from the change
+#: log). Bigger than a Python watcher's: a consumer keeping up with 1,000-entity batches
+#: must never fall behind for a burst. A stuck stream's queue holds this many events; the
+#: entity snapshots they point to are shared by every stream, so 100 stuck streams cost
+#: about 100 x 8192 x 100 bytes beside them.
+WATCH_QUEUE = 8192
 
 
 class MeshHooks(Protocol):
@@ -169,7 +175,7 @@ class GrpcServer:
         try:
             self._core = await asyncio.to_thread(
                 _CoreServer, self.store._core, _Hooks(self), host, self.port, self.max_message_bytes,
-                self.reflection, self.store.options.watch_queue, WORKERS)
+                self.reflection, WATCH_QUEUE, WORKERS)
         except OSError:
             self._state = "stopped"
             raise
