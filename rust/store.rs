@@ -78,11 +78,6 @@ impl Store {
         }
     }
 
-    /// Whether acknowledgements wait for the disk (`commit` durability).
-    pub fn acks_wait_for_disk(&self) -> bool {
-        self.durable.get().is_some_and(|d| d.mode == "commit")
-    }
-
     /// Returns once change `seq` is as durable as the store promises: on disk under
     /// `commit`, at once otherwise. StorageError if storage fails or closes first.
     pub async fn durable(&self, seq: u64) -> Result<()> {
