@@ -75,11 +75,11 @@ def serve_process(tmp: pathlib.Path, *serve_args: str, node_id: str = "b4",
             stop_process(proc)
 
 
-def stop_process(proc: subprocess.Popen) -> None:
-    """SIGTERM, up to 30 s for a clean stop, then SIGKILL."""
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM (unless it has exited), up to ``timeout`` seconds for a clean stop, then SIGKILL."""
     proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(30)
+        proc.wait(timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()

@@ -326,7 +326,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["watch"]:
 import pytest  # noqa: E402
 from pytest_benchmark.fixture import BenchmarkFixture  # noqa: E402
 
-from bench_grpc import serve_process  # noqa: E402
+from bench_grpc import serve_process, stop_process  # noqa: E402
 from bench_http import cpu_seconds  # noqa: E402
 from bench_seed import free_port, seed_served  # noqa: E402
 
@@ -653,13 +653,7 @@ def run_meshstore_demo(targets: int, tmp: pathlib.Path) -> dict:
         picture = store_picture(addr, TARGET_PREFIX["meshstore"])
     finally:
         watcher.close()
-        if demo.poll() is None:
-            demo.send_signal(signal.SIGTERM)
-        try:
-            demo.wait(60)
-        except subprocess.TimeoutExpired:
-            demo.kill()
-            demo.wait()
+        stop_process(demo, timeout=60)
     output = out.rest()
     skipped, ticks = demo_ticks(output)
     lag = re.findall(r"lag p50/p99 ms: (.*)", output)
