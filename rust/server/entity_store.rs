@@ -177,8 +177,7 @@ async fn decide(ctx: Arc<Context>, req: Request<Bytes>, state: ApprovalState) ->
 async fn stats(ctx: Arc<Context>, req: Request<Bytes>) -> Reply {
     let _: pb::GetStatsRequest = decode(req.get_ref(), "store.v1.GetStatsRequest")?;
     let values = ctx.blocking(|host| host.stats()).await;
-    let node_id = ctx.store.table.lock().node().as_str().to_string();
-    let response = pb::GetStatsResponse { node_id, values: values.into_iter().collect() };
+    let response = pb::GetStatsResponse { node_id: ctx.node_id.into(), values: values.into_iter().collect() };
     Ok(Response::new(response.encode_to_vec().into()))
 }
 

@@ -100,12 +100,11 @@ fn response(kind: push_response::Kind) -> Bytes {
 
 /// Refuses a stream: counted by the caller, logged here.
 fn refuse(ctx: &Context, peer: SocketAddr, status: Status, sender: Option<&str>) -> Status {
-    let own = ctx.store.table.lock().node().as_str().to_string();
     let mut fields = vec![
         ("code", super::rpc::code_name(status.code()).to_string()),
         ("reason", status.message().to_string()),
         ("peer_address", peer_name(Some(peer))),
-        ("node_id", own),
+        ("node_id", ctx.node_id.to_string()),
     ];
     if let Some(sender) = sender {
         fields.push(("peer", sender.to_string()));
@@ -142,9 +141,10 @@ async fn push(ctx: Arc<Context>, req: Request<Streaming<Bytes>>, peer: SocketAdd
     if hello.node_id.is_empty() {
         return Err(invalid("Hello.node_id is empty".into()));
     }
-    let (own, incarnation, summary) = {
+    let own = ctx.node_id;
+    let (incarnation, summary) = {
         let t = ctx.store.table.lock();
-        (t.node().as_str(), t.incarnation(), summary_of(t.context_summary()))
+        (t.incarnation(), summary_of(t.context_summary()))
     };
     if hello.node_id == own {
         ctx.mesh.stats.lock().refused_self += 1;
@@ -225,19 +225,19 @@ impl Drop for PushStream {
             p.open_streams -= 1;
             (p.batches, p.states, p.rejected)
         };
-        let own = self.ctx.store.table.lock().node().as_str().to_string();
-        let fields = vec![
-            ("node_id", own),
-            ("peer", self.sender.clone()),
-            ("batches", batches.to_string()),
-            ("states", states.to_string()),
-            ("rejected", rejected.to_string()),
-        ];
-        self.ctx.log(Level::Info, LOGGER, "mesh peer stream closed", fields);
+        let fields = vec![("batches", batches.to_string()), ("states", states.to_string()), ("rejected", rejected.to_string())];
+        self.log(Level::Info, "mesh peer stream closed", fields);
     }
 }
 
 impl PushStream {
+    /// Logs an event of this stream: this node and the sending peer, then `fields`.
+    fn log(&self, level: Level, message: &'static str, fields: Vec<(&'static str, String)>) {
+        let mut all = vec![("node_id", self.ctx.node_id.to_string()), ("peer", self.sender.clone())];
+        all.extend(fields);
+        self.ctx.log(level, LOGGER, message, all);
+    }
+
     fn fail(&mut self, status: Status) -> Option<Result<Bytes, Status>> {
         self.done = true;
         Some(Err(refuse(&self.ctx, self.peer, status, Some(&self.sender))))
@@ -320,15 +320,12 @@ impl PushStream {
                     };
                     if self.logged < LOG_FIRST || total % LOG_EVERY == 0 {
                         self.logged += 1;
-                        let own = self.ctx.store.table.lock().node().as_str().to_string();
                         let fields = vec![
-                            ("node_id", own),
-                            ("peer", self.sender.clone()),
                             ("error", message.clone()),
                             ("state_bytes", len.to_string()),
                             ("rejected_total", total.to_string()),
                         ];
-                        self.ctx.log(Level::Warning, LOGGER, "mesh state rejected", fields);
+                        self.log(Level::Warning, "mesh state rejected", fields);
                     }
                     if first_error.is_empty() {
                         first_error = message;
@@ -341,17 +338,16 @@ impl PushStream {
             self.resync_until = None;
             self.ctx.host.mesh_resynced(&self.sender);
         }
+        if let Some(Err(e)) = &adopted {
+            self.refused_any = true;
+            self.log(Level::Warning, "mesh context summary refused", vec![("error", e.to_string())]);
+        }
         {
             let mut s = self.ctx.mesh.stats.lock();
             match adopted {
                 Some(Ok(true)) => s.contexts_adopted += 1,
                 Some(Err(e)) => {
-                    self.refused_any = true;
-                    let p = s.peers.entry(self.sender.clone()).or_default();
-                    p.last_error = format!("context summary refused: {e}");
-                    let own = self.ctx.store.table.lock().node().as_str().to_string();
-                    let fields = vec![("node_id", own), ("peer", self.sender.clone()), ("error", e.to_string())];
-                    self.ctx.log(Level::Warning, LOGGER, "mesh context summary refused", fields);
+                    s.peers.entry(self.sender.clone()).or_default().last_error = format!("context summary refused: {e}");
                 }
                 _ => {}
             }

@@ -77,6 +77,8 @@ pub struct ServerOptions {
 /// What every handler shares.
 pub(crate) struct Context {
     pub store: Arc<Store>,
+    /// The store's node id (fixed for its life), for answers and log lines.
+    pub node_id: &'static str,
     pub host: Arc<dyn Host>,
     pub max_message_bytes: usize,
     pub watch_queue: usize,
@@ -262,8 +264,10 @@ impl Server {
             .enable_all()
             .build()
             .map_err(|e| format!("cannot start the server's runtime: {e}"))?;
+        let node_id = store.table.lock().node().as_str();
         let ctx = Arc::new(Context {
             store,
+            node_id,
             host,
             max_message_bytes: opts.max_message_bytes,
             watch_queue: opts.watch_queue.max(1),
