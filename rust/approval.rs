@@ -15,9 +15,11 @@ use prost::Message;
 pub const APPROVAL_KEY: &str = "approval";
 const APPROVAL_TYPE: &str = "entity.v1.ApprovalComponent";
 
-/// Moves the pending approval of `id` to `state` (APPROVED or DENIED). NotFound if the
-/// entity is not live; FailedPrecondition if it has no PENDING approval.
-pub fn decide(t: &mut Table, id: &str, state: ApprovalState) -> Result<WriteOutcome> {
+/// Moves the pending approval of `id` to `state` (APPROVED or DENIED), recording who
+/// decided (`decided_by`, empty without security) in the component so it replicates
+/// with the decision. NotFound if the entity is not live; FailedPrecondition if it has
+/// no PENDING approval.
+pub fn decide(t: &mut Table, id: &str, state: ApprovalState, decided_by: &str) -> Result<WriteOutcome> {
     if !matches!(state, ApprovalState::Approved | ApprovalState::Denied) {
         return Err(Error::invalid(Some(id), None, format!("a decision is APPROVED or DENIED, got {}", state.as_str_name())));
     }
@@ -37,7 +39,7 @@ pub fn decide(t: &mut Table, id: &str, state: ApprovalState) -> Result<WriteOutc
     if approval.state() != ApprovalState::Pending {
         return Err(refuse(format!("(approval: {})", approval.state().as_str_name())));
     }
-    let decision = ApprovalComponent { state: state as i32, ..approval };
+    let decision = ApprovalComponent { state: state as i32, decided_by: decided_by.into(), ..approval };
     let mut write = Entity { id: id.into(), ..Entity::default() };
     write.components.insert(
         APPROVAL_KEY.into(),

@@ -6,14 +6,19 @@
 //! goes through one thread that takes the GIL per job, in order; calls the server
 //! waits for run on tokio's blocking pool and take the GIL there.
 use crate::python::Core;
+use crate::server::auth::{Policy, Tls};
 use crate::server::{Host, Level, Server, ServerOptions};
 use crate::store::Notices;
 use parking_lot::Mutex;
 use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::mpsc;
 use std::time::Duration;
+
+/// Roles by method path or by identity.
+type Roles = HashMap<String, BTreeSet<String>>;
 
 /// Work handed to Python without waiting, done in order by one thread.
 enum Job {
@@ -119,9 +124,13 @@ pub struct PyGrpcServer {
 
 #[pymethods]
 impl PyGrpcServer {
-    /// Binds and starts serving; OSError if `host:port` cannot be bound.
+    /// Binds and starts serving; OSError if `host:port` cannot be bound or the TLS
+    /// material is unusable. `tls`: (certificate chain PEM, key PEM, client CA PEM or
+    /// None, client certificate optional). `policy`: (roles per method path, roles per
+    /// identity, identity per token SHA-256), enforced before every call (see
+    /// `crate::server::auth`); None allows every call.
     #[new]
-    #[pyo3(signature = (core, host_hooks, host, port, max_message_bytes, reflection, watch_queue, workers = 2))]
+    #[pyo3(signature = (core, host_hooks, host, port, max_message_bytes, reflection, watch_queue, workers = 2, tls = None, policy = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -133,10 +142,14 @@ impl PyGrpcServer {
         reflection: bool,
         watch_queue: usize,
         workers: usize,
+        tls: Option<(Vec<u8>, Vec<u8>, Option<Vec<u8>>, bool)>,
+        policy: Option<(Roles, Roles, HashMap<String, String>)>,
     ) -> PyResult<Self> {
         let store = core.get().store.clone();
         let hooks = std::sync::Arc::new(PyHost::new(py, core, host_hooks));
-        let opts = ServerOptions { host, port, max_message_bytes, reflection, watch_queue, workers, authorize: None };
+        let tls = tls.map(|(cert_pem, key_pem, client_ca_pem, client_cert_optional)| Tls { cert_pem, key_pem, client_ca_pem, client_cert_optional });
+        let authorize = policy.map(|(methods, identities, tokens)| Policy { methods, identities, tokens }.into_authorize());
+        let opts = ServerOptions { host, port, max_message_bytes, reflection, watch_queue, workers, authorize, tls };
         let server = py.allow_threads(|| Server::start(store, hooks, opts)).map_err(PyOSError::new_err)?;
         Ok(PyGrpcServer { server })
     }

@@ -390,11 +390,12 @@ impl Core {
     }
 
     /// Moves the entity's pending approval to `state` (entity.v1.ApprovalState APPROVED or
-    /// DENIED); the result of the write (see `approval::decide`).
-    fn decide(&self, py: Python<'_>, entity_id: &str, state: i32) -> PyResult<PyUpdateResult> {
+    /// DENIED), recording `decided_by`; the result of the write (see `approval::decide`).
+    #[pyo3(signature = (entity_id, state, decided_by = ""))]
+    fn decide(&self, py: Python<'_>, entity_id: &str, state: i32, decided_by: &str) -> PyResult<PyUpdateResult> {
         let state = ApprovalState::try_from(state)
             .map_err(|_| PyValueError::new_err(format!("a decision is APPROVED or DENIED, got {state}")))?;
-        self.run_write(py, false, |t| approval::decide(t, entity_id, state))?.map(result).map_err(|e| py_err(py, e))
+        self.run_write(py, false, |t| approval::decide(t, entity_id, state, decided_by))?.map(result).map_err(|e| py_err(py, e))
     }
 
     fn get<'py>(&self, py: Python<'py>, entity_id: &str) -> PyResult<Bound<'py, PyBytes>> {

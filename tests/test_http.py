@@ -187,7 +187,7 @@ def test_summary_view_has_every_field_of_the_contract() -> None:
         "classification": {"label": "fast-mover", "confidence": 0.9},
         "task": {"task": "track", "updated_at": "2027-01-15T08:00:00.250Z"},
         "approval": {"state": "PENDING", "requested_at": "2027-01-15T08:00:00.250Z", "timeout_seconds": 30,
-                     "deadline": "2027-01-15T08:00:30.250Z"},
+                     "deadline": "2027-01-15T08:00:30.250Z", "decided_by": ""},
         "source": {"sensor_id": "eo-1", "sensor_type": "eo"},
         "fusion": None,
         "expires_at": None,

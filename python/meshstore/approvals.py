@@ -48,8 +48,9 @@ def deadline_of(approval: entity_pb2.ApprovalComponent) -> float | None:
     return approval.requested_at.seconds + approval.requested_at.nanos / 1e9 + approval.timeout_seconds
 
 
-def decide(store: Store, entity_id: str, state: int) -> entity_pb2.Entity:
-    """Moves the entity's pending approval to ``state`` (APPROVED or DENIED): a strict
+def decide(store: Store, entity_id: str, state: int, decided_by: str = "") -> entity_pb2.Entity:
+    """Moves the entity's pending approval to ``state`` (APPROVED or DENIED), recording
+    ``decided_by`` (who decided; empty without security) in the component: a strict
     update over the version read, in the same table lock as the read, so the decision
     replicates and a concurrent one is never lost (the core's ``approval::decide``, which
     the gRPC server's ApproveAction/DenyAction call too). Returns the entity after the
@@ -58,7 +59,9 @@ def decide(store: Store, entity_id: str, state: int) -> entity_pb2.Entity:
         raise ValueError(f"a decision is APPROVED or DENIED, got {state!r}")
     if not isinstance(entity_id, str) or not entity_id:
         raise InvalidEntityError(f"entity id must be a non-empty str, got {entity_id!r}")
-    return store._core.decide(entity_id, state).entity
+    if not isinstance(decided_by, str):
+        raise TypeError(f"decided_by must be a str, got {type(decided_by).__name__}")
+    return store._core.decide(entity_id, state, decided_by).entity
 
 
 @dataclass(frozen=True)

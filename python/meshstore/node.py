@@ -35,18 +35,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import signal
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from meshstore.grpc.client import ClientSecurity
 from meshstore.grpc.server import DEFAULT_MAX_MESSAGE_BYTES, GrpcServer, check_listen_options
 from meshstore.http.server import HttpServer
 from meshstore.logs import event as log_event
 from meshstore.mesh.receiver import MeshReceiver
-from meshstore.mesh.relay import Relay
+from meshstore.mesh.relay import Relay, default_channel
 from meshstore.options import StoreOptions
+from meshstore.security import ServerSecurity
 from meshstore.store import Store
 from meshstore.validate import is_number
 
@@ -71,7 +74,10 @@ class NodeOptions:
     - ``http_host``, ``http_port``: where the HTTP API and web page listen (port None:
       no HTTP server; 0: any free port, see ``Node.http_address``);
     - ``http_options``: further keyword arguments of the node's ``HttpServer``
-      (``heartbeat``, ``flush_interval``, ``max_body_bytes``, ``static_dir``).
+      (``heartbeat``, ``flush_interval``, ``max_body_bytes``, ``static_dir``);
+    - ``security``: TLS and the roles policy of both ports (None: plaintext, every call
+      allowed; see ``meshstore.security``), ``peer_security``: how the relay dials its
+      peers (None: from the environment; see ``meshstore.grpc.client.ClientSecurity``).
     """
 
     host: str = "127.0.0.1"
@@ -86,6 +92,8 @@ class NodeOptions:
     http_host: str = "127.0.0.1"
     http_port: int | None = None
     http_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    security: ServerSecurity | None = None
+    peer_security: ClientSecurity | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str):
@@ -226,8 +234,10 @@ class Node:
 
     def _make_relay(self, peers: Sequence[str]) -> Relay:
         o = self.options
+        relay_options = {"channel_factory": functools.partial(default_channel, security=o.peer_security),
+                         **o.relay_options}
         return Relay(self.store, list(peers), bandwidth_bps=o.bandwidth_bps, burst_bytes=o.burst_bytes,
-                     **o.relay_options)
+                     **relay_options)
 
     async def start_relay(self, peers: Sequence[str]) -> Relay:
         """Starts a relay to ``peers`` on a started node without one (for a mesh whose
@@ -265,7 +275,7 @@ class Node:
             raise RuntimeError("a stopped node cannot start again: make a new one")
         o = self.options
         server = GrpcServer(self.store, o.host, o.port, o.max_message_bytes, reflection=o.reflection,
-                            extra_stats=self._stats_values, mesh=self.receiver)
+                            extra_stats=self._stats_values, mesh=self.receiver, security=o.security)
         self.receiver.server = server
         try:
             await server.start()
@@ -274,7 +284,8 @@ class Node:
             self._close_store()
             raise
         if o.http_port is not None:
-            http = HttpServer(self.store, o.http_host, o.http_port, stats=self.stats, **o.http_options)
+            http = HttpServer(self.store, o.http_host, o.http_port, stats=self.stats, security=o.security,
+                              **o.http_options)
             try:
                 await http.start()
             except BaseException:

@@ -170,7 +170,8 @@ async fn decide(ctx: Arc<Context>, req: Request<Bytes>, state: ApprovalState) ->
     let name = if state == ApprovalState::Approved { "store.v1.ApproveActionRequest" } else { "store.v1.DenyActionRequest" };
     let r: pb::ApproveActionRequest = decode(req.get_ref(), name)?;
     check_id(&r.entity_id)?;
-    let out = ctx.write(move |t| approval::decide(t, &r.entity_id, state)).await?;
+    let decided_by = req.extensions().get::<rpc::Identity>().map(|i| i.0.clone()).unwrap_or_default();
+    let out = ctx.write(move |t| approval::decide(t, &r.entity_id, state, &decided_by)).await?;
     Ok(Response::new(out.entity_bytes().into()))
 }
 

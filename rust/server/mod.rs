@@ -11,6 +11,7 @@
 //! NOT_SERVING and ends every open watch (UNAVAILABLE with its resume cursor), publish
 //! (answered with its summary) and mesh stream (UNAVAILABLE), refusing new ones;
 //! `stop(grace)` stops accepting and gives in-flight calls `grace`, then drops them.
+pub mod auth;
 pub mod rpc;
 mod entity_store;
 mod mesh;
@@ -20,7 +21,7 @@ use crate::error::{Error, Result as CoreResult};
 use crate::store::{Notices, Store};
 use crate::table::Table;
 pub use mesh::{MeshStats, PeerIn};
-use rpc::{Authorize, Caller, HttpResponse, Metrics};
+use rpc::{Authorize, Caller, HttpResponse, Identity, Metrics};
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -30,7 +31,7 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 use tonic::body::BoxBody;
 use tonic::server::NamedService;
-use tonic::transport::server::TcpConnectInfo;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::Status;
 
 pub const STORE_SERVICE: &str = "store.v1.EntityStoreService";
@@ -72,6 +73,8 @@ pub struct ServerOptions {
     /// Runtime worker threads.
     pub workers: usize,
     pub authorize: Option<Authorize>,
+    /// TLS (mutual with a client CA); None: plaintext.
+    pub tls: Option<auth::Tls>,
 }
 
 /// What every handler shares.
@@ -143,12 +146,20 @@ pub(crate) fn peer_name(peer: Option<SocketAddr>) -> String {
 }
 
 fn remote_addr<B>(req: &http::Request<B>) -> Option<SocketAddr> {
-    req.extensions().get::<TcpConnectInfo>().and_then(|i| i.remote_addr())
+    match req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>() {
+        Some(tls) => tls.get_ref().remote_addr(),
+        None => req.extensions().get::<TcpConnectInfo>().and_then(|i| i.remote_addr()),
+    }
+}
+
+/// The client's verified certificate (DER) under mutual TLS.
+fn client_certificate<B>(req: &http::Request<B>) -> Option<Arc<Vec<tonic::transport::CertificateDer<'static>>>> {
+    req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|tls| tls.peer_certs())
 }
 
 /// Routes one service's calls: the authentication hook first, then the method, then
 /// the counters and (for failures) a log line.
-async fn route<B, Fut>(ctx: Arc<Context>, req: http::Request<B>, handle: impl FnOnce(Arc<Context>, http::Request<B>, SocketAddr) -> Fut) -> HttpResponse
+async fn route<B, Fut>(ctx: Arc<Context>, mut req: http::Request<B>, handle: impl FnOnce(Arc<Context>, http::Request<B>, SocketAddr) -> Fut) -> HttpResponse
 where
     Fut: std::future::Future<Output = HttpResponse>,
 {
@@ -156,9 +167,21 @@ where
     let path = req.uri().path().to_owned();
     let peer = remote_addr(&req);
     if let Some(authorize) = &ctx.authorize {
-        if let Err(status) = authorize(&Caller { method: &path, headers: req.headers(), peer }) {
-            ctx.metrics.method(&path).observe(started, status.code());
-            return status.into_http();
+        let certs = client_certificate(&req);
+        let certificate = certs.as_ref().and_then(|c| c.first()).map(|c| c.as_ref());
+        match authorize(&Caller { method: &path, headers: req.headers(), peer, certificate }) {
+            Ok(identity) => {
+                if let Some(name) = identity {
+                    req.extensions_mut().insert(Identity(name));
+                }
+            }
+            Err(status) => {
+                ctx.metrics.method(&path).observe(started, status.code());
+                let method = path.rsplit('/').next().unwrap_or_default().to_string();
+                let fields = vec![("method", method), ("code", rpc::code_name(status.code()).into()), ("error", status.message().into()), ("peer", peer_name(peer))];
+                ctx.log(Level::Warning, "meshstore.grpc.server", "request refused", fields);
+                return status.into_http();
+            }
         }
     }
     let mut response = handle(ctx.clone(), req, peer.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))).await;
@@ -273,7 +296,7 @@ impl Server {
             watch_queue: opts.watch_queue.max(1),
             closing: tokio::sync::watch::channel(false).0,
             metrics: Metrics::new(&entity_store::METHODS.iter().chain(&[mesh::PUSH]).copied().collect::<Vec<_>>()),
-            authorize: opts.authorize,
+            authorize: opts.authorize.clone(),
             watch_streams: AtomicUsize::new(0),
             publish_streams: AtomicUsize::new(0),
             mesh: mesh::Receiver::default(),
@@ -295,7 +318,11 @@ impl Server {
                     let _ = s.set_nodelay(true);
                 })
             });
-            let mut router = tonic::transport::Server::builder()
+            let mut builder = tonic::transport::Server::builder();
+            if let Some(tls) = &opts.tls {
+                builder = builder.tls_config(tls.config()).map_err(|e| format!("cannot use the TLS certificate and key: {e}"))?;
+            }
+            let mut router = builder
                 // Receive windows big enough for a publisher of many small messages: h2
                 // refuses a peer that has more small DATA frames in flight than the window
                 // allows for, and ends its connection.

@@ -2,8 +2,7 @@
 //! through (requests are read by the handlers, responses are written by them: entities
 //! travel as the table encodes them, never decoded and re-encoded), adapters from async
 //! closures to tonic's four kinds of method, the mapping of core errors to status codes,
-//! and per-method counters with the hook the operations issue's authentication plugs
-//! into.
+//! and per-method counters with the hook authentication plugs into (`super::auth`).
 use crate::error::Error;
 use bytes::{Buf, BufMut, Bytes};
 use futures_util::Stream;
@@ -170,11 +169,19 @@ pub struct Caller<'a> {
     pub method: &'a str,
     pub headers: &'a http::HeaderMap,
     pub peer: Option<std::net::SocketAddr>,
+    /// The client's certificate (DER), verified against the server's CA, under mutual TLS.
+    pub certificate: Option<&'a [u8]>,
 }
 
-/// Decides whether a call may proceed: Err(UNAUTHENTICATED / PERMISSION_DENIED) refuses
-/// it before any handler runs. The server allows every call without one.
-pub type Authorize = Arc<dyn Fn(&Caller<'_>) -> Result<(), Status> + Send + Sync>;
+/// Decides whether a call may proceed: Ok(the caller's identity, if known) lets it
+/// through, Err(UNAUTHENTICATED / PERMISSION_DENIED) refuses it before any handler runs.
+/// The server allows every call without one.
+pub type Authorize = Arc<dyn Fn(&Caller<'_>) -> Result<Option<String>, Status> + Send + Sync>;
+
+/// The identity the hook let a call through as, in the request's extensions for the
+/// handlers (an approval records who decided). Absent without a hook.
+#[derive(Clone)]
+pub struct Identity(pub String);
 
 /// Latency bucket bounds (seconds) of the per-method histograms.
 pub const LATENCY_BUCKETS: [f64; 12] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5];

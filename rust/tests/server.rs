@@ -41,6 +41,7 @@ fn serve(authorize: Option<Authorize>) -> (Server, Arc<Store>) {
         watch_queue: 1000,
         workers: 1,
         authorize,
+        tls: None,
     };
     (Server::start(store.clone(), Arc::new(Alone), opts).expect("binds"), store)
 }
@@ -74,7 +75,7 @@ fn the_authentication_hook_refuses_before_any_handler_runs() {
         if caller.method.ends_with("/CreateEntity") && caller.headers.get("authorization").is_none() {
             return Err(tonic::Status::unauthenticated("CreateEntity needs a token"));
         }
-        Ok(())
+        Ok(None)
     });
     let (server, store) = serve(Some(deny_writes));
     client_runtime().block_on(async {

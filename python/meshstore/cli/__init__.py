@@ -13,6 +13,7 @@
     meshstore backup DIR FILE               a consistent copy of a data dir (also of a running node's)
     meshstore export DIR [--out FILE]       a data dir's entities as JSON lines (also a running node's)
     meshstore import FILE DIR               merge an export into a data dir (not a running node's)
+    meshstore token hash                    the SHA-256 of a token (stdin), for an auth file
     meshstore demo                          the whole pipeline in one process
     meshstore sensor-sim | radar-sim | classifier | task-manager | fusion
                                             the pipeline's services, each against a store
@@ -43,7 +44,7 @@ from typing import NoReturn
 import click
 import typer
 
-from meshstore.cli import data, demo, entities, node, services
+from meshstore.cli import data, demo, entities, node, security, services
 from meshstore.cli.common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NOT_FOUND, EXIT_USAGE, CliError
 from meshstore.cli.entities import entity_dict
 
@@ -66,6 +67,7 @@ node.register(app)  # stats, serve
 data.register(app)  # backup, export, import
 services.register(app)  # sensor-sim, radar-sim, classifier, task-manager, fusion
 demo.register(app)  # demo
+security.register(app)  # --tls-ca/--tls-cert/--tls-key/--token before any command; token hash
 
 
 # ---- entry point ------------------------------------------------------------------------

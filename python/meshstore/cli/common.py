@@ -83,13 +83,14 @@ def target(addr: str) -> str:
 
 @contextlib.contextmanager
 def channel(addr: str) -> Iterator[Any]:
-    """A synchronous grpc channel to the store at ``addr`` (closed at the end)."""
-    import grpc
+    """A synchronous grpc channel to the store at ``addr`` (closed at the end), secured
+    as the command's ``--tls-*`` / ``--token`` say (meshstore.grpc.client.open_channel)."""
+    from meshstore.grpc.client import open_channel
 
-    ch = grpc.insecure_channel(target(addr), options=[
+    ch = open_channel(target(addr), [
         ("grpc.max_receive_message_length", CLIENT_MAX_RECEIVE),
         ("grpc.enable_retries", 0),
-    ])
+    ], aio=False)
     try:
         yield ch
     finally:
@@ -122,6 +123,8 @@ def rpc_errors(addr: str, what: str, deadline: float | None = None) -> Iterator[
             raise CliError(f"invalid request: {details}", EXIT_USAGE) from None
         if code == C.UNIMPLEMENTED:
             raise CliError(f"the store at {addr} does not implement {what} (an older server?)") from None
+        if code in (C.UNAUTHENTICATED, C.PERMISSION_DENIED):
+            raise CliError(f"the store at {addr} refused {what} ({code.name}): {details}") from None
         if code == C.CANCELLED:
             raise CliError(f"{what} was cancelled{': ' + details if details else ''}") from None
         if code in (C.FAILED_PRECONDITION, C.ALREADY_EXISTS, C.ABORTED, C.OUT_OF_RANGE) and details:

@@ -9,6 +9,7 @@ SIGINT/SIGTERM; ``meshstore stats`` shows a running node's counters and health.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Annotated, Any, Literal
 
@@ -103,7 +104,7 @@ def serve_cmd(
              "at startup). Off by default.")] = None,
     http_host: Annotated[str, typer.Option(
         "--http-host", envvar="MESHSTORE_HTTP_HOST", show_envvar=True,
-        help="Interface the HTTP side binds (no authentication: anyone who reaches it can approve).")]
+        help="Interface the HTTP side binds (without --auth-file anyone who reaches it can approve).")]
         = "127.0.0.1",
     node_id: Annotated[str | None, typer.Option("--node-id", envvar="MESHSTORE_NODE_ID", show_envvar=True,
                                                 help="This store's node id (default: hostname-random).")] = None,
@@ -147,6 +148,21 @@ def serve_cmd(
     burst_bytes: Annotated[float | None, typer.Option(
         "--mesh-burst-bytes", envvar="MESH_BURST_BYTES", show_envvar=True, min=0.0, metavar="BYTES",
         help="Burst of each peer link's budget (0: one second of bandwidth, at least 64 KiB).")] = None,
+    tls_cert: Annotated[str | None, typer.Option(
+        "--tls-cert", envvar="MESHSTORE_TLS_CERT", show_envvar=True, metavar="PEM",
+        help="Serve TLS (gRPC and HTTP) with this certificate (with --tls-key); also what the relay "
+             "shows its peers.")] = None,
+    tls_key: Annotated[str | None, typer.Option(
+        "--tls-key", envvar="MESHSTORE_TLS_KEY", show_envvar=True, metavar="PEM",
+        help="The key of --tls-cert.")] = None,
+    tls_ca: Annotated[str | None, typer.Option(
+        "--tls-ca", envvar="MESHSTORE_TLS_CA", show_envvar=True, metavar="PEM",
+        help="Mutual TLS: clients need a certificate from this CA (optional for them when the auth file "
+             "has tokens); the relay checks its peers against it.")] = None,
+    auth_file: Annotated[str | None, typer.Option(
+        "--auth-file", envvar="MESHSTORE_AUTH_FILE", show_envvar=True, metavar="TOML",
+        help="Identities, their roles and token hashes (docs/security.md); every call is then checked. "
+             "Without it every caller may do everything.")] = None,
 ) -> None:
     """Run a store server (gRPC store.v1.EntityStoreService and mesh.v1.MeshService,
     health, reflection) until SIGINT or SIGTERM, then shut down gracefully (open watch
@@ -158,6 +174,7 @@ def serve_cmd(
 
     from meshstore.node import NodeOptions, run_node
     from meshstore.options import StoreOptions
+    from meshstore.security import SecurityError, ServerSecurity
 
     overrides: dict[str, Any] = {"peer_expiry": peer_expiry, "max_entity_bytes": max_entity_bytes}
     if node_id is not None:
@@ -171,15 +188,32 @@ def serve_cmd(
     if max_message_bytes < 1024:
         raise CliError(f"--max-message-bytes must be at least 1024, got {max_message_bytes}", EXIT_USAGE)
     try:
+        security = ServerSecurity.load(tls_cert, tls_key, tls_ca, auth_file)
+    except SecurityError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    try:
         options = NodeOptions(host=host, port=port, max_message_bytes=max_message_bytes, grace=grace,
                               peers=_peer_list(peers), bandwidth_bps=bandwidth_bps, burst_bytes=burst_bytes,
-                              http_host=http_host, http_port=http_port)
+                              http_host=http_host, http_port=http_port, security=security,
+                              peer_security=_peer_security(security))
     except (TypeError, ValueError) as exc:
         raise CliError(f"invalid option: {exc}", EXIT_USAGE) from None
     try:
         run_node(options, store=store_options)  # the node makes the store and closes it
     except (OSError, StorageError) as exc:
         raise CliError(str(exc)) from None
+
+
+def _peer_security(security: Any) -> Any:
+    """How the relay dials its peers: the node's own certificate, checked against its CA,
+    with the command's token (``meshstore --token``); without a CA, the command's
+    client settings alone."""
+    from meshstore.grpc.client import current_security
+
+    client, tls = current_security(), security.tls
+    if tls is None or tls.ca_pem is None:
+        return client
+    return dataclasses.replace(client, ca=tls.ca_pem, cert=tls.cert_pem, key=tls.key_pem)
 
 
 def _peer_list(peers: list[str] | None) -> list[str]:

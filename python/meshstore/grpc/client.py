@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -52,15 +53,19 @@ from meshstore.pb import entity_pb2, store_pb2, store_pb2_grpc
 __all__ = [
     "DEFAULT_ADDR",
     "Backoff",
+    "ClientSecurity",
     "FailedPreconditionError",
     "RpcError",
     "StoreClient",
     "StoreInfo",
     "StoreUnavailableError",
     "UpdateResponse",
+    "current_security",
     "WatchStream",
     "error_from_rpc",
+    "open_channel",
     "publish_chunks",
+    "use_security",
 ]
 
 log = logging.getLogger("meshstore.grpc.client")
@@ -77,6 +82,95 @@ _CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
+
+
+# ---- channels ----------------------------------------------------------------------------
+
+#: The environment a client's security is read from when none is given.
+ENV_SECURITY = {"ca": "MESHSTORE_TLS_CA", "cert": "MESHSTORE_TLS_CERT", "key": "MESHSTORE_TLS_KEY",
+                "token": "MESHSTORE_TOKEN"}
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    """How a client checks the server and shows who it is (docs/security.md): ``ca``
+    (PEM) turns TLS on and is what the server's certificate must chain to (without it,
+    a client certificate alone turns TLS on with the system's CAs); ``cert`` and
+    ``key`` (PEM) are the client's own certificate for mutual TLS; ``token`` is sent as
+    ``authorization: Bearer <token>`` (never logged, never in a repr). A token without
+    TLS is only sent to a store on this machine (grpc's local credentials)."""
+
+    ca: bytes | None = field(default=None, repr=False)
+    cert: bytes | None = field(default=None, repr=False)
+    key: bytes | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def load(cls, ca: str | None = None, cert: str | None = None, key: str | None = None,
+             token: str | None = None) -> ClientSecurity:
+        """From file paths and a token. ValueError for a file that cannot be read or a
+        certificate without its key."""
+        if (cert is None) != (key is None):
+            raise ValueError("a client certificate and its key go together (--tls-cert, --tls-key)")
+
+        def read(path: str | None, what: str) -> bytes | None:
+            if path is None:
+                return None
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except OSError as exc:
+                raise ValueError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+
+        return cls(read(ca, "TLS CA"), read(cert, "TLS certificate"), read(key, "TLS key"), token or None)
+
+    @classmethod
+    def from_env(cls) -> ClientSecurity:
+        """From MESHSTORE_TLS_CA, MESHSTORE_TLS_CERT, MESHSTORE_TLS_KEY, MESHSTORE_TOKEN."""
+        return cls.load(**{name: os.environ.get(var) or None for name, var in ENV_SECURITY.items()})
+
+    @property
+    def tls(self) -> bool:
+        return self.ca is not None or self.cert is not None
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        """The channel's credentials; None: plaintext without a token."""
+        if not self.tls and self.token is None:
+            return None
+        channel = (grpc.ssl_channel_credentials(self.ca, self.key, self.cert) if self.tls
+                   else grpc.local_channel_credentials(grpc.LocalConnectionType.LOCAL_TCP))
+        if self.token is None:
+            return channel
+        return grpc.composite_channel_credentials(channel, grpc.access_token_call_credentials(self.token))
+
+
+_process_security: ClientSecurity | None = None
+
+
+def use_security(security: ClientSecurity | None) -> None:
+    """Sets what channels opened without their own ``security`` use (the ``meshstore``
+    command's ``--tls-ca``, ``--tls-cert``, ``--tls-key``, ``--token``); None: the
+    environment again."""
+    global _process_security
+    _process_security = security
+
+
+def current_security() -> ClientSecurity:
+    """What channels opened without their own ``security`` use: ``use_security``'s, else
+    the environment's."""
+    return _process_security or ClientSecurity.from_env()
+
+
+def open_channel(address: str, options: Sequence[tuple[str, Any]], security: ClientSecurity | None = None, *,
+                 aio: bool = True) -> Any:
+    """The one way meshstore dials a store (clients, services, the CLI, the mesh relay):
+    a ``grpc.aio`` channel (``aio=False``: a synchronous one) secured per ``security``
+    (None: what ``use_security`` set, else the environment, ``ClientSecurity.from_env``)."""
+    credentials = (security or current_security()).credentials()
+    module = grpc.aio if aio else grpc
+    if credentials is None:
+        return module.insecure_channel(address, options=list(options))
+    return module.secure_channel(address, credentials, options=list(options))
 
 
 # ---- backoff -----------------------------------------------------------------------------
@@ -160,16 +254,19 @@ def publish_chunks(entities: Iterable[entity_pb2.Entity], max_entities: int = PU
 class StoreClient:
     """One channel to a store server; every method is a coroutine of the running loop.
 
-    ``name`` labels log lines. ``rpc_timeout`` bounds each unary call (seconds)."""
+    ``name`` labels log lines. ``rpc_timeout`` bounds each unary call (seconds).
+    ``security``: TLS and token (None: from the environment, see ``open_channel``)."""
 
     def __init__(self, address: str = DEFAULT_ADDR, *, name: str = "client", backoff: Backoff | None = None,
-                 rpc_timeout: float = 5.0, rng: random.Random | None = None) -> None:
+                 rpc_timeout: float = 5.0, rng: random.Random | None = None,
+                 security: ClientSecurity | None = None) -> None:
         if not isinstance(address, str) or not address.strip():
             raise ValueError(f"store address must be HOST:PORT, got {address!r}")
         self.address = address.strip()
         self.name = name
         self.backoff = backoff or Backoff()
         self.rpc_timeout = rpc_timeout
+        self.security = security
         self._rng = rng or random.Random()
         self._channel: grpc.aio.Channel | None = None
         self._stub: store_pb2_grpc.EntityStoreServiceStub | None = None
@@ -186,7 +283,7 @@ class StoreClient:
         if self._closed:
             raise RuntimeError(f"store client {self.name!r} is closed")
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
+            self._channel = open_channel(self.address, _CHANNEL_OPTIONS, self.security)
             self._stub = store_pb2_grpc.EntityStoreServiceStub(self._channel)
         return self._stub
 

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from meshstore._core import GrpcServer as _CoreServer
 from meshstore.logs import event as log_event
 from meshstore.pb import store_pb2
+from meshstore.security import ServerSecurity, warn_if_exposed
 from meshstore.store import Store
 from meshstore.validate import is_number
 
@@ -134,13 +135,16 @@ class GrpcServer:
     ``reflection``, server reflection, over ``store``.
 
     ``port`` 0 picks any free port (``.port`` says which once started). ``extra_stats``:
-    numbers GetStats adds to the store's and the server's."""
+    numbers GetStats adds to the store's and the server's. ``security``: TLS and the
+    roles policy, enforced by the core before any handler (None: plaintext, every call
+    allowed); binding beyond loopback without TLS logs a warning."""
 
     def __init__(self, store: Store, host: str = "127.0.0.1", port: int = 0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, *, reflection: bool = True,
                  extra_stats: Callable[[], Mapping[str, float]] | None = None,
-                 mesh: MeshHooks | None = None) -> None:
+                 mesh: MeshHooks | None = None, security: ServerSecurity | None = None) -> None:
         check_listen_options(port, max_message_bytes)
+        self.security = security
         self.store = store
         self.host = host
         self.port = port
@@ -163,7 +167,7 @@ class GrpcServer:
 
     async def start(self) -> GrpcServer:
         """Binds and starts serving. OSError if the address cannot be bound (in use, bad
-        host)."""
+        host) or the TLS certificate and key are unusable."""
         if self._state != "new":
             raise RuntimeError("a server starts once")
         host = self.host.strip("[]")
@@ -172,10 +176,14 @@ class GrpcServer:
         except socket.gaierror as exc:
             self._state = "stopped"
             raise OSError(f"cannot listen on {self.address}: {exc.strerror}") from None
+        security = self.security
+        tls = security.core_tls() if security is not None else None
+        policy = security.policy.for_core() if security is not None and security.policy is not None else None
+        warn_if_exposed(host, security, "grpc")
         try:
             self._core = await asyncio.to_thread(
                 _CoreServer, self.store._core, _Hooks(self), host, self.port, self.max_message_bytes,
-                self.reflection, WATCH_QUEUE, WORKERS)
+                self.reflection, WATCH_QUEUE, WORKERS, tls, policy)
         except OSError:
             self._state = "stopped"
             raise

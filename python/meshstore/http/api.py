@@ -52,6 +52,8 @@ log = logging.getLogger("meshstore.http")
 
 #: The store's own limit on an entity id (UTF-8 bytes).
 MAX_ID_BYTES = 1024
+#: Where the server's security middleware leaves the caller's identity on a request.
+IDENTITY = web.RequestKey("identity", str)
 _TYPES = {"track": pb.ENTITY_TYPE_TRACK, "asset": pb.ENTITY_TYPE_ASSET, "geo": pb.ENTITY_TYPE_GEO}
 _EVENT_NAMES = {1: "CREATED", 2: "UPDATED", 3: "DELETED"}
 _DELETED = 3
@@ -226,7 +228,7 @@ class Api:
         await request.read()  # the body is not used; past client_max_size it is a 413
         if self._closing:
             return json_error(503, "server shutting down")
-        entity = decide(self.store, _entity_id(request), state)
+        entity = decide(self.store, _entity_id(request), state, request.get(IDENTITY, ""))
         self.counters["decisions"] += 1
         await self.store.durable()  # answered once durable, as the gRPC writes are
         return json_response(summary(entity))

@@ -122,6 +122,7 @@ def _approval(approval: pb.ApprovalComponent) -> dict[str, Any]:
         "requested_at": _ts(approval.requested_at) if approval.HasField("requested_at") else None,
         "timeout_seconds": approval.timeout_seconds,
         "deadline": iso(deadline_of(approval)),
+        "decided_by": approval.decided_by,
     }
 
 

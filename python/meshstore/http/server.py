@@ -32,8 +32,9 @@ from typing import Any
 from aiohttp import web
 
 from meshstore.grpc.status import status_for
-from meshstore.http.api import Api, BadRequest, json_error
+from meshstore.http.api import IDENTITY, Api, BadRequest, json_error
 from meshstore.logs import event as log_event
+from meshstore.security import HTTP_OPEN_ROUTES, HTTP_ROUTES, Policy, ServerSecurity, warn_if_exposed
 from meshstore.store import Store
 from meshstore.validate import is_number
 
@@ -107,11 +108,57 @@ def _http_message(request: web.Request, exc: web.HTTPException) -> str:
     return exc.text or exc.reason
 
 
+def _certificate_name(request: web.Request) -> str | None:
+    """The verified client certificate's common name, else its first DNS name."""
+    cert = request.transport.get_extra_info("peercert") if request.transport is not None else None
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return next((value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"), None)
+
+
+def _security_middleware(policy: Policy) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """The roles policy on every API route (``meshstore.security.HTTP_ROUTES``; a route
+    not listed needs ``admin``): 401 when the caller cannot be identified, 403 when its
+    roles do not allow the route. The page's own files are open (they hold no data)."""
+
+    @web.middleware
+    async def authorize(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                        ) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        if request.match_info.http_exception is not None or resource is None or (
+                resource.canonical in HTTP_OPEN_ROUTES):
+            return await handler(request)  # 404 / 405, or the page
+        route = resource.canonical
+        header = request.headers.get("Authorization")
+        token = header.removeprefix("Bearer ") if header is not None else None
+        try:
+            name = policy.identify(token, _certificate_name(request))
+        except PermissionError as exc:
+            return json_error(401, str(exc), {"WWW-Authenticate": "Bearer"})
+        refusal = policy.refusal(name, HTTP_ROUTES.get((request.method, route), frozenset()),
+                                 f"{request.method} {route}")
+        if refusal is not None:
+            log_event(log, logging.WARNING, "request refused", method=request.method, path=request.path,
+                      identity=name, error=refusal)
+            return json_error(403, refusal)
+        request[IDENTITY] = name
+        return await handler(request)
+
+    return authorize
+
+
 def make_app(api: Api, static_dir: Path | None = STATIC_DIR, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-             tasks: set[asyncio.Task] | None = None) -> web.Application:
-    """The aiohttp application: the API's routes, ``/`` and ``/static/*``."""
-    app = web.Application(middlewares=[_error_middleware(tasks if tasks is not None else set())],
-                          client_max_size=max_body_bytes)
+             tasks: set[asyncio.Task] | None = None, policy: Policy | None = None) -> web.Application:
+    """The aiohttp application: the API's routes, ``/`` and ``/static/*``; with a
+    ``policy``, each API route checked against it."""
+    middlewares = [_error_middleware(tasks if tasks is not None else set())]
+    if policy is not None:
+        middlewares.append(_security_middleware(policy))
+    app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
     app.add_routes(api.routes())
     if static_dir is not None:
         index = static_dir / "index.html"
@@ -147,12 +194,13 @@ class HttpServer:
     ``stats``: the node's ``stats()`` (``/api/mesh`` shows its peer links); ``heartbeat``
     and ``flush_interval``: the SSE feed's comment interval when idle and its batch
     interval, in seconds; ``max_body_bytes``: larger request bodies are 413;
-    ``static_dir``: the page's files (None: API only)."""
+    ``static_dir``: the page's files (None: API only); ``security``: TLS (the gRPC side's
+    certificate and client checks) and the roles policy (None: plain HTTP, open)."""
 
     def __init__(self, store: Store, host: str = "127.0.0.1", port: int = 0, *,
                  stats: Callable[[], Mapping[str, Any]] | None = None, heartbeat: float = 15.0,
                  flush_interval: float = 0.1, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 static_dir: Path | str | None = STATIC_DIR) -> None:
+                 static_dir: Path | str | None = STATIC_DIR, security: ServerSecurity | None = None) -> None:
         if not isinstance(host, str):
             raise TypeError(f"host must be a str, got {type(host).__name__}")
         if not is_number(port, integer=True) or not 0 <= port <= 65535:
@@ -167,7 +215,9 @@ class HttpServer:
         self.port = port
         self.api = Api(store, stats, heartbeat=heartbeat, flush_interval=flush_interval)
         self._tasks: set[asyncio.Task] = set()
-        self.app = make_app(self.api, None if static_dir is None else Path(static_dir), max_body_bytes, self._tasks)
+        self.security = security
+        self.app = make_app(self.api, None if static_dir is None else Path(static_dir), max_body_bytes, self._tasks,
+                            security.policy if security is not None else None)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._state = "new"  # -> "started" -> "stopped"
@@ -180,9 +230,10 @@ class HttpServer:
 
     @property
     def url(self) -> str:
-        """``http://host:port/``, 127.0.0.1 for a wildcard host."""
+        """``http://host:port/`` (``https`` with TLS), 127.0.0.1 for a wildcard host."""
         host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
-        return f"http://{_address_of(host, self.port)}/"
+        scheme = "https" if self.security is not None and self.security.tls is not None else "http"
+        return f"{scheme}://{_address_of(host, self.port)}/"
 
     @property
     def running(self) -> bool:
@@ -196,7 +247,9 @@ class HttpServer:
         self._state = "starting"
         runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
-        site = web.TCPSite(runner, self.host or None, self.port)
+        ssl_context = self.security.ssl_context() if self.security is not None else None
+        warn_if_exposed(self.host, self.security, "http")
+        site = web.TCPSite(runner, self.host or None, self.port, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError as exc:

@@ -56,6 +56,7 @@ from typing import Any
 import grpc
 
 from meshstore.errors import CursorExpiredError
+from meshstore.grpc.client import ClientSecurity, open_channel
 from meshstore.logs import event as _log_event
 from meshstore.mesh.budget import BudgetConfig, Pending, PendingQueue, Priority, priority_of
 from meshstore.mesh.protocol import MAX_MESSAGE_BYTES, PUSH_METHOD, summary_entries, summary_of
@@ -78,14 +79,15 @@ class RelayError(Exception):
     """A peer broke the protocol, or a stream stalled."""
 
 
-def default_channel(address: str) -> grpc.aio.Channel:
-    """An insecure channel of its own (no connection shared with other channels)."""
-    return grpc.aio.insecure_channel(address, options=[
+def default_channel(address: str, security: ClientSecurity | None = None) -> grpc.aio.Channel:
+    """A channel of its own (no connection shared with other channels), secured per
+    ``security`` (the node's: its certificate or token makes it a ``peer``)."""
+    return open_channel(address, [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.use_local_subchannel_pool", 1),
         ("grpc.enable_retries", 0),
-    ])
+    ], security)
 
 
 def _identity(data: bytes) -> bytes:

@@ -179,14 +179,16 @@ class ThreatComponent(_message.Message):
     def __init__(self, level: _Optional[_Union[ThreatLevel, str]] = ...) -> None: ...
 
 class ApprovalComponent(_message.Message):
-    __slots__ = ("state", "timeout_seconds", "requested_at")
+    __slots__ = ("state", "timeout_seconds", "requested_at", "decided_by")
     STATE_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_AT_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_BY_FIELD_NUMBER: _ClassVar[int]
     state: ApprovalState
     timeout_seconds: int
     requested_at: _timestamp_pb2.Timestamp
-    def __init__(self, state: _Optional[_Union[ApprovalState, str]] = ..., timeout_seconds: _Optional[int] = ..., requested_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    decided_by: str
+    def __init__(self, state: _Optional[_Union[ApprovalState, str]] = ..., timeout_seconds: _Optional[int] = ..., requested_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., decided_by: _Optional[str] = ...) -> None: ...
 
 class FusionComponent(_message.Message):
     __slots__ = ("source_ids", "fused_lat", "fused_lon", "confidence")

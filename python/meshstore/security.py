@@ -1,0 +1,244 @@
+"""Who may do what on a node (docs/security.md): the roles, which gRPC method and HTTP
+route each role may call, the identities of an auth file, token hashes, the server's
+TLS material, and the warning for an exposed plaintext port. This module is the one
+definition of the policy: the Rust gRPC server gets it at start (``Policy.for_core``)
+and enforces it before any handler runs; the HTTP side enforces it in a middleware.
+
+    security = ServerSecurity.load(cert="node.pem", key="node.key", ca="ca.pem", auth_file="auth.toml")
+    Node(security=security)
+
+An auth file (TOML) names each identity, its roles and, for bearer tokens, the SHA-256
+of its token (``meshstore token hash``); an identity without a token is one a client
+certificate names (its common name, else its first DNS name)::
+
+    [[identity]]
+    name = "ops-console"
+    roles = ["reader", "operator"]
+    token_sha256 = "9f86d081884c7d65..."
+
+    [[identity]]
+    name = "node-b"            # the CN of node b's certificate
+    roles = ["peer"]
+
+Without an auth file (and without a client CA) every call is allowed, as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import re
+import ssl
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meshstore.logs import event as log_event
+
+__all__ = [
+    "ADMIN", "GRPC_METHODS", "HTTP_OPEN_ROUTES", "HTTP_ROUTES", "ROLES", "Policy", "SecurityError", "ServerSecurity", "ServerTls",
+    "hash_token", "is_loopback", "warn_if_exposed",
+]
+
+log = logging.getLogger("meshstore.security")
+
+READER, INGEST, OPERATOR, PEER, ADMIN = "reader", "ingest", "operator", "peer", "admin"
+#: Every role; ``admin`` may call everything.
+ROLES = (READER, INGEST, OPERATOR, PEER, ADMIN)
+
+# Reading is open to every role that needs to see the store to do its job.
+_READ = frozenset({READER, INGEST, OPERATOR, PEER})
+_STORE = "/store.v1.EntityStoreService/"
+#: Per gRPC method path, the roles that may call it (a method not listed needs ``admin``).
+GRPC_METHODS: Mapping[str, frozenset[str]] = {
+    **{_STORE + m: _READ for m in ("GetEntity", "ListEntities", "WatchEntities", "WatchEntityBatches",
+                                    "GetStats")},
+    **{_STORE + m: frozenset({INGEST}) for m in ("CreateEntity", "UpdateEntity", "UpdateEntityDetailed",
+                                                  "DeleteEntity", "PublishEntities")},
+    _STORE + "ApproveAction": frozenset({OPERATOR}),
+    _STORE + "DenyAction": frozenset({OPERATOR}),
+    "/mesh.v1.MeshService/Push": frozenset({PEER}),
+}
+#: Per HTTP route (method, aiohttp route pattern), the roles that may call it; the page
+#: itself (``/``, ``/static/...``) is open: it holds no data.
+HTTP_ROUTES: Mapping[tuple[str, str], frozenset[str]] = {
+    **{("GET", path): _READ for path in ("/api/entities", "/api/entities.geojson", "/api/entities/{id}",
+                                          "/api/pending", "/api/mesh", "/api/events")},
+    ("POST", "/api/entities/{id}/approve"): frozenset({OPERATOR}),
+    ("POST", "/api/entities/{id}/deny"): frozenset({OPERATOR}),
+}
+HTTP_OPEN_ROUTES = frozenset({"/", "/index.html", "/static/{path}"})
+
+
+class SecurityError(ValueError):
+    """Unusable security settings (a file that cannot be read, a bad auth file)."""
+
+
+def hash_token(token: str) -> str:
+    """What an auth file keeps of a token: its SHA-256, lower-case hex."""
+    return hashlib.sha256(token.strip().encode()).hexdigest()
+
+
+def is_loopback(host: str) -> bool:
+    """True if ``host`` binds only this machine (localhost, 127.x, ::1)."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Identities and their roles (``roles``), and the identity each token hash stands for
+    (``tokens``)."""
+
+    roles: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    tokens: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Policy:
+        """Reads an auth file. SecurityError with the file and the problem."""
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise SecurityError(f"cannot read the auth file {path}: {exc}") from None
+        entries = data.get("identity", [])
+        if not isinstance(entries, list) or not entries:
+            raise SecurityError(f"auth file {path}: no [[identity]] entries")
+        roles: dict[str, frozenset[str]] = {}
+        tokens: dict[str, str] = {}
+        for n, entry in enumerate(entries, 1):
+            where = f"auth file {path}, identity {n}"
+            name = entry.get("name") if isinstance(entry, dict) else None
+            if not isinstance(name, str) or not name.strip():
+                raise SecurityError(f"{where}: needs a name")
+            if name in roles:
+                raise SecurityError(f"{where}: the name {name!r} is used twice")
+            given = entry.get("roles", [])
+            unknown = [r for r in given if r not in ROLES] if isinstance(given, list) else [given]
+            if unknown or not given:
+                raise SecurityError(f"{where} ({name}): roles must be a non-empty list of {', '.join(ROLES)}; "
+                                    f"got {given!r}")
+            roles[name] = frozenset(given)
+            digest = entry.get("token_sha256")
+            if digest is not None:
+                if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+                    raise SecurityError(f"{where} ({name}): token_sha256 must be 64 lower-case hex digits "
+                                        "(`meshstore token hash`)")
+                if digest in tokens:
+                    raise SecurityError(f"{where} ({name}): the same token as {tokens[digest]!r}")
+                tokens[digest] = name
+        return cls(roles, tokens)
+
+    def identify(self, token: str | None, certificate_name: str | None) -> str:
+        """The caller's identity from its bearer token, else its certificate's name.
+        PermissionError(unauthenticated message) when neither tells."""
+        if token is not None:
+            name = self.tokens.get(hash_token(token)) if token.strip() else None
+            if name is None:
+                raise PermissionError("unknown bearer token")
+            return name
+        if certificate_name:
+            return certificate_name
+        raise PermissionError("this server needs a client certificate or an 'authorization: Bearer <token>' header")
+
+    def refusal(self, name: str, needs: frozenset[str], what: str) -> str | None:
+        """Why ``name`` may not call ``what`` (which ``needs`` one of those roles), None if
+        it may. The same words as the gRPC server's PERMISSION_DENIED."""
+        has = self.roles.get(name, frozenset())
+        if ADMIN in has or has & needs:
+            return None
+        wanted = " or ".join(sorted(needs) + [ADMIN]) if needs else ADMIN
+        held = f"roles {' or '.join(sorted(has))}" if has else "no role"
+        return f"'{name}' may not call {what}: it needs the role {wanted} and has {held}"
+
+    def for_core(self) -> tuple[dict[str, set[str]], dict[str, set[str]], dict[str, str]]:
+        """What the Rust server enforces: roles per method, per identity, identity per token hash."""
+        return ({m: set(r) for m, r in GRPC_METHODS.items()}, {n: set(r) for n, r in self.roles.items()},
+                dict(self.tokens))
+
+
+def _read(path: str | Path, what: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise SecurityError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+    if b"-----BEGIN" not in data:
+        raise SecurityError(f"the {what} {path} is not PEM")
+    return data
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """A node's certificate (chain) and key, PEM, and the CA its clients' certificates
+    are verified against (mutual TLS) when given. Paths are kept for aiohttp."""
+
+    cert: Path
+    key: Path
+    ca: Path | None
+    cert_pem: bytes = field(repr=False)
+    key_pem: bytes = field(repr=False)
+    ca_pem: bytes | None = field(repr=False)
+
+    @classmethod
+    def load(cls, cert: str | Path, key: str | Path, ca: str | Path | None = None) -> ServerTls:
+        return cls(Path(cert), Path(key), None if ca is None else Path(ca), _read(cert, "TLS certificate"),
+                   _read(key, "TLS key"), None if ca is None else _read(ca, "TLS CA"))
+
+    def ssl_context(self, client_cert_optional: bool) -> ssl.SSLContext:
+        """The HTTP side's server context: the same certificate, the same client checks."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(self.cert, self.key)
+            if self.ca is not None:
+                context.load_verify_locations(self.ca)
+                context.verify_mode = ssl.CERT_OPTIONAL if client_cert_optional else ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as exc:
+            raise SecurityError(f"cannot use the TLS certificate {self.cert} and key {self.key}: {exc}") from None
+        return context
+
+
+@dataclass(frozen=True)
+class ServerSecurity:
+    """What a node's ports require: TLS (None: plaintext) and the policy (None: every call
+    allowed). A client CA without an auth file lets every verified certificate do
+    everything (mutual TLS alone)."""
+
+    tls: ServerTls | None = None
+    policy: Policy | None = None
+
+    @classmethod
+    def load(cls, cert: str | None = None, key: str | None = None, ca: str | None = None,
+             auth_file: str | None = None) -> ServerSecurity:
+        """From ``serve``'s options. SecurityError for an incomplete or unreadable set."""
+        if (cert is None) != (key is None):
+            raise SecurityError("--tls-cert and --tls-key go together")
+        if ca is not None and cert is None:
+            raise SecurityError("--tls-ca needs --tls-cert and --tls-key (the server's own certificate)")
+        tls = ServerTls.load(cert, key, ca) if cert is not None and key is not None else None
+        return cls(tls, Policy.load(auth_file) if auth_file is not None else None)
+
+    @property
+    def client_cert_optional(self) -> bool:
+        """With a client CA, a client may come without a certificate only if tokens exist."""
+        return self.policy is not None and bool(self.policy.tokens)
+
+    def core_tls(self) -> tuple[bytes, bytes, bytes | None, bool] | None:
+        t = self.tls
+        return None if t is None else (t.cert_pem, t.key_pem, t.ca_pem, self.client_cert_optional)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return None if self.tls is None else self.tls.ssl_context(self.client_cert_optional)
+
+
+def warn_if_exposed(host: str, security: ServerSecurity | None, what: str) -> None:
+    """Logs a warning when ``host`` is reachable from other machines without TLS."""
+    if not is_loopback(host) and (security is None or security.tls is None):
+        log_event(log, logging.WARNING, "listening beyond this machine without TLS: anyone who reaches the "
+                  "port can read, and without an auth file write and approve (see docs/security.md)",
+                  port=what, host=host)
