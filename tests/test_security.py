@@ -253,8 +253,8 @@ def test_http_approve_needs_operator(pki: dict[str, Path], auth_file: Path) -> N
             assert node.http.url.startswith("https://")
             context = ssl.create_default_context(cafile=str(pki["ca"]))
 
-            async def post(token: str | None) -> tuple[int, dict[str, Any]]:
-                headers = {"Authorization": f"Bearer {token}"} if token else {}
+            async def post(token: str | None, scheme: str = "Bearer") -> tuple[int, dict[str, Any]]:
+                headers = {"Authorization": f"{scheme} {token}"} if token else {}
                 async with aiohttp.ClientSession() as http, http.post(
                         node.http.url + "api/entities/t1/approve", headers=headers, ssl=context) as response:
                     return response.status, await response.json()
@@ -262,6 +262,8 @@ def test_http_approve_needs_operator(pki: dict[str, Path], auth_file: Path) -> N
             status, body = await post(None)
             assert status == 401 and "client certificate or an 'authorization" in body["error"]
             assert (await post("wrong"))[0] == 401
+            status, body = await post(TOKENS["ops"], scheme="Basic")
+            assert status == 401 and body["error"] == "the authorization header is not 'Bearer <token>'"
             status, body = await post(TOKENS["viewer"])
             assert status == 403, body
             assert body["error"] == ("'viewer' may not call POST /api/entities/{id}/approve: it needs the role "
@@ -309,6 +311,9 @@ def test_cli_with_tls_and_tokens_and_no_token_in_any_log(pki: dict[str, Path], a
                               "'viewer' may not call ApproveAction")
         outputs.append(wrong := run("list", token="wrong-token-5d2c"))
         assert_one_line_error(wrong, 1, "refused ListEntities (UNAUTHENTICATED): unknown bearer token")
+        plaintext = subprocess.run([*CLI, "list"], capture_output=True, text=True, timeout=TIMEOUT,
+                                   env=cli_env(server.addr, MESHSTORE_TOKEN=TOKENS["viewer"]))
+        assert_one_line_error(plaintext, 1, "cannot reach the store", "is it a TLS store?")
         outputs.append(ok := run("list", "--json", token=TOKENS["viewer"]))
         assert ok.returncode == 0, ok.stderr
         # Mutual TLS from the command line: the operator's certificate.
@@ -344,6 +349,8 @@ def test_bad_security_settings_are_one_line_errors(pki: dict[str, Path], tmp_pat
     bad = tmp_path / "auth.toml"
     bad.write_text('[[identity]]\nname = "x"\nroles = ["root"]\n')
     assert_one_line_error(serve("--auth-file", str(bad)), 2, "roles must be a non-empty list of reader")
+    bad.write_text('[[identity]]\nname = "node-b"\nroles = ["peer"]\n')
+    assert_one_line_error(serve("--auth-file", str(bad)), 2, "no one could call: the auth file")
     assert_one_line_error(serve("--tls-cert", str(pki["node-a"]), "--tls-key", str(pki["ops_key"])), 1,
                           "cannot use the TLS certificate and key")
 

@@ -135,11 +135,15 @@ class Policy:
                 tokens[digest] = name
         return cls(roles, tokens)
 
-    def identify(self, token: str | None, certificate_name: str | None) -> str:
-        """The caller's identity from its bearer token, else its certificate's name.
-        PermissionError(unauthenticated message) when neither tells."""
-        if token is not None:
-            name = self.tokens.get(hash_token(token)) if token.strip() else None
+    def identify(self, authorization: str | None, certificate_name: str | None) -> str:
+        """The caller's identity from its ``Authorization: Bearer <token>`` header, else
+        its certificate's name. PermissionError (the reason, never the token) when
+        neither tells."""
+        if authorization is not None:
+            token = authorization.removeprefix("Bearer ").strip()
+            if not authorization.startswith("Bearer ") or not token:
+                raise PermissionError("the authorization header is not 'Bearer <token>'")
+            name = self.tokens.get(hash_token(token))
             if name is None:
                 raise PermissionError("unknown bearer token")
             return name
@@ -221,7 +225,11 @@ class ServerSecurity:
         if ca is not None and cert is None:
             raise SecurityError("--tls-ca needs --tls-cert and --tls-key (the server's own certificate)")
         tls = ServerTls.load(cert, key, ca) if cert is not None and key is not None else None
-        return cls(tls, Policy.load(auth_file) if auth_file is not None else None)
+        policy = Policy.load(auth_file) if auth_file is not None else None
+        if policy is not None and not policy.tokens and (tls is None or tls.ca is None):
+            raise SecurityError(f"no one could call: the auth file {auth_file} has no tokens, and without --tls-ca "
+                                "no client certificate names anyone")
+        return cls(tls, policy)
 
     @property
     def client_cert_optional(self) -> bool:

@@ -3,12 +3,14 @@
 //! the batched watch's framing and shutdown.
 #![cfg(feature = "server")]
 use _core::pb;
+use _core::server::auth::{sha256_hex, Policy};
 use _core::server::rpc::{Authorize, RawCodec};
 use _core::server::{Host, Level, Server, ServerOptions};
 use _core::store::{Notices, Store};
 use _core::table::{Options, Table};
 use bytes::Bytes;
 use prost::Message;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 use tonic::Code;
@@ -98,6 +100,63 @@ fn the_authentication_hook_refuses_before_any_handler_runs() {
     let stats = server.stats();
     let create = stats.methods.iter().find(|m| m.0.ends_with("/CreateEntity")).expect("counted");
     assert_eq!((create.1, create.2.get("UNAUTHENTICATED").copied()), (2, Some(1)));
+}
+
+/// One unary call with an optional bearer token.
+async fn call(
+    client: &mut tonic::client::Grpc<tonic::transport::Channel>,
+    token: Option<&str>,
+    method: &'static str,
+    body: Vec<u8>,
+) -> Result<Bytes, tonic::Status> {
+    let mut request = tonic::Request::new(Bytes::from(body));
+    if let Some(token) = token {
+        request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    client.ready().await.unwrap();
+    client.unary(request, path(method), RawCodec).await.map(|r| r.into_inner())
+}
+
+#[test]
+fn the_policy_names_the_caller_by_token_checks_its_roles_and_hands_it_to_the_approval() {
+    let set = |items: &[&str]| items.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+    let policy = Policy {
+        methods: HashMap::from([
+            ("/store.v1.EntityStoreService/CreateEntity".to_string(), set(&["ingest"])),
+            ("/store.v1.EntityStoreService/ApproveAction".to_string(), set(&["operator"])),
+        ]),
+        identities: HashMap::from([("sim".to_string(), set(&["ingest"])), ("ops".to_string(), set(&["operator"]))]),
+        tokens: HashMap::from([(sha256_hex("sim-token"), "sim".to_string()), (sha256_hex("ops-token"), "ops".to_string())]),
+    };
+    let (server, store) = serve(Some(policy.into_authorize()));
+    let mut entity = track("t1", 1.0);
+    let pending = pb::ApprovalComponent { state: pb::ApprovalState::Pending as i32, ..Default::default() };
+    entity.components.insert(
+        "approval".into(),
+        prost_types::Any { type_url: "type.googleapis.com/entity.v1.ApprovalComponent".into(), value: pending.encode_to_vec() },
+    );
+    let create = pb::store::v1::CreateEntityRequest { entity: Some(entity) }.encode_to_vec();
+    let approve = pb::store::v1::ApproveActionRequest { entity_id: "t1".into() }.encode_to_vec();
+    const CREATE: &str = "/store.v1.EntityStoreService/CreateEntity";
+    const APPROVE: &str = "/store.v1.EntityStoreService/ApproveAction";
+    client_runtime().block_on(async {
+        let mut client = connect(server.port()).await;
+        let anonymous = call(&mut client, None, CREATE, create.clone()).await.unwrap_err();
+        assert_eq!(anonymous.code(), Code::Unauthenticated);
+        let unknown = call(&mut client, Some("guess"), CREATE, create.clone()).await.unwrap_err();
+        assert_eq!((unknown.code(), unknown.message()), (Code::Unauthenticated, "unknown bearer token"));
+        let denied = call(&mut client, Some("ops-token"), CREATE, create.clone()).await.unwrap_err();
+        assert_eq!(
+            (denied.code(), denied.message()),
+            (Code::PermissionDenied, "'ops' may not call CreateEntity: it needs the role ingest or admin and has roles operator")
+        );
+        assert_eq!(store.seq(), 0, "nothing was written");
+        call(&mut client, Some("sim-token"), CREATE, create).await.unwrap();
+        let decided = call(&mut client, Some("ops-token"), APPROVE, approve).await.unwrap();
+        let decided = pb::Entity::decode(decided).unwrap();
+        let approval = pb::ApprovalComponent::decode(decided.components["approval"].value.as_slice()).unwrap();
+        assert_eq!((approval.state(), approval.decided_by.as_str()), (pb::ApprovalState::Approved, "ops"));
+    });
 }
 
 #[test]

@@ -113,8 +113,10 @@ def rpc_errors(addr: str, what: str, deadline: float | None = None) -> Iterator[
             if "shutting down" in details:
                 raise CliError(f"the store at {addr} is shutting down ({details})") from None
             reason = _connect_reason(details)
-            raise CliError(f"cannot reach the store at {addr}{': ' + reason if reason else ''} "
-                           "(is `meshstore serve` running there?)") from None
+            hint = ("is it a TLS store? --tls-ca, and --tls-cert/--tls-key where it needs a client certificate"
+                    if re.search(r"TSI_|SSL|[Hh]andshake|Socket closed", details) else
+                    "is `meshstore serve` running there?")
+            raise CliError(f"cannot reach the store at {addr}{': ' + reason if reason else ''} ({hint})") from None
         if code == C.DEADLINE_EXCEEDED:
             raise CliError(f"the store at {addr} did not answer {what} within {deadline or 0:g}s") from None
         if code == C.NOT_FOUND:

@@ -10,6 +10,7 @@ the SHA-256 an auth file keeps.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated
 
@@ -33,12 +34,14 @@ def client_security(
         "--tls-key", envvar="MESHSTORE_TLS_KEY", show_envvar=True, metavar="PEM",
         help="The key of --tls-cert.")] = None,
     token: Annotated[str | None, typer.Option(
-        "--token", envvar="MESHSTORE_TOKEN", show_envvar=False, metavar="TOKEN",
+        "--token", envvar="MESHSTORE_TOKEN", show_envvar=True, metavar="TOKEN",
         help="Bearer token to present (better from MESHSTORE_TOKEN: a command line is visible to "
              "other users). Without TLS it is only sent to a store on this machine.")] = None,
 ) -> None:
-    """meshstore: a replicated entity-component store. Run a server, or inspect and drive
-    one over gRPC."""
+    """How every command dials a store (the process's ``use_security``)."""
+    # grpc's C core prints a failed TLS handshake as several lines on stderr; a command
+    # reports its failures as one line of its own (set before grpc is first imported).
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from meshstore.grpc.client import ClientSecurity, use_security
 
     try:

@@ -133,10 +133,8 @@ def _security_middleware(policy: Policy) -> Callable[..., Awaitable[web.StreamRe
                 resource.canonical in HTTP_OPEN_ROUTES):
             return await handler(request)  # 404 / 405, or the page
         route = resource.canonical
-        header = request.headers.get("Authorization")
-        token = header.removeprefix("Bearer ") if header is not None else None
         try:
-            name = policy.identify(token, _certificate_name(request))
+            name = policy.identify(request.headers.get("Authorization"), _certificate_name(request))
         except PermissionError as exc:
             return json_error(401, str(exc), {"WWW-Authenticate": "Bearer"})
         refusal = policy.refusal(name, HTTP_ROUTES.get((request.method, route), frozenset()),
