@@ -157,8 +157,10 @@ fn client_certificate<B>(req: &http::Request<B>) -> Option<Arc<Vec<tonic::transp
     req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|tls| tls.peer_certs())
 }
 
-/// Routes one service's calls: the authentication hook first, then the method, then
-/// the counters and (for failures) a log line.
+/// Routes one service's calls: the authentication hook first (a refusal is counted,
+/// logged and answered at once; the identity it names reaches the handlers as an
+/// `rpc::Identity` extension), then the method, then the counters and (for failures) a
+/// log line.
 async fn route<B, Fut>(ctx: Arc<Context>, mut req: http::Request<B>, handle: impl FnOnce(Arc<Context>, http::Request<B>, SocketAddr) -> Fut) -> HttpResponse
 where
     Fut: std::future::Future<Output = HttpResponse>,
@@ -177,9 +179,7 @@ where
             }
             Err(status) => {
                 ctx.metrics.method(&path).observe(started, status.code());
-                let method = path.rsplit('/').next().unwrap_or_default().to_string();
-                let fields = vec![("method", method), ("code", rpc::code_name(status.code()).into()), ("error", status.message().into()), ("peer", peer_name(peer))];
-                ctx.log(Level::Warning, "meshstore.grpc.server", "request refused", fields);
+                log_call(&ctx, Level::Warning, "request refused", &path, status.code(), status.message().into(), peer);
                 return status.into_http();
             }
         }
@@ -199,11 +199,16 @@ where
             tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => Level::Warning,
             _ => Level::Info,
         };
-        let method = path.rsplit('/').next().unwrap_or_default().to_string();
-        let fields = vec![("method", method), ("code", rpc::code_name(code).into()), ("error", message), ("peer", peer_name(peer))];
-        ctx.log(level, "meshstore.grpc.server", "request failed", fields);
+        log_call(&ctx, level, "request failed", &path, code, message, peer);
     }
     response
+}
+
+/// One log line about a call that did not succeed (never its headers: they may hold a token).
+fn log_call(ctx: &Context, level: Level, message: &'static str, path: &str, code: tonic::Code, error: String, peer: Option<SocketAddr>) {
+    let method = path.rsplit('/').next().unwrap_or_default().to_string();
+    let fields = vec![("method", method), ("code", rpc::code_name(code).into()), ("error", error), ("peer", peer_name(peer))];
+    ctx.log(level, "meshstore.grpc.server", message, fields);
 }
 
 /// A tonic service over `Context`, named `N::NAME`, whose calls go to `N::handle`.
@@ -296,7 +301,7 @@ impl Server {
             watch_queue: opts.watch_queue.max(1),
             closing: tokio::sync::watch::channel(false).0,
             metrics: Metrics::new(&entity_store::METHODS.iter().chain(&[mesh::PUSH]).copied().collect::<Vec<_>>()),
-            authorize: opts.authorize.clone(),
+            authorize: opts.authorize,
             watch_streams: AtomicUsize::new(0),
             publish_streams: AtomicUsize::new(0),
             mesh: mesh::Receiver::default(),

@@ -11,6 +11,12 @@ What it adds over a bare stub:
 - **Errors** are meshstore's: each gRPC status maps to a ``meshstore.errors`` class
   (``error_from_rpc``, in ``meshstore.grpc.status``); a store that cannot be reached (UNAVAILABLE, DEADLINE_EXCEEDED)
   raises ``StoreUnavailableError``, the signal for a service to wait and retry.
+- **Security** (``ClientSecurity``, docs/security.md): TLS against a CA, a client
+  certificate for mutual TLS, a bearer token. ``open_channel`` is the one way meshstore
+  dials a store (this client, the command line, the mesh relay); without a
+  ``security`` of its own a channel uses the process's (``use_security``, set by the
+  ``meshstore`` command's options) or the environment's (``MESHSTORE_TLS_CA``,
+  ``MESHSTORE_TLS_CERT``, ``MESHSTORE_TLS_KEY``, ``MESHSTORE_TOKEN``).
 - **Connecting** (``wait_ready``) retries GetStats with exponential backoff and jitter
   (``Backoff``) until the store answers, logging the outage once (not every attempt) and
   how long it lasted. The channel's own reconnect backoff is capped low so a store that

@@ -16,7 +16,10 @@ beyond them travels in ``UpdateEntityDetailed``, in UpdateEntity's response meta
 in ``WatchEntityBatches`` (every event ready at the server in one message).
 
 Errors map to status codes in the core (docs/wire.md); each failed request is logged
-(logger ``meshstore.grpc.server``) with its method, code, message and peer.
+(logger ``meshstore.grpc.server``) with its method, code, message and peer. With a
+``security`` (``meshstore.security.ServerSecurity``) the core serves TLS and checks each
+call's identity and roles before its handler (UNAUTHENTICATED / PERMISSION_DENIED,
+logged as ``request refused``; docs/security.md).
 """
 
 from __future__ import annotations

@@ -15,6 +15,11 @@ API (``meshstore.http.api``; the contract is docs/http.md). Every error is JSON
 bodies beyond ``max_body_bytes`` are 413. The server runs with handler cancellation:
 a client that goes away cancels its handler (an SSE stream's watcher is closed at once).
 
+With ``security`` (``meshstore.security.ServerSecurity``, docs/security.md): HTTPS with
+the gRPC side's certificate and client checks, and each API route checked against the
+roles policy (401: who calls is unknown, 403: its roles do not allow the route); an
+approval records who decided.
+
 ``stop``: open SSE streams are ended, no new connections, in-flight requests get
 ``grace`` seconds, then are cancelled. ``meshstore.node.Node`` runs one when
 ``NodeOptions.http_port`` is set.

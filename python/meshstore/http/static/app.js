@@ -908,7 +908,7 @@ function renderPanel(e) {
     ['velocity', e.velocity ? `${fmtNum(e.velocity.speed)} kt, ${fmtNum(e.velocity.heading)}\u00b0` : null],
     ['class', e.classification ? `${e.classification.label} (confidence ${fmtNum(e.classification.confidence)})` : null],
     ['task', e.task ? (e.task.task ?? e.task.state ?? compact(e.task)) : null],
-    ['approval', e.approval ? `${approvalState(e)}${approvalState(e) === 'PENDING' && deadlineOf(e) != null ? ` (${fmtLeft(deadlineOf(e) - serverNow())} left)` : ''}` : null],
+    ['approval', e.approval ? `${approvalState(e)}${approvalState(e) === 'PENDING' && deadlineOf(e) != null ? ` (${fmtLeft(deadlineOf(e) - serverNow())} left)` : ''}${e.approval.decided_by ? ` by ${e.approval.decided_by}` : ''}` : null],
     ['fused from', e.fusion && e.fusion.source_ids ? e.fusion.source_ids.join(', ') : null],
     ['origin', e.origin_node ?? null],
     ['updated', e.updated_at != null ? fmtTime(toSeconds(e.updated_at)) : null],
