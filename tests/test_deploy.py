@@ -158,6 +158,11 @@ def test_dockerfile_copies_what_exists_and_what_the_wheel_build_reads() -> None:
             for source in sources:
                 assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
                 copied.add(source)
+    # The build context (the repository root) is everything but what the ignore file
+    # lets through: "*", then one "!path" per path the image needs.
+    ignore = [line for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+              if line and not line.startswith("#")]
+    assert ignore[0] == "*" and copied <= {line[1:] for line in ignore if line.startswith("!")}
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     needed = {"Cargo.toml", "Cargo.lock", "build.rs", "pyproject.toml", "proto", "rust", "python"}
     needed.update(project["project"].get("license-files", []))
@@ -232,7 +237,7 @@ def test_compose_runs_the_pipeline_against_node_a_once_it_is_healthy() -> None:
         assert command == name and params["store"] == "node-a:50051"
         assert service["depends_on"]["node-a"]["condition"] == "service_healthy"
     a = parse(services["node-a"]["command"], image_env())[1]
-    assert f"{a['http_port']}:{a['http_port']}" in services["node-a"]["ports"]
+    assert f"127.0.0.1:{a['http_port']}:{a['http_port']}" in services["node-a"]["ports"]  # not on the network
     sims = [parse(services[s]["command"])[1] for s in ("sensor-sim", "radar-sim")]
     assert sims[0]["seed"] == sims[1]["seed"] and sims[0]["count"] == sims[1]["count"]  # one ground truth
 

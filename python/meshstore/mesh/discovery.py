@@ -51,7 +51,7 @@ def join_address(host: str, port: int) -> str:
 async def resolve_dns(host: str, port: int) -> list[str]:
     """The IP addresses ``host`` resolves to (the system's resolver, in a worker thread)."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return sorted({info[4][0] for info in infos})
+    return sorted({str(info[4][0]) for info in infos})
 
 
 def _is_local_ip(ip: str) -> bool:
