@@ -53,26 +53,27 @@ def has(node: Node, entity_id: str) -> bool:
     return any(e.id == entity_id for e in node.store.list())
 
 
-async def start(name: str, ip: str, port: int, dns: FakeDNS | None = None) -> Node:
-    """A node on ip:port; with ``dns`` it finds its peers under NAME."""
+async def start(name: str, ip: str, port: int, dns: FakeDNS | None = None, data_dir: str | None = None) -> Node:
+    """A node on ip:port (in memory, or on ``data_dir``); with ``dns`` it finds its peers
+    under NAME."""
     options = NodeOptions(host=ip, port=port, relay_options=FAST_RELAY)
     if dns is not None:
         options = NodeOptions(host=ip, port=port, relay_options=FAST_RELAY, peer_dns=[f"{NAME}:{port}"],
                               peer_dns_interval=INTERVAL, peer_resolver=dns.resolve)
-    return await Node(options, store=StoreOptions(node_id=name)).start()
+    return await Node(options, store=StoreOptions(node_id=name, path=data_dir)).start()
 
 
 def one_port() -> int:
-    """A port free on 127.0.0.1, .2 and .3 (one port for every node, as in a cluster)."""
+    """A port free on 127.0.0.1 to .4 (one port for every node, as in a cluster)."""
     for port in free_ports(20):
         try:
-            for ip in ("127.0.0.1", "127.0.0.2", "127.0.0.3"):
+            for ip in ("127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"):
                 with socket.socket() as s:
                     s.bind((ip, port))
             return port
         except OSError:
             continue
-    pytest.skip("no port free on 127.0.0.1-3")
+    pytest.skip("no port free on 127.0.0.1-4")
 
 
 def connected(node: Node) -> dict[str, int]:
@@ -145,6 +146,36 @@ def test_a_peer_that_left_holds_back_forgetting_a_delete_until_it_is_back_and_ha
     run(scenario())
 
 
+def test_a_node_back_at_a_new_address_takes_the_place_of_its_old_one(tmp_path) -> None:
+    """A pod rescheduled: same node id and data dir, a new IP. The delete it missed
+    reaches it there, and the node it missed it from forgets the delete once it has."""
+    port = one_port()
+    dns = FakeDNS("127.0.0.1", "127.0.0.2", "127.0.0.3")
+
+    async def scenario() -> None:
+        a = await start("a", "127.0.0.1", port, dns)
+        b = await start("b", "127.0.0.2", port)
+        c = await start("c", "127.0.0.3", port, data_dir=str(tmp_path / "c"))
+        try:
+            a.store.put(track("t1"))
+            await eventually(lambda: has(b, "t1") and has(c, "t1"), what="t1 everywhere")
+            await c.stop()
+            dns.ips = ["127.0.0.1", "127.0.0.2"]
+            await eventually(lambda: a.relay.stats()["retired"] == {f"127.0.0.3:{port}": "c"}, what="c retired")
+            a.store.delete("t1")
+            await eventually(lambda: not has(b, "t1"), what="the delete reached b")
+            c = await start("c", "127.0.0.4", port, data_dir=str(tmp_path / "c"))
+            assert has(c, "t1")  # its data dir still has it
+            dns.ips = ["127.0.0.1", "127.0.0.2", "127.0.0.4"]
+            await eventually(lambda: not has(c, "t1"), what="the delete reached c at its new address")
+            assert a.relay.stats()["retired"] == {}
+            await eventually(lambda: a.store.stats()["tombstones"] == 0, what="the delete forgotten")
+        finally:
+            for node in (a, b, c):
+                await node.stop(0)
+    run(scenario())
+
+
 def test_a_failed_resolution_keeps_the_peers_found_last(caplog: pytest.LogCaptureFixture) -> None:
     port = one_port()
     dns = FakeDNS("127.0.0.1", "127.0.0.2")
@@ -196,6 +227,9 @@ def test_static_peers_and_names_combine_and_this_node_is_never_its_own_peer() ->
             assert relay.peers == ["192.0.2.1:7000"]
             with pytest.raises(ValueError, match="HOST:PORT"):
                 PeerDiscovery(relay, ["no-port"])
+            with pytest.raises(ValueError, match="duplicates"):
+                await relay.set_peers(["10.1.1.1:7000", "10.1.1.1:7000"])
+            assert relay.peers == ["192.0.2.1:7000"]  # unchanged
         finally:
             await relay.stop()
             store.close()
