@@ -29,6 +29,10 @@ pub mod watch;
 pub mod wire;
 
 #[cfg(feature = "python")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[cfg(feature = "python")]
 mod python;
 #[cfg(feature = "python")]
 mod py_server;
