@@ -235,6 +235,8 @@ pub struct Counters {
     pub collected: u64,
     pub expired: u64,
     pub adopted: u64,
+    /// Changes by the event they are (created, updated, deleted), watched or not.
+    pub events: [u64; 3],
 }
 
 pub struct Table {
@@ -634,6 +636,9 @@ impl Table {
         }
         state.seq = self.seq;
         self.log.insert(self.seq, state.id.clone());
+        if let Some(kind) = kind {
+            self.counters.events[kind as usize - 1] += 1;
+        }
         let emit = kind.filter(|_| !self.watchers.is_empty());
         if !snapshot && emit.is_none() {
             return None;
