@@ -97,6 +97,11 @@ def test_metrics_follow_the_work_done() -> None:
 
         assert value(after, "meshstore_writes_total") == 3 + 4 + 2
         assert value(after, "meshstore_stale_keys_total") == 1
+        # 3 created, t0 moved 4 times and t1 once; the stale write changed nothing.
+        assert value(after, "meshstore_events_total", kind="created") == 3
+        assert value(after, "meshstore_events_total", kind="updated") == 5
+        assert value(after, "meshstore_events_total", kind="deleted") == 0
+        assert value(after, "meshstore_watch_queued_events") == 0
         assert value(after, "meshstore_entities") == 3
         assert value(after, "meshstore_seq") == node.store.seq
         update = dict(service=STORE_SERVICE, method="UpdateEntity")
@@ -160,6 +165,8 @@ def test_get_stats_and_metrics_agree(tmp_path) -> None:
 
         assert any(k.startswith("peer.") for k in first) and any(k.startswith("http.") for k in first)
         assert "commits" in first and "mesh.streams_open" in first
+        commits = value(samples, "meshstore_storage_commit_latency_seconds_count")
+        assert between(commits, first["commits"], last["commits"])  # every commit timed
         p99 = value(samples, "meshstore_storage_recent_commit_latency_seconds", quantile="0.99")
         assert between(p99 * 1000, first["commit_ms_p99"], last["commit_ms_p99"])  # ms become seconds
         for key in first:
@@ -171,6 +178,10 @@ def test_get_stats_and_metrics_agree(tmp_path) -> None:
                 address = key.removeprefix("peer.").removesuffix(".incarnation")
                 labels = info_labels(samples, "meshstore_peer_info", peer=address)
                 assert float(labels["incarnation"]) == first[key]
+                continue
+            if key == "commit_latency_sum_s":  # the histogram's sum (its buckets are not in GetStats)
+                got = value(samples, "meshstore_storage_commit_latency_seconds_sum")
+                assert between(got, first[key], last[key]) and got > 0
                 continue
             stat, labels = metric_of(key)
             got = value(samples, stat.name, **labels, **dict(stat.labels)) / stat.scale

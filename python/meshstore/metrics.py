@@ -53,8 +53,8 @@ class Stat:
     scale: float = 1.0
 
 
-def _counter(name: str, help: str) -> Stat:
-    return Stat(name, "counter", help)
+def _counter(name: str, help: str, **labels: str) -> Stat:
+    return Stat(name, "counter", help, tuple(labels.items()))
 
 
 def _gauge(name: str, help: str, scale: float = 1.0, **labels: str) -> Stat:
@@ -87,6 +87,9 @@ STORE: Mapping[str, Stat] = {
     "watchers": _gauge("meshstore_watchers", "Open watchers (Store.watch, gRPC watch streams, SSE, relays)."),
     "coalesced": _gauge("meshstore_watch_coalesced_events",
                         "Events the open watchers folded into a later one (min_interval, or behind)."),
+    "watch_queued": _gauge("meshstore_watch_queued_events", "Events waiting in the open watchers' queues."),
+    **{f"events_{kind}": _counter("meshstore_events_total", "Changes of entities, by the event they are.", kind=kind)
+       for kind in ("created", "updated", "deleted")},
     "commits": _counter("meshstore_storage_commits_total", "Storage commits (transactions)."),
     "committed_seq": _gauge("meshstore_storage_committed_seq", "The latest change on disk."),
     "pending_changes": _gauge("meshstore_storage_pending_changes", "Changes not yet on disk."),
@@ -220,6 +223,7 @@ class NodeCollector:
                    "durability": store.get("durability", "memory")}))
         out.add(store, STORE)
         server = stats["server"]
+        _add_commit_latency(out, store, server.get("latency_bounds_s"))
         out.add(server, SERVER)
         _add_methods(out, server)
         mesh = stats["mesh"]
@@ -237,6 +241,30 @@ class NodeCollector:
         yield from out
 
 
+def _cumulative(bounds: list[str], counts: list[int]) -> list[tuple[str, int]]:
+    """Prometheus buckets (cumulative) from counts per bucket, the last one beyond every bound."""
+    total, buckets = 0, []
+    for bound, count in zip(bounds, counts, strict=True):
+        total += count
+        buckets.append((bound, total))
+    return buckets
+
+
+def _bounds(bounds_s: list[float]) -> list[str]:
+    return [floatToGoString(b) for b in bounds_s] + ["+Inf"]
+
+
+def _add_commit_latency(out: _Families, store: Mapping[str, Any], bounds_s: list[float] | None) -> None:
+    """The storage commit latency histogram (a node with a data dir), in the same buckets
+    as the gRPC latencies (one histogram type in the core serves both)."""
+    if "commit_latency_buckets" not in store or bounds_s is None:
+        return
+    latency = HistogramMetricFamily("meshstore_storage_commit_latency_seconds", "Storage commit latency.",
+                                    buckets=_cumulative(_bounds(bounds_s), store["commit_latency_buckets"]),
+                                    sum_value=store["commit_latency_sum_s"])
+    out.family("meshstore_storage_commit_latency_seconds", lambda: latency)
+
+
 def _add_methods(out: _Families, server: Mapping[str, Any]) -> None:
     """Per gRPC method (labels ``service``, ``method``): calls, failures by code, and the
     latency histogram from the server's own buckets (counts per bucket, made cumulative)."""
@@ -244,7 +272,7 @@ def _add_methods(out: _Families, server: Mapping[str, Any]) -> None:
     if not methods:
         return
     labels = ["service", "method"]
-    bounds = [floatToGoString(b) for b in server["latency_bounds_s"]] + ["+Inf"]
+    bounds = _bounds(server["latency_bounds_s"])
     for path, m in methods.items():
         service, _, method = path.lstrip("/").rpartition("/")
         calls = out.family("meshstore_grpc_calls_total", lambda: CounterMetricFamily(
@@ -259,11 +287,7 @@ def _add_methods(out: _Families, server: Mapping[str, Any]) -> None:
             "meshstore_grpc_latency_seconds",
             "gRPC call latency by method (to the response head: for streams, the time to open them).",
             labels=labels))
-        cumulative, buckets = 0, []
-        for bound, count in zip(bounds, m["latency_buckets"], strict=True):
-            cumulative += count
-            buckets.append((bound, cumulative))
-        latency.add_metric([service, method], buckets, m["latency_sum_s"])
+        latency.add_metric([service, method], _cumulative(bounds, m["latency_buckets"]), m["latency_sum_s"])
 
 
 def node_registry(node: StatsSource) -> CollectorRegistry:
