@@ -17,6 +17,7 @@ use crate::table::Table;
 use parking_lot::{Condvar, Mutex};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use crate::histogram::Histogram;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,6 +56,8 @@ pub struct Durable {
     refusing: AtomicBool,
     /// As the user chose it: `commit` or `interval:<ms>`.
     pub mode: String,
+    /// Every successful commit's duration, for `/metrics`.
+    pub commit_latency: Histogram,
 }
 
 /// Storage statistics for `stats`.
@@ -87,6 +90,7 @@ impl Durable {
             committed_seq: AtomicU64::new(committed),
             refusing: AtomicBool::new(false),
             mode,
+            commit_latency: Histogram::default(),
         }
     }
 
@@ -153,6 +157,7 @@ impl Durable {
                     s.latencies_ms.pop_front();
                 }
                 s.latencies_ms.push_back(started.elapsed().as_secs_f64() * 1e3);
+                self.commit_latency.observe(started.elapsed());
                 self.committed_cv.notify_all();
                 self.commit_notify.notify_waiters();
                 Ok(s.committed)

@@ -33,6 +33,17 @@ pub const META_KEY: &str = "@entity";
 /// Type URL of the type/expiry register's values: `Entity` bytes with fields 2, 4 and 10.
 pub const META_URL: &str = "type.googleapis.com/meshstore.EntityMeta";
 
+/// `META_KEY` and `META_URL` interned once: every write and every meta read uses them.
+pub fn meta_key() -> Sym {
+    static SYM: std::sync::LazyLock<Sym> = std::sync::LazyLock::new(|| intern(META_KEY));
+    *SYM
+}
+
+pub fn meta_url() -> Sym {
+    static SYM: std::sync::LazyLock<Sym> = std::sync::LazyLock::new(|| intern(META_URL));
+    *SYM
+}
+
 /// A protobuf Timestamp (seconds, nanos).
 pub type WallTime = (i64, i32);
 
@@ -257,7 +268,7 @@ impl EntityState {
 
     /// The type/expiry register's value (none: type 0, no expiry, no creation time).
     pub fn meta(&self, reg: &Registry) -> Meta {
-        let r = self.key_range(intern(META_KEY));
+        let r = self.key_range(meta_key());
         if r.is_empty() {
             return Meta::default();
         }
@@ -683,7 +694,7 @@ mod tests {
             sib("k", &[8, 2], ts(6, "b"), 1),
             sib("z", &[8, 3], ts(7, "a"), 2),
             Sibling {
-                type_url: intern(META_URL),
+                type_url: meta_url(),
                 ..sib(META_KEY, &Meta { etype: 2, expiry: Some((99, 0)), created_at: Some((4, 7)) }.to_bytes(), ts(4, "a"), 3)
             },
         ]);

@@ -38,6 +38,12 @@ pub fn intern(s: &str) -> Sym {
     sym
 }
 
+/// The symbol of `s` if it was ever interned: a string no entity holds needs none, and
+/// looking it up leaves nothing behind (a request's keys must not grow the table).
+pub fn existing(s: &str) -> Option<Sym> {
+    IDS.read().get(s).copied()
+}
+
 impl Sym {
     pub fn as_str(self) -> &'static str {
         let i = self.0 as usize;

@@ -1,6 +1,7 @@
 //! meshstore's core: the hot path of a replicated entity-component store.
 //!
 //! - `hlc`: hybrid logical clock.
+//! - `histogram`: lock-free latency histograms (gRPC methods, storage commits).
 //! - `causal`: dots and version vectors (what a replica has seen).
 //! - `strategy`: merge strategies dispatched on a component's Any type URL.
 //! - `decode`: entity wire bytes read in place (the write and merge paths).
@@ -19,6 +20,7 @@ pub mod decode;
 pub mod durable;
 pub mod entity;
 pub mod error;
+pub mod histogram;
 pub mod hlc;
 pub mod intern;
 pub mod strategy;
@@ -27,6 +29,10 @@ pub mod store;
 pub mod table;
 pub mod watch;
 pub mod wire;
+
+#[cfg(feature = "python")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[cfg(feature = "python")]
 mod python;

@@ -182,16 +182,16 @@ impl PyGrpcServer {
         d.set_item("publish_streams", s.publish_streams)?;
         d.set_item("uptime_seconds", (s.uptime_s * 1000.0).round() / 1000.0)?;
         let methods = PyDict::new(py);
-        for (path, calls, failed, buckets, sum_us) in s.methods {
+        for (path, calls, failed, buckets, sum_s) in s.methods {
             let m = PyDict::new(py);
             m.set_item("calls", calls)?;
             m.set_item("failed", failed.into_iter().collect::<Vec<_>>())?;
             m.set_item("latency_buckets", buckets)?;
-            m.set_item("latency_sum_s", sum_us as f64 / 1e6)?;
+            m.set_item("latency_sum_s", sum_s)?;
             methods.set_item(path, m)?;
         }
         d.set_item("methods", methods)?;
-        d.set_item("latency_bounds_s", crate::server::rpc::LATENCY_BUCKETS.to_vec())?;
+        d.set_item("latency_bounds_s", crate::histogram::LATENCY_BOUNDS_S.to_vec())?;
         Ok(d)
     }
 

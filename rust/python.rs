@@ -639,6 +639,9 @@ impl Core {
             d.set_item("last_commit_age_s", s.last_commit_age_s)?;
             d.set_item("commit_ms_p50", s.commit_ms_p50)?;
             d.set_item("commit_ms_p99", s.commit_ms_p99)?;
+            let (buckets, sum_s) = durable.commit_latency.snapshot();
+            d.set_item("commit_latency_buckets", buckets)?;
+            d.set_item("commit_latency_sum_s", sum_s)?;
             d.set_item("storage_bytes", s.storage_bytes)?;
             d.set_item("max_pending", durable.max_pending)?;
         }
@@ -668,6 +671,10 @@ impl Core {
         d.set_item("expired", c.expired)?;
         d.set_item("watchers", t.watchers().len())?;
         d.set_item("coalesced", t.watchers().iter().map(|w| t.watch_stats(w).coalesced).sum::<u64>())?;
+        d.set_item("watch_queued", t.watchers().iter().map(|w| t.watch_stats(w).queued).sum::<usize>())?;
+        d.set_item("events_created", c.events[0])?;
+        d.set_item("events_updated", c.events[1])?;
+        d.set_item("events_deleted", c.events[2])?;
         Ok(d)
     }
 }

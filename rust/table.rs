@@ -97,6 +97,94 @@ impl NewCell {
     }
 }
 
+/// The type registry and limits a write is checked against before it meets the stored
+/// state. A front end holding a copy checks writes without the table lock (the registry
+/// is copied on change, so a copy taken just before is as good as the table's own).
+#[derive(Clone)]
+pub struct WriteRules {
+    registry: Arc<Registry>,
+    max_entity_bytes: usize,
+    max_id_bytes: usize,
+}
+
+impl WriteRules {
+    pub fn prepare(&self, bytes: &[u8]) -> Result<Prepared> {
+        if bytes.len() > self.max_entity_bytes {
+            let msg = format!("entity is {} bytes, over the limit of {} bytes", bytes.len(), self.max_entity_bytes);
+            return Err(Error::invalid(None, None, msg));
+        }
+        let e = decode_entity(bytes).map_err(|err| Error::invalid(None, None, format!("malformed entity bytes: {err}")))?;
+        check_identity(&e, self.max_id_bytes)?;
+        prepare_cells(&e, &self.registry)
+    }
+}
+
+/// Names the batch item an error is about.
+fn at_item(i: usize, e: Error) -> Error {
+    match e {
+        Error::Invalid { msg, id, key } => Error::Invalid { msg: format!("batch item {i}: {msg}"), id, key },
+        other => other,
+    }
+}
+
+/// The id and type checks every write and merge passes.
+fn check_identity(e: &RawEntity, max_id_bytes: usize) -> Result<()> {
+    if e.id.is_empty() {
+        return Err(Error::invalid(None, None, "entity id is empty".into()));
+    }
+    if e.id.len() > max_id_bytes {
+        let msg = format!("entity id is {} bytes, over the limit of {}", e.id.len(), max_id_bytes);
+        return Err(Error::invalid(None, None, msg));
+    }
+    if !(0..=3).contains(&e.etype) {
+        return Err(Error::invalid(Some(e.id), None, format!("entity '{}': unknown entity type {}", e.id, e.etype)));
+    }
+    Ok(())
+}
+
+fn prepare_cells(e: &RawEntity, registry: &Registry) -> Result<Prepared> {
+    let invalid = |id: Option<&str>, key: Option<&str>, msg: String| Err(Error::invalid(id, key, msg));
+    let id = e.id;
+    let fallback_base = entity_hlc(e);
+    let mut cells = Vec::with_capacity(e.components.len());
+    for &(key, url, value) in &e.components {
+        if key.is_empty() || key.starts_with('@') {
+            return invalid(Some(id), Some(key), format!("entity '{id}': component key {key:?} is empty or reserved ('@...')"));
+        }
+        if url.is_empty() {
+            return invalid(Some(id), Some(key), format!("entity '{id}': component '{key}' has an empty type URL"));
+        }
+        let type_url = intern(url);
+        if let Err(m) = registry.rank(type_url, value) {
+            return invalid(Some(id), Some(key), format!("entity '{id}': component '{key}' ({url}): {m}"));
+        }
+        let base = match (e.version(key), fallback_base) {
+            (Some(v), _) if v.counter > 0 => {
+                let mut dots = Vec::with_capacity(1 + v.concurrent.len());
+                for d in std::iter::once((v.node, v.incarnation, v.counter)).chain(v.concurrent.iter().copied()) {
+                    match dot_of(&d) {
+                        Ok(d) => dots.push(d),
+                        Err(m) => return invalid(Some(id), Some(key), format!("entity '{id}': version of '{key}': {m}")),
+                    }
+                }
+                // Sorted, so checking a key's values against them stays O(n log m)
+                // however many the writer names.
+                dots.sort_unstable_by_key(Dot::sort_key);
+                Base::Dots(dots)
+            }
+            (Some(v), _) => match stamp_of(v) {
+                Ok(t) => Base::Stamp(t),
+                Err(m) => return invalid(Some(id), Some(key), format!("entity '{id}': version of '{key}': {m}")),
+            },
+            (None, Some(t)) => Base::Stamp(t),
+            (None, None) => Base::Blind,
+        };
+        cells.push(NewCell { key: intern(key), type_url, value: value.into(), base });
+    }
+    let expiry = e.expiry_time.map(|t| (t != (0, 0)).then_some(t));
+    Ok(Prepared { id: Arc::from(id), etype: e.etype, expiry, cells })
+}
+
 #[derive(Debug)]
 pub struct WriteOutcome {
     pub id: Arc<str>,
@@ -147,6 +235,8 @@ pub struct Counters {
     pub collected: u64,
     pub expired: u64,
     pub adopted: u64,
+    /// Changes by the event they are (created, updated, deleted), watched or not.
+    pub events: [u64; 3],
 }
 
 pub struct Table {
@@ -260,74 +350,25 @@ impl Table {
 
     /// Decodes and checks a write against everything but the stored state.
     pub fn prepare(&mut self, bytes: &[u8]) -> Result<Prepared> {
-        if bytes.len() > self.opts.max_entity_bytes {
-            return self.invalid(None, None, format!(
-                "entity is {} bytes, over the limit of {} bytes",
-                bytes.len(),
-                self.opts.max_entity_bytes
-            ));
+        let p = self.write_rules().prepare(bytes);
+        if p.is_err() {
+            self.counters.rejected += 1;
         }
-        let e = match decode_entity(bytes) {
-            Ok(e) => e,
-            Err(err) => return self.invalid(None, None, format!("malformed entity bytes: {err}")),
-        };
-        self.check_identity(&e)?;
-        let id = e.id;
-        let fallback_base = entity_hlc(&e);
-        let mut cells = Vec::with_capacity(e.components.len());
-        for &(key, url, value) in &e.components {
-            if key.is_empty() || key.starts_with('@') {
-                let msg = format!("entity '{id}': component key {key:?} is empty or reserved ('@...')");
-                return self.invalid(Some(id), Some(key), msg);
-            }
-            if url.is_empty() {
-                let msg = format!("entity '{id}': component '{key}' has an empty type URL");
-                return self.invalid(Some(id), Some(key), msg);
-            }
-            let type_url = intern(url);
-            if let Err(m) = self.registry.rank(type_url, value) {
-                let msg = format!("entity '{id}': component '{key}' ({url}): {m}");
-                return self.invalid(Some(id), Some(key), msg);
-            }
-            let base = match (e.version(key), fallback_base) {
-                (Some(v), _) if v.counter > 0 => {
-                    let mut dots = Vec::with_capacity(1 + v.concurrent.len());
-                    for d in std::iter::once((v.node, v.incarnation, v.counter)).chain(v.concurrent.iter().copied()) {
-                        match dot_of(&d) {
-                            Ok(d) => dots.push(d),
-                            Err(m) => return self.invalid(Some(id), Some(key), format!("entity '{id}': version of '{key}': {m}")),
-                        }
-                    }
-                    // Sorted, so checking a key's values against them stays O(n log m)
-                    // however many the writer names.
-                    dots.sort_unstable_by_key(Dot::sort_key);
-                    Base::Dots(dots)
-                }
-                (Some(v), _) => match stamp_of(v) {
-                    Ok(t) => Base::Stamp(t),
-                    Err(m) => return self.invalid(Some(id), Some(key), format!("entity '{id}': version of '{key}': {m}")),
-                },
-                (None, Some(t)) => Base::Stamp(t),
-                (None, None) => Base::Blind,
-            };
-            cells.push(NewCell { key: intern(key), type_url, value: value.into(), base });
-        }
-        let expiry = e.expiry_time.map(|t| (t != (0, 0)).then_some(t));
-        Ok(Prepared { id: Arc::from(id), etype: e.etype, expiry, cells })
+        p
     }
 
-    fn check_identity(&mut self, e: &RawEntity) -> Result<()> {
-        if e.id.is_empty() {
-            return self.invalid(None, None, "entity id is empty".into());
+    /// What `prepare` needs, for checking writes outside the table lock.
+    pub fn write_rules(&self) -> WriteRules {
+        WriteRules {
+            registry: self.registry.clone(),
+            max_entity_bytes: self.opts.max_entity_bytes,
+            max_id_bytes: self.opts.max_id_bytes,
         }
-        if e.id.len() > self.opts.max_id_bytes {
-            let msg = format!("entity id is {} bytes, over the limit of {}", e.id.len(), self.opts.max_id_bytes);
-            return self.invalid(None, None, msg);
-        }
-        if !(0..=3).contains(&e.etype) {
-            return self.invalid(Some(e.id), None, format!("entity '{}': unknown entity type {}", e.id, e.etype));
-        }
-        Ok(())
+    }
+
+    /// Counts writes refused before they reached the table (checked with `write_rules`).
+    pub fn count_rejected(&mut self, n: u64) {
+        self.counters.rejected += n;
     }
 
     fn check_skew(&mut self, id: &str, key: Option<&str>, what: impl FnOnce() -> String, t: Timestamp) -> Result<()> {
@@ -363,12 +404,14 @@ impl Table {
 
     /// Applies a prepared write. Fails only before changing anything.
     pub fn commit(&mut self, p: Prepared, mode: WriteMode, strict: bool) -> Result<WriteOutcome> {
-        self.apply(p, mode, strict, true)
+        self.apply(p, mode, strict, false)
     }
 
-    /// `commit`; `check_size: false` when the caller already checked the whole batch.
-    fn apply(&mut self, p: Prepared, mode: WriteMode, strict: bool, check_size: bool) -> Result<WriteOutcome> {
-        self.check_bases(&p)?;
+    /// `commit`; `checked`: the caller already checked bases and sizes (`check_batch`).
+    fn apply(&mut self, p: Prepared, mode: WriteMode, strict: bool, checked: bool) -> Result<WriteOutcome> {
+        if !checked {
+            self.check_bases(&p)?;
+        }
         let stored = self.entities.get(&p.id);
         let was_alive = stored.is_some_and(|s| s.is_alive());
         match mode {
@@ -406,11 +449,11 @@ impl Table {
         };
         let write_meta = !was_alive || meta.etype != current.etype || meta.expiry != current.expiry;
         let changed = !applied.is_empty() || write_meta;
-        if check_size && changed {
+        if !checked && changed {
             let mut sizes: Vec<(Sym, usize)> =
                 p.cells.iter().filter(|c| applied.contains(&c.key)).map(|c| (c.key, c.bytes())).collect();
             if write_meta {
-                sizes.push((intern(META_KEY), META_SIBLING_BYTES));
+                sizes.push((meta_key(), META_SIBLING_BYTES));
             }
             self.check_size(&p.id, &sizes)?;
         }
@@ -437,7 +480,7 @@ impl Table {
                 meta.created_at = Some(wall_time_of(ts.physical));
             }
             let counter = self.next_dot()?;
-            let (key, type_url) = (intern(META_KEY), intern(META_URL));
+            let (key, type_url) = (meta_key(), meta_url());
             new_sibs.push(Sibling { key, type_url, ts, incarnation, counter, value: meta.to_bytes().into() });
         }
         let expiry_before = self.live_expiry(&p.id);
@@ -461,7 +504,7 @@ impl Table {
         // What a projected watcher needs to know: the keys this write changed.
         let mut changed = applied.clone();
         if write_meta {
-            changed.push(intern(META_KEY));
+            changed.push(meta_key());
         }
         let snapshot = self.record(&p.id, Some(kind), true, Some(&changed)).expect("a snapshot was asked for");
         Ok(WriteOutcome { id: p.id, snapshot, registry, applied, stale, unchanged, created: !was_alive })
@@ -513,16 +556,21 @@ impl Table {
     /// Upserts a batch: every entity is checked before any is applied.
     pub fn put_many(&mut self, batch: &[&[u8]]) -> Result<Vec<WriteOutcome>> {
         let mut prepared = Vec::with_capacity(batch.len());
-        // The keys (and their bytes) earlier items of the batch write to each entity.
-        let mut written: AHashMap<Arc<str>, Vec<(Sym, usize)>> = AHashMap::with_capacity(batch.len());
         for (i, bytes) in batch.iter().enumerate() {
-            let item = |e: Error| match e {
-                Error::Invalid { msg, id, key } => Error::Invalid { msg: format!("batch item {i}: {msg}"), id, key },
-                other => other,
-            };
-            let p = self.prepare(bytes).map_err(item)?;
-            self.check_bases(&p).map_err(item)?;
-            let sizes = written.entry(p.id.clone()).or_insert_with(|| vec![(intern(META_KEY), META_SIBLING_BYTES)]);
+            prepared.push(self.prepare(bytes).map_err(|e| at_item(i, e))?);
+        }
+        self.check_batch(&prepared)?;
+        self.apply_batch(prepared)
+    }
+
+    /// Checks a prepared batch against the stored state (bases, sizes), as if its items
+    /// were applied in order; changes nothing.
+    pub fn check_batch(&mut self, batch: &[Prepared]) -> Result<()> {
+        // The keys (and their bytes) earlier items of the batch write to each entity.
+        let mut written: AHashMap<&Arc<str>, Vec<(Sym, usize)>> = AHashMap::with_capacity(batch.len());
+        for (i, p) in batch.iter().enumerate() {
+            self.check_bases(p).map_err(|e| at_item(i, e))?;
+            let sizes = written.entry(&p.id).or_insert_with(|| vec![(meta_key(), META_SIBLING_BYTES)]);
             for c in &p.cells {
                 match sizes.iter_mut().find(|(key, _)| *key == c.key) {
                     Some(size) => size.1 = c.bytes(),
@@ -531,16 +579,16 @@ impl Table {
             }
             if !p.cells.is_empty() {
                 let sizes = sizes.clone();
-                self.check_size(&p.id, &sizes).map_err(item)?;
+                self.check_size(&p.id, &sizes).map_err(|e| at_item(i, e))?;
             }
-            prepared.push(p);
         }
-        let mut out = Vec::with_capacity(prepared.len());
-        for p in prepared {
-            // Checked above, sizes included; only an exhausted dot counter could fail here.
-            out.push(self.apply(p, WriteMode::Put, false, false)?);
-        }
-        Ok(out)
+        Ok(())
+    }
+
+    /// Applies a batch `check_batch` accepted.
+    pub fn apply_batch(&mut self, batch: Vec<Prepared>) -> Result<Vec<WriteOutcome>> {
+        // Checked, sizes included; only an exhausted dot counter could fail here.
+        batch.into_iter().map(|p| self.apply(p, WriteMode::Put, false, false)).collect()
     }
 
     pub fn delete(&mut self, id: &str) -> Result<()> {
@@ -588,6 +636,9 @@ impl Table {
         }
         state.seq = self.seq;
         self.log.insert(self.seq, state.id.clone());
+        if let Some(kind) = kind {
+            self.counters.events[kind as usize - 1] += 1;
+        }
         let emit = kind.filter(|_| !self.watchers.is_empty());
         if !snapshot && emit.is_none() {
             return None;
@@ -679,7 +730,10 @@ impl Table {
             Ok(e) => e,
             Err(err) => return self.invalid(None, None, format!("malformed entity bytes: {err}")),
         };
-        self.check_identity(&e)?;
+        if let Err(err) = check_identity(&e, self.opts.max_id_bytes) {
+            self.counters.rejected += 1;
+            return Err(err);
+        }
         let source = (!source.is_empty()).then(|| intern(source));
         let remote = match state_from_replica(&e, &self.registry, source) {
             Ok(s) => s,
@@ -1005,7 +1059,7 @@ impl Table {
     /// it from the log later, so however many are stuck, a change costs nothing for them.
     fn emit(&mut self, state: &Arc<EntityState>, kind: EventKind, changed: Option<&[Sym]>) {
         let etype = state.shown_type();
-        let meta = intern(META_KEY);
+        let meta = meta_key();
         self.changes += 1;
         *self.changes_by_type.entry(etype).or_default() += 1;
         let mut dropped = false;

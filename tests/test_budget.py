@@ -112,35 +112,21 @@ def test_bucket_defaults_and_validation(clock):
 # ---- configuration ----------------------------------------------------------------------
 
 
-def test_config_reads_the_environment_and_arguments_win():
-    env = {"MESH_BANDWIDTH_BPS": "2500", "MESH_BURST_BYTES": "800"}
-    assert BudgetConfig.from_env(environ=env) == BudgetConfig(2500, 800)
-    assert BudgetConfig.from_env(bandwidth_bps=0, environ=env) == BudgetConfig(0, 800)
-    assert BudgetConfig.from_env(burst_bytes=100, environ=env) == BudgetConfig(2500, 100)
-    assert BudgetConfig.from_env(environ={}).unlimited
-    assert BudgetConfig.from_env(environ={"MESH_BANDWIDTH_BPS": " "}).unlimited
-    cfg = BudgetConfig.from_env(environ={"MESH_BANDWIDTH_BPS": "1e5"})
-    assert cfg.bucket().burst == 1e5 and not cfg.unlimited
-
-
-def test_config_rejects_bad_values_with_the_variable_name():
-    with pytest.raises(ValueError, match="MESH_BANDWIDTH_BPS"):
-        BudgetConfig.from_env(environ={"MESH_BANDWIDTH_BPS": "fast"})
-    with pytest.raises(ValueError, match="MESH_BURST_BYTES"):
-        BudgetConfig.from_env(environ={"MESH_BURST_BYTES": "-3"})
+def test_config_rejects_bad_values_naming_the_field():
     with pytest.raises(ValueError, match="bandwidth_bps"):
         BudgetConfig(-1, 0)
+    with pytest.raises(ValueError, match="burst_bytes"):
+        BudgetConfig(0, float("nan"))
+    assert BudgetConfig(1e5).bucket().burst == 1e5 and not BudgetConfig(1e5).unlimited
 
 
-def test_the_environment_configures_a_relay(monkeypatch):
+def test_the_arguments_configure_a_relay_and_it_is_unlimited_by_default():
     from meshstore.mesh.relay import Relay
 
-    monkeypatch.setenv("MESH_BANDWIDTH_BPS", "4096")
-    monkeypatch.setenv("MESH_BURST_BYTES", "1024")
     store = Store(node_id="a")
     try:
-        assert Relay(store, ["127.0.0.1:1"]).budget == BudgetConfig(4096, 1024)
-        assert Relay(store, ["127.0.0.1:1"], bandwidth_bps=0).budget.unlimited
+        assert Relay(store, ["127.0.0.1:1"], bandwidth_bps=4096, burst_bytes=1024).budget == BudgetConfig(4096, 1024)
+        assert Relay(store, ["127.0.0.1:1"]).budget.unlimited
     finally:
         store.close()
 

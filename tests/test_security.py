@@ -31,8 +31,9 @@ from meshstore.grpc.client import ClientSecurity, RpcError, StoreClient, StoreUn
 from meshstore.grpc.server import GrpcServer
 from meshstore.node import Node
 from meshstore.pb import entity_pb2 as pb
-from meshstore.pb import store_pb2
-from meshstore.security import ServerSecurity, hash_token
+from meshstore.pb import mesh_pb2, store_pb2
+from meshstore.http.api import Api
+from meshstore.security import GRPC_METHODS, HTTP_ROUTES, ServerSecurity, hash_token
 from meshstore.store import Store
 from test_cli import CLI, TIMEOUT, Served, assert_one_line_error, cli_env
 
@@ -120,6 +121,18 @@ async def refused(call: Any) -> RpcError:
     with pytest.raises(RpcError) as caught:
         await call
     return caught.value
+
+
+# ---- the policy ---------------------------------------------------------------------------
+
+def test_every_rpc_and_every_api_route_has_its_roles() -> None:
+    """A method or route missing from the table would need admin: a new one must be placed."""
+    services = [store_pb2.DESCRIPTOR.services_by_name["EntityStoreService"],
+                mesh_pb2.DESCRIPTOR.services_by_name["MeshService"]]
+    assert set(GRPC_METHODS) == {f"/{s.full_name}/{m.name}" for s in services for m in s.methods}
+    with Store() as store:
+        routes = {(r.method, r.path) for r in Api(store).routes()}
+    assert set(HTTP_ROUTES) == routes
 
 
 # ---- TLS and mutual TLS ------------------------------------------------------------------

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from meshstore import Store
 from meshstore.components import APPROVAL, POSITION, THREAT, make_entity, pack, type_url, unpack
+from meshstore.errors import NotFoundError
 from meshstore.pb import entity_pb2, store_pb2, store_pb2_grpc
 from meshstore.grpc.server import SERVICE_NAME, UPDATE_RESULT_METADATA
 from meshstore.grpc.status import status_for
@@ -146,6 +147,52 @@ def test_update_reports_stale_keys_and_strict_aborts(server: ServerThread) -> No
     resp = stub.UpdateEntityDetailed(store_pb2.UpdateEntityRequest(entity=stale), timeout=TIMEOUT)
     assert list(resp.stale) == [POSITION] and not resp.applied
     assert position(resp.entity) == (9.0, 2.0)
+
+
+def test_update_entities_answers_each_entity_alone(server: ServerThread) -> None:
+    store = server.store
+    read = create(server, track("t1"))
+    create(server, track("t2"))
+    store.update(track("t2", lat=9.0))  # t2 moves on: a write based on the first read is stale
+    stale = track("t2", lat=7.0)
+    stale.versions[POSITION].CopyFrom(read.versions[POSITION])
+    fresh = track("t1", lat=5.0)
+    fresh.versions[POSITION].CopyFrom(read.versions[POSITION])
+    bad = track("t1", lat=float("nan"))
+    seq = store.seq
+
+    resp = server.stub.UpdateEntities(store_pb2.UpdateEntitiesRequest(
+        entities=[fresh, track("missing"), stale, bad, track("t2", lat=9.0)]), timeout=TIMEOUT)
+    applied, missing, kept, refused, same = resp.results
+    assert list(applied.applied) == [POSITION] and position(applied.entity) == (5.0, 2.0)
+    assert missing.error_code == C.NOT_FOUND.value[0] and "missing" in missing.error and not missing.HasField("entity")
+    assert list(kept.stale) == [POSITION] and position(kept.entity) == (9.0, 2.0)
+    assert refused.error_code == C.INVALID_ARGUMENT.value[0] and "finite" in refused.error
+    assert list(same.unchanged) == [POSITION] and not same.applied
+    assert position(store.get("t1")) == (5.0, 2.0) and position(store.get("t2")) == (9.0, 2.0)
+    assert store.seq == seq + 1  # one change: t1's
+    with pytest.raises(NotFoundError):
+        store.get("missing")
+
+    strict = server.stub.UpdateEntities(store_pb2.UpdateEntitiesRequest(entities=[stale], strict=True), timeout=TIMEOUT)
+    assert strict.results[0].error_code == C.ABORTED.value[0] and position(store.get("t2")) == (9.0, 2.0)
+
+
+def test_update_entities_projects_the_answers(server: ServerThread) -> None:
+    create(server, track("t1", threat=entity_pb2.ThreatComponent(level=1)))
+    write = make_entity("t1", TRACK, threat=entity_pb2.ThreatComponent(level=2))
+    resp = server.stub.UpdateEntities(store_pb2.UpdateEntitiesRequest(entities=[write], components=[THREAT]),
+                                      timeout=TIMEOUT)
+    entity = resp.results[0].entity
+    assert set(entity.components) == {THREAT} and THREAT in entity.versions and POSITION not in entity.versions
+    unknown = server.stub.UpdateEntities(store_pb2.UpdateEntitiesRequest(entities=[write], components=["no-such-key"]),
+                                         timeout=TIMEOUT)
+    assert not unknown.results[0].entity.components and list(unknown.results[0].unchanged) == [THREAT]
+    assert not server.stub.UpdateEntities(store_pb2.UpdateEntitiesRequest(), timeout=TIMEOUT).results
+    raw = server.channel.unary_unary("/store.v1.EntityStoreService/UpdateEntities")
+    with pytest.raises(grpc.RpcError) as info:
+        raw(b"\x0a\xff\xff\xff", timeout=TIMEOUT)
+    assert info.value.code() == C.INVALID_ARGUMENT and "UpdateEntitiesRequest" in info.value.details()
 
 
 @pytest.mark.parametrize("call, request_", [

@@ -147,12 +147,7 @@ def test_targets_stay_in_the_box(edge: str) -> None:
         assert turns > 0, f"target {i} never reached an edge"
 
 
-def test_bbox_from_env_and_validation() -> None:
-    box = BBox.from_env({"BBOX_MIN_LAT": "1", "BBOX_MAX_LAT": "2", "BBOX_MIN_LON": "-3.5", "BBOX_MAX_LON": " 4 "})
-    assert box == BBox(1.0, 2.0, -3.5, 4.0)
-    assert BBox.from_env({}) == BBox(50.0, 51.0, -1.0, 1.0)
-    with pytest.raises(ValueError, match="BBOX_MAX_LON"):
-        BBox.from_env({"BBOX_MAX_LON": "east"})
+def test_bbox_validation() -> None:
     for bad in ((2, 1, 0, 1), (0, 1, 0, float("nan")), (-95, 0, 0, 1), (0, 1, 10, 200)):
         with pytest.raises(ValueError):
             BBox(*bad)
@@ -704,12 +699,12 @@ def _app() -> typer.Typer:
 
 
 @pytest.mark.parametrize(("command", "needles"), [
-    ("sensor-sim", ["--bbox-min-lat", "BBOX_MAX_LON", "--rate", "--count", "--speed-min", "--speed-max", "--seed",
+    ("sensor-sim", ["--bbox-min-lat", "MESHSTORE_BBOX_MAX_LON", "--rate", "--count", "--speed-min", "--speed-max", "--seed",
                     "MESHSTORE_ADDR", "dead reckoning"]),
-    ("radar-sim", ["--noise", "RADAR_NOISE_M", "BBOX_MIN_LAT", "same seed"]),
-    ("classifier", ["--low", "--medium", "--high", "CLASSIFIER_HIGH_KTS", "ONLY those two keys"]),
-    ("task-manager", ["--approval-timeout", "APPROVAL_TIMEOUT", "meshstore approve ID", "intercept"]),
-    ("fusion", ["--max-distance", "FUSION_MAX_DISTANCE_M", "--sigma", "--hysteresis", "spatial grid"]),
+    ("radar-sim", ["--noise", "MESHSTORE_RADAR_NOISE_M", "MESHSTORE_BBOX_MIN_LAT", "same seed"]),
+    ("classifier", ["--low", "--medium", "--high", "MESHSTORE_CLASSIFIER_HIGH_KTS", "ONLY those two keys"]),
+    ("task-manager", ["--approval-timeout", "MESHSTORE_APPROVAL_TIMEOUT", "meshstore approve ID", "intercept"]),
+    ("fusion", ["--max-distance", "MESHSTORE_FUSION_MAX_DISTANCE_M", "--sigma", "--hysteresis", "spatial grid"]),
     ("demo", ["--duration", "--port", "--tracks", "--rate", "--seed", "--no-live", "meshstore approve ID"]),
 ])
 def test_commands_explain_themselves(command: str, needles: list[str]) -> None:
@@ -728,5 +723,5 @@ def test_commands_refuse_bad_input_before_connecting() -> None:
     assert result.exit_code == 2 and "not a number" in result.output
     result = runner.invoke(_app(), ["classifier", "--low", "500"])
     assert result.exit_code == 2 and "0 < low < medium < high" in result.output
-    result = runner.invoke(_app(), ["radar-sim", "--speed-min", "900", "--speed-max", "10"], env={"BBOX_MIN_LAT": "x"})
+    result = runner.invoke(_app(), ["radar-sim", "--speed-min", "900", "--speed-max", "10"], env={"MESHSTORE_BBOX_MIN_LAT": "x"})
     assert result.exit_code == 2

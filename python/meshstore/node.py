@@ -17,15 +17,21 @@ A :class:`Node` holds
 - with ``http_port``, an HTTP server (:class:`~meshstore.http.server.HttpServer`, aiohttp
   on the same event loop) on ``http_host:http_port``: the JSON API, the live feed
   (Server-Sent Events) and the web page;
+- with ``metrics_port``, a Prometheus ``/metrics`` server
+  (:class:`~meshstore.metrics.MetricsServer`, aiohttp on the same event loop) on
+  ``metrics_host:metrics_port``, reading at each scrape the counters ``stats()`` gives;
 - with ``peers``, a :class:`~meshstore.mesh.relay.Relay` pushing the store's changes to
   each peer within the bandwidth budget. A mesh whose addresses are known only once
   every node listens (port 0) starts its relays later with :meth:`Node.start_relay`; a
-  relay someone else runs can be attached with :meth:`Node.attach_relay`.
+  relay someone else runs can be attached with :meth:`Node.attach_relay`;
+- with ``peer_dns``, a :class:`~meshstore.mesh.discovery.PeerDiscovery` re-resolving
+  those names every ``peer_dns_interval`` seconds into the relay's peers (with
+  ``peers``), so peers join and leave at runtime.
 
-One lifecycle: ``await node.start()`` (gRPC, then HTTP; OSError if an address cannot be
-bound), then ``await node.drain(grace)``: health NOT_SERVING, open watch, publish, mesh
-and SSE streams ended, no new calls or requests, in-flight ones get ``grace`` seconds,
-then the relay stops; then
+One lifecycle: ``await node.start()`` (gRPC, then HTTP, then metrics; OSError if an
+address cannot be bound), then ``await node.drain(grace)``: health NOT_SERVING, open
+watch, publish, mesh and SSE streams ended, no new calls or requests, in-flight ones get
+``grace`` seconds, the metrics server stops, then the relay stops; then
 ``await node.stop()`` (drains first if that was not done, closes the store if the node
 made it). ``async with`` starts and stops. :meth:`Node.run_until_signal` (and
 :func:`run_node`, which is ``meshstore serve``) runs one until SIGINT/SIGTERM.
@@ -46,8 +52,10 @@ from meshstore.grpc.client import ClientSecurity
 from meshstore.grpc.server import DEFAULT_MAX_MESSAGE_BYTES, GrpcServer, check_listen_options
 from meshstore.http.server import HttpServer
 from meshstore.logs import event as log_event
+from meshstore.mesh.discovery import PeerDiscovery, Resolver, split_address
 from meshstore.mesh.receiver import MeshReceiver
 from meshstore.mesh.relay import Relay, default_channel
+from meshstore.metrics import MetricsServer, node_registry
 from meshstore.options import StoreOptions
 from meshstore.security import ServerSecurity
 from meshstore.store import Store
@@ -64,9 +72,12 @@ class NodeOptions:
 
     - ``host``, ``port``: the address to listen on (port 0: any free port, see ``Node.port``);
     - ``max_message_bytes``: the largest gRPC message accepted (bigger: RESOURCE_EXHAUSTED);
-    - ``peers``: ``host:port`` of the nodes this one pushes its changes to (none: no relay);
-    - ``bandwidth_bps``, ``burst_bytes``: each peer link's budget (None: the
-      ``MESH_BANDWIDTH_BPS`` / ``MESH_BURST_BYTES`` environment, else unlimited);
+    - ``peers``: ``host:port`` of the nodes this one pushes its changes to (none and no
+      ``peer_dns``: no relay);
+    - ``peer_dns``: ``NAME:PORT`` names whose addresses are peers too, re-resolved every
+      ``peer_dns_interval`` seconds by ``peer_resolver`` (None: the system's DNS);
+    - ``bandwidth_bps``, ``burst_bytes``: each peer link's budget (``BudgetConfig``; 0:
+      unlimited, and a burst of one second of bandwidth);
     - ``grace``: seconds in-flight calls get at shutdown (``drain``'s default);
     - ``reflection``: offer gRPC server reflection;
     - ``relay_options``: further keyword arguments of the node's ``Relay`` (batch size,
@@ -75,7 +86,9 @@ class NodeOptions:
       no HTTP server; 0: any free port, see ``Node.http_address``);
     - ``http_options``: further keyword arguments of the node's ``HttpServer``
       (``heartbeat``, ``flush_interval``, ``max_body_bytes``, ``static_dir``);
-    - ``security``: TLS and the roles policy of both ports (None: plaintext, every call
+    - ``metrics_host``, ``metrics_port``: where Prometheus ``/metrics`` is served (port
+      None: not served; 0: any free port, see ``Node.metrics_address``; host None: ``host``);
+    - ``security``: TLS and the roles policy of the gRPC and HTTP ports (None: plaintext, every call
       allowed; see ``meshstore.security``), ``peer_security``: how the relay dials its
       peers (None: from the environment; see ``meshstore.grpc.client.ClientSecurity``).
     """
@@ -84,14 +97,19 @@ class NodeOptions:
     port: int = 0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     peers: Sequence[str] = ()
-    bandwidth_bps: float | None = None
-    burst_bytes: float | None = None
+    peer_dns: Sequence[str] = ()
+    peer_dns_interval: float = 10.0
+    peer_resolver: Resolver | None = None
+    bandwidth_bps: float = 0
+    burst_bytes: float = 0
     grace: float = 5.0
     reflection: bool = True
     relay_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     http_host: str = "127.0.0.1"
     http_port: int | None = None
     http_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    metrics_host: str | None = None
+    metrics_port: int | None = None
     security: ServerSecurity | None = None
     peer_security: ClientSecurity | None = None
 
@@ -105,15 +123,25 @@ class NodeOptions:
         if len(set(peers)) != len(peers):
             raise ValueError(f"peers has duplicates: {list(peers)!r}")
         object.__setattr__(self, "peers", peers)
+        if isinstance(self.peer_dns, str) or not all(isinstance(n, str) for n in self.peer_dns):
+            raise ValueError(f"peer_dns must be a list of 'NAME:PORT' strings, got {self.peer_dns!r}")
+        for name in self.peer_dns:
+            split_address(name)
+        object.__setattr__(self, "peer_dns", tuple(n.strip() for n in self.peer_dns))
+        if not is_number(self.peer_dns_interval) or self.peer_dns_interval <= 0:
+            raise ValueError(f"peer_dns_interval must be a positive number, got {self.peer_dns_interval!r}")
         if not is_number(self.grace) or self.grace < 0:
             raise ValueError(f"grace must be a number >= 0, got {self.grace!r}")
         object.__setattr__(self, "relay_options", dict(self.relay_options))
         if not isinstance(self.http_host, str):
             raise TypeError(f"http_host must be a str, got {type(self.http_host).__name__}")
-        if self.http_port is not None and (not is_number(self.http_port, integer=True)
-                                           or not 0 <= self.http_port <= 65535):
-            raise ValueError(f"http_port must be None or an int in 0..65535, got {self.http_port!r}")
+        for name in ("http_port", "metrics_port"):
+            port = getattr(self, name)
+            if port is not None and (not is_number(port, integer=True) or not 0 <= port <= 65535):
+                raise ValueError(f"{name} must be None or an int in 0..65535, got {port!r}")
         object.__setattr__(self, "http_options", dict(self.http_options))
+        if self.metrics_host is not None and not isinstance(self.metrics_host, str):
+            raise TypeError(f"metrics_host must be None or a str, got {type(self.metrics_host).__name__}")
 
 
 class Node:
@@ -146,7 +174,7 @@ class Node:
             self.receiver = MeshReceiver(store)
             self._relay: Relay | None = None
             self._owns_relay = False
-            if options.peers:
+            if options.peers or options.peer_dns:
                 self._relay = self._make_relay(options.peers)
                 self._owns_relay = True
                 self.receiver.relay = self._relay
@@ -156,6 +184,8 @@ class Node:
             raise
         self._server: GrpcServer | None = None
         self._http: HttpServer | None = None
+        self._metrics: MetricsServer | None = None
+        self._discovery: PeerDiscovery | None = None
         self._state = "new"  # -> "started" -> "drained" -> "stopped"
 
     # ---- what it holds --------------------------------------------------------------------
@@ -164,6 +194,11 @@ class Node:
     def relay(self) -> Relay | None:
         """The relay pushing to the peers (None: no peers)."""
         return self._relay
+
+    @property
+    def discovery(self) -> PeerDiscovery | None:
+        """What keeps the relay's peers in step with ``peer_dns`` (None without it, or not started)."""
+        return self._discovery
 
     @property
     def server(self) -> GrpcServer:
@@ -191,6 +226,11 @@ class Node:
     def http_address(self) -> str | None:
         """``host:port`` of the HTTP API and web page (None without one)."""
         return self._http.address if self._http is not None else None
+
+    @property
+    def metrics_address(self) -> str | None:
+        """``host:port`` of Prometheus ``/metrics`` (None without it)."""
+        return self._metrics.address if self._metrics is not None else None
 
     @property
     def running(self) -> bool:
@@ -283,27 +323,35 @@ class Node:
             self._state = "stopped"
             self._close_store()
             raise
-        if o.http_port is not None:
-            http = HttpServer(self.store, o.http_host, o.http_port, stats=self.stats, security=o.security,
-                              **o.http_options)
-            try:
-                await http.start()
-            except BaseException:
-                self._state = "stopped"
-                await server.stop(None)
-                self._close_store()
-                raise
-            self._http = http
+        try:
+            if o.http_port is not None:
+                self._http = await HttpServer(self.store, o.http_host, o.http_port, stats=self.stats,
+                                              security=o.security, **o.http_options).start()
+            if o.metrics_port is not None:
+                host = o.host if o.metrics_host is None else o.metrics_host
+                self._metrics = await MetricsServer(node_registry(self), host, o.metrics_port).start()
+        except BaseException:
+            self._state = "stopped"
+            await server.stop(None)
+            if self._http is not None:
+                await self._http.stop(0)
+            self._close_store()
+            raise
         self._server = server
         self._state = "started"
         storage = self.store.storage
         kept = (dict(data_dir=storage.path, durability=storage.durability, entities_loaded=storage.loaded)
                 if storage is not None else dict(data_dir="none (in memory)"))
         log_event(log, logging.INFO, "listening", address=self.address, node_id=self.store.node_id,
-                  http=self.http_address or "none", max_message_bytes=o.max_message_bytes,
+                  http=self.http_address or "none", metrics=self.metrics_address or "none",
+                  max_message_bytes=o.max_message_bytes,
                   peers=",".join(self._relay.peers) if self._relay is not None else "none", **kept, pid=os.getpid())
         if self._relay is not None and self._owns_relay:
             await self._relay.start()
+        if o.peer_dns:
+            self._discovery = PeerDiscovery(self._relay, o.peer_dns, static=o.peers, own=(o.host, self.port),
+                                            interval=o.peer_dns_interval, resolver=o.peer_resolver)
+            await self._discovery.start()
         return self
 
     async def drain(self, grace: float | None = None) -> None:
@@ -318,10 +366,14 @@ class Node:
         grace = self.options.grace if grace is None else grace
         server = self.server
         await server.begin_shutdown()
+        stops = [server.stop(grace)]
         if self._http is not None:
-            await asyncio.gather(server.stop(grace), self._http.stop(grace))
-        else:
-            await server.stop(grace)
+            stops.append(self._http.stop(grace))
+        if self._metrics is not None:
+            stops.append(self._metrics.stop())
+        await asyncio.gather(*stops)
+        if self._discovery is not None:
+            await self._discovery.stop()
         if self._relay is not None and self._owns_relay:
             await self._relay.stop()
 

@@ -56,7 +56,7 @@ GRPC_METHODS: Mapping[str, frozenset[str]] = {
     **{_STORE + m: _READ for m in ("GetEntity", "ListEntities", "WatchEntities", "WatchEntityBatches",
                                     "GetStats")},
     **{_STORE + m: frozenset({INGEST}) for m in ("CreateEntity", "UpdateEntity", "UpdateEntityDetailed",
-                                                  "DeleteEntity", "PublishEntities")},
+                                                  "UpdateEntities", "DeleteEntity", "PublishEntities")},
     _STORE + "ApproveAction": frozenset({OPERATOR}),
     _STORE + "DenyAction": frozenset({OPERATOR}),
     "/mesh.v1.MeshService/Push": frozenset({PEER}),

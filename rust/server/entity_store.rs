@@ -10,7 +10,10 @@ use super::{watch_stream, Context, Level, Open};
 use crate::approval;
 use crate::pb::store::v1 as pb;
 use crate::pb::{ApprovalState, EntityType};
-use crate::table::{WriteMode, WriteOutcome};
+use crate::error::Result as CoreResult;
+use crate::table::{Prepared, WriteMode, WriteOutcome, WriteRules};
+use crate::entity::View;
+use crate::intern::{existing, Sym};
 use crate::wire::{put_bytes_field, scan, Field};
 use bytes::Bytes;
 use prost::Message;
@@ -29,7 +32,7 @@ const PUBLISH_MAX_ERRORS: usize = 10;
 pub const UPDATE_RESULT_METADATA: &str = "meshstore-update-result-bin";
 
 /// Every method of the service, by full path.
-pub(crate) const METHODS: [&str; 12] = [
+pub(crate) const METHODS: [&str; 13] = [
     "/store.v1.EntityStoreService/CreateEntity",
     "/store.v1.EntityStoreService/GetEntity",
     "/store.v1.EntityStoreService/ListEntities",
@@ -42,6 +45,7 @@ pub(crate) const METHODS: [&str; 12] = [
     "/store.v1.EntityStoreService/PublishEntities",
     "/store.v1.EntityStoreService/WatchEntities",
     "/store.v1.EntityStoreService/WatchEntityBatches",
+    "/store.v1.EntityStoreService/UpdateEntities",
 ];
 
 pub(crate) async fn handle<B>(ctx: Arc<Context>, req: http::Request<B>, peer: SocketAddr) -> HttpResponse
@@ -61,6 +65,7 @@ where
         "DeleteEntity" => g.unary(Unary(Some(|r| delete(c, r))), req).await,
         "ApproveAction" => g.unary(Unary(Some(|r| decide(c, r, ApprovalState::Approved))), req).await,
         "DenyAction" => g.unary(Unary(Some(|r| decide(c, r, ApprovalState::Denied))), req).await,
+        "UpdateEntities" => g.unary(Unary(Some(|r| update_many(c, r))), req).await,
         "GetStats" => g.unary(Unary(Some(|r| stats(c, r))), req).await,
         "PublishEntities" => g.client_streaming(ClientStreaming(Some(move |r| publish(c, r, peer))), req).await,
         "WatchEntities" => g.server_streaming(ServerStreaming(Some(|r| watch(c, r, false))), req).await,
@@ -108,22 +113,83 @@ async fn create(ctx: Arc<Context>, req: Request<Bytes>) -> Reply {
 async fn update(ctx: Arc<Context>, req: Request<Bytes>, detailed: bool) -> Reply {
     let (entity, strict) = entity_request(req.get_ref(), "store.v1.UpdateEntityRequest")?;
     let out = ctx.write(move |t| t.write(&entity, WriteMode::Update, strict)).await?;
-    let keys = |o: &WriteOutcome| pb::UpdateResult {
-        entity: None,
-        applied: o.applied.iter().map(|s| s.as_str().to_string()).collect(),
-        stale: o.stale.iter().map(|s| s.as_str().to_string()).collect(),
-        unchanged: o.unchanged.iter().map(|s| s.as_str().to_string()).collect(),
-    };
     if detailed {
         // UpdateResult{entity = 1, ...}: the keys, then the entity bytes as field 1.
-        let mut bytes = keys(&out).encode_to_vec();
+        let mut bytes = update_keys(&out).encode_to_vec();
         put_bytes_field(&mut bytes, 1, &out.entity_bytes());
         return Ok(Response::new(bytes.into()));
     }
     let mut response = Response::new(out.entity_bytes().into());
-    let result = tonic::metadata::MetadataValue::from_bytes(&keys(&out).encode_to_vec());
+    let result = tonic::metadata::MetadataValue::from_bytes(&update_keys(&out).encode_to_vec());
     response.metadata_mut().insert_bin(UPDATE_RESULT_METADATA, result);
     Ok(response)
+}
+
+/// The keys of an update's outcome, as an UpdateResult without the entity.
+fn update_keys(o: &WriteOutcome) -> pb::UpdateResult {
+    let names = |keys: &[Sym]| keys.iter().map(|s| s.as_str().to_string()).collect();
+    pb::UpdateResult { applied: names(&o.applied), stale: names(&o.stale), unchanged: names(&o.unchanged), ..Default::default() }
+}
+
+/// UpdateEntities: every entity checked outside the table lock, then all updated under
+/// one; each result is its UpdateResult, or the error it failed with alone.
+async fn update_many(ctx: Arc<Context>, req: Request<Bytes>) -> Reply {
+    let raw = req.get_ref();
+    let (mut entities, mut strict, mut components, mut projected) = (Vec::new(), false, Vec::new(), false);
+    let mut bad_key = false;
+    scan(raw, |number, field| match (number, field) {
+        (1, Field::Bytes(b)) => entities.push(b),
+        (2, Field::Varint(v)) => strict = v != 0,
+        (3, Field::Bytes(b)) => {
+            projected = true;
+            match std::str::from_utf8(b) {
+                Ok(key) => components.extend(existing(key)),
+                Err(_) => bad_key = true,
+            }
+        }
+        _ => {}
+    })
+    .map_err(|_| malformed("store.v1.UpdateEntitiesRequest"))?;
+    if bad_key {
+        return Err(malformed("store.v1.UpdateEntitiesRequest"));
+    }
+    let rules = ctx.store.table.lock().write_rules();
+    let prepared: Vec<CoreResult<Prepared>> = entities.iter().map(|b| rules.prepare(b)).collect();
+    let refused = prepared.iter().filter(|p| p.is_err()).count() as u64;
+    let projection: Option<Arc<[Sym]>> = projected.then(|| components.into());
+    let encoded = ctx
+        .write(move |t| {
+            t.count_rejected(refused);
+            let view = View { full: false, projection: projection.as_deref() };
+            Ok(prepared
+                .into_iter()
+                .map(|p| {
+                    let mut out = Vec::new();
+                    match p.and_then(|p| t.commit(p, WriteMode::Update, strict)) {
+                        Ok(o) => {
+                            update_keys(&o).encode(&mut out).expect("a Vec grows");
+                            put_bytes_field(&mut out, 1, &o.snapshot.to_bytes(view, &o.registry));
+                        }
+                        Err(e) => {
+                            let status = rpc::status_of(&e);
+                            let failed = pb::UpdateResult {
+                                error_code: status.code() as i32,
+                                error: status.message().to_string(),
+                                ..Default::default()
+                            };
+                            failed.encode(&mut out).expect("a Vec grows");
+                        }
+                    }
+                    out
+                })
+                .collect::<Vec<_>>())
+        })
+        .await?;
+    let mut response = Vec::with_capacity(encoded.iter().map(|r| r.len() + 6).sum());
+    for result in &encoded {
+        put_bytes_field(&mut response, 1, result);
+    }
+    Ok(Response::new(response.into()))
 }
 
 async fn get(ctx: Arc<Context>, req: Request<Bytes>) -> Reply {
@@ -217,12 +283,12 @@ struct Tally {
 }
 
 impl Tally {
-    fn count(&mut self, o: &WriteOutcome) {
-        // Stale: every key written was stale (nothing applied, nothing equal to it).
-        if !o.stale.is_empty() && o.applied.is_empty() && o.unchanged.is_empty() {
-            self.summary.stale += 1;
-        } else {
-            self.summary.applied += 1;
+    fn count(&mut self, result: CoreResult<WriteOutcome>) {
+        match result {
+            // Stale: every key written was stale (nothing applied, nothing equal to it).
+            Ok(o) if !o.stale.is_empty() && o.applied.is_empty() && o.unchanged.is_empty() => self.summary.stale += 1,
+            Ok(_) => self.summary.applied += 1,
+            Err(e) => self.reject(rpc::one_line(&e.to_string())),
         }
     }
 
@@ -234,25 +300,96 @@ impl Tally {
     }
 }
 
-/// Upserts a chunk: all in one table call, or (a bad entity in it) one at a time in the
-/// same lock, so the good ones apply and each bad one is counted.
-async fn apply(ctx: &Context, chunk: Vec<Bytes>, tally: &mut Tally) -> Result<(), Status> {
-    let results = ctx
-        .write(move |t| {
-            let slices: Vec<&[u8]> = chunk.iter().map(|b| b.as_ref()).collect();
-            Ok(match t.put_many(&slices) {
-                Ok(all) => all.into_iter().map(Ok).collect(),
-                Err(_) => slices.iter().map(|s| t.write(s, WriteMode::Put, false)).collect::<Vec<_>>(),
-            })
-        })
-        .await?;
-    for result in results {
-        match result {
-            Ok(o) => tally.count(&o),
-            Err(e) => tally.reject(rpc::one_line(&e.to_string())),
+/// Entities of a publish stream checked outside the table lock, waiting to be applied.
+#[derive(Default)]
+struct Chunk {
+    prepared: Vec<Prepared>,
+    /// Entities refused while checking, not yet in the table's counters.
+    rejected: u64,
+}
+
+/// One publish stream's writes, in two stages that overlap: the stream's task reads and
+/// checks entities (decoding, validation) while the chunk before is applied under the
+/// table lock by a task of its own. One chunk at a time is applied, in order.
+struct Publisher {
+    ctx: Arc<Context>,
+    tally: Tally,
+    rules: WriteRules,
+    chunk: Chunk,
+    applying: Option<tokio::task::JoinHandle<Result<Vec<CoreResult<WriteOutcome>>, Status>>>,
+}
+
+impl Publisher {
+    fn new(ctx: Arc<Context>) -> Self {
+        let rules = ctx.store.table.lock().write_rules();
+        Publisher { ctx, tally: Tally::default(), rules, chunk: Chunk::default(), applying: None }
+    }
+
+    fn add(&mut self, raw: &Bytes) {
+        let payloads = match publish_payloads(raw) {
+            Ok(payloads) => payloads,
+            Err(message) => return self.tally.reject(message),
+        };
+        if self.chunk.prepared.is_empty() {
+            // The type registry as of now, if the table is free (a registration made
+            // while a chunk is applied is picked up by the next chunk).
+            if let Some(t) = self.ctx.store.table.try_lock() {
+                self.rules = t.write_rules();
+            }
+        }
+        for payload in payloads {
+            match self.rules.prepare(&payload) {
+                Ok(p) => self.chunk.prepared.push(p),
+                Err(e) => {
+                    self.chunk.rejected += 1;
+                    self.tally.reject(rpc::one_line(&e.to_string()));
+                }
+            }
         }
     }
-    Ok(())
+
+    fn is_empty(&self) -> bool {
+        self.chunk.prepared.is_empty() && self.chunk.rejected == 0
+    }
+
+    /// Starts applying the chunk (once the one before it is applied).
+    async fn flush(&mut self) -> Result<(), Status> {
+        self.settle().await?;
+        let chunk = std::mem::take(&mut self.chunk);
+        self.applying = Some(tokio::spawn(apply(self.ctx.clone(), chunk)));
+        Ok(())
+    }
+
+    /// Waits for the chunk being applied and counts its outcomes.
+    async fn settle(&mut self) -> Result<(), Status> {
+        if let Some(applying) = self.applying.take() {
+            let results = applying.await.map_err(|e| Status::internal(format!("publish failed: {e}")))??;
+            results.into_iter().for_each(|r| self.tally.count(r));
+        }
+        Ok(())
+    }
+
+    /// Applies what is left and returns the summary.
+    async fn finish(mut self) -> Result<pb::PublishSummary, Status> {
+        if !self.is_empty() {
+            self.flush().await?;
+        }
+        self.settle().await?;
+        Ok(self.tally.summary)
+    }
+}
+
+/// Upserts a chunk: all in one table call, or (a bad entity in it) one at a time in the
+/// same lock, so the good ones apply and each bad one is counted.
+async fn apply(ctx: Arc<Context>, chunk: Chunk) -> Result<Vec<CoreResult<WriteOutcome>>, Status> {
+    ctx.write(move |t| {
+        t.count_rejected(chunk.rejected);
+        Ok(match t.check_batch(&chunk.prepared) {
+            Ok(()) => t.apply_batch(chunk.prepared)?.into_iter().map(Ok).collect(),
+            Err(_) => chunk.prepared.into_iter().map(|p| t.commit(p, WriteMode::Put, false)).collect(),
+        })
+    })
+    .await
 }
 
 async fn publish(ctx: Arc<Context>, req: Request<Streaming<Bytes>>, peer: SocketAddr) -> Reply {
@@ -262,12 +399,11 @@ async fn publish(ctx: Arc<Context>, req: Request<Streaming<Bytes>>, peer: Socket
     let _open = Open::new(&ctx, |c| &c.publish_streams);
     let mut stream = req.into_inner();
     let mut closing = ctx.closing.subscribe();
-    let mut tally = Tally::default();
-    let mut chunk: Vec<Bytes> = Vec::new();
+    let mut publisher = Publisher::new(ctx.clone());
     loop {
         let next = tokio::select! {
             next = stream.message() => Some(next),
-            _ = tokio::time::sleep(PUBLISH_FLUSH_DELAY), if !chunk.is_empty() => None,
+            _ = tokio::time::sleep(PUBLISH_FLUSH_DELAY), if !publisher.is_empty() => None,
             _ = closing.wait_for(|c| *c) => {
                 // Shutdown drains the stream: stop reading, answer what was applied.
                 ctx.log(Level::Info, "meshstore.grpc.server", "publish stream drained at shutdown",
@@ -276,28 +412,23 @@ async fn publish(ctx: Arc<Context>, req: Request<Streaming<Bytes>>, peer: Socket
             }
         };
         match next {
-            None => apply(&ctx, std::mem::take(&mut chunk), &mut tally).await?,
-            Some(Ok(Some(raw))) => match publish_payloads(&raw) {
-                Ok(payloads) => {
-                    chunk.extend(payloads);
-                    if chunk.len() >= PUBLISH_CHUNK {
-                        apply(&ctx, std::mem::take(&mut chunk), &mut tally).await?;
-                    }
+            None => publisher.flush().await?,
+            Some(Ok(Some(raw))) => {
+                publisher.add(&raw);
+                if publisher.chunk.prepared.len() >= PUBLISH_CHUNK {
+                    publisher.flush().await?;
                 }
-                Err(message) => tally.reject(message),
-            },
+            }
             Some(Ok(None)) => break,
             Some(Err(status)) => {
                 // What arrived is applied, even if the client went away or sent too much.
-                apply(&ctx, std::mem::take(&mut chunk), &mut tally).await?;
+                publisher.finish().await?;
                 return Err(rpc::limit_status(status));
             }
         }
     }
-    if !chunk.is_empty() {
-        apply(&ctx, chunk, &mut tally).await?;
-    }
-    let s = &tally.summary;
+    let summary = publisher.finish().await?;
+    let s = &summary;
     if s.rejected > 0 {
         let fields = vec![
             ("rejected", s.rejected.to_string()),
@@ -308,5 +439,5 @@ async fn publish(ctx: Arc<Context>, req: Request<Streaming<Bytes>>, peer: Socket
         ];
         ctx.log(Level::Info, "meshstore.grpc.server", "publish rejected entities", fields);
     }
-    Ok(Response::new(tally.summary.encode_to_vec().into()))
+    Ok(Response::new(summary.encode_to_vec().into()))
 }

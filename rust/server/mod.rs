@@ -250,7 +250,7 @@ pub struct ServerStats {
     pub publish_streams: usize,
     pub uptime_s: f64,
     /// Per method path: calls, failures by code, latency buckets and sum (µs).
-    pub methods: Vec<(String, u64, BTreeMap<&'static str, u64>, Vec<u64>, u64)>,
+    pub methods: Vec<(String, u64, BTreeMap<&'static str, u64>, Vec<u64>, f64)>,
 }
 
 pub struct Server {
@@ -424,9 +424,8 @@ impl Server {
             .metrics
             .called()
             .map(|(path, m)| {
-                let buckets = m.latency.iter().map(|b| b.load(Ordering::Relaxed)).collect();
-                let sum = m.latency_sum_us.load(Ordering::Relaxed);
-                (path.to_string(), m.calls.load(Ordering::Relaxed), m.failed.lock().clone(), buckets, sum)
+                let (buckets, sum_s) = m.latency.snapshot();
+                (path.to_string(), m.calls.load(Ordering::Relaxed), m.failed.lock().clone(), buckets, sum_s)
             })
             .collect();
         ServerStats {

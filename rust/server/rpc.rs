@@ -4,6 +4,7 @@
 //! closures to tonic's four kinds of method, the mapping of core errors to status codes,
 //! and per-method counters with the hook authentication plugs into (`super::auth`).
 use crate::error::Error;
+use crate::histogram::Histogram;
 use bytes::{Buf, BufMut, Bytes};
 use futures_util::Stream;
 use parking_lot::Mutex;
@@ -183,27 +184,19 @@ pub type Authorize = Arc<dyn Fn(&Caller<'_>) -> Result<Option<String>, Status> +
 #[derive(Clone)]
 pub struct Identity(pub String);
 
-/// Latency bucket bounds (seconds) of the per-method histograms.
-pub const LATENCY_BUCKETS: [f64; 12] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5];
-
 /// One method's counters: calls, failures by status code, and a latency histogram
 /// (time to the response head: for streams, the time to open them).
 #[derive(Default)]
 pub struct MethodStats {
     pub calls: AtomicU64,
     pub failed: Mutex<BTreeMap<&'static str, u64>>,
-    /// Cumulative-free counts per bucket of `LATENCY_BUCKETS`, the last one beyond them.
-    pub latency: [AtomicU64; LATENCY_BUCKETS.len() + 1],
-    pub latency_sum_us: AtomicU64,
+    pub latency: Histogram,
 }
 
 impl MethodStats {
     pub fn observe(&self, started: Instant, code: Code) {
-        let elapsed = started.elapsed().as_secs_f64();
-        let bucket = LATENCY_BUCKETS.iter().position(|b| elapsed <= *b).unwrap_or(LATENCY_BUCKETS.len());
         self.calls.fetch_add(1, Ordering::Relaxed);
-        self.latency[bucket].fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_us.fetch_add((elapsed * 1e6) as u64, Ordering::Relaxed);
+        self.latency.observe(started.elapsed());
         if code != Code::Ok {
             *self.failed.lock().entry(code_name(code)).or_default() += 1;
         }

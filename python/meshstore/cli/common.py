@@ -77,7 +77,7 @@ def target(addr: str) -> str:
     m = re.fullmatch(r"(\[[0-9A-Fa-f:.%\w]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})", text)
     if not m or not 1 <= int(m.group(2)) <= 65535:
         raise CliError(f"invalid store address {addr!r}: expected HOST:PORT, e.g. {DEFAULT_ADDR} "
-                       "(from --store or MESHSTORE_ADDR)", EXIT_USAGE)
+                       "(from --store, MESHSTORE_ADDR or the config file)", EXIT_USAGE)
     return text
 
 

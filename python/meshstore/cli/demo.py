@@ -15,30 +15,30 @@ __all__ = ["register"]
 
 def demo_cmd(
     duration: Annotated[float | None, typer.Option(
-        "--duration", "-d", min=0.0, envvar="DEMO_DURATION", metavar="S",
+        "--duration", "-d", min=0.0, envvar="MESHSTORE_DEMO_DURATION", metavar="S",
         help="Stop after S seconds (default: run until Ctrl-C).")] = None,
     port: Annotated[int, typer.Option(
-        "--port", "-p", min=0, max=65535, envvar="DEMO_PORT", show_envvar=True,
+        "--port", "-p", min=0, max=65535, envvar="MESHSTORE_DEMO_PORT", show_envvar=True,
         help="Port of the demo's store on 127.0.0.1 (0: any free port). If taken, a free one "
              "is used and printed.")] = 50051,
-    tracks: Annotated[int, typer.Option("--tracks", "-n", min=1, max=10_000, envvar="DEMO_TRACKS",
+    tracks: Annotated[int, typer.Option("--tracks", "-n", min=1, max=10_000, envvar="MESHSTORE_DEMO_TRACKS",
                                         help="Targets in the scenario (each seen by the EO sensor and the radar).")] = 12,
-    rate: Annotated[float, typer.Option("--rate", min=0.1, max=100.0, envvar="DEMO_RATE",
+    rate: Annotated[float, typer.Option("--rate", min=0.1, max=100.0, envvar="MESHSTORE_DEMO_RATE",
                                         help="Sensor ticks per second.")] = 2.0,
-    seed: Annotated[int, typer.Option("--seed", envvar="DEMO_SEED", help="Scenario seed.")] = 7,
+    seed: Annotated[int, typer.Option("--seed", envvar="MESHSTORE_DEMO_SEED", help="Scenario seed.")] = 7,
     approval_timeout: Annotated[float, typer.Option(
-        "--approval-timeout", min=1.0, envvar="APPROVAL_TIMEOUT", metavar="S",
+        "--approval-timeout", min=1.0, envvar="MESHSTORE_APPROVAL_TIMEOUT", metavar="S",
         help="Seconds an intercept request waits for `meshstore approve` before TIMED_OUT.")] = 30.0,
     no_live: Annotated[bool, typer.Option(
-        "--no-live", help="Print a status line every 2 s instead of the live table: the counts, store "
+        "--no-live", envvar="MESHSTORE_DEMO_NO_LIVE", help="Print a status line every 2 s instead of the live table: the counts, store "
                           "writes/s, sensor ticks skipped, share of targets classified, each service's lag "
                           "p50/p99.")] = False,
     nodes: Annotated[int, typer.Option(
-        "--nodes", min=1, max=5, envvar="DEMO_NODES",
+        "--nodes", min=1, max=5, envvar="MESHSTORE_DEMO_NODES",
         help="Run the store as a mesh of this many nodes on loopback (relays between every pair); "
              "the services are spread over them and a table shows each node's view.")] = 1,
     http_port: Annotated[int, typer.Option(
-        "--http-port", min=0, max=65535, envvar="DEMO_HTTP_PORT", show_envvar=True,
+        "--http-port", min=0, max=65535, envvar="MESHSTORE_DEMO_HTTP_PORT", show_envvar=True,
         help="Port of the web UI on 127.0.0.1 (0: any free port). If taken, a free one is used; the address "
              "is printed.")] = 8080,
     log_level: Annotated[str, typer.Option("--log-level", envvar="MESHSTORE_LOG_LEVEL",

@@ -1,9 +1,10 @@
 """The node commands: ``meshstore serve`` runs a node (``meshstore.node.Node``) until
 SIGINT/SIGTERM; ``meshstore stats`` shows a running node's counters and health.
 
-    meshstore serve --port 50051 [--peer HOST:PORT ...] [--http-port 8080]
+    meshstore serve --port 50051 [--peer HOST:PORT ...] [--http-port 8080] [--metrics-port 9100]
                                             run a store, a mesh node with peers, the web UI with
-                                            --http-port (Ctrl-C / SIGTERM: graceful stop)
+                                            --http-port, Prometheus /metrics with --metrics-port
+                                            (Ctrl-C / SIGTERM: graceful stop)
     meshstore stats                         the store's counters and health
 """
 
@@ -90,6 +91,10 @@ def stats_cmd(
             peers.add_column(column.upper(), justify="right")
         for address, link in sorted(links.items()):
             peers.add_row(address, *(f"{link.get(c, 0):,}" for c in columns))
+        if not out.is_terminal:  # piped or captured: every column whole, not squeezed into 80
+            from rich.measure import Measurement
+
+            out.width = max(out.width, Measurement.get(out, out.options.update_width(1_000_000), peers).maximum)
         out.print(peers)
 
 
@@ -106,6 +111,13 @@ def serve_cmd(
         "--http-host", envvar="MESHSTORE_HTTP_HOST", show_envvar=True,
         help="Interface the HTTP side binds (without --auth-file anyone who reaches it can approve).")]
         = "127.0.0.1",
+    metrics_port: Annotated[int | None, typer.Option(
+        "--metrics-port", envvar="MESHSTORE_METRICS_PORT", show_envvar=True, min=0, max=65535, metavar="PORT",
+        help="Also serve Prometheus metrics on http://HOST:PORT/metrics (0: any free port, logged at "
+             "startup). Off by default.")] = None,
+    metrics_host: Annotated[str | None, typer.Option(
+        "--metrics-host", envvar="MESHSTORE_METRICS_HOST", show_envvar=True,
+        help="Interface the metrics server binds (default: --host).")] = None,
     node_id: Annotated[str | None, typer.Option("--node-id", envvar="MESHSTORE_NODE_ID", show_envvar=True,
                                                 help="This store's node id (default: hostname-random).")] = None,
     peer_expiry: Annotated[float, typer.Option(
@@ -126,6 +138,14 @@ def serve_cmd(
         "--peer", envvar="MESHSTORE_PEERS", show_envvar=True, metavar="HOST:PORT",
         help="Another node to replicate to (repeat for each; the env var takes a space-separated list). "
              "Every node of a mesh needs its own --node-id.")] = None,
+    peer_dns: Annotated[list[str] | None, typer.Option(
+        "--peer-dns", envvar="MESHSTORE_PEER_DNS", show_envvar=True, metavar="NAME:PORT",
+        help="A DNS name whose every address is a peer (a Kubernetes headless Service, a compose "
+             "service), re-resolved every --peer-dns-interval: peers join and leave at runtime. This "
+             "node's own address is left out. Repeatable; combines with --peer.")] = None,
+    peer_dns_interval: Annotated[float, typer.Option(
+        "--peer-dns-interval", envvar="MESHSTORE_PEER_DNS_INTERVAL", show_envvar=True, min=0.001, metavar="S",
+        help="Seconds between resolutions of --peer-dns (a failed one keeps the peers found last).")] = 10.0,
     data_dir: Annotated[str, typer.Option(
         "--data-dir", envvar="MESHSTORE_DATA_DIR", show_envvar=True, metavar="DIR",
         help="Where the node keeps its state (SQLite, created if needed): loaded at start, every "
@@ -141,13 +161,13 @@ def serve_cmd(
     commit_interval_ms: Annotated[float, typer.Option(
         "--commit-interval", envvar="MESHSTORE_COMMIT_INTERVAL", show_envvar=True, min=1.0, metavar="MS",
         help="Milliseconds between commits with --durability interval.")] = 100.0,
-    bandwidth_bps: Annotated[float | None, typer.Option(
-        "--mesh-bandwidth-bps", envvar="MESH_BANDWIDTH_BPS", show_envvar=True, min=0.0, metavar="BYTES",
+    bandwidth_bps: Annotated[float, typer.Option(
+        "--mesh-bandwidth-bps", envvar="MESHSTORE_MESH_BANDWIDTH_BPS", show_envvar=True, min=0.0, metavar="BYTES",
         help="Bytes/s each peer link may send (0: unlimited). DELETE and HIGH-threat changes bypass it; "
-             "the rest waits, coalesced to the latest state per entity, and is sent by priority.")] = None,
-    burst_bytes: Annotated[float | None, typer.Option(
-        "--mesh-burst-bytes", envvar="MESH_BURST_BYTES", show_envvar=True, min=0.0, metavar="BYTES",
-        help="Burst of each peer link's budget (0: one second of bandwidth, at least 64 KiB).")] = None,
+             "the rest waits, coalesced to the latest state per entity, and is sent by priority.")] = 0.0,
+    burst_bytes: Annotated[float, typer.Option(
+        "--mesh-burst-bytes", envvar="MESHSTORE_MESH_BURST_BYTES", show_envvar=True, min=0.0, metavar="BYTES",
+        help="Burst of each peer link's budget (0: one second of bandwidth, at least 64 KiB).")] = 0.0,
     tls_cert: Annotated[str | None, typer.Option(
         "--tls-cert", envvar="MESHSTORE_TLS_CERT", show_envvar=True, metavar="PEM",
         help="Serve TLS (gRPC and HTTP) with this certificate (with --tls-key); also what the relay "
@@ -166,10 +186,10 @@ def serve_cmd(
 ) -> None:
     """Run a store server (gRPC store.v1.EntityStoreService and mesh.v1.MeshService,
     health, reflection) until SIGINT or SIGTERM, then shut down gracefully (open watch
-    streams are ended). With --peer it is a mesh node: it pushes its changes to every
-    peer and merges theirs. With --http-port it also serves the web UI and the HTTP API.
-    Logs go to stderr; the first line says
-    `listening address=HOST:PORT node_id=N http=HOST:PORT`."""
+    streams are ended). With --peer (or --peer-dns) it is a mesh node: it pushes its changes to every
+    peer and merges theirs. With --http-port it also serves the web UI and the HTTP API,
+    with --metrics-port Prometheus /metrics. Logs go to stderr; the first line says
+    `listening address=HOST:PORT node_id=N http=HOST:PORT metrics=HOST:PORT`."""
     setup_logs(log_level, log_json)
 
     from meshstore.node import NodeOptions, run_node
@@ -193,8 +213,10 @@ def serve_cmd(
         raise CliError(str(exc), EXIT_USAGE) from None
     try:
         options = NodeOptions(host=host, port=port, max_message_bytes=max_message_bytes, grace=grace,
-                              peers=_peer_list(peers), bandwidth_bps=bandwidth_bps, burst_bytes=burst_bytes,
-                              http_host=http_host, http_port=http_port, security=security,
+                              peers=_peer_list(peers, "--peer"), peer_dns=_peer_list(peer_dns, "--peer-dns"),
+                              peer_dns_interval=peer_dns_interval, bandwidth_bps=bandwidth_bps, burst_bytes=burst_bytes,
+                              http_host=http_host, http_port=http_port, metrics_host=metrics_host,
+                              metrics_port=metrics_port, security=security,
                               peer_security=_peer_security(security))
     except (TypeError, ValueError) as exc:
         raise CliError(f"invalid option: {exc}", EXIT_USAGE) from None
@@ -216,13 +238,13 @@ def _peer_security(security: Any) -> Any:
     return dataclasses.replace(client, ca=tls.ca_pem, cert=tls.cert_pem, key=tls.key_pem)
 
 
-def _peer_list(peers: list[str] | None) -> list[str]:
-    """Peer addresses, each checked to be HOST:PORT."""
+def _peer_list(peers: list[str] | None, flag: str) -> list[str]:
+    """Peer addresses (or names) given to ``flag``, each checked to be HOST:PORT."""
     found = [p for raw in peers or [] for p in raw.replace(",", " ").split()]
     for peer in found:
         host, _, port = peer.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise CliError(f"--peer must be HOST:PORT, got {peer!r}", EXIT_USAGE)
+            raise CliError(f"{flag} must be HOST:PORT, got {peer!r}", EXIT_USAGE)
     return found
 
 

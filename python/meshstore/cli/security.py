@@ -18,27 +18,28 @@ import typer
 
 from meshstore.cli.common import EXIT_USAGE, CliError
 
-__all__ = ["register"]
+__all__ = ["TlsCaOpt", "TlsCertOpt", "TlsKeyOpt", "TokenOpt", "register", "use_client_security"]
 
 token_app = typer.Typer(help="Bearer tokens: make the hash an auth file keeps.", no_args_is_help=True)
 
 
-def client_security(
-    tls_ca: Annotated[str | None, typer.Option(
-        "--tls-ca", envvar="MESHSTORE_TLS_CA", show_envvar=True, metavar="PEM",
-        help="Use TLS; the store's certificate must chain to this CA.")] = None,
-    tls_cert: Annotated[str | None, typer.Option(
-        "--tls-cert", envvar="MESHSTORE_TLS_CERT", show_envvar=True, metavar="PEM",
-        help="This client's certificate, for stores that require mutual TLS (with --tls-key).")] = None,
-    tls_key: Annotated[str | None, typer.Option(
-        "--tls-key", envvar="MESHSTORE_TLS_KEY", show_envvar=True, metavar="PEM",
-        help="The key of --tls-cert.")] = None,
-    token: Annotated[str | None, typer.Option(
-        "--token", envvar="MESHSTORE_TOKEN", show_envvar=True, metavar="TOKEN",
-        help="Bearer token to present (better from MESHSTORE_TOKEN: a command line is visible to "
-             "other users). Without TLS it is only sent to a store on this machine.")] = None,
-) -> None:
-    """How every command dials a store (the process's ``use_security``)."""
+TlsCaOpt = Annotated[str | None, typer.Option(
+    "--tls-ca", envvar="MESHSTORE_TLS_CA", show_envvar=True, metavar="PEM",
+    help="Use TLS; the store's certificate must chain to this CA.")]
+TlsCertOpt = Annotated[str | None, typer.Option(
+    "--tls-cert", envvar="MESHSTORE_TLS_CERT", show_envvar=True, metavar="PEM",
+    help="This client's certificate, for stores that require mutual TLS (with --tls-key).")]
+TlsKeyOpt = Annotated[str | None, typer.Option(
+    "--tls-key", envvar="MESHSTORE_TLS_KEY", show_envvar=True, metavar="PEM", help="The key of --tls-cert.")]
+TokenOpt = Annotated[str | None, typer.Option(
+    "--token", envvar="MESHSTORE_TOKEN", show_envvar=True, metavar="TOKEN",
+    help="Bearer token to present (better from MESHSTORE_TOKEN: a command line is visible to "
+         "other users). Without TLS it is only sent to a store on this machine.")]
+
+
+def use_client_security(tls_ca: str | None, tls_cert: str | None, tls_key: str | None, token: str | None) -> None:
+    """Makes the ``meshstore`` options how every command dials a store (the process's
+    ``meshstore.grpc.client.use_security``). A file that cannot be read: exit 2."""
     # grpc's C core prints a failed TLS handshake as several lines on stderr; a command
     # reports its failures as one line of its own (set before grpc is first imported).
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
@@ -68,6 +69,5 @@ def hash_cmd() -> None:
 
 
 def register(app: typer.Typer) -> None:
-    """Adds the client security options and ``token`` to ``app``."""
-    app.callback()(client_security)
+    """Adds ``token`` to ``app`` (the options are ``meshstore``'s own: see cli/__init__)."""
     app.add_typer(token_app, name="token")

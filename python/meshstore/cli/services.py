@@ -4,7 +4,8 @@ task-manager | fusion``. ``register(app)`` adds them to a typer app (meshstore.c
 Each service command runs one service against ``--store`` (MESHSTORE_ADDR) until SIGINT or
 SIGTERM, then stops cleanly (exit 0). If the store is down or restarts, the service
 waits with backoff and resumes. Logs go to stderr (key=value lines, or JSON with
---log-json). Every flag can also come from the environment variable shown in --help.
+--log-json). Every flag can also come from the environment variable shown in --help, or
+from the config file (meshstore.cli.config).
 """
 
 from __future__ import annotations
@@ -23,30 +24,29 @@ from meshstore.cli.common import setup_logs as _setup_logs
 __all__ = ["register", "run_service"]
 
 # Scenario (shared by sensor-sim and radar-sim: give both the same values).
-CountOpt = Annotated[int, typer.Option("--count", "-n", min=0, envvar="SCENARIO_COUNT", show_envvar=True,
+CountOpt = Annotated[int, typer.Option("--count", "-n", min=0, envvar="MESHSTORE_SCENARIO_COUNT", show_envvar=True,
                                        help="Number of targets in the scenario.")]
-SeedOpt = Annotated[int, typer.Option("--seed", envvar="SCENARIO_SEED", show_envvar=True,
+SeedOpt = Annotated[int, typer.Option("--seed", envvar="MESHSTORE_SCENARIO_SEED", show_envvar=True,
                                       help="Scenario seed: the same seed gives the same targets in every sim.")]
-RateOpt = Annotated[float, typer.Option("--rate", min=0.001, envvar="SIM_RATE", show_envvar=True,
+RateOpt = Annotated[float, typer.Option("--rate", min=0.001, envvar="MESHSTORE_SIM_RATE", show_envvar=True,
                                         help="Ticks per second (every target is reported once per tick).")]
-SpeedMinOpt = Annotated[float, typer.Option("--speed-min", min=0.0, envvar="SPEED_MIN_KTS", show_envvar=True,
+SpeedMinOpt = Annotated[float, typer.Option("--speed-min", min=0.0, envvar="MESHSTORE_SPEED_MIN_KTS", show_envvar=True,
                                             help="Slowest target speed, knots.")]
-SpeedMaxOpt = Annotated[float, typer.Option("--speed-max", min=0.0, envvar="SPEED_MAX_KTS", show_envvar=True,
+SpeedMaxOpt = Annotated[float, typer.Option("--speed-max", min=0.0, envvar="MESHSTORE_SPEED_MAX_KTS", show_envvar=True,
                                             help="Fastest target speed, knots.")]
-MinLatOpt = Annotated[float, typer.Option("--bbox-min-lat", envvar="BBOX_MIN_LAT", show_envvar=True,
+MinLatOpt = Annotated[float, typer.Option("--bbox-min-lat", envvar="MESHSTORE_BBOX_MIN_LAT", show_envvar=True,
                                           help="Bounding box: southern edge (degrees).")]
-MaxLatOpt = Annotated[float, typer.Option("--bbox-max-lat", envvar="BBOX_MAX_LAT", show_envvar=True,
+MaxLatOpt = Annotated[float, typer.Option("--bbox-max-lat", envvar="MESHSTORE_BBOX_MAX_LAT", show_envvar=True,
                                           help="Bounding box: northern edge (degrees).")]
-MinLonOpt = Annotated[float, typer.Option("--bbox-min-lon", envvar="BBOX_MIN_LON", show_envvar=True,
+MinLonOpt = Annotated[float, typer.Option("--bbox-min-lon", envvar="MESHSTORE_BBOX_MIN_LON", show_envvar=True,
                                           help="Bounding box: western edge (degrees).")]
-MaxLonOpt = Annotated[float, typer.Option("--bbox-max-lon", envvar="BBOX_MAX_LON", show_envvar=True,
+MaxLonOpt = Annotated[float, typer.Option("--bbox-max-lon", envvar="MESHSTORE_BBOX_MAX_LON", show_envvar=True,
                                           help="Bounding box: eastern edge (degrees).")]
-EdgeOpt = Annotated[str, typer.Option("--edge", envvar="SIM_EDGE", show_envvar=True,
+EdgeOpt = Annotated[str, typer.Option("--edge", envvar="MESHSTORE_SIM_EDGE", show_envvar=True,
                                       help="At the box edges targets 'bounce' or 'wrap' around.")]
-TtlOpt = Annotated[float, typer.Option("--ttl", min=0.0, envvar="SIM_TTL", show_envvar=True,
+TtlOpt = Annotated[float, typer.Option("--ttl", min=0.0, envvar="MESHSTORE_SIM_TTL", show_envvar=True,
                                        help="Each report expires the track this many seconds later, so the "
                                             "tracks of a stopped sim disappear (0: never).")]
-IdPrefixOpt = Annotated[str | None, typer.Option("--id-prefix", help="Track ids are PREFIX-<n>.")]
 
 
 def _fail(message: str) -> None:
@@ -108,9 +108,10 @@ def sensor_sim_cmd(
     bbox_min_lon: MinLonOpt = -1.0,
     bbox_max_lon: MaxLonOpt = 1.0,
     edge: EdgeOpt = "bounce",
-    sensor_id: Annotated[str, typer.Option("--sensor-id", envvar="EO_SENSOR_ID", show_envvar=True,
+    sensor_id: Annotated[str, typer.Option("--sensor-id", envvar="MESHSTORE_EO_SENSOR_ID", show_envvar=True,
                                            help="SourceComponent.sensor_id of the tracks.")] = "eo-1",
-    id_prefix: IdPrefixOpt = None,
+    id_prefix: Annotated[str | None, typer.Option("--id-prefix", envvar="MESHSTORE_EO_ID_PREFIX",
+                                                  help="Track ids are PREFIX-<n> (default: eo).")] = None,
     ttl: TtlOpt = 30.0,
     log_level: LogLevelOpt = "info",
     log_json: LogJsonOpt = False,
@@ -147,11 +148,12 @@ def radar_sim_cmd(
     bbox_min_lon: MinLonOpt = -1.0,
     bbox_max_lon: MaxLonOpt = 1.0,
     edge: EdgeOpt = "bounce",
-    noise: Annotated[float, typer.Option("--noise", min=0.0, envvar="RADAR_NOISE_M", show_envvar=True,
+    noise: Annotated[float, typer.Option("--noise", min=0.0, envvar="MESHSTORE_RADAR_NOISE_M", show_envvar=True,
                                          help="Position noise, metres (Gaussian standard deviation per axis).")] = 50.0,
-    sensor_id: Annotated[str, typer.Option("--sensor-id", envvar="RADAR_SENSOR_ID", show_envvar=True,
+    sensor_id: Annotated[str, typer.Option("--sensor-id", envvar="MESHSTORE_RADAR_SENSOR_ID", show_envvar=True,
                                            help="SourceComponent.sensor_id of the plots.")] = "radar-1",
-    id_prefix: IdPrefixOpt = None,
+    id_prefix: Annotated[str | None, typer.Option("--id-prefix", envvar="MESHSTORE_RADAR_ID_PREFIX",
+                                                  help="Track ids are PREFIX-<n> (default: radar).")] = None,
     ttl: TtlOpt = 30.0,
     log_level: LogLevelOpt = "info",
     log_json: LogJsonOpt = False,
@@ -175,13 +177,13 @@ def radar_sim_cmd(
 
 def classifier_cmd(
     store: StoreOpt = DEFAULT_ADDR,
-    low: Annotated[float, typer.Option("--low", envvar="CLASSIFIER_LOW_KTS", show_envvar=True,
+    low: Annotated[float, typer.Option("--low", envvar="MESHSTORE_CLASSIFIER_LOW_KTS", show_envvar=True,
                                        help="Speed (knots) from which the threat is LOW.")] = 30.0,
-    medium: Annotated[float, typer.Option("--medium", envvar="CLASSIFIER_MEDIUM_KTS", show_envvar=True,
+    medium: Annotated[float, typer.Option("--medium", envvar="MESHSTORE_CLASSIFIER_MEDIUM_KTS", show_envvar=True,
                                           help="Speed (knots) from which the threat is MEDIUM.")] = 150.0,
-    high: Annotated[float, typer.Option("--high", envvar="CLASSIFIER_HIGH_KTS", show_envvar=True,
+    high: Annotated[float, typer.Option("--high", envvar="MESHSTORE_CLASSIFIER_HIGH_KTS", show_envvar=True,
                                         help="Speed (knots) from which the threat is HIGH.")] = 400.0,
-    min_interval: Annotated[float, typer.Option("--min-interval", min=0.0, envvar="CLASSIFIER_MIN_INTERVAL",
+    min_interval: Annotated[float, typer.Option("--min-interval", min=0.0, envvar="MESHSTORE_CLASSIFIER_MIN_INTERVAL",
                                                 show_envvar=True, metavar="S",
                                                 help="Look at each track at most once per S seconds.")] = 0.0,
     log_level: LogLevelOpt = "info",
@@ -205,7 +207,7 @@ def classifier_cmd(
 def task_manager_cmd(
     store: StoreOpt = DEFAULT_ADDR,
     approval_timeout: Annotated[float, typer.Option(
-        "--approval-timeout", min=1.0, envvar="APPROVAL_TIMEOUT", show_envvar=True, metavar="S",
+        "--approval-timeout", min=1.0, envvar="MESHSTORE_APPROVAL_TIMEOUT", show_envvar=True, metavar="S",
         help="Seconds an intercept request stays PENDING before it is TIMED_OUT.")] = 30.0,
     log_level: LogLevelOpt = "info",
     log_json: LogJsonOpt = False,
@@ -228,17 +230,17 @@ def task_manager_cmd(
 def fusion_cmd(
     store: StoreOpt = DEFAULT_ADDR,
     max_distance: Annotated[float, typer.Option(
-        "--max-distance", min=0.001, envvar="FUSION_MAX_DISTANCE_M", show_envvar=True, metavar="M",
+        "--max-distance", min=0.001, envvar="MESHSTORE_FUSION_MAX_DISTANCE_M", show_envvar=True, metavar="M",
         help="Tracks of different sensor types within M metres are fused.")] = 500.0,
     hysteresis: Annotated[float, typer.Option(
-        "--hysteresis", min=1.0, envvar="FUSION_HYSTERESIS", show_envvar=True,
+        "--hysteresis", min=1.0, envvar="MESHSTORE_FUSION_HYSTERESIS", show_envvar=True,
         help="A fused pair is split only beyond this multiple of --max-distance.")] = 1.5,
     sigmas: Annotated[str, typer.Option(
-        "--sigma", envvar="FUSION_SIGMAS", show_envvar=True, metavar="TYPE=M,...",
+        "--sigma", envvar="MESHSTORE_FUSION_SIGMAS", show_envvar=True, metavar="TYPE=M,...",
         help="Position accuracy (metres, 1 sigma) per sensor type; fused positions weight "
              "each source by 1/sigma^2 (unknown types: 100 m).")] = "eo=10,radar=50",
     interval: Annotated[float, typer.Option(
-        "--interval", min=0.01, envvar="FUSION_INTERVAL", show_envvar=True, metavar="S",
+        "--interval", min=0.01, envvar="MESHSTORE_FUSION_INTERVAL", show_envvar=True, metavar="S",
         help="Seconds between correlation passes (start to start; the fused track trails "
              "its sources by about this much).")] = 0.25,
     log_level: LogLevelOpt = "info",

@@ -46,11 +46,12 @@ from typing import Any
 
 import grpc
 
-from meshstore.errors import CursorExpiredError, InvalidEntityError
+from meshstore.errors import CursorExpiredError, InvalidEntityError, MeshstoreError
 from meshstore.grpc.status import (  # noqa: F401 - re-exported: a client's errors
     FailedPreconditionError,
     RpcError,
     StoreUnavailableError,
+    error_for,
     error_from_rpc,
 )
 from meshstore.logs import event as log_event
@@ -65,6 +66,7 @@ __all__ = [
     "StoreClient",
     "StoreInfo",
     "StoreUnavailableError",
+    "UpdateBatcher",
     "UpdateResponse",
     "current_security",
     "WatchStream",
@@ -371,6 +373,20 @@ class StoreClient:
                                 store_pb2.UpdateEntityRequest(entity=entity, strict=strict))
         return UpdateResponse(resp.entity, list(resp.applied), list(resp.stale), list(resp.unchanged))
 
+    async def update_many(self, entities: Sequence[entity_pb2.Entity], *, strict: bool = False,
+                          components: Iterable[str] | None = None) -> list[UpdateResponse | MeshstoreError]:
+        """UpdateEntities: each entity written as ``update`` writes it (it must exist), all
+        in one call. Each result is its UpdateResponse or, for an entity that failed alone,
+        the error ``update`` would have raised. ``components``: the entity in each result
+        holds only these keys (and their versions)."""
+        request = store_pb2.UpdateEntitiesRequest(entities=entities, strict=strict, components=components or ())
+        resp = await self._call("UpdateEntities", self.stub.UpdateEntities, request,
+                                timeout=max(self.rpc_timeout, 30.0))
+        if len(resp.results) != len(entities):
+            raise RpcError(f"UpdateEntities: {len(resp.results)} results for {len(entities)} entities")
+        return [error_for(r.error_code, r.error, "UpdateEntities", self.address) if r.error_code
+                else UpdateResponse(r.entity, list(r.applied), list(r.stale), list(r.unchanged)) for r in resp.results]
+
     async def delete(self, entity_id: str) -> None:
         await self._call("DeleteEntity", self.stub.DeleteEntity, store_pb2.DeleteEntityRequest(id=entity_id))
 
@@ -425,6 +441,67 @@ class StoreClient:
         """A resumable feed of changes (see ``WatchStream``)."""
         return WatchStream(self, type_filter, include_existing, since_seq, components, min_interval,
                            heartbeat_interval, idle_timeout, on_reset)
+
+
+class UpdateBatcher:
+    """Sends many concurrent callers' updates in few UpdateEntities calls: the updates
+    that arrive while a call is on its way go together in the next one, so a burst of N
+    writes costs a few round trips instead of N, and a lone write goes at once.
+    ``update`` answers (or raises) exactly as ``StoreClient.update`` would for its entity.
+    ``components``: what the entity in each answer holds (all keys when empty)."""
+
+    def __init__(self, client: StoreClient, *, components: Iterable[str] = (), max_batch: int = 512) -> None:
+        self.client = client
+        self.components = list(components)
+        self.max_batch = max_batch
+        #: UpdateEntities calls made, and the updates they carried.
+        self.calls = 0
+        self.updates = 0
+        self._waiting: list[tuple[entity_pb2.Entity, asyncio.Future[UpdateResponse]]] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    async def update(self, entity: entity_pb2.Entity) -> UpdateResponse:
+        future: asyncio.Future[UpdateResponse] = asyncio.get_running_loop().create_future()
+        self._waiting.append((entity, future))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send(), name="update-batches")
+        return await future
+
+    async def close(self) -> None:
+        """Cancels the call on its way and the updates waiting (their callers see CancelledError)."""
+        if self._sender is not None:
+            self._sender.cancel()
+            await asyncio.gather(self._sender, return_exceptions=True)
+
+    async def _send(self) -> None:
+        batch: list[tuple[entity_pb2.Entity, asyncio.Future[UpdateResponse]]] = []
+        try:
+            while self._waiting:
+                batch = [(e, f) for e, f in self._waiting[:self.max_batch] if not f.cancelled()]
+                del self._waiting[:self.max_batch]
+                if not batch:
+                    continue
+                results: list[UpdateResponse | BaseException]
+                try:
+                    results = list(await self.client.update_many([e for e, _ in batch], components=self.components))
+                except Exception as exc:  # noqa: BLE001 - the call failed: so did each update in it
+                    results = [exc] * len(batch)
+                self.calls += 1
+                self.updates += len(batch)
+                for (_, future), result in zip(batch, results):
+                    if future.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+                batch = []
+        finally:
+            # Cancelled (the service stops): so are the updates waiting for it.
+            for _, future in batch + self._waiting:
+                future.cancel()
+            self._waiting.clear()
+            self._sender = None
 
 
 class WatchStream:

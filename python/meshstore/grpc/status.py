@@ -47,6 +47,7 @@ __all__ = [
     "FailedPreconditionError",
     "RpcError",
     "StoreUnavailableError",
+    "error_for",
     "error_from_rpc",
     "status_for",
 ]
@@ -96,7 +97,20 @@ class RpcError(MeshstoreError):
 def error_from_rpc(err: grpc.RpcError, what: str = "request", address: str = "") -> MeshstoreError:
     """The meshstore error a failed call stands for (the inverse of ``status_for``)."""
     code = err.code() if callable(getattr(err, "code", None)) else None
-    details = " ".join(((err.details() if callable(getattr(err, "details", None)) else "") or "").split())
+    details = (err.details() if callable(getattr(err, "details", None)) else "") or ""
+    return error_for(code, details, what, address)
+
+
+#: Status codes by their number (google.rpc.Code), as messages carry them.
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def error_for(code: grpc.StatusCode | int | None, details: str, what: str = "request",
+              address: str = "") -> MeshstoreError:
+    """The meshstore error of a status ``code`` (or its number) with ``details``."""
+    if isinstance(code, int):
+        code = _CODES.get(code)
+    details = " ".join(details.split())
     if code in (_C.UNAVAILABLE, _C.DEADLINE_EXCEEDED):
         where = f" at {address}" if address else ""
         return StoreUnavailableError(f"{what}: store{where} unavailable ({code.name.lower()}: {details or 'no details'})")

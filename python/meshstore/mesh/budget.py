@@ -17,17 +17,15 @@ Sizes are protobuf byte sizes of what goes on the wire (:func:`framed_size`). Th
 bucket runs on the monotonic clock; a clock that goes back refills nothing and never
 drains the bucket.
 
-Configuration: ``MESH_BANDWIDTH_BPS`` (bytes per second, 0 = unlimited) and
-``MESH_BURST_BYTES`` (bucket capacity; 0 or unset = one second of bandwidth, at least
-64 KiB), or the same as arguments (:meth:`BudgetConfig.from_env`).
+Configuration: :class:`BudgetConfig`, ``bandwidth_bps`` (bytes per second, 0 =
+unlimited) and ``burst_bytes`` (bucket capacity; 0 = one second of bandwidth, at least
+64 KiB), given to the relay by ``meshstore serve --mesh-bandwidth-bps / --mesh-burst-bytes``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import heapq
-import math
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -40,8 +38,6 @@ from meshstore.validate import is_number
 
 __all__ = [
     "BYPASS",
-    "ENV_BANDWIDTH",
-    "ENV_BURST",
     "BudgetConfig",
     "Pending",
     "PendingQueue",
@@ -51,8 +47,6 @@ __all__ = [
     "priority_of",
 ]
 
-ENV_BANDWIDTH = "MESH_BANDWIDTH_BPS"
-ENV_BURST = "MESH_BURST_BYTES"
 #: Smallest default burst when only a bandwidth is given.
 MIN_DEFAULT_BURST = 64 * 1024
 
@@ -203,27 +197,6 @@ class BudgetConfig:
             value = getattr(self, name)
             if not is_number(value) or value < 0:
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-
-    @classmethod
-    def from_env(cls, bandwidth_bps: float | None = None, burst_bytes: float | None = None,
-                 environ: dict[str, str] | None = None) -> BudgetConfig:
-        """Arguments win; unset ones come from MESH_BANDWIDTH_BPS / MESH_BURST_BYTES."""
-        env = os.environ if environ is None else environ
-
-        def read(name: str) -> float:
-            raw = (env.get(name) or "").strip()
-            if not raw:
-                return 0
-            try:
-                value = float(raw)
-            except ValueError:
-                raise ValueError(f"{name} must be a number of bytes, got {raw!r}") from None
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a non-negative number of bytes, got {raw!r}")
-            return value
-
-        return cls(read(ENV_BANDWIDTH) if bandwidth_bps is None else bandwidth_bps,
-                   read(ENV_BURST) if burst_bytes is None else burst_bytes)
 
     @property
     def unlimited(self) -> bool:

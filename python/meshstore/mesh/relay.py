@@ -24,8 +24,8 @@ latest state per entity; the read cursor advances) and sent by priority (DELETE 
 MEDIUM > LOW > NONE > position-only) as the peer's token bucket allows; DELETE and HIGH
 bypass it. The acknowledged watermark only moves to a seq once no state at or below it
 is still pending (``Batch.last_seq`` says so), so a reconnect resends whatever was
-deferred. Unlimited (the default unless ``MESH_BANDWIDTH_BPS`` is set): states go out
-in seq order as read.
+deferred. Unlimited (``bandwidth_bps`` 0, the default): states go out in seq order as
+read.
 
 Context summaries: a batch that completes everything the store had up to its
 ``last_seq`` carries the store's context summary as of then; the peer adopts it once
@@ -36,6 +36,15 @@ Deleted entities: every ``collect_interval`` the relay calls
 longer than ``peer_expiry`` (the store's option) stops holding collection back; if it
 returns, it is asked to resync (its pass to us sends everything, so our answers tell it
 what was removed meanwhile).
+
+Peers at runtime: ``await relay.set_peers(addresses)`` (``meshstore.mesh.discovery``
+calls it) starts a link to each new address and stops the link to each address no
+longer listed; the other links are untouched. A removed peer that ever answered is
+*retired*, not forgotten: for deleted entities it counts as a peer gone silent (it holds
+collection back until ``peer_expiry``, then owes a resync), until it is listed again or
+its node connects from another address (a restarted pod with a new IP), whose link then
+takes over what it owed. Otherwise a node away while the others forgot a delete could
+come back still holding the entity.
 
 ``stats()`` gives, per peer: connected, sent states/bytes/batches, acknowledged seq,
 lag (``store.seq - acked``), pending, retries, full syncs... Connection changes are
@@ -119,6 +128,16 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):
         return f"{exc.code().name}: {exc.details()}"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _check_peers(peers: Sequence[str]) -> list[str]:
+    """``peers`` stripped; ValueError unless a list of distinct non-empty strings."""
+    if isinstance(peers, str) or not all(isinstance(p, str) and p.strip() for p in peers):
+        raise ValueError(f"peers must be a list of 'host:port' strings, got {peers!r}")
+    peers = [p.strip() for p in peers]
+    if len(set(peers)) != len(peers):
+        raise ValueError(f"peers has duplicates: {peers!r}")
+    return peers
 
 
 def _positive(name: str, value: Any, *, integer: bool = False) -> Any:
@@ -208,8 +227,8 @@ class Relay:
         collect_interval: float = 1.0,
         stats_interval: float = 30.0,
         collect_tombstones: bool = True,
-        bandwidth_bps: float | None = None,
-        burst_bytes: float | None = None,
+        bandwidth_bps: float = 0,
+        burst_bytes: float = 0,
         peer_expiry: float | None = None,
         channel_factory: ChannelFactory | None = None,
         seed: int | None = None,
@@ -217,11 +236,7 @@ class Relay:
     ) -> None:
         if not isinstance(store, Store):
             raise TypeError(f"store must be a meshstore Store, got {type(store).__name__}")
-        if isinstance(peers, str) or not all(isinstance(p, str) and p.strip() for p in peers):
-            raise ValueError(f"peers must be a list of 'host:port' strings, got {peers!r}")
-        peers = [p.strip() for p in peers]
-        if len(set(peers)) != len(peers):
-            raise ValueError(f"peers has duplicates: {peers!r}")
+        peers = _check_peers(peers)
         if node_id is not None and node_id != store.node_id:
             raise ValueError(f"relay node_id {node_id!r} must be the store's node_id {store.node_id!r} "
                              f"(peers record it as the source of what this relay sends)")
@@ -241,19 +256,13 @@ class Relay:
         self.stats_interval = _positive("stats_interval", stats_interval)
         self.collect_enabled = bool(collect_tombstones)
         self.peer_expiry = store.options.peer_expiry if peer_expiry is None else _positive("peer_expiry", peer_expiry)
-        self.budget = BudgetConfig.from_env(bandwidth_bps, burst_bytes)
+        self.budget = BudgetConfig(bandwidth_bps, burst_bytes)
         self._channel_factory = channel_factory or default_channel
         self._rng = random.Random(seed)
         self._clock = clock
-        self._peers = [_Peer(address, self.budget, clock) for address in peers]
-        # A restarted node resumes each peer where it acknowledged (kept in the data dir),
-        # as long as the peer is still the same node and incarnation (see _session).
-        stored = {address: (node_id, incarnation, acked) for address, node_id, incarnation, acked in store.peer_acks()}
-        for peer in self._peers:
-            if peer.address in stored:
-                peer.node_id, peer.incarnation, peer.acked = stored[peer.address]
-                peer.acked_once = True
-        self._tasks: list[asyncio.Task] = []
+        self._peers = [self._new_peer(address) for address in peers]
+        self._retired: list[_Peer] = []  # removed by set_peers, still counted for collection
+        self._tasks: list[asyncio.Task] = []  # the relay's own loops (each link has peer.task)
         self._watcher = None
         self._running = False
         self.collect_mark = 0
@@ -269,6 +278,57 @@ class Relay:
     def peers(self) -> list[str]:
         return [p.address for p in self._peers]
 
+    def _new_peer(self, address: str) -> _Peer:
+        """A link's state. A restarted node resumes each peer where it acknowledged (kept
+        in the data dir), as long as the peer is still the same node and incarnation
+        (see _session)."""
+        peer = _Peer(address, self.budget, self._clock)
+        for stored, node_id, incarnation, acked in self.store.peer_acks():
+            if stored == address:
+                peer.node_id, peer.incarnation, peer.acked = node_id, incarnation, acked
+                peer.acked_once = True
+        return peer
+
+    def _start_link(self, peer: _Peer) -> None:
+        peer.task = asyncio.create_task(self._run_peer(peer), name=f"relay-{self.node_id}->{peer.address}")
+
+    async def set_peers(self, peers: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Replaces the peers at runtime: a link starts to each new address (once the relay
+        runs), the link to each address no longer listed stops (stream and channel
+        closed), the others are untouched. Returns (added, removed) addresses. A removed
+        peer that ever answered is retired (see the module doc). ValueError (nothing
+        changed) if ``peers`` is not a list of distinct 'host:port' strings."""
+        wanted = _check_peers(peers)
+        links = {p.address: p for p in self._peers}
+        removed = [p for p in self._peers if p.address not in wanted]
+        added = []
+        for address in wanted:
+            if address not in links:
+                back = [p for p in self._retired if p.address == address]
+                links[address] = back[0] if back else self._new_peer(address)
+                self._retired = [p for p in self._retired if p.address != address]
+                added.append(links[address])
+        self._peers = [links[address] for address in wanted]
+        for peer in removed:
+            linked = [p for p in self._peers if peer.node_id and p.node_id == peer.node_id]
+            if linked:  # its node is linked at another address already
+                self._hand_over(peer, linked[0])
+            elif peer.node_id:
+                self._retired.append(peer)
+        stopping = [p.task for p in removed if p.task is not None]
+        for task in stopping:  # cancelled before any await: a link never outlives its removal
+            task.cancel()
+        if self._running:
+            for peer in added:
+                self._start_link(peer)
+        for peer in removed:
+            peer.task = None
+        if stopping:
+            _, stuck = await asyncio.wait(stopping, timeout=5.0)
+            for task in stuck:
+                _log_event(log, logging.ERROR, "relay task did not stop", node_id=self.node_id, task=task.get_name())
+        return [p.address for p in added], [p.address for p in removed]
+
     async def start(self) -> Relay:
         """Starts the peer tasks (idempotent)."""
         if self._running:
@@ -279,8 +339,7 @@ class Relay:
         self._watcher = self.store.watch(components=[WAKE_COMPONENT])
         self._tasks.append(asyncio.create_task(self._wake_loop(), name=f"relay-wake-{self.node_id}"))
         for peer in self._peers:
-            peer.task = asyncio.create_task(self._run_peer(peer), name=f"relay-{self.node_id}->{peer.address}")
-            self._tasks.append(peer.task)
+            self._start_link(peer)
         if self.collect_enabled:
             self._tasks.append(asyncio.create_task(self._collect_loop(), name=f"relay-collect-{self.node_id}"))
         self._tasks.append(asyncio.create_task(self._stats_loop(), name=f"relay-stats-{self.node_id}"))
@@ -294,14 +353,17 @@ class Relay:
         if not self._running:
             return
         self._running = False
-        for task in self._tasks:
+        tasks = self._tasks + [p.task for p in self._peers if p.task is not None]
+        for task in tasks:
             task.cancel()
         # Bounded: every loop also checks _running, so a cancellation swallowed by a
         # library's wait_for (a known race on Python 3.11) still ends the task.
-        _, stuck = await asyncio.wait(self._tasks, timeout=5.0)
+        _, stuck = await asyncio.wait(tasks, timeout=5.0)
         for task in stuck:
             _log_event(log, logging.ERROR, "relay task did not stop", node_id=self.node_id, task=task.get_name())
         self._tasks.clear()
+        for peer in self._peers:
+            peer.task = None
         if self.collect_enabled:
             self.store.manage_collection(None)
         if self._watcher is not None:
@@ -358,6 +420,7 @@ class Relay:
             "collect_mark": self.collect_mark,
             "tombstones_collected": self.tombstones_collected,
             "peers": peers,
+            "retired": {p.address: p.node_id for p in self._retired},
         }
 
     def synced(self) -> bool:
@@ -379,14 +442,15 @@ class Relay:
         """The node ``node_id`` just pushed us a batch: it is alive, whatever our own
         link to it does."""
         now = self._clock()
-        for peer in self._peers:
+        for peer in self._peers + self._retired:
             if peer.node_id == node_id:
                 peer.last_heard = now
 
     def collect_once(self) -> int:
         """Forgets deleted entities every live peer acknowledged (expired peers do not
         count, and owe a resync from then on); 0 while a live peer never acked."""
-        live = [p for p in self._peers if not self._expired(p)]
+        known = self._peers + self._retired
+        live = [p for p in known if not self._expired(p)]
         if not all(p.acked_once for p in live):
             return 0
         mark = min((p.acked for p in live), default=self.store.seq)
@@ -397,7 +461,7 @@ class Relay:
         self.collect_mark = mark
         self.tombstones_collected += collected
         if collected:
-            for peer in self._peers:
+            for peer in known:
                 if peer not in live and not peer.owes_resync:
                     peer.owes_resync = peer.withhold_summary = True
                     _log_event(log, logging.WARNING, "mesh peer expired", node_id=self.node_id, peer=peer.address,
@@ -410,7 +474,7 @@ class Relay:
     def resynced(self, node_id: str) -> None:
         """The node ``node_id`` has sent us its whole state (a resync pass): once our
         answers, recorded by now, have reached it, it may adopt our summary again."""
-        for peer in self._peers:
+        for peer in self._peers + self._retired:
             if peer.node_id == node_id and peer.withhold_summary and not peer.owes_resync:
                 peer.withhold_summary = False
                 peer.summary_after = self.store.seq
@@ -421,9 +485,10 @@ class Relay:
         """Whether the node ``node_id``, pushing to us, must resync (send us everything):
         collection went ahead without it, or (when ``take``: a new stream's Hello) without
         a peer whose node we never learned. ``take`` clears what it answers for."""
+        known = self._peers + self._retired
         if not take:
-            return any(p.owes_resync and p.node_id == node_id for p in self._peers)
-        owed = [p for p in self._peers if p.owes_resync and p.node_id in (node_id, "")]
+            return any(p.owes_resync and p.node_id == node_id for p in known)
+        owed = [p for p in known if p.owes_resync and p.node_id in (node_id, "")]
         for peer in owed:
             peer.owes_resync = peer.node_id != node_id  # a peer not yet identified stays owed
         return bool(owed)
@@ -540,6 +605,7 @@ class Relay:
                 peer.acked_once = False
                 peer.no_skip_until = self.store.seq
                 peer.full_syncs += 1
+            self._take_over_retired(peer)
             peer.last_ack = self._clock()
             # Skip what the peer has seen, unless it asked for everything.
             unless_seen = None if hello.resync else summary_entries(hello.context)
@@ -569,6 +635,21 @@ class Relay:
             if tasks:
                 await asyncio.wait(tasks, timeout=2.0)
             await channel.close(None)
+
+    def _take_over_retired(self, peer: _Peer) -> None:
+        """``peer``'s node was retired under another address (a restarted pod's new IP):
+        this link takes its place."""
+        for old in [p for p in self._retired if p.node_id == peer.node_id]:
+            self._retired.remove(old)
+            self._hand_over(old, peer)
+
+    def _hand_over(self, old: _Peer, new: _Peer) -> None:
+        """The link ``new`` to the node ``old`` was linked at: from now on only ``new``
+        holds collection back for it (from what it acknowledged), owing what ``old`` owed."""
+        new.owes_resync = new.owes_resync or old.owes_resync
+        new.withhold_summary = new.withhold_summary or old.withhold_summary
+        _log_event(log, logging.INFO, "mesh peer moved", node_id=self.node_id, peer_node=new.node_id,
+                   was=old.address, now=new.address)
 
     async def _read_acks(self, peer: _Peer, call: Any, session: _Session) -> None:
         while self._running and not call.done():

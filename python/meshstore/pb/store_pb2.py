@@ -26,7 +26,7 @@ from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from meshstore.pb import entity_pb2 as entity_dot_v1_dot_entity__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14store/v1/store.proto\x12\x08store.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x16\x65ntity/v1/entity.proto\"u\n\x0b\x45ntityEvent\x12!\n\x04type\x18\x01 \x01(\x0e\x32\x13.store.v1.EventType\x12!\n\x06\x65ntity\x18\x02 \x01(\x0b\x32\x11.entity.v1.Entity\x12\x13\n\x0borigin_node\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x04\"9\n\x10\x45ntityEventBatch\x12%\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x15.store.v1.EntityEvent\"8\n\x13\x43reateEntityRequest\x12!\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x11.entity.v1.Entity\"\x1e\n\x10GetEntityRequest\x12\n\n\x02id\x18\x01 \x01(\t\"A\n\x13ListEntitiesRequest\x12*\n\x0btype_filter\x18\x01 \x01(\x0e\x32\x15.entity.v1.EntityType\";\n\x14ListEntitiesResponse\x12#\n\x08\x65ntities\x18\x01 \x03(\x0b\x32\x11.entity.v1.Entity\"H\n\x13UpdateEntityRequest\x12!\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x11.entity.v1.Entity\x12\x0e\n\x06strict\x18\x02 \x01(\x08\"d\n\x0cUpdateResult\x12!\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x11.entity.v1.Entity\x12\x0f\n\x07\x61pplied\x18\x02 \x03(\t\x12\r\n\x05stale\x18\x03 \x03(\t\x12\x11\n\tunchanged\x18\x04 \x03(\t\"!\n\x13\x44\x65leteEntityRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xce\x01\n\x14WatchEntitiesRequest\x12*\n\x0btype_filter\x18\x01 \x01(\x0e\x32\x15.entity.v1.EntityType\x12\x18\n\x10include_existing\x18\x02 \x01(\x08\x12\x16\n\tsince_seq\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\ncomponents\x18\x04 \x03(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x05 \x01(\r\x12\x17\n\x0fmin_interval_ms\x18\x06 \x01(\rB\x0c\n\n_since_seq\")\n\x14\x41pproveActionRequest\x12\x11\n\tentity_id\x18\x01 \x01(\t\"&\n\x11\x44\x65nyActionRequest\x12\x11\n\tentity_id\x18\x01 \x01(\t\"X\n\x0ePublishRequest\x12!\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x11.entity.v1.Entity\x12#\n\x08\x65ntities\x18\x02 \x03(\x0b\x32\x11.entity.v1.Entity\"6\n\x12PublishRequestView\x12\x0e\n\x06\x65ntity\x18\x01 \x01(\x0c\x12\x10\n\x08\x65ntities\x18\x02 \x03(\x0c\"R\n\x0ePublishSummary\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x04\x12\r\n\x05stale\x18\x02 \x01(\x04\x12\x10\n\x08rejected\x18\x03 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x04 \x03(\t\"\x11\n\x0fGetStatsRequest\"\x8a\x01\n\x10GetStatsResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x36\n\x06values\x18\x02 \x03(\x0b\x32&.store.v1.GetStatsResponse.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\x89\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45VENT_TYPE_CREATED\x10\x01\x12\x16\n\x12\x45VENT_TYPE_UPDATED\x10\x02\x12\x16\n\x12\x45VENT_TYPE_DELETED\x10\x03\x12\x18\n\x14\x45VENT_TYPE_HEARTBEAT\x10\x04\x32\xe5\x06\n\x12\x45ntityStoreService\x12@\n\x0c\x43reateEntity\x12\x1d.store.v1.CreateEntityRequest\x1a\x11.entity.v1.Entity\x12:\n\tGetEntity\x12\x1a.store.v1.GetEntityRequest\x1a\x11.entity.v1.Entity\x12M\n\x0cListEntities\x12\x1d.store.v1.ListEntitiesRequest\x1a\x1e.store.v1.ListEntitiesResponse\x12@\n\x0cUpdateEntity\x12\x1d.store.v1.UpdateEntityRequest\x1a\x11.entity.v1.Entity\x12\x45\n\x0c\x44\x65leteEntity\x12\x1d.store.v1.DeleteEntityRequest\x1a\x16.google.protobuf.Empty\x12H\n\rWatchEntities\x12\x1e.store.v1.WatchEntitiesRequest\x1a\x15.store.v1.EntityEvent0\x01\x12\x42\n\rApproveAction\x12\x1e.store.v1.ApproveActionRequest\x1a\x11.entity.v1.Entity\x12<\n\nDenyAction\x12\x1b.store.v1.DenyActionRequest\x1a\x11.entity.v1.Entity\x12M\n\x14UpdateEntityDetailed\x12\x1d.store.v1.UpdateEntityRequest\x1a\x16.store.v1.UpdateResult\x12G\n\x0fPublishEntities\x12\x18.store.v1.PublishRequest\x1a\x18.store.v1.PublishSummary(\x01\x12\x41\n\x08GetStats\x12\x19.store.v1.GetStatsRequest\x1a\x1a.store.v1.GetStatsResponse\x12R\n\x12WatchEntityBatches\x12\x1e.store.v1.WatchEntitiesRequest\x1a\x1a.store.v1.EntityEventBatch0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14store/v1/store.proto\x12\x08store.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x16\x65ntity/v1/entity.proto\"u\n\x0b\x45ntityEvent\x12!\n\x04type\x18\x01 \x01(\x0e\x32\x13.store.v1.EventType\x12!\n\x06\x65ntity\x18\x02 \x01(\x0b\x32\x11.entity.v1.Entity\x12\x13\n\x0borigin_node\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x04\"9\n\x10\x45ntityEventBatch\x12%\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x15.store.v1.EntityEvent\"8\n\x13\x43reateEntityRequest\x12!\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x11.entity.v1.Entity\"\x1e\n\x10GetEntityRequest\x12\n\n\x02id\x18\x01 \x01(\t\"A\n\x13ListEntitiesRequest\x12*\n\x0btype_filter\x18\x01 \x01(\x0e\x32\x15.entity.v1.EntityType\";\n\x14ListEntitiesResponse\x12#\n\x08\x65ntities\x18\x01 \x03(\x0b\x32\x11.entity.v1.Entity\"H\n\x13UpdateEntityRequest\x12!\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x11.entity.v1.Entity\x12\x0e\n\x06strict\x18\x02 \x01(\x08\"\x87\x01\n\x0cUpdateResult\x12!\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x11.entity.v1.Entity\x12\x0f\n\x07\x61pplied\x18\x02 \x03(\t\x12\r\n\x05stale\x18\x03 \x03(\t\x12\x11\n\tunchanged\x18\x04 \x03(\t\x12\x12\n\nerror_code\x18\x05 \x01(\x05\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"!\n\x13\x44\x65leteEntityRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xce\x01\n\x14WatchEntitiesRequest\x12*\n\x0btype_filter\x18\x01 \x01(\x0e\x32\x15.entity.v1.EntityType\x12\x18\n\x10include_existing\x18\x02 \x01(\x08\x12\x16\n\tsince_seq\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\ncomponents\x18\x04 \x03(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x05 \x01(\r\x12\x17\n\x0fmin_interval_ms\x18\x06 \x01(\rB\x0c\n\n_since_seq\")\n\x14\x41pproveActionRequest\x12\x11\n\tentity_id\x18\x01 \x01(\t\"&\n\x11\x44\x65nyActionRequest\x12\x11\n\tentity_id\x18\x01 \x01(\t\"`\n\x15UpdateEntitiesRequest\x12#\n\x08\x65ntities\x18\x01 \x03(\x0b\x32\x11.entity.v1.Entity\x12\x0e\n\x06strict\x18\x02 \x01(\x08\x12\x12\n\ncomponents\x18\x03 \x03(\t\"A\n\x16UpdateEntitiesResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.store.v1.UpdateResult\"X\n\x0ePublishRequest\x12!\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x11.entity.v1.Entity\x12#\n\x08\x65ntities\x18\x02 \x03(\x0b\x32\x11.entity.v1.Entity\"6\n\x12PublishRequestView\x12\x0e\n\x06\x65ntity\x18\x01 \x01(\x0c\x12\x10\n\x08\x65ntities\x18\x02 \x03(\x0c\"R\n\x0ePublishSummary\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x04\x12\r\n\x05stale\x18\x02 \x01(\x04\x12\x10\n\x08rejected\x18\x03 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x04 \x03(\t\"\x11\n\x0fGetStatsRequest\"\x8a\x01\n\x10GetStatsResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x36\n\x06values\x18\x02 \x03(\x0b\x32&.store.v1.GetStatsResponse.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\x89\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45VENT_TYPE_CREATED\x10\x01\x12\x16\n\x12\x45VENT_TYPE_UPDATED\x10\x02\x12\x16\n\x12\x45VENT_TYPE_DELETED\x10\x03\x12\x18\n\x14\x45VENT_TYPE_HEARTBEAT\x10\x04\x32\xba\x07\n\x12\x45ntityStoreService\x12@\n\x0c\x43reateEntity\x12\x1d.store.v1.CreateEntityRequest\x1a\x11.entity.v1.Entity\x12:\n\tGetEntity\x12\x1a.store.v1.GetEntityRequest\x1a\x11.entity.v1.Entity\x12M\n\x0cListEntities\x12\x1d.store.v1.ListEntitiesRequest\x1a\x1e.store.v1.ListEntitiesResponse\x12@\n\x0cUpdateEntity\x12\x1d.store.v1.UpdateEntityRequest\x1a\x11.entity.v1.Entity\x12\x45\n\x0c\x44\x65leteEntity\x12\x1d.store.v1.DeleteEntityRequest\x1a\x16.google.protobuf.Empty\x12H\n\rWatchEntities\x12\x1e.store.v1.WatchEntitiesRequest\x1a\x15.store.v1.EntityEvent0\x01\x12\x42\n\rApproveAction\x12\x1e.store.v1.ApproveActionRequest\x1a\x11.entity.v1.Entity\x12<\n\nDenyAction\x12\x1b.store.v1.DenyActionRequest\x1a\x11.entity.v1.Entity\x12M\n\x14UpdateEntityDetailed\x12\x1d.store.v1.UpdateEntityRequest\x1a\x16.store.v1.UpdateResult\x12G\n\x0fPublishEntities\x12\x18.store.v1.PublishRequest\x1a\x18.store.v1.PublishSummary(\x01\x12\x41\n\x08GetStats\x12\x19.store.v1.GetStatsRequest\x1a\x1a.store.v1.GetStatsResponse\x12R\n\x12WatchEntityBatches\x12\x1e.store.v1.WatchEntitiesRequest\x1a\x1a.store.v1.EntityEventBatch0\x01\x12S\n\x0eUpdateEntities\x12\x1f.store.v1.UpdateEntitiesRequest\x1a .store.v1.UpdateEntitiesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETSTATSRESPONSE_VALUESENTRY']._loaded_options = None
   _globals['_GETSTATSRESPONSE_VALUESENTRY']._serialized_options = b'8\001'
-  _globals['_EVENTTYPE']._serialized_start=1377
-  _globals['_EVENTTYPE']._serialized_end=1514
+  _globals['_EVENTTYPE']._serialized_start=1578
+  _globals['_EVENTTYPE']._serialized_end=1715
   _globals['_ENTITYEVENT']._serialized_start=87
   _globals['_ENTITYEVENT']._serialized_end=204
   _globals['_ENTITYEVENTBATCH']._serialized_start=206
@@ -51,28 +51,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTENTITIESRESPONSE']._serialized_end=481
   _globals['_UPDATEENTITYREQUEST']._serialized_start=483
   _globals['_UPDATEENTITYREQUEST']._serialized_end=555
-  _globals['_UPDATERESULT']._serialized_start=557
-  _globals['_UPDATERESULT']._serialized_end=657
-  _globals['_DELETEENTITYREQUEST']._serialized_start=659
-  _globals['_DELETEENTITYREQUEST']._serialized_end=692
-  _globals['_WATCHENTITIESREQUEST']._serialized_start=695
-  _globals['_WATCHENTITIESREQUEST']._serialized_end=901
-  _globals['_APPROVEACTIONREQUEST']._serialized_start=903
-  _globals['_APPROVEACTIONREQUEST']._serialized_end=944
-  _globals['_DENYACTIONREQUEST']._serialized_start=946
-  _globals['_DENYACTIONREQUEST']._serialized_end=984
-  _globals['_PUBLISHREQUEST']._serialized_start=986
-  _globals['_PUBLISHREQUEST']._serialized_end=1074
-  _globals['_PUBLISHREQUESTVIEW']._serialized_start=1076
-  _globals['_PUBLISHREQUESTVIEW']._serialized_end=1130
-  _globals['_PUBLISHSUMMARY']._serialized_start=1132
-  _globals['_PUBLISHSUMMARY']._serialized_end=1214
-  _globals['_GETSTATSREQUEST']._serialized_start=1216
-  _globals['_GETSTATSREQUEST']._serialized_end=1233
-  _globals['_GETSTATSRESPONSE']._serialized_start=1236
-  _globals['_GETSTATSRESPONSE']._serialized_end=1374
-  _globals['_GETSTATSRESPONSE_VALUESENTRY']._serialized_start=1329
-  _globals['_GETSTATSRESPONSE_VALUESENTRY']._serialized_end=1374
-  _globals['_ENTITYSTORESERVICE']._serialized_start=1517
-  _globals['_ENTITYSTORESERVICE']._serialized_end=2386
+  _globals['_UPDATERESULT']._serialized_start=558
+  _globals['_UPDATERESULT']._serialized_end=693
+  _globals['_DELETEENTITYREQUEST']._serialized_start=695
+  _globals['_DELETEENTITYREQUEST']._serialized_end=728
+  _globals['_WATCHENTITIESREQUEST']._serialized_start=731
+  _globals['_WATCHENTITIESREQUEST']._serialized_end=937
+  _globals['_APPROVEACTIONREQUEST']._serialized_start=939
+  _globals['_APPROVEACTIONREQUEST']._serialized_end=980
+  _globals['_DENYACTIONREQUEST']._serialized_start=982
+  _globals['_DENYACTIONREQUEST']._serialized_end=1020
+  _globals['_UPDATEENTITIESREQUEST']._serialized_start=1022
+  _globals['_UPDATEENTITIESREQUEST']._serialized_end=1118
+  _globals['_UPDATEENTITIESRESPONSE']._serialized_start=1120
+  _globals['_UPDATEENTITIESRESPONSE']._serialized_end=1185
+  _globals['_PUBLISHREQUEST']._serialized_start=1187
+  _globals['_PUBLISHREQUEST']._serialized_end=1275
+  _globals['_PUBLISHREQUESTVIEW']._serialized_start=1277
+  _globals['_PUBLISHREQUESTVIEW']._serialized_end=1331
+  _globals['_PUBLISHSUMMARY']._serialized_start=1333
+  _globals['_PUBLISHSUMMARY']._serialized_end=1415
+  _globals['_GETSTATSREQUEST']._serialized_start=1417
+  _globals['_GETSTATSREQUEST']._serialized_end=1434
+  _globals['_GETSTATSRESPONSE']._serialized_start=1437
+  _globals['_GETSTATSRESPONSE']._serialized_end=1575
+  _globals['_GETSTATSRESPONSE_VALUESENTRY']._serialized_start=1530
+  _globals['_GETSTATSRESPONSE_VALUESENTRY']._serialized_end=1575
+  _globals['_ENTITYSTORESERVICE']._serialized_start=1718
+  _globals['_ENTITYSTORESERVICE']._serialized_end=2672
 # @@protoc_insertion_point(module_scope)

@@ -73,16 +73,20 @@ class UpdateEntityRequest(_message.Message):
     def __init__(self, entity: _Optional[_Union[_entity_pb2.Entity, _Mapping]] = ..., strict: _Optional[bool] = ...) -> None: ...
 
 class UpdateResult(_message.Message):
-    __slots__ = ("entity", "applied", "stale", "unchanged")
+    __slots__ = ("entity", "applied", "stale", "unchanged", "error_code", "error")
     ENTITY_FIELD_NUMBER: _ClassVar[int]
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     STALE_FIELD_NUMBER: _ClassVar[int]
     UNCHANGED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     entity: _entity_pb2.Entity
     applied: _containers.RepeatedScalarFieldContainer[str]
     stale: _containers.RepeatedScalarFieldContainer[str]
     unchanged: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, entity: _Optional[_Union[_entity_pb2.Entity, _Mapping]] = ..., applied: _Optional[_Iterable[str]] = ..., stale: _Optional[_Iterable[str]] = ..., unchanged: _Optional[_Iterable[str]] = ...) -> None: ...
+    error_code: int
+    error: str
+    def __init__(self, entity: _Optional[_Union[_entity_pb2.Entity, _Mapping]] = ..., applied: _Optional[_Iterable[str]] = ..., stale: _Optional[_Iterable[str]] = ..., unchanged: _Optional[_Iterable[str]] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class DeleteEntityRequest(_message.Message):
     __slots__ = ("id",)
@@ -117,6 +121,22 @@ class DenyActionRequest(_message.Message):
     ENTITY_ID_FIELD_NUMBER: _ClassVar[int]
     entity_id: str
     def __init__(self, entity_id: _Optional[str] = ...) -> None: ...
+
+class UpdateEntitiesRequest(_message.Message):
+    __slots__ = ("entities", "strict", "components")
+    ENTITIES_FIELD_NUMBER: _ClassVar[int]
+    STRICT_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    entities: _containers.RepeatedCompositeFieldContainer[_entity_pb2.Entity]
+    strict: bool
+    components: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, entities: _Optional[_Iterable[_Union[_entity_pb2.Entity, _Mapping]]] = ..., strict: _Optional[bool] = ..., components: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class UpdateEntitiesResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[UpdateResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[UpdateResult, _Mapping]]] = ...) -> None: ...
 
 class PublishRequest(_message.Message):
     __slots__ = ("entity", "entities")

@@ -96,6 +96,11 @@ class EntityStoreServiceStub:
                 request_serializer=store_dot_v1_dot_store__pb2.WatchEntitiesRequest.SerializeToString,
                 response_deserializer=store_dot_v1_dot_store__pb2.EntityEventBatch.FromString,
                 _registered_method=True)
+        self.UpdateEntities = channel.unary_unary(
+                '/store.v1.EntityStoreService/UpdateEntities',
+                request_serializer=store_dot_v1_dot_store__pb2.UpdateEntitiesRequest.SerializeToString,
+                response_deserializer=store_dot_v1_dot_store__pb2.UpdateEntitiesResponse.FromString,
+                _registered_method=True)
 
 
 class EntityStoreServiceServicer:
@@ -179,6 +184,13 @@ class EntityStoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateEntities(self, request, context):
+        """UpdateEntityDetailed for many entities in one call; one bad entity fails alone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EntityStoreServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -241,6 +253,11 @@ def add_EntityStoreServiceServicer_to_server(servicer, server):
                     servicer.WatchEntityBatches,
                     request_deserializer=store_dot_v1_dot_store__pb2.WatchEntitiesRequest.FromString,
                     response_serializer=store_dot_v1_dot_store__pb2.EntityEventBatch.SerializeToString,
+            ),
+            'UpdateEntities': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateEntities,
+                    request_deserializer=store_dot_v1_dot_store__pb2.UpdateEntitiesRequest.FromString,
+                    response_serializer=store_dot_v1_dot_store__pb2.UpdateEntitiesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -567,6 +584,33 @@ class EntityStoreService:
             '/store.v1.EntityStoreService/WatchEntityBatches',
             store_dot_v1_dot_store__pb2.WatchEntitiesRequest.SerializeToString,
             store_dot_v1_dot_store__pb2.EntityEventBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateEntities(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/store.v1.EntityStoreService/UpdateEntities',
+            store_dot_v1_dot_store__pb2.UpdateEntitiesRequest.SerializeToString,
+            store_dot_v1_dot_store__pb2.UpdateEntitiesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,9 +22,11 @@ sensor's velocity write to the classification answering it (p50/p99).
 
 The write carries ONLY ``classification`` and ``threat``, each with the version it was
 based on (``entity.versions[key]`` as read; for a key that was absent, a version older
-than any write), through UpdateEntity: a classification or threat written meanwhile by
-someone else is reported stale and kept, and the sensor's position is never part of the
-write, so it can never be overwritten with an old one. A write that would change nothing
+than any write): a classification or threat written meanwhile by someone else is
+reported stale and kept, and the sensor's position is never part of the write, so it
+can never be overwritten with an old one. The writes of the tracks handled at once go
+together in one UpdateEntities call (``meshstore.grpc.client.UpdateBatcher``), so a
+burst of new tracks costs a few round trips, not one per track. A write that would change nothing
 is skipped, and so are events older than the classifier's own last write (its echo has
 not arrived yet).
 
@@ -41,7 +43,7 @@ import logging
 import math
 from dataclasses import dataclass
 
-from meshstore.grpc.client import DEFAULT_ADDR, Backoff, StoreClient
+from meshstore.grpc.client import DEFAULT_ADDR, Backoff, StoreClient, UpdateBatcher
 from meshstore.components import CLASSIFICATION, THREAT, VELOCITY, pack
 from meshstore.errors import InvalidEntityError, NotFoundError
 from meshstore.pb import entity_pb2 as pb
@@ -52,6 +54,8 @@ from meshstore.validate import is_number
 __all__ = ["Classification", "Classifier", "Thresholds", "classify", "plan_write"]
 
 WRITES = (CLASSIFICATION, THREAT)
+#: What the classifier reads of a track (its watch projection, and its writes' answers).
+WATCHED = [VELOCITY, CLASSIFICATION, THREAT]
 LABELS = ("slow-mover", "mover", "fast-mover", "very-fast-mover")
 LEVELS = (pb.THREAT_LEVEL_NONE, pb.THREAT_LEVEL_LOW, pb.THREAT_LEVEL_MEDIUM, pb.THREAT_LEVEL_HIGH)
 
@@ -147,18 +151,22 @@ class Classifier(Service):
         self.keys_written: set[str] = set()
         self.stream = None
         self.workers = PerEntity(self)
+        #: Writes go out in batches: what the handlers of many entities write at once
+        #: is one UpdateEntities call.
+        self.updates = UpdateBatcher(self.client, components=WATCHED)
 
     async def _main(self) -> None:
         t = self.thresholds
         self.event(logging.INFO, "classifying", low_kts=t.low, medium_kts=t.medium, high_kts=t.high)
         self.stream = self.client.watch(pb.ENTITY_TYPE_TRACK, include_existing=True,
-                                        components=[VELOCITY, CLASSIFICATION, THREAT],
+                                        components=WATCHED,
                                         min_interval=self.min_interval, on_reset=self._forget)
         async for ev in self.stream:
             await self.workers.submit(ev.entity.id, functools.partial(self.handle_until_done, ev))
 
     async def _cleanup(self) -> None:
         await self.workers.close()
+        await self.updates.close()
 
     def _forget(self) -> None:
         self._written.clear()
@@ -184,7 +192,7 @@ class Classifier(Service):
             return
         self.keys_written.update(write.components.keys())
         try:
-            result = await self.client.update(write)
+            result = await self.updates.update(write)
         except NotFoundError:
             return  # deleted meanwhile
         except InvalidEntityError as exc:

@@ -1,7 +1,7 @@
 """radar-sim: a radar observing the same ground truth as sensor-sim, with noise.
 
-Same scenario (same seed, count, box, speeds: use the same flags or BBOX_* / SCENARIO_*
-environment), but:
+Same scenario (same seed, count, box, speeds: use the same flags, MESHSTORE_BBOX_* /
+MESHSTORE_SCENARIO_* environment or config file), but:
 
 - positions carry Gaussian noise of ``noise_m`` metres (standard deviation, per axis),
   drawn from ``random.Random("<seed>:<sensor_id>:<tick>")``: deterministic for a seed and

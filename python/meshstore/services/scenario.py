@@ -20,9 +20,7 @@ degrees clockwise from true north.
 from __future__ import annotations
 
 import math
-import os
 import random
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from meshstore.validate import is_number
@@ -50,7 +48,6 @@ SCENARIO_EPOCH = 1_700_000_000.0
 EDGE_MODES = ("bounce", "wrap")
 
 #: Environment variables of the bounding box (the sims' --bbox-* flags default to them).
-BBOX_ENV = ("BBOX_MIN_LAT", "BBOX_MAX_LAT", "BBOX_MIN_LON", "BBOX_MAX_LON")
 DEFAULT_BBOX = (50.0, 51.0, -1.0, 1.0)
 
 
@@ -76,23 +73,6 @@ class BBox:
             raise ValueError(f"bbox latitudes must satisfy -90 <= min < max <= 90, got {self.min_lat}..{self.max_lat}")
         if not -180.0 <= self.min_lon < self.max_lon <= 180.0:
             raise ValueError(f"bbox longitudes must satisfy -180 <= min < max <= 180, got {self.min_lon}..{self.max_lon}")
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> BBox:
-        """From BBOX_MIN_LAT, BBOX_MAX_LAT, BBOX_MIN_LON, BBOX_MAX_LON (each defaults to
-        the default box's value). ValueError names the variable that does not parse."""
-        env = os.environ if env is None else env
-        values = []
-        for name, default in zip(BBOX_ENV, DEFAULT_BBOX, strict=True):
-            raw = env.get(name)
-            if raw is None or not raw.strip():
-                values.append(default)
-                continue
-            try:
-                values.append(float(raw))
-            except ValueError:
-                raise ValueError(f"{name}={raw!r} is not a number") from None
-        return cls(*values)
 
     @property
     def center(self) -> tuple[float, float]:

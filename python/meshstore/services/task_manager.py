@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
-from meshstore.grpc.client import DEFAULT_ADDR, Backoff, StoreClient, StoreUnavailableError
+from meshstore.grpc.client import DEFAULT_ADDR, Backoff, StoreClient, StoreUnavailableError, UpdateBatcher
 from meshstore.components import APPROVAL, TASK, TASK_CATALOG, THREAT, pack
 from meshstore.errors import InvalidEntityError, NotFoundError
 from meshstore.eventloop import EventLoop, default_loop
@@ -82,6 +82,8 @@ _BY_DECISION = {
     pb.APPROVAL_STATE_PENDING: TRACK,
 }
 
+#: What the task manager reads of a track (its watch projection, and its writes' answers).
+WATCHED = [THREAT, APPROVAL, TASK, TASK_CATALOG]
 KEEP = "keep"
 CANCEL = "cancel"
 
@@ -179,6 +181,9 @@ class TaskManager(Service):
         self.keys_written: set[str] = set()
         self.stream = None
         self.workers = PerEntity(self)
+        #: Writes go out in batches: what the handlers of many entities write at once
+        #: is one UpdateEntities call.
+        self.updates = UpdateBatcher(self.client, components=WATCHED)
 
     # ---- timers (EventLoop thread -> asyncio) ---------------------------------------------
 
@@ -219,7 +224,7 @@ class TaskManager(Service):
         self._timeouts = asyncio.Queue()
         self.event(logging.INFO, "managing tasks", approval_timeout_s=self.approval_timeout)
         self.stream = self.client.watch(pb.ENTITY_TYPE_TRACK, include_existing=True,
-                                        components=[THREAT, APPROVAL, TASK, TASK_CATALOG],
+                                        components=WATCHED,
                                         on_reset=self._written.clear)
         timeouts = asyncio.create_task(self._timeout_worker(), name="task-manager-timeouts")
         try:
@@ -231,6 +236,7 @@ class TaskManager(Service):
 
     async def _cleanup(self) -> None:
         await self.workers.close()
+        await self.updates.close()
         for entity_id in list(self.deadlines):  # the loop is shared: leave no timer behind
             self._disarm(entity_id)
 
@@ -276,7 +282,7 @@ class TaskManager(Service):
     async def _write(self, write: pb.Entity) -> list[str] | None:
         self.keys_written.update(write.components.keys())
         try:
-            result = await self.client.update(write)
+            result = await self.updates.update(write)
         except NotFoundError:
             return None
         except InvalidEntityError as exc:
@@ -336,7 +342,7 @@ class TaskManager(Service):
         write.versions[APPROVAL].CopyFrom(base_version(entity, APPROVAL))
         self.keys_written.add(APPROVAL)
         try:
-            result = await self.client.update(write)
+            result = await self.updates.update(write)
         except NotFoundError:
             return
         if APPROVAL in result.applied:
