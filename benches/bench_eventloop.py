@@ -6,12 +6,14 @@ is timed against the raw cost floor of the same number of heapq pushes onto a
 100k-entry heap with no cancel map and no lock (a threading.Timer per key, the
 design this replaces, is too heavy to even build at 100k).
 
+Knobs (environment): BLOOP_TIMERS (100000: timers, and calls per batch), BLOOP_ROUNDS (5).
 Runs only when benchmarks are asked for: pytest benches --benchmark-only
 """
 
 from __future__ import annotations
 
 import heapq
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -21,9 +23,9 @@ from pytest_benchmark.fixture import BenchmarkFixture
 
 from meshstore.eventloop import EventLoop
 
-N_TIMERS = 100_000
-BATCH = 100_000
-ROUNDS = 5
+N_TIMERS = int(os.environ.get("BLOOP_TIMERS", 100_000))
+BATCH = N_TIMERS
+ROUNDS = int(os.environ.get("BLOOP_ROUNDS", 5))
 
 pytestmark = pytest.mark.benchmark(group="eventloop-reschedule")
 

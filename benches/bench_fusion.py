@@ -13,11 +13,13 @@ Gaussian noise): 10,000 tracks from two sensor types, a 500 m correlation gate. 
 
 Times and ratios go into extra_info and the bench summary.
 
+Knobs (environment): BFUSION_TARGETS (5000: twice as many tracks), BFUSION_ROUNDS (5).
 Runs only when benchmarks are asked for: pytest benches --benchmark-only
 """
 
 from __future__ import annotations
 
+import os
 import random
 import statistics
 import time
@@ -29,9 +31,9 @@ from pytest_benchmark.fixture import BenchmarkFixture
 from meshstore.services.fusion import Correlator, Obs, PassResult
 from meshstore.services.scenario import offset_position
 
-TARGETS = 5_000
+TARGETS = int(os.environ.get("BFUSION_TARGETS", 5_000))
 MAX_DISTANCE = 500.0
-ROUNDS = 5
+ROUNDS = int(os.environ.get("BFUSION_ROUNDS", 5))
 
 pytestmark = pytest.mark.benchmark(group="fusion-correlation")
 

@@ -16,12 +16,14 @@ store to store (10k for fanout; 2 x 10k for heal), without gRPC, relays or batch
 All three nodes share one process, one event loop and one GIL, so every merge and send
 of the three nodes is serialized on this machine: a real deployment spreads them.
 
+Knobs (environment): B5_ENTITIES (10000), B5_ROUNDS (3).
 Runs only when benchmarks are asked for: pytest benches --benchmark-only
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -37,8 +39,8 @@ from meshstore.pb import entity_pb2 as pb
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from partition import Cluster, eventually  # noqa: E402
 
-N = 10_000
-ROUNDS = 3
+N = int(os.environ.get("B5_ENTITIES", 10_000))
+ROUNDS = int(os.environ.get("B5_ROUNDS", 3))
 #: A budget that binds: 8 MB/s per link with a 256 KiB burst (10k states are ~1.9 MB).
 BUDGET = {"bandwidth_bps": 8_000_000, "burst_bytes": 256 * 1024}
 

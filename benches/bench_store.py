@@ -20,6 +20,7 @@ after on the same input (interleaved); during rounds the pre-existing heap is fr
 (``gc.freeze``) on both sides, see ``interleaved``. Throughput is per entity write, from
 the best of 3 rounds (both sides alike); means are in ``extra_info`` too.
 
+Knobs (environment): BSTORE_TRACKS (100000), BSTORE_ROUNDS (3).
 Runs only when benchmarks are asked for (~1 minute on 2 cores):
 ``pytest benches/bench_store.py --benchmark-only -s``
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 import gc
 import itertools
 import json
+import os
 import subprocess
 import sys
 import time
@@ -46,12 +48,12 @@ from meshstore.pb import entity_pb2 as pb
 sys.path.insert(0, str(Path(__file__).parent))
 from reference_store import ReferenceStore  # noqa: E402
 
-N = 100_000
+N = int(os.environ.get("BSTORE_TRACKS", 100_000))
 BATCH = 1_000
 # B3 writes half the tracks per round (50 batches), alternating halves, to keep the file
 # under 2 minutes: the reference costs 30-50 us per entity there.
-B3_PER_ROUND = 50_000
-ROUNDS = 3
+B3_PER_ROUND = N // 2
+ROUNDS = int(os.environ.get("BSTORE_ROUNDS", 3))
 
 B2_TARGET_PER_S = 400_000
 B2_TARGET_RATIO = 3.0

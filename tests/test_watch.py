@@ -351,6 +351,25 @@ def test_closed_watcher_gets_nothing_and_is_unregistered(store):
     assert store.stats()["watchers"] == 0
 
 
+def test_a_watcher_left_by_break_is_unregistered(store):
+    store.put(track("t1", position=position(1, 1)))
+    for _event in store.watch(include_existing=True):
+        break
+    assert store.stats()["watchers"] == 0
+
+    async def first() -> str:
+        async for event in store.watch(include_existing=True):
+            return event.entity_id
+        return ""
+
+    assert asyncio.run(first()) == "t1"
+    assert store.stats()["watchers"] == 0
+    kept = store.watch(include_existing=True)
+    for _event in kept:
+        break
+    assert store.stats()["watchers"] == 1 and kept.get(timeout=0) is None and not kept.closed
+
+
 def test_replicated_change_reaches_a_watcher_with_its_origin(pair):
     a, b = pair
     with b.watch() as w:

@@ -2,7 +2,10 @@
 
 A Python API over a Rust core: per-component-key CRDT merge under hybrid logical
 clocks, dispatched on each component's protobuf Any type URL.
+``__version__`` is the installed distribution's version (pyproject.toml's).
 """
+
+from importlib.metadata import version as _version
 
 from meshstore._core import Event, UpdateResult
 from meshstore.errors import (
@@ -19,6 +22,8 @@ from meshstore.options import StoreOptions
 from meshstore.store import Store
 from meshstore.watcher import Watcher
 
+__version__ = _version("meshstore")
+
 __all__ = [
     "AlreadyExistsError",
     "ClockSkewError",
@@ -33,4 +38,5 @@ __all__ = [
     "StoreOptions",
     "UpdateResult",
     "Watcher",
+    "__version__",
 ]

@@ -25,7 +25,8 @@ class Watcher:
     """Iterate (``for event in watcher`` or ``async for``) to receive ``Event`` objects
     with ``type`` (1 CREATED, 2 UPDATED, 3 DELETED), ``entity`` (decoded on access),
     ``entity_id``, ``origin_node`` and ``seq`` (the resume cursor). Iteration ends once
-    the watcher is closed. ``close()`` is idempotent; a watcher is a context manager."""
+    the watcher is closed. ``close()`` is idempotent; a watcher is a context manager, and
+    one that is no longer referenced is closed."""
 
     def __init__(self, handle: WatchHandle) -> None:
         self._handle = handle
@@ -105,3 +106,8 @@ class Watcher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        # Nobody can read this watcher any more (``for event in store.watch(): break``
+        # drops it with the loop): without this, the core would keep queueing for it.
+        self._handle.close()

@@ -134,10 +134,16 @@ def run(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, click.Abort):
         sys.stderr.write("\n")
         return EXIT_INTERRUPTED
-    except BrokenPipeError:  # the reader stopped early (`meshstore watch --json | head -1`): its choice
+    except BrokenPipeError:  # the reader stopped early (`meshstore | head -1`): its choice, not a failure
         with contextlib.suppress(Exception):
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
         return 0
+    except SystemExit as exc:
+        # typer turns a command's broken pipe (`meshstore watch --json | head -1`) into
+        # exit(1), having already silenced stdout: the same early reader as above.
+        if isinstance(exc.__context__, BrokenPipeError):
+            return 0
+        raise
     except Exception as exc:  # a bug: still one line, the traceback on request
         if os.environ.get("MESHSTORE_DEBUG"):
             import traceback

@@ -1,10 +1,13 @@
-"""The entity commands: ``meshstore list | get | watch | approve | deny | pending``, each
+"""The entity commands: ``meshstore list | get | put | delete | watch | approve | deny |
+pending``, each
 a client of the store at ``--store`` (``MESHSTORE_ADDR``).
 
     meshstore list [-t track|asset|geo] [--wide]
                                             live entities: position, speed, threat, task, approval
     meshstore pending                       approvals waiting for an operator, oldest first
     meshstore get ID                        one entity, its components and versions
+    meshstore put [FILE]                    write an entity given as JSON (as `get --json` prints it)
+    meshstore delete ID                     delete an entity
     meshstore watch [-t ...] [--existing] [--since SEQ] [--components k,...] [--count N] [--timeout S]
     meshstore approve ID / deny ID          decide an entity's pending approval
 """
@@ -305,6 +308,76 @@ def get_cmd(
     _show_entity(entity, json_out)
 
 
+def _read_entity(source: str) -> Any:
+    """The entity in the JSON text of ``source`` (a file, ``-`` for stdin), as
+    ``get --json`` prints it; CliError (usage) when it is not one."""
+    import pathlib
+    import sys
+
+    from google.protobuf import json_format
+
+    from meshstore.pb import entity_pb2
+
+    try:
+        text = sys.stdin.read() if source == "-" else pathlib.Path(source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"cannot read {source}: {exc}", EXIT_USAGE) from None
+    where = "stdin" if source == "-" else source
+    try:
+        entity = json_format.Parse(text, entity_pb2.Entity())
+    except json_format.ParseError as exc:
+        raise CliError(f"{where} is not an entity in JSON (as `meshstore get --json` prints it): {exc}",
+                       EXIT_USAGE) from None
+    if not entity.id:
+        raise CliError(f"{where}: the entity has no \"id\"", EXIT_USAGE)
+    return entity
+
+
+def put_cmd(
+    source: Annotated[str, typer.Argument(metavar="FILE", help="The entity as JSON, as `meshstore get --json` "
+                                                               "prints it; - (the default) reads stdin.")] = "-",
+    store: StoreOpt = DEFAULT_ADDR,
+    json_out: JsonOpt = False,
+    deadline: DeadlineOpt = 5.0,
+) -> None:
+    """Write an entity (created if new, else updated key by key). Components carry their
+    "@type"; "versions", when given (as `get --json` prints them), are the ones the
+    change was made against: a key changed since on the store is kept (stale)."""
+    from meshstore.pb import store_pb2, store_pb2_grpc
+
+    entity = _read_entity(source)
+    with channel(store) as ch, rpc_errors(store, "PublishEntities", deadline):
+        summary = store_pb2_grpc.EntityStoreServiceStub(ch).PublishEntities(
+            iter([store_pb2.PublishRequest(entity=entity)]), timeout=deadline, wait_for_ready=False)
+    if summary.rejected:
+        raise CliError(f"the store refused entity {entity.id!r}: {'; '.join(summary.errors) or 'invalid'}", EXIT_USAGE)
+    if summary.stale:
+        raise CliError(f"put {entity.id}: every key is stale (the store holds newer values: get it again)")
+    outcome = "applied" if summary.applied else "unchanged"
+    if json_out:
+        print_json({"id": entity.id, "outcome": outcome})
+    else:
+        console().print(f"put {entity.id}: {outcome}", markup=False)
+
+
+def delete_cmd(
+    entity_id: Annotated[str, typer.Argument(metavar="ID", help="The entity's id.")],
+    store: StoreOpt = DEFAULT_ADDR,
+    json_out: JsonOpt = False,
+    deadline: DeadlineOpt = 5.0,
+) -> None:
+    """Delete an entity (every component; exit 3 if it does not exist)."""
+    from meshstore.pb import store_pb2, store_pb2_grpc
+
+    with channel(store) as ch, rpc_errors(store, "DeleteEntity", deadline):
+        store_pb2_grpc.EntityStoreServiceStub(ch).DeleteEntity(
+            store_pb2.DeleteEntityRequest(id=entity_id), timeout=deadline, wait_for_ready=False)
+    if json_out:
+        print_json({"id": entity_id, "deleted": True})
+    else:
+        console().print(f"deleted {entity_id}", markup=False)
+
+
 def _decide(action: str, entity_id: str, store: str, json_out: bool, deadline: float) -> None:
     from meshstore.pb import store_pb2, store_pb2_grpc
 
@@ -407,10 +480,12 @@ def watch_cmd(
 
 
 def register(app: typer.Typer) -> None:
-    """Adds list, get, watch, approve, deny and pending to ``app``."""
+    """Adds list, get, put, delete, watch, approve, deny and pending to ``app``."""
     app.command("list")(list_cmd)
     app.command("pending")(pending_cmd)
     app.command("get")(get_cmd)
+    app.command("put")(put_cmd)
+    app.command("delete")(delete_cmd)
     app.command("approve")(approve_cmd)
     app.command("deny")(deny_cmd)
     app.command("watch")(watch_cmd)
