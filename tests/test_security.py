@@ -132,7 +132,7 @@ def test_every_rpc_and_every_api_route_has_its_roles() -> None:
     assert set(GRPC_METHODS) == {f"/{s.full_name}/{m.name}" for s in services for m in s.methods}
     with Store() as store:
         routes = {(r.method, r.path) for r in Api(store).routes()}
-    assert set(HTTP_ROUTES) == routes
+    assert set(HTTP_ROUTES) == routes | {("GET", "/metrics")}
 
 
 # ---- TLS and mutual TLS ------------------------------------------------------------------
@@ -294,6 +294,22 @@ def test_http_approve_needs_operator(pki: dict[str, Path], auth_file: Path) -> N
                     assert (await response.json())["approval"]["decided_by"] == "ops"
                 async with http.get(node.http.url, ssl=context) as response:
                     assert response.status == 200  # the page itself holds no data
+
+    asyncio.run(scenario())
+
+
+def test_metrics_port_has_the_same_tls_and_roles(pki: dict[str, Path], auth_file: Path) -> None:
+    async def scenario() -> None:
+        security = ServerSecurity.load(str(pki["node-a"]), str(pki["node-a_key"]), str(pki["ca"]), str(auth_file))
+        async with Node(port=0, metrics_port=0, security=security) as node:
+            url = f"https://{node.metrics_address}/metrics"
+            context = ssl.create_default_context(cafile=str(pki["ca"]))
+            async with aiohttp.ClientSession() as http:
+                async with http.get(url, ssl=context) as response:
+                    assert response.status == 401
+                async with http.get(url, ssl=context, headers={"Authorization": f"Bearer {TOKENS['viewer']}"}
+                                    ) as response:
+                    assert response.status == 200 and "meshstore_entities" in await response.text()
 
     asyncio.run(scenario())
 

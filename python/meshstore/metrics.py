@@ -36,6 +36,7 @@ from prometheus_client.metrics_core import (
 from prometheus_client.utils import floatToGoString
 
 from meshstore.grpc.server import address_of
+from meshstore.security import ServerSecurity, http_middleware, warn_if_exposed
 
 __all__ = ["HTTP", "MESH", "PEER", "SENDER", "SERVER", "STORE", "MetricsServer", "NodeCollector", "Stat",
            "node_registry"]
@@ -300,10 +301,13 @@ def node_registry(node: StatsSource) -> CollectorRegistry:
 
 class MetricsServer:
     """Serves ``registry`` on ``http://host:port/metrics`` (port 0: any free port, ``.port``
-    says which once started)."""
+    says which once started); with ``security``, over TLS and to callers whose roles allow
+    it (``reader`` and up, as the node's other ports: docs/security.md)."""
 
-    def __init__(self, registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0,
+                 security: ServerSecurity | None = None) -> None:
         self.registry = registry
+        self.security = security
         self.host = host
         self.port = port
         self._runner: web.AppRunner | None = None
@@ -319,12 +323,16 @@ class MetricsServer:
         if self._state != "new":
             raise RuntimeError("a metrics server starts once")
         self._state = "started"
-        app = web.Application()
+        security = self.security
+        policy = security.policy if security is not None else None
+        app = web.Application(middlewares=[http_middleware(policy)] if policy is not None else [])
         app.router.add_get("/metrics", make_aiohttp_handler(self.registry))
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
+        warn_if_exposed(self.host, security, "metrics")
         try:
-            await web.TCPSite(runner, self.host or None, self.port).start()
+            ssl_context = security.ssl_context() if security is not None else None
+            await web.TCPSite(runner, self.host or None, self.port, ssl_context=ssl_context).start()
         except OSError as exc:
             self._state = "stopped"
             await runner.cleanup()

@@ -88,7 +88,7 @@ class NodeOptions:
       (``heartbeat``, ``flush_interval``, ``max_body_bytes``, ``static_dir``);
     - ``metrics_host``, ``metrics_port``: where Prometheus ``/metrics`` is served (port
       None: not served; 0: any free port, see ``Node.metrics_address``; host None: ``host``);
-    - ``security``: TLS and the roles policy of the gRPC and HTTP ports (None: plaintext, every call
+    - ``security``: TLS and the roles policy of every port (None: plaintext, every call
       allowed; see ``meshstore.security``), ``peer_security``: how the relay dials its
       peers (None: from the environment; see ``meshstore.grpc.client.ClientSecurity``).
     """
@@ -329,7 +329,8 @@ class Node:
                                               security=o.security, **o.http_options).start()
             if o.metrics_port is not None:
                 host = o.host if o.metrics_host is None else o.metrics_host
-                self._metrics = await MetricsServer(node_registry(self), host, o.metrics_port).start()
+                self._metrics = await MetricsServer(node_registry(self), host, o.metrics_port,
+                                                    security=o.security).start()
         except BaseException:
             self._state = "stopped"
             await server.stop(None)

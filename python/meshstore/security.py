@@ -2,7 +2,8 @@
 route each role may call, the identities of an auth file, token hashes, the server's
 TLS material, and the warning for an exposed plaintext port. This module is the one
 definition of the policy: the Rust gRPC server gets it at start (``Policy.for_core``)
-and enforces it before any handler runs; the HTTP side enforces it in a middleware.
+and enforces it before any handler runs; the HTTP ports (the API and page, the
+metrics) enforce it in ``http_middleware``.
 
     security = ServerSecurity.load(cert="node.pem", key="node.key", ca="ca.pem", auth_file="auth.toml")
     Node(security=security)
@@ -31,15 +32,17 @@ import logging
 import re
 import ssl
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from aiohttp import web
 
 from meshstore.logs import event as log_event
 
 __all__ = [
-    "ADMIN", "GRPC_METHODS", "HTTP_OPEN_ROUTES", "HTTP_ROUTES", "ROLES", "Policy", "SecurityError", "ServerSecurity", "ServerTls",
-    "hash_token", "is_loopback", "warn_if_exposed",
+    "ADMIN", "GRPC_METHODS", "HTTP_OPEN_ROUTES", "HTTP_ROUTES", "IDENTITY", "ROLES", "Policy", "SecurityError",
+    "ServerSecurity", "ServerTls", "hash_token", "http_middleware", "is_loopback", "warn_if_exposed",
 ]
 
 log = logging.getLogger("meshstore.security")
@@ -61,15 +64,19 @@ GRPC_METHODS: Mapping[str, frozenset[str]] = {
     _STORE + "DenyAction": frozenset({OPERATOR}),
     "/mesh.v1.MeshService/Push": frozenset({PEER}),
 }
-#: Per HTTP route (method, aiohttp route pattern), the roles that may call it; the page
-#: itself (``/``, ``/static/...``) is open: it holds no data.
+#: Per HTTP route (method, aiohttp route pattern) of the API and the metrics port, the
+#: roles that may call it; the page itself (``/``, ``/static/...``) is open: it holds no data.
 HTTP_ROUTES: Mapping[tuple[str, str], frozenset[str]] = {
     **{("GET", path): _READ for path in ("/api/entities", "/api/entities.geojson", "/api/entities/{id}",
                                           "/api/pending", "/api/mesh", "/api/events")},
     ("POST", "/api/entities/{id}/approve"): frozenset({OPERATOR}),
     ("POST", "/api/entities/{id}/deny"): frozenset({OPERATOR}),
+    ("GET", "/metrics"): _READ,
 }
 HTTP_OPEN_ROUTES = frozenset({"/", "/index.html", "/static/{path}"})
+#: Where ``http_middleware`` leaves the caller's identity on a request (an approval
+#: records who decided).
+IDENTITY = web.RequestKey("identity", str)
 
 
 class SecurityError(ValueError):
@@ -250,3 +257,47 @@ def warn_if_exposed(host: str, security: ServerSecurity | None, what: str) -> No
         log_event(log, logging.WARNING, "listening beyond this machine without TLS: anyone who reaches the "
                   "port can read, and without an auth file write and approve (see docs/security.md)",
                   port=what, host=host)
+
+
+def _certificate_name(request: web.Request) -> str | None:
+    """The verified client certificate's common name, else its first DNS name."""
+    cert = request.transport.get_extra_info("peercert") if request.transport is not None else None
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return next((value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"), None)
+
+
+def http_middleware(policy: Policy) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """The policy on every route of an aiohttp application (``HTTP_ROUTES``; a route not
+    listed needs ``admin``; ``HTTP_OPEN_ROUTES`` are open): JSON ``{"error": ...}`` 401
+    when the caller cannot be identified, 403 when its roles do not allow the route."""
+
+    def error(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
+        return web.json_response({"error": message}, status=status, headers=headers)
+
+    @web.middleware
+    async def authorize(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                        ) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        if request.match_info.http_exception is not None or resource is None or (
+                resource.canonical in HTTP_OPEN_ROUTES):
+            return await handler(request)  # 404 / 405, or the page
+        route = resource.canonical
+        try:
+            name = policy.identify(request.headers.get("Authorization"), _certificate_name(request))
+        except PermissionError as exc:
+            return error(401, str(exc), {"WWW-Authenticate": "Bearer"})
+        refusal = policy.refusal(name, HTTP_ROUTES.get((request.method, route), frozenset()),
+                                 f"{request.method} {route}")
+        if refusal is not None:
+            log_event(log, logging.WARNING, "request refused", method=request.method, path=request.path,
+                      identity=name, error=refusal)
+            return error(403, refusal)
+        request[IDENTITY] = name
+        return await handler(request)
+
+    return authorize

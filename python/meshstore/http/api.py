@@ -43,6 +43,7 @@ from meshstore.errors import CursorExpiredError
 from meshstore.http.entity_json import detail, pending_dict, summary
 from meshstore.logs import event as log_event
 from meshstore.pb import entity_pb2 as pb
+from meshstore.security import IDENTITY
 from meshstore.store import Store
 from meshstore.watcher import Watcher
 
@@ -52,8 +53,6 @@ log = logging.getLogger("meshstore.http")
 
 #: The store's own limit on an entity id (UTF-8 bytes).
 MAX_ID_BYTES = 1024
-#: Where the server's security middleware leaves the caller's identity on a request.
-IDENTITY = web.RequestKey("identity", str)
 _TYPES = {"track": pb.ENTITY_TYPE_TRACK, "asset": pb.ENTITY_TYPE_ASSET, "geo": pb.ENTITY_TYPE_GEO}
 _EVENT_NAMES = {1: "CREATED", 2: "UPDATED", 3: "DELETED"}
 _DELETED = 3

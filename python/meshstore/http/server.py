@@ -37,9 +37,9 @@ from typing import Any
 from aiohttp import web
 
 from meshstore.grpc.status import status_for
-from meshstore.http.api import IDENTITY, Api, BadRequest, json_error
+from meshstore.http.api import Api, BadRequest, json_error
 from meshstore.logs import event as log_event
-from meshstore.security import HTTP_OPEN_ROUTES, HTTP_ROUTES, Policy, ServerSecurity, warn_if_exposed
+from meshstore.security import Policy, ServerSecurity, http_middleware, warn_if_exposed
 from meshstore.store import Store
 from meshstore.validate import is_number
 
@@ -113,54 +113,13 @@ def _http_message(request: web.Request, exc: web.HTTPException) -> str:
     return exc.text or exc.reason
 
 
-def _certificate_name(request: web.Request) -> str | None:
-    """The verified client certificate's common name, else its first DNS name."""
-    cert = request.transport.get_extra_info("peercert") if request.transport is not None else None
-    if not cert:
-        return None
-    for rdn in cert.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return value
-    return next((value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"), None)
-
-
-def _security_middleware(policy: Policy) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """The roles policy on every API route (``meshstore.security.HTTP_ROUTES``; a route
-    not listed needs ``admin``): 401 when the caller cannot be identified, 403 when its
-    roles do not allow the route. The page's own files are open (they hold no data)."""
-
-    @web.middleware
-    async def authorize(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                        ) -> web.StreamResponse:
-        resource = request.match_info.route.resource
-        if request.match_info.http_exception is not None or resource is None or (
-                resource.canonical in HTTP_OPEN_ROUTES):
-            return await handler(request)  # 404 / 405, or the page
-        route = resource.canonical
-        try:
-            name = policy.identify(request.headers.get("Authorization"), _certificate_name(request))
-        except PermissionError as exc:
-            return json_error(401, str(exc), {"WWW-Authenticate": "Bearer"})
-        refusal = policy.refusal(name, HTTP_ROUTES.get((request.method, route), frozenset()),
-                                 f"{request.method} {route}")
-        if refusal is not None:
-            log_event(log, logging.WARNING, "request refused", method=request.method, path=request.path,
-                      identity=name, error=refusal)
-            return json_error(403, refusal)
-        request[IDENTITY] = name
-        return await handler(request)
-
-    return authorize
-
-
 def make_app(api: Api, static_dir: Path | None = STATIC_DIR, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
              tasks: set[asyncio.Task] | None = None, policy: Policy | None = None) -> web.Application:
     """The aiohttp application: the API's routes, ``/`` and ``/static/*``; with a
     ``policy``, each API route checked against it."""
     middlewares = [_error_middleware(tasks if tasks is not None else set())]
     if policy is not None:
-        middlewares.append(_security_middleware(policy))
+        middlewares.append(http_middleware(policy))
     app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
     app.add_routes(api.routes())
     if static_dir is not None:
