@@ -170,8 +170,8 @@ def serve_cmd(
         help="Burst of each peer link's budget (0: one second of bandwidth, at least 64 KiB).")] = 0.0,
     tls_cert: Annotated[str | None, typer.Option(
         "--tls-cert", envvar="MESHSTORE_TLS_CERT", show_envvar=True, metavar="PEM",
-        help="Serve TLS on every port (gRPC, HTTP, metrics) with this certificate (with --tls-key); also what the relay "
-             "shows its peers.")] = None,
+        help="Serve TLS on every port (gRPC, HTTP, metrics) with this certificate (with --tls-key); "
+             "also what the relay shows its peers.")] = None,
     tls_key: Annotated[str | None, typer.Option(
         "--tls-key", envvar="MESHSTORE_TLS_KEY", show_envvar=True, metavar="PEM",
         help="The key of --tls-cert.")] = None,
