@@ -4,12 +4,12 @@ and no modules import each other in a circle.
 Layers, bottom to top (python/meshstore/):
 
     store     store, storage, options, errors, components, validate, watcher, eventloop, logs,
-              approvals, pb/
+              approvals, security, pb/
     grpc      grpc/   (server, client, status)      } siblings: the mesh and http
-    mesh      mesh/   (relay, receiver, budget,     } may use grpc.status; none
-                       protocol)                    } imports another
-    http      http/   (server, api, entity_json)    }
-    node      node    (composes store + grpc server + mesh + http)
+    mesh      mesh/   (relay, receiver, budget,     } may use grpc.status, the mesh
+                       protocol)                    } also grpc.client; none
+    http      http/   (server, api, entity_json)    } imports another
+    node      node    (composes store + grpc server + mesh + http), metrics
     services  services/
     demo      demo/   (composes nodes and services)
     cli       cli/    (the command line over all of it)
@@ -34,17 +34,20 @@ SOURCE = Path(__file__).resolve().parent.parent / "python" / PACKAGE
 LAYERS: list[tuple[str, int, tuple[str, ...]]] = [
     ("store", 0, ("meshstore", "meshstore._core", "meshstore.store", "meshstore.options", "meshstore.errors",
                   "meshstore.components", "meshstore.validate", "meshstore.watcher", "meshstore.eventloop",
-                  "meshstore.logs", "meshstore.pb", "meshstore.storage", "meshstore.approvals")),
+                  "meshstore.logs", "meshstore.pb", "meshstore.storage", "meshstore.approvals",
+                  "meshstore.security")),
     ("grpc", 1, ("meshstore.grpc",)),
     ("mesh", 1, ("meshstore.mesh",)),
     ("http", 1, ("meshstore.http",)),
-    ("node", 2, ("meshstore.node",)),
+    ("node", 2, ("meshstore.node", "meshstore.metrics")),
     ("services", 3, ("meshstore.services",)),
     ("demo", 4, ("meshstore.demo",)),
     ("cli", 5, ("meshstore.cli",)),
 ]
 #: Imports across siblings that are allowed: (importing layer, imported module).
-ALLOWED = {("mesh", "meshstore.grpc.status"), ("http", "meshstore.grpc.status")}
+ALLOWED = {("mesh", "meshstore.grpc.status"), ("http", "meshstore.grpc.status"),
+           # The relay dials its peers as every client dials a store (TLS, tokens).
+           ("mesh", "meshstore.grpc.client")}
 #: Names whose whole subtree is one layer ("meshstore" itself is only the package's
 #: __init__: its modules are placed one by one).
 _SUBTREE_EXEMPT = {"meshstore"}
