@@ -90,7 +90,7 @@ pub(crate) struct Context {
     pub publish_streams: AtomicUsize,
     pub mesh: mesh::Receiver,
     pub started: Instant,
-    /// Where watch streams are fed from (see `FANOUT_NICE`).
+    /// Where watch streams are fed from (see `FANOUT_THREADS`).
     pub fanout: tokio::runtime::Handle,
 }
 
@@ -227,21 +227,13 @@ pub struct ServerStats {
     pub methods: Vec<(String, u64, BTreeMap<&'static str, u64>, Vec<u64>, f64)>,
 }
 
-/// The nice value of the threads that feed watch streams (events taken from the watchers'
-/// queues, caught up from the log, encoded). Everything else the server does (ingest,
-/// unary calls, the mesh, writing frames to sockets) runs at the process's priority. With
-/// more watchers reading than the CPU can feed, the fan-out gets what the writers leave
-/// and watchers fall behind and coalesce, instead of a hundred readers taking the CPU from
-/// ingest; with CPU to spare it changes nothing.
-const FANOUT_NICE: i32 = 10;
-
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: plain syscalls on the calling thread; failure leaves its priority as it was.
-    unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, FANOUT_NICE);
-    }
-}
+/// The threads that feed watch streams (events taken from the watchers' queues, caught up
+/// from the log, encoded): one. Everything else the server does (ingest, unary calls, the
+/// mesh, writing frames to sockets) runs on the runtime's workers. With more watchers
+/// reading than the CPU can feed, the fan-out gets at most this thread's share and
+/// watchers fall behind and coalesce, instead of a hundred readers taking the CPU from
+/// ingest; one thread feeds millions of events a second when there is CPU to spare.
+const FANOUT_THREADS: usize = 1;
 
 pub struct Server {
     ctx: Arc<Context>,
@@ -284,9 +276,8 @@ impl Server {
             .build()
             .map_err(|e| format!("cannot start the server's runtime: {e}"))?;
         let fanout = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(opts.workers.max(1))
+            .worker_threads(FANOUT_THREADS)
             .thread_name("meshstore-fanout")
-            .on_thread_start(lower_priority)
             .enable_all()
             .build()
             .map_err(|e| format!("cannot start the server's runtime: {e}"))?;

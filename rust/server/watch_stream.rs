@@ -63,7 +63,7 @@ pub(crate) fn open(ctx: Arc<Context>, r: pb::WatchEntitiesRequest, batched: bool
         out: VecDeque::new(),
         done: false,
     };
-    // Fed on the fan-out runtime (lower priority: see `FANOUT_NICE`), handed over one or
+    // Fed on the fan-out runtime (see `FANOUT_THREADS`), handed over one or
     // two messages ahead; the call's own task only writes them out. The feeder stops when
     // the stream ends or the call is gone (the receiver dropped).
     let (tx, rx) = tokio::sync::mpsc::channel(2);
