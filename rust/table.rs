@@ -27,6 +27,9 @@ use std::sync::{Arc, OnceLock};
 /// limit: replicas accept states up to this many times `max_entity_bytes`.
 pub const MERGE_SLACK: usize = 4;
 
+/// Entities a watcher that fell behind reads from the log per catch-up step.
+const CATCH_UP_STEP: usize = 256;
+
 /// What a new type/expiry register value counts for in size limits: at most, so a
 /// rewrite of an accepted entity is never refused for the register's sake (its value
 /// is a type and two timestamps: 40 bytes at most).
@@ -1091,16 +1094,20 @@ impl Table {
     }
 
     /// Catches a watcher that fell behind up from the change log, once its consumer has
-    /// drained its queue: queues the latest state of up to a queue's worth of entities
+    /// drained its queue: queues the latest state of up to `CATCH_UP_STEP` entities
     /// changed since (UPDATED, DELETED if gone, in change order), and makes the watcher
     /// plain again when the log is read to its end. Consumers call it before taking
     /// events; a no-op for a watcher that is not behind.
     pub fn catch_up(&mut self, w: &Arc<Watch>) {
         let Some((from, snapshot_until)) = w.catch_up_from() else { return };
-        let mut events = Vec::with_capacity(w.spec.capacity.min(self.log.len()));
+        // A step holds the table lock: short steps let writes in between (a hundred
+        // watchers catching up must not stall ingest); the consumer takes the next step
+        // once it has drained this one.
+        let step = w.spec.capacity.min(CATCH_UP_STEP);
+        let mut events = Vec::with_capacity(step.min(self.log.len()));
         let mut next = None;
         for (&seq, id) in self.log.range(from..) {
-            if events.len() == w.spec.capacity {
+            if events.len() == step {
                 next = Some(seq);
                 break;
             }

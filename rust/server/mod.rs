@@ -93,6 +93,8 @@ pub(crate) struct Context {
     pub publish_streams: AtomicUsize,
     pub mesh: mesh::Receiver,
     pub started: Instant,
+    /// Where watch streams are fed from (see `FANOUT_THREADS`).
+    pub fanout: tokio::runtime::Handle,
 }
 
 impl Context {
@@ -253,9 +255,18 @@ pub struct ServerStats {
     pub methods: Vec<(String, u64, BTreeMap<&'static str, u64>, Vec<u64>, f64)>,
 }
 
+/// The threads that feed watch streams (events taken from the watchers' queues, caught up
+/// from the log, encoded): one. Everything else the server does (ingest, unary calls, the
+/// mesh, writing frames to sockets) runs on the runtime's workers. With more watchers
+/// reading than the CPU can feed, the fan-out gets at most this thread's share and
+/// watchers fall behind and coalesce, instead of a hundred readers taking the CPU from
+/// ingest; one thread feeds millions of events a second when there is CPU to spare.
+const FANOUT_THREADS: usize = 1;
+
 pub struct Server {
     ctx: Arc<Context>,
     runtime: tokio::runtime::Runtime,
+    fanout: parking_lot::Mutex<Option<tokio::runtime::Runtime>>,
     port: u16,
     health: tokio::sync::Mutex<tonic_health::server::HealthReporter>,
     stop: parking_lot::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
@@ -292,6 +303,12 @@ impl Server {
             .enable_all()
             .build()
             .map_err(|e| format!("cannot start the server's runtime: {e}"))?;
+        let fanout = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(FANOUT_THREADS)
+            .thread_name("meshstore-fanout")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the server's runtime: {e}"))?;
         let node_id = store.table.lock().node().as_str();
         let ctx = Arc::new(Context {
             store,
@@ -306,6 +323,7 @@ impl Server {
             publish_streams: AtomicUsize::new(0),
             mesh: mesh::Receiver::default(),
             started: Instant::now(),
+            fanout: fanout.handle().clone(),
         });
         let (mut reporter, health_service) = tonic_health::server::health_reporter();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -360,6 +378,7 @@ impl Server {
         Ok(Server {
             ctx,
             runtime,
+            fanout: parking_lot::Mutex::new(Some(fanout)),
             port,
             health: tokio::sync::Mutex::new(reporter),
             stop: parking_lot::Mutex::new(Some(stop_tx)),
@@ -409,6 +428,10 @@ impl Server {
         });
         if !finished {
             self.abort();
+        }
+        // Its streams have ended with the calls (closing, or their client gone).
+        if let Some(fanout) = self.fanout.lock().take() {
+            fanout.shutdown_background();
         }
     }
 

@@ -63,7 +63,25 @@ pub(crate) fn open(ctx: Arc<Context>, r: pb::WatchEntitiesRequest, batched: bool
         out: VecDeque::new(),
         done: false,
     };
-    Ok(Box::pin(futures_util::stream::unfold(stream, |mut s| async move { s.next().await.map(|m| (m, s)) })))
+    // Fed on the fan-out runtime (see `FANOUT_THREADS`), handed over one or
+    // two messages ahead; the call's own task only writes them out. The feeder stops when
+    // the stream ends or the call is gone (the receiver dropped).
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let fanout = stream.ctx.fanout.clone();
+    fanout.spawn(async move {
+        let mut stream = stream;
+        loop {
+            let next = tokio::select! {
+                next = stream.next() => next,
+                _ = tx.closed() => break,
+            };
+            let Some(message) = next else { break };
+            if tx.send(message).await.is_err() {
+                break;
+            }
+        }
+    });
+    Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
 }
 
 struct WatchStream {

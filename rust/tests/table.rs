@@ -1645,6 +1645,28 @@ fn a_watcher_behind_catches_up_from_the_log_with_each_entity_latest_state() {
 }
 
 #[test]
+fn a_catch_up_step_reads_a_bounded_part_of_the_log_however_large_the_queue() {
+    // Each step holds the table lock: a watcher with a big queue behind on many entities
+    // catches up in short steps (writes go in between), and still gets every entity.
+    let mut a = Node::new("a");
+    let w = a.t.watch(WatchSpec { capacity: 1000, ..spec() }, false, None).unwrap();
+    for i in 0..3000 {
+        a.put(&entity(&format!("e{i}"), vec![("position", position((i % 90) as f64))]));
+    }
+    assert!(w.is_behind());
+    assert_eq!(w.poll(5000, Duration::ZERO).len(), 1000);
+    let (mut steps, mut caught) = (0, 0);
+    while w.is_behind() {
+        a.t.catch_up(&w);
+        let step = w.poll(5000, Duration::ZERO).len();
+        assert!(step <= 256, "a step of {step} entities");
+        steps += 1;
+        caught += step;
+    }
+    assert_eq!((caught, steps), (2000, 8));
+}
+
+#[test]
 fn a_snapshot_larger_than_the_queue_is_caught_up_as_created() {
     let mut a = Node::new("a");
     for i in 0..5 {
