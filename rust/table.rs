@@ -504,9 +504,11 @@ impl Table {
         }
         self.note_expiry(&p.id, expiry_before);
         let kind = if was_alive { EventKind::Updated } else { EventKind::Created };
-        // What a projected watcher needs to know: the keys this write changed.
+        // What a projected watcher needs to know: the keys this write changed, and the
+        // type. A new expiry alone is not news to it: sims move every track's expiry on
+        // every tick, and a classifier reading velocities must not wake for that.
         let mut changed = applied.clone();
-        if write_meta {
+        if write_meta && meta.etype != current.etype {
             changed.push(meta_key());
         }
         let snapshot = self.record(&p.id, Some(kind), true, Some(&changed)).expect("a snapshot was asked for");

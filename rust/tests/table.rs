@@ -1701,9 +1701,15 @@ fn a_projected_watcher_is_told_only_of_writes_to_the_keys_it_reads() {
     let w = a.t.watch(WatchSpec { projection: Some(projection), ..spec() }, false, None).unwrap();
     a.put(&entity("t1", vec![("position", position(2.0))])); // not read by it
     a.put(&entity("t1", vec![("position", position(3.0)), ("threat", threat(LOW))])); // threat unchanged
+    let mut moved_on = entity("t1", vec![("position", position(4.0))]);
+    moved_on.expiry_time = Some(prost_types::Timestamp { seconds: 4_000_000_000, nanos: 0 }); // a new expiry alone
+    a.put(&moved_on);
     assert!(w.poll(10, Duration::ZERO).is_empty(), "nothing it reads changed");
+    let mut retyped = entity("t1", vec![("position", position(5.0))]);
+    retyped.r#type = 2; // the type is news to every watcher
+    a.put(&retyped);
     a.put(&entity("t1", vec![("threat", threat(HIGH))]));
     a.t.delete("t1").unwrap();
     let kinds: Vec<_> = w.poll(10, Duration::ZERO).into_iter().map(|e| e.kind).collect();
-    assert_eq!(kinds, [EventKind::Updated, EventKind::Deleted]);
+    assert_eq!(kinds, [EventKind::Updated, EventKind::Updated, EventKind::Deleted]);
 }
