@@ -570,7 +570,7 @@ impl Table {
 
     /// Checks a prepared batch against the stored state (bases, sizes), as if its items
     /// were applied in order; changes nothing.
-    pub fn check_batch(&mut self, batch: &[Prepared]) -> Result<()> {
+    fn check_batch(&mut self, batch: &[Prepared]) -> Result<()> {
         // The keys (and their bytes) earlier items of the batch write to each entity.
         let mut written: AHashMap<&Arc<str>, Vec<(Sym, usize)>> = AHashMap::with_capacity(batch.len());
         for (i, p) in batch.iter().enumerate() {
@@ -591,7 +591,7 @@ impl Table {
     }
 
     /// Applies a batch `check_batch` accepted.
-    pub fn apply_batch(&mut self, batch: Vec<Prepared>) -> Result<Vec<WriteOutcome>> {
+    fn apply_batch(&mut self, batch: Vec<Prepared>) -> Result<Vec<WriteOutcome>> {
         // Checked, sizes included; only an exhausted dot counter could fail here.
         batch.into_iter().map(|p| self.apply(p, WriteMode::Put, false, false)).collect()
     }

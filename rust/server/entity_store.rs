@@ -379,15 +379,12 @@ impl Publisher {
     }
 }
 
-/// Upserts a chunk: all in one table call, or (a bad entity in it) one at a time in the
-/// same lock, so the good ones apply and each bad one is counted.
+/// Upserts a chunk in one table call, each entity on its own (checked against the state
+/// the ones before it left): the good ones apply and each bad one is counted.
 async fn apply(ctx: Arc<Context>, chunk: Chunk) -> Result<Vec<CoreResult<WriteOutcome>>, Status> {
     ctx.write(move |t| {
         t.count_rejected(chunk.rejected);
-        Ok(match t.check_batch(&chunk.prepared) {
-            Ok(()) => t.apply_batch(chunk.prepared)?.into_iter().map(Ok).collect(),
-            Err(_) => chunk.prepared.into_iter().map(|p| t.commit(p, WriteMode::Put, false)).collect(),
-        })
+        Ok(chunk.prepared.into_iter().map(|p| t.commit(p, WriteMode::Put, false)).collect())
     })
     .await
 }
