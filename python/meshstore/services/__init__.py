@@ -140,9 +140,11 @@ class PerEntity:
     of its own is being handled wait, and only the latest of them is kept: each carries
     the entity's whole (projected) state, so it supersedes the ones before it
     (``superseded`` counts them). A handler's unexpected exception is logged and counted
-    in ``failed``; it never stops the others."""
+    in ``failed``; it never stops the others. The default limit is what one
+    UpdateEntities call of an ``UpdateBatcher`` takes: a burst of new tracks is written
+    in calls that full."""
 
-    def __init__(self, service: Service, limit: int = 64) -> None:
+    def __init__(self, service: Service, limit: int = 512) -> None:
         self.service = service
         self.superseded = 0
         self.failed = 0
