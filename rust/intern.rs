@@ -4,8 +4,10 @@
 //!
 //! Reading a symbol's string takes no lock (the hot path compares them constantly):
 //! strings live in an append-only table of fixed chunks, each filled once. Only
-//! interning a new string takes the write lock. Symbols are never freed: the set of such
-//! strings is small and bounded in practice (at most `CHUNK * CHUNKS`).
+//! interning a new string takes the write lock; each thread also remembers the few it
+//! met last, so the write path's repeated keys and type URLs take no lock at all.
+//! Symbols are never freed: the set of such strings is small and bounded in practice (at
+//! most `CHUNK * CHUNKS`).
 use ahash::AHashMap;
 use parking_lot::RwLock;
 use std::sync::{LazyLock, OnceLock};
@@ -20,7 +22,31 @@ type Chunk = Box<[OnceLock<&'static str>]>;
 static STRINGS: [OnceLock<Chunk>; CHUNKS] = [const { OnceLock::new() }; CHUNKS];
 static IDS: LazyLock<RwLock<AHashMap<&'static str, Sym>>> = LazyLock::new(|| RwLock::new(AHashMap::new()));
 
+/// How many of a thread's recent strings it remembers: a write path meets the same few
+/// keys and type URLs over and over.
+const RECENT: usize = 8;
+
+thread_local! {
+    static RECENT_SYMS: std::cell::RefCell<Vec<(&'static str, Sym)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 pub fn intern(s: &str) -> Sym {
+    // Most calls find a string this thread met just before: no lock, no hashing.
+    let recent = RECENT_SYMS.with_borrow(|r| r.iter().find(|(known, _)| *known == s).map(|&(_, sym)| sym));
+    if let Some(sym) = recent {
+        return sym;
+    }
+    let sym = intern_shared(s);
+    RECENT_SYMS.with_borrow_mut(|r| {
+        if r.len() == RECENT {
+            r.remove(0);
+        }
+        r.push((sym.as_str(), sym));
+    });
+    sym
+}
+
+fn intern_shared(s: &str) -> Sym {
     if let Some(&sym) = IDS.read().get(s) {
         return sym;
     }

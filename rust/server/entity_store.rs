@@ -356,7 +356,11 @@ impl Publisher {
     async fn flush(&mut self) -> Result<(), Status> {
         self.settle().await?;
         let chunk = std::mem::take(&mut self.chunk);
-        self.applying = Some(tokio::spawn(apply(self.ctx.clone(), chunk)));
+        // On a thread of its own (the blocking pool): a task spawned here could be run by
+        // this same worker right after this one (tokio's LIFO slot), and the two stages
+        // would take turns instead of overlapping.
+        let (ctx, runtime) = (self.ctx.clone(), tokio::runtime::Handle::current());
+        self.applying = Some(tokio::task::spawn_blocking(move || runtime.block_on(apply(ctx, chunk))));
         Ok(())
     }
 
