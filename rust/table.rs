@@ -112,14 +112,19 @@ pub struct WriteRules {
 
 impl WriteRules {
     pub fn prepare(&self, bytes: &[u8]) -> Result<Prepared> {
-        if bytes.len() > self.max_entity_bytes {
-            let msg = format!("entity is {} bytes, over the limit of {} bytes", bytes.len(), self.max_entity_bytes);
-            return Err(Error::invalid(None, None, msg));
-        }
-        let e = decode_entity(bytes).map_err(|err| Error::invalid(None, None, format!("malformed entity bytes: {err}")))?;
-        check_identity(&e, self.max_id_bytes)?;
-        prepare_cells(&e, &self.registry)
+        prepare(bytes, &self.registry, self.max_entity_bytes, self.max_id_bytes)
     }
+}
+
+/// Decodes and checks a write against everything but the stored state.
+fn prepare(bytes: &[u8], registry: &Registry, max_entity_bytes: usize, max_id_bytes: usize) -> Result<Prepared> {
+    if bytes.len() > max_entity_bytes {
+        let msg = format!("entity is {} bytes, over the limit of {} bytes", bytes.len(), max_entity_bytes);
+        return Err(Error::invalid(None, None, msg));
+    }
+    let e = decode_entity(bytes).map_err(|err| Error::invalid(None, None, format!("malformed entity bytes: {err}")))?;
+    check_identity(&e, max_id_bytes)?;
+    prepare_cells(&e, registry)
 }
 
 /// Names the batch item an error is about.
@@ -353,7 +358,7 @@ impl Table {
 
     /// Decodes and checks a write against everything but the stored state.
     pub fn prepare(&mut self, bytes: &[u8]) -> Result<Prepared> {
-        let p = self.write_rules().prepare(bytes);
+        let p = prepare(bytes, &self.registry, self.opts.max_entity_bytes, self.opts.max_id_bytes);
         if p.is_err() {
             self.counters.rejected += 1;
         }

@@ -81,7 +81,7 @@ impl Policy {
             return self.tokens.get(&sha256_hex(token)).cloned().ok_or_else(|| Status::unauthenticated("unknown bearer token"));
         }
         match caller.certificate {
-            Some(der) => certificate_name(der)
+            Some(der) => known_certificate_name(der)
                 .ok_or_else(|| Status::unauthenticated("the client certificate names no one (no common name, no DNS name)")),
             None => Err(Status::unauthenticated(
                 "this server needs a client certificate or an 'authorization: Bearer <token>' header",
@@ -92,6 +92,27 @@ impl Policy {
 
 fn join<'a>(roles: impl Iterator<Item = &'a String>) -> String {
     roles.map(String::as_str).collect::<Vec<_>>().join(" or ")
+}
+
+/// Certificates whose names were read, by their DER bytes: every call of a connection
+/// shows the same certificate, and parsing it each time would cost more than the call.
+/// Bounded: forgotten whole when full.
+static NAMES: std::sync::LazyLock<parking_lot::Mutex<HashMap<Vec<u8>, Option<String>>>> =
+    std::sync::LazyLock::new(Default::default);
+const NAMES_KEPT: usize = 1024;
+
+/// `certificate_name`, read once per certificate.
+fn known_certificate_name(der: &[u8]) -> Option<String> {
+    if let Some(name) = NAMES.lock().get(der) {
+        return name.clone();
+    }
+    let name = certificate_name(der);
+    let mut names = NAMES.lock();
+    if names.len() >= NAMES_KEPT {
+        names.clear();
+    }
+    names.insert(der.to_vec(), name.clone());
+    name
 }
 
 /// The identity a client certificate (DER) names: its subject's common name, else its
