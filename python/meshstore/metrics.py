@@ -36,7 +36,8 @@ from prometheus_client.metrics_core import (
 from prometheus_client.utils import floatToGoString
 
 from meshstore.grpc.server import address_of
-from meshstore.security import ServerSecurity, http_middleware, warn_if_exposed
+from meshstore.http.server import listen
+from meshstore.security import ServerSecurity, http_middleware
 
 __all__ = ["HTTP", "MESH", "PEER", "SENDER", "SERVER", "STORE", "MetricsServer", "NodeCollector", "Stat",
            "node_registry"]
@@ -329,20 +330,12 @@ class MetricsServer:
         app.router.add_get("/metrics", make_aiohttp_handler(self.registry))
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
-        warn_if_exposed(self.host, security, "metrics")
         try:
-            ssl_context = security.ssl_context() if security is not None else None
-            await web.TCPSite(runner, self.host or None, self.port, ssl_context=ssl_context).start()
-        except OSError as exc:
-            self._state = "stopped"
-            await runner.cleanup()
-            raise OSError(f"cannot listen on {self.address} (metrics): {exc.strerror or exc}") from None
+            _, self.port = await listen(runner, self.host, self.port, security, "metrics")
         except BaseException:
             self._state = "stopped"
-            await runner.cleanup()
             raise
         self._runner = runner
-        self.port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
         return self
 
     async def stop(self) -> None:

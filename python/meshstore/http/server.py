@@ -149,6 +149,26 @@ def _address_of(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+async def listen(runner: web.AppRunner, host: str, port: int, security: ServerSecurity | None,
+                 what: str) -> tuple[web.TCPSite, int]:
+    """Serves a set-up ``runner`` on ``host:port`` (TLS per ``security``; a warning when an
+    exposed address has none) and returns its site and bound port. HttpListenError if the
+    address cannot be bound; the runner is cleaned up on any failure."""
+    warn_if_exposed(host, security, what)
+    try:
+        ssl_context = security.ssl_context() if security is not None else None
+        site = web.TCPSite(runner, host or None, port, ssl_context=ssl_context)
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise HttpListenError(f"cannot listen on {_address_of(host, port)} ({what}): {exc.strerror or exc}") from None
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = [a for a in runner.addresses if isinstance(a, tuple)]
+    return site, bound[0][1] if bound else port
+
+
 class HttpServer:
     """The HTTP API and the web page over ``store``, on ``host:port`` (port 0: any free
     port; ``.port`` says which once started).
@@ -209,22 +229,11 @@ class HttpServer:
         self._state = "starting"
         runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
-        ssl_context = self.security.ssl_context() if self.security is not None else None
-        warn_if_exposed(self.host, self.security, "http")
-        site = web.TCPSite(runner, self.host or None, self.port, ssl_context=ssl_context)
         try:
-            await site.start()
-        except OSError as exc:
-            self._state = "stopped"
-            await runner.cleanup()
-            raise HttpListenError(f"cannot listen on {self.address} (http): {exc.strerror or exc}") from None
+            site, self.port = await listen(runner, self.host, self.port, self.security, "http")
         except BaseException:
             self._state = "stopped"
-            await runner.cleanup()
             raise
-        bound = [a for a in runner.addresses if isinstance(a, tuple)]
-        if bound:
-            self.port = bound[0][1]
         self._runner, self._site, self._started = runner, site, time.monotonic()
         self._state = "started"
         return self
