@@ -6,6 +6,7 @@
 //! - `strategy`: merge strategies dispatched on a component's Any type URL.
 //! - `decode`: entity wire bytes read in place (the write and merge paths).
 //! - `entity`: one entity's CRDT state (siblings, context, delete) and its wire form.
+//! - `expiry`: the due-time index of entity expiries (one host timer, not one per entity).
 //! - `approval`: operator decisions on a pending approval.
 //! - `table`: the entity table (writes, merges, deletes, context summary, change log).
 //! - `watch`: bounded watcher queues that fall behind and catch up from the log.
@@ -20,6 +21,7 @@ pub mod decode;
 pub mod durable;
 pub mod entity;
 pub mod error;
+pub mod expiry;
 pub mod histogram;
 pub mod hlc;
 pub mod intern;

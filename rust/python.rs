@@ -296,12 +296,10 @@ impl Core {
                 }
             }
         }
-        if !notices.expiries.is_empty() {
+        if let Some(due) = notices.expiry_due {
             let hook = self.on_expiry.lock().as_ref().map(|h| h.clone_ref(py));
             if let Some(hook) = hook {
-                let changes: Vec<(String, Option<(i64, i32)>)> =
-                    notices.expiries.into_iter().map(|(id, when)| (id.to_string(), when)).collect();
-                hook.call1(py, (changes,))?;
+                hook.call1(py, (due,))?;
             }
         }
         Ok(())
@@ -450,9 +448,10 @@ impl Core {
         Ok(found.map(|(b, seq)| (PyBytes::new(py, &b), seq)))
     }
 
-    /// Deletes the entity if its expiry is still (seconds, nanos); True if it did.
-    fn expire(&self, py: Python<'_>, entity_id: &str, when: WallTime) -> PyResult<bool> {
-        self.run_write(py, false, |t| t.expire(entity_id, when))
+    /// Deletes up to `limit` entities whose expiry is at or before `now` (seconds,
+    /// nanos); returns how many it deleted and the earliest expiry left, if any.
+    fn expire_due(&self, py: Python<'_>, now: WallTime, limit: usize) -> PyResult<(usize, Option<WallTime>)> {
+        self.run_write(py, false, |t| t.expire_due(now, limit))
     }
 
     #[pyo3(signature = (acked_seq = None))]
@@ -512,7 +511,8 @@ impl Core {
         Ok(())
     }
 
-    /// Called with [(entity_id, (seconds, nanos) | None), ...] when expiries change.
+    /// Called with (seconds, nanos) when the earliest entity expiry moves earlier than
+    /// the last one reported or returned by `expire_due`: the time to arm a timer for.
     #[pyo3(signature = (hook = None))]
     fn set_expiry_hook(&self, hook: Option<PyObject>) {
         *self.on_expiry.lock() = hook;

@@ -22,13 +22,13 @@ pub const BACKPRESSURE_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Notices {
     /// Watchers whose (Python, async) consumer must be woken.
     pub wake: Vec<u64>,
-    /// Entities whose expiry changed: (id, new expiry or None).
-    pub expiries: Vec<(Arc<str>, Option<WallTime>)>,
+    /// The earliest entity expiry moved earlier: the host's timer must be armed for it.
+    pub expiry_due: Option<WallTime>,
 }
 
 impl Notices {
     pub fn is_empty(&self) -> bool {
-        self.wake.is_empty() && self.expiries.is_empty()
+        self.wake.is_empty() && self.expiry_due.is_none()
     }
 }
 
@@ -47,7 +47,7 @@ impl Store {
     pub fn run<T>(&self, op: impl FnOnce(&mut Table) -> T) -> (T, Notices) {
         let mut t = self.table.lock();
         let out = op(&mut t);
-        let notices = Notices { wake: std::mem::take(&mut t.wake), expiries: std::mem::take(&mut t.expiry_changes) };
+        let notices = Notices { wake: std::mem::take(&mut t.wake), expiry_due: t.take_expiry_notice() };
         (out, notices)
     }
 

@@ -14,6 +14,7 @@ use crate::causal::{Dot, VersionVector};
 use crate::decode::{decode_entity, RawEntity};
 use crate::entity::*;
 use crate::error::{Error, Result};
+use crate::expiry::Expiries;
 use crate::hlc::{Clock, Timestamp, WallClock};
 use crate::intern::{intern, Sym};
 use crate::strategy::{Registry, Rule};
@@ -281,8 +282,8 @@ pub struct Table {
     next_watch_id: u64,
     /// Watchers whose async consumer must be woken (drained by the caller).
     pub wake: Vec<u64>,
-    /// Entities whose expiry changed: (id, new expiry or None), drained by the caller.
-    pub expiry_changes: Vec<(Arc<str>, Option<WallTime>)>,
+    /// When live entities expire (one host timer at the earliest, see `expiry`).
+    expiries: Expiries,
     pub counters: Counters,
 }
 
@@ -308,7 +309,7 @@ impl Table {
             changes_by_type: AHashMap::new(),
             next_watch_id: 1,
             wake: Vec::new(),
-            expiry_changes: Vec::new(),
+            expiries: Expiries::default(),
             counters: Counters::default(),
         }
     }
@@ -623,14 +624,28 @@ impl Table {
         Ok(())
     }
 
-    /// Deletes the entity if it is alive and its expiry is still `when` (a timer's check).
-    pub fn expire(&mut self, id: &str, when: WallTime) -> bool {
-        let due = self.entities.get(id).is_some_and(|s| s.is_alive() && s.expiry == Some(when));
-        if due && self.delete(id).is_ok() {
-            self.counters.expired += 1;
-            return true;
+    /// Deletes up to `limit` entities whose expiry is at or before `now` (the host's
+    /// timer); returns how many it deleted and the earliest expiry left, which the timer
+    /// must wait for next (at or before `now` when the limit cut the pass short: the lock
+    /// is released between passes).
+    pub fn expire_due(&mut self, now: WallTime, limit: usize) -> (usize, Option<WallTime>) {
+        let mut deleted = 0;
+        while deleted < limit {
+            let Some((_, id)) = self.expiries.pop_due(now) else { break };
+            // Only an exhausted dot counter fails a delete; the entity then stays, as any
+            // delete refused would leave it.
+            if self.delete(&id).is_ok() {
+                deleted += 1;
+            }
         }
-        false
+        self.counters.expired += deleted as u64;
+        (deleted, self.expiries.rearm())
+    }
+
+    /// The earliest expiry the host's timer must now be armed for, if writes moved it
+    /// earlier since the last call (drained with the other notices).
+    pub fn take_expiry_notice(&mut self) -> Option<WallTime> {
+        self.expiries.take_notice()
     }
 
     /// Gives a stored entity's latest change the next seq and tells the watchers.
@@ -666,9 +681,7 @@ impl Table {
 
     fn note_expiry(&mut self, id: &Arc<str>, before: Option<WallTime>) {
         let after = self.live_expiry(id);
-        if after != before {
-            self.expiry_changes.push((id.clone(), after));
-        }
+        self.expiries.moved(id, before, after);
     }
 
     // ---- reads -----------------------------------------------------------------------
@@ -910,9 +923,7 @@ impl Table {
         if !alive {
             self.dead.insert(id.clone(), self.clock.wall_ns());
         }
-        if expiry.is_some() {
-            self.expiry_changes.push((id, expiry));
-        }
+        self.expiries.moved(&id, None, expiry);
         self.seq = self.seq.max(seq);
         Ok(())
     }

@@ -12,6 +12,7 @@ from conftest import (
     ASSET, GEO, TRACK, latlon, make_entity, pack, position, push, snapshot, source, sync, threat,
     threat_level, track, unpack, wait_for,
 )
+from meshstore.eventloop import EventLoop
 from meshstore import (
     AlreadyExistsError, InvalidEntityError, NotFoundError, StaleWriteError, Store, StoreOptions,
     UpdateResult,
@@ -547,6 +548,59 @@ def test_set_ttl_replicates_the_expiry(pair):
     push(a, b)
     assert b.get("t1").HasField("expiry_time")
     wait_for(lambda: b.stats()["entities"] == 0, what="replica expired the entity")
+
+
+def test_an_expiry_moved_earlier_fires_at_the_earlier_time(store):
+    store.put(track("t1", position=position(1, 2)))
+    store.set_ttl("t1", 3600)
+    store.set_ttl("t1", 0.1)
+    wait_for(lambda: store.stats()["entities"] == 0, 3.0, "the expiry moved earlier")
+
+
+@pytest.fixture
+def shifted_loop():
+    """An event loop whose clock runs ``shift[0]`` seconds ahead of the wall clock (expiry
+    times are wall-clock instants, so the shift is how far a test jumps into the future)."""
+    shift = [0.0]
+    loop = EventLoop(clock=lambda: time.time() + shift[0]).start()
+    yield loop, shift
+    loop.stop()
+
+
+def test_an_expiry_moved_later_is_not_taken_early(make_store, shifted_loop):
+    loop, shift = shifted_loop
+    s = make_store(node_id="a", event_loop=loop)
+    s.put(track("t1", position=position(1, 2)))
+    s.put(track("probe", position=position(0, 0)))
+    s.set_ttl("t1", 10)
+    s.set_ttl("t1", 30)
+    s.set_ttl("probe", 20)
+    shift[0] = 25.0
+    loop.wake()
+    wait_for(lambda: "probe" not in {e.id for e in s.list()}, 3.0, "the probe expired")
+    assert [e.id for e in s.list()] == ["t1"]  # due at 30 s, not at the 10 s it was first given
+    shift[0] = 31.0
+    loop.wake()
+    wait_for(lambda: s.stats()["entities"] == 0, 3.0, "t1 expired at its later time")
+    assert s.stats()["expired"] == 2
+
+
+def test_a_burst_of_expiries_is_deleted_in_passes_by_one_timer(make_store, shifted_loop):
+    loop, shift = shifted_loop
+    s = make_store(node_id="a", event_loop=loop)
+    n = 10_000  # more than one pass of the timer deletes
+    expiry = time.time_ns() + 60 * 10**9
+    batch = [track(f"t{i}", position=position(0, 0)) for i in range(n)]
+    for e in batch:
+        e.expiry_time.FromNanoseconds(expiry)
+    s.put_many(batch)
+    s.put(track("stays", position=position(0, 0)))
+    assert loop.pending() <= 2  # the expiry timer and the maintenance pass, not one per entity
+    shift[0] = 61.0
+    loop.wake()
+    wait_for(lambda: s.stats()["entities"] == 1, 10.0, "every due entity expired")
+    assert [e.id for e in s.list()] == ["stays"]
+    assert s.stats()["expired"] == n
 
 
 @pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf"), "1", True, None])

@@ -133,6 +133,10 @@ class EventLoop:
             timer = self._timers.get(key)
             return None if timer is None else timer[1]
 
+    def now(self) -> float:
+        """The loop's clock: what deadlines are compared with."""
+        return self._clock()
+
     def wake(self) -> None:
         """Re-examine deadlines now.
 

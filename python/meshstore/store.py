@@ -14,8 +14,10 @@ data dir (``path``) the store loads its state at start and commits every change 
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
+import threading
 import time
 import weakref
 from collections.abc import Iterable, Sequence
@@ -68,17 +70,32 @@ def _check_id(entity_id: Any) -> str:
     return entity_id
 
 
-def _expire(ref: weakref.ref, entity_id: str, when: tuple[int, int]) -> None:
-    """An expiry timer: deletes the entity if its expiry is still ``when`` (and the store
-    still open; a failing disk refuses the delete: it is retried with the next write of
-    the entity's expiry, and storage logs the failure)."""
+# Deletes per pass of the expiry timer: the table lock is released between passes, so a
+# burst of expiries (a sim stopped with 10k tracks) never holds writers up for long.
+_EXPIRE_BATCH = 4096
+# A failing disk refuses the deletes (storage logs why): the timer tries again this late.
+_EXPIRY_RETRY_S = 1.0
+
+
+def _wall_time(t: float) -> tuple[int, int]:
+    seconds = math.floor(t)
+    return seconds, min(int((t - seconds) * 1e9), 999_999_999)
+
+
+def _expire_due(ref: weakref.ref, due: tuple[int, int]) -> None:
+    """The expiry timer, armed for ``due``: deletes the entities due by now (by ``due``
+    at least: a float deadline may fire a hair before the exact time it stands for) and
+    arms itself for the next one."""
     store = ref()
     if store is None or store._closed:
         return
+    now = max(due, _wall_time(store._loop.now()))
     try:
-        store._core.expire(entity_id, when)
+        _, next_due = store._core.expire_due(now, _EXPIRE_BATCH)
     except StorageError:
-        pass
+        next_due = _wall_time(store._loop.now() + _EXPIRY_RETRY_S)
+    if next_due is not None:
+        store._arm_expiry(next_due)
 
 
 class Store:
@@ -100,7 +117,10 @@ class Store:
         self._closed = False
         # Timers hold the store weakly, so an unclosed store can still be collected.
         ref = weakref.ref(self)
-        self._core.set_expiry_hook(lambda changes: (s := ref()) and s._schedule_expiries(changes))
+        # One timer for every entity expiry, armed at the earliest (the core keeps them
+        # ordered and says when the earliest moves earlier).
+        self._expiry_lock = threading.Lock()
+        self._core.set_expiry_hook(lambda due: (s := ref()) and s._arm_expiry(due))
         #: The data dir's writer (None in memory). Opened after the expiry hook is set:
         #: loaded entities with an expiry get their timers.
         self.storage = None if o.path is None else Storage(
@@ -311,6 +331,7 @@ class Store:
         dir, commits what is left and closes it cleanly; later writes are refused."""
         self._closed = True  # pending expiry timers find it closed and do nothing
         self._loop.cancel(self._timer("maintenance"))
+        self._loop.cancel(self._timer("expire"))
         self._core.set_expiry_hook(None)
         if self.storage is not None:
             self.storage.close()
@@ -324,14 +345,14 @@ class Store:
     def _timer(self, *what: object) -> tuple:
         return (*self._timer_prefix, *what)
 
-    def _schedule_expiries(self, changes: list[tuple[str, tuple[int, int] | None]]) -> None:
-        ref = weakref.ref(self)
-        for entity_id, when in changes:
-            key = self._timer("expire", entity_id)
-            if when is None:
-                self._loop.cancel(key)
-            else:
-                self._loop.schedule(key, when[0] + when[1] / 1e9, lambda i=entity_id, w=when: _expire(ref, i, w))
+    def _arm_expiry(self, due: tuple[int, int]) -> None:
+        """Arms the expiry timer for ``due`` unless it is armed earlier already (writers
+        and the timer itself arm it from different threads, in any order)."""
+        key, when, ref = self._timer("expire"), due[0] + due[1] / 1e9, weakref.ref(self)
+        with self._expiry_lock:
+            armed = self._loop.deadline(key)
+            if armed is None or when < armed:
+                self._loop.schedule(key, when, lambda: _expire_due(ref, due))
 
     def _schedule_maintenance(self, ref: weakref.ref) -> None:
         def maintain() -> None:
@@ -347,7 +368,7 @@ class Store:
                 pass  # a failing disk: storage logs it and refuses writes; try again next pass
             store._schedule_maintenance(ref)
 
-        self._loop.schedule(self._timer("maintenance"), time.time() + self.options.maintenance_interval, maintain)
+        self._loop.schedule(self._timer("maintenance"), self._loop.now() + self.options.maintenance_interval, maintain)
 
     @staticmethod
     def _check_type(type_filter: Any) -> int:
