@@ -161,7 +161,7 @@ def test_sensor_sim_reports_the_ground_truth() -> None:
     scenario = Scenario(seed=4, count=3)
     sim = SensorSim(scenario=scenario, rate=2.0, sensor_id="eo-7", ttl=10)
     tick = 3_600_000_000  # 2.0 ticks/s: t = 1.8e9
-    entities = sim.observe(tick)
+    entities = [pb.Entity.FromString(b) for b in sim.observe(tick)]
     assert [e.id for e in entities] == ["eo-0", "eo-1", "eo-2"]
     t = tick / 2.0
     for e, truth in zip(entities, scenario.states(t - SCENARIO_EPOCH), strict=True):
@@ -181,10 +181,10 @@ def test_radar_noise_is_deterministic_with_the_seed() -> None:
     scenario = Scenario(seed=9, count=50)
     a, b = RadarSim(scenario=scenario, noise_m=50), RadarSim(scenario=scenario, noise_m=50)
     tick = 3_500_000_000
-    assert [e.SerializeToString() for e in a.observe(tick)] == [e.SerializeToString() for e in b.observe(tick)]
+    assert a.observe(tick) == b.observe(tick)
     assert a.noise(tick) != a.noise(tick + 1)
     assert RadarSim(scenario=Scenario(seed=10, count=50)).noise(tick) != a.noise(tick)
-    plots = a.observe(tick)
+    plots = [pb.Entity.FromString(b) for b in a.observe(tick)]
     assert [p.id for p in plots[:2]] == ["radar-0", "radar-1"]
     assert all(VELOCITY not in p.components for p in plots)
     assert {unpack(p, SOURCE, pb.SourceComponent).sensor_type for p in plots} == {"radar"}
@@ -193,7 +193,7 @@ def test_radar_noise_is_deterministic_with_the_seed() -> None:
     for k in range(20):
         truth = scenario.states(tick + k - SCENARIO_EPOCH)
         for plot, s in zip(a.observe(tick + k), truth, strict=True):
-            p = unpack(plot, POSITION, pb.PositionComponent)
+            p = unpack(pb.Entity.FromString(plot), POSITION, pb.PositionComponent)
             errors.append(distance_m(p.lat, p.lon, s.lat, s.lon))
     rms = math.sqrt(sum(e * e for e in errors) / len(errors))
     assert rms == pytest.approx(50 * math.sqrt(2), rel=0.1)

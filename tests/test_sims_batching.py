@@ -61,19 +61,19 @@ def padded(entity_id: str, size: int) -> pb.Entity:
 
 
 def test_publish_chunks_cut_by_count_then_by_size_in_order() -> None:
-    small = [make_entity(f"t-{i}", TRACK) for i in range(2500)]
+    small = [make_entity(f"t-{i}", TRACK).SerializeToString() for i in range(2500)]
     chunks = list(publish_chunks(small))
     assert [len(c) for c in chunks] == [PUBLISH_MAX_ENTITIES, PUBLISH_MAX_ENTITIES, 2500 - 2 * PUBLISH_MAX_ENTITIES]
-    assert [e.id for c in chunks for e in c] == [e.id for e in small]
+    assert [e for c in chunks for e in c] == small
 
-    big = [padded(f"b-{i}", 300_000) for i in range(7)]  # three fit in 1 MiB, four do not
+    big = [padded(f"b-{i}", 300_000).SerializeToString() for i in range(7)]  # three fit in 1 MiB, four do not
     chunks = list(publish_chunks(big))
     assert [len(c) for c in chunks] == [3, 3, 1]
     for chunk in chunks:
-        assert store_pb2.PublishRequest(entities=chunk).ByteSize() <= PUBLISH_MAX_BYTES
+        assert store_pb2.PublishRequestView(entities=chunk).ByteSize() <= PUBLISH_MAX_BYTES
 
-    huge = padded("huge", 2 * PUBLISH_MAX_BYTES)  # bigger than a message: alone, not dropped
-    assert [[e.id for e in c] for c in publish_chunks([small[0], huge, small[1]])] == [["t-0"], ["huge"], ["t-1"]]
+    huge = padded("huge", 2 * PUBLISH_MAX_BYTES).SerializeToString()  # bigger than a message: alone, not dropped
+    assert list(publish_chunks([small[0], huge, small[1]])) == [[small[0]], [huge], [small[1]]]
     assert list(publish_chunks([])) == []
 
 
@@ -221,7 +221,7 @@ class SlowStore:
         return None
 
     async def publish(self, entities: Any) -> store_pb2.PublishSummary:
-        entities = list(entities)
+        entities = [pb.Entity.FromString(e) for e in entities]
         tick = round((timestamp_seconds(entities[0].expiry_time) - self.ttl) * self.rate)
         self.published.append((tick, self.clock.now))
         if len(self.published) >= self.limit:

@@ -6,6 +6,7 @@ These are the keys the services agree on, and the small helpers every caller nee
 
 from __future__ import annotations
 
+import functools
 from typing import TypeVar
 
 from google.protobuf import any_pb2
@@ -26,14 +27,21 @@ SOURCE = "source"
 M = TypeVar("M", bound=Message)
 
 
+@functools.cache
 def type_url(message_class: type[Message]) -> str:
     return f"type.googleapis.com/{message_class.DESCRIPTOR.full_name}"
 
 
 def pack(message: Message) -> any_pb2.Any:
     packed = any_pb2.Any()
-    packed.Pack(message)
+    _pack_into(packed, message)
     return packed
+
+
+def _pack_into(packed: any_pb2.Any, message: Message) -> None:
+    # What Any.Pack does, without working out the type URL again for every message.
+    packed.type_url = type_url(type(message))
+    packed.value = message.SerializeToString()
 
 
 def unpack(entity: entity_pb2.Entity, key: str, message_class: type[M]) -> M | None:
@@ -52,5 +60,5 @@ def make_entity(entity_id: str, entity_type: int = entity_pb2.ENTITY_TYPE_UNSPEC
     """``make_entity("t1", ENTITY_TYPE_TRACK, position=PositionComponent(lat=1, lon=2))``."""
     entity = entity_pb2.Entity(id=entity_id, type=entity_type)
     for key, message in components.items():
-        entity.components[key].CopyFrom(pack(message))
+        _pack_into(entity.components[key], message)
     return entity

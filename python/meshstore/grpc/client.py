@@ -234,19 +234,20 @@ PUBLISH_MAX_ENTITIES = 1024
 #: Bytes of entities per PublishRequest: well under the server's message limit (4 MiB by
 #: default), and small enough that the store applies one while the next is on the wire.
 PUBLISH_MAX_BYTES = 1 << 20
+_PUBLISH_ENTITIES = "/store.v1.EntityStoreService/PublishEntities"
 #: A repeated field's framing per entity: a tag byte and a length varint (<= 4 bytes up to 256 MiB).
 _ENTRY_OVERHEAD = 5
 
 
-def publish_chunks(entities: Iterable[entity_pb2.Entity], max_entities: int = PUBLISH_MAX_ENTITIES,
-                   max_bytes: int = PUBLISH_MAX_BYTES) -> Iterator[list[entity_pb2.Entity]]:
-    """``entities`` in order, cut into the ``entities`` of successive PublishRequests: at
-    most ``max_entities`` each and, but for an entity bigger than that alone, at most
-    ``max_bytes`` of encoded entities."""
-    chunk: list[entity_pb2.Entity] = []
+def publish_chunks(entities: Iterable[bytes], max_entities: int = PUBLISH_MAX_ENTITIES,
+                   max_bytes: int = PUBLISH_MAX_BYTES) -> Iterator[list[bytes]]:
+    """Encoded ``entities`` in order, cut into the ``entities`` of successive
+    PublishRequests: at most ``max_entities`` each and, but for an entity bigger than that
+    alone, at most ``max_bytes``."""
+    chunk: list[bytes] = []
     size = 0
     for entity in entities:
-        n = entity.ByteSize() + _ENTRY_OVERHEAD
+        n = len(entity) + _ENTRY_OVERHEAD
         if chunk and (len(chunk) >= max_entities or size + n > max_bytes):
             yield chunk
             chunk, size = [], 0
@@ -278,6 +279,7 @@ class StoreClient:
         self._rng = rng or random.Random()
         self._channel: grpc.aio.Channel | None = None
         self._stub: store_pb2_grpc.EntityStoreServiceStub | None = None
+        self._publish_entities: grpc.aio.StreamUnaryMultiCallable
         self._closed = False
         #: The last store identity seen (node id), to tell a restarted store from a new one.
         self.node_id: str | None = None
@@ -288,12 +290,22 @@ class StoreClient:
 
     @property
     def stub(self) -> store_pb2_grpc.EntityStoreServiceStub:
+        return self._connect()[0]
+
+    def _connect(self) -> tuple[store_pb2_grpc.EntityStoreServiceStub, grpc.aio.StreamUnaryMultiCallable]:
+        """The stub and the byte-level PublishEntities, on a channel opened at first use."""
         if self._closed:
             raise RuntimeError(f"store client {self.name!r} is closed")
         if self._stub is None:
             self._channel = open_channel(self.address, _CHANNEL_OPTIONS, self.security)
             self._stub = store_pb2_grpc.EntityStoreServiceStub(self._channel)
-        return self._stub
+            # PublishEntities with each entity sent as its encoded bytes: PublishRequestView
+            # has PublishRequest's wire form, so a publisher holding bytes (the sims)
+            # never builds messages.
+            self._publish_entities = self._channel.stream_unary(
+                _PUBLISH_ENTITIES, request_serializer=store_pb2.PublishRequestView.SerializeToString,
+                response_deserializer=store_pb2.PublishSummary.FromString)
+        return self._stub, self._publish_entities
 
     async def close(self) -> None:
         self._closed = True
@@ -397,17 +409,20 @@ class StoreClient:
     async def deny(self, entity_id: str) -> entity_pb2.Entity:
         return await self._call("DenyAction", self.stub.DenyAction, store_pb2.DenyActionRequest(entity_id=entity_id))
 
-    async def publish(self, entities: Iterable[entity_pb2.Entity]) -> store_pb2.PublishSummary:
-        """Upserts a batch over one PublishEntities stream (the ingest path), as few
-        messages as ``publish_chunks`` allows: bad entities are counted in the summary
-        (``rejected``, ``errors``) and skipped. Each message is awaited until the stream
-        takes it (HTTP/2 flow control), and then the summary, so a store that applies
-        slowly slows the publisher down instead of messages piling up in memory."""
-        call = self.stub.PublishEntities(timeout=max(self.rpc_timeout, 30.0), wait_for_ready=False)
+    async def publish(self, entities: Iterable[entity_pb2.Entity | bytes]) -> store_pb2.PublishSummary:
+        """Upserts a batch (entities, or their encoded bytes) over one PublishEntities
+        stream (the ingest path), as few messages as ``publish_chunks`` allows: bad
+        entities are counted in the summary (``rejected``, ``errors``) and skipped. Each
+        message is awaited until the stream takes it (HTTP/2 flow control), and then the
+        summary, so a store that applies slowly slows the publisher down instead of
+        messages piling up in memory."""
+        _, publish_entities = self._connect()
+        call = publish_entities(timeout=max(self.rpc_timeout, 30.0), wait_for_ready=False)
+        encoded = (e if isinstance(e, bytes) else e.SerializeToString() for e in entities)
         try:
             try:
-                for chunk in publish_chunks(entities):
-                    await call.write(store_pb2.PublishRequest(entities=chunk))
+                for chunk in publish_chunks(encoded):
+                    await call.write(store_pb2.PublishRequestView(entities=chunk))
                 await call.done_writing()
             except asyncio.InvalidStateError:
                 pass  # the store ended the call early: its status, awaited below, says why

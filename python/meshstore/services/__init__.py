@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import DecodeError, Message
 
+from meshstore.components import type_url
 from meshstore.logs import event as log_event
 from meshstore.pb import entity_pb2
 
@@ -82,13 +83,20 @@ def read_component(entity: entity_pb2.Entity, key: str, message_class: type[M],
     on the message name, as protobuf's ``Any.Unpack`` does."""
     if key not in entity.components:
         return None
+    packed = entity.components[key]
+    if packed.type_url == type_url(message_class):
+        # The common case, without Unpack's parsing of the URL (services read every event).
+        try:
+            return message_class.FromString(packed.value)
+        except DecodeError:
+            pass  # reported below, as Unpack reports it
     message = message_class()
     try:
-        ok = entity.components[key].Unpack(message)
+        ok = packed.Unpack(message)
     except DecodeError as exc:
         ok, why = False, f"unparsable: {exc}"
     else:
-        why = f"holds {entity.components[key].type_url}"
+        why = f"holds {packed.type_url}"
     if not ok:
         if log is not None:
             log_event(log, logging.WARNING, "ignoring component of unexpected type", entity_id=entity.id,

@@ -595,23 +595,31 @@ class Fusion(Service):
             self.counters["skipped_echo"] += 1
             return
         dots = _dots(entity)
-        if self._seen.get(entity.id) == dots:
+        seen = self._seen.get(entity.id)
+        if seen == dots:
             self.counters["skipped_unchanged"] += 1
             return
         self._seen[entity.id] = dots
-        self._doom(self.ingest(entity), "cascade")
+        # A moved track whose source is the one taken in before: not parsed again.
+        known = self.correlator.tracks.get(entity.id) if seen is not None and seen[1] == dots[1] else None
+        self._doom(self.ingest(entity, known), "cascade")
 
-    def ingest(self, entity: pb.Entity) -> list[str]:
+    def ingest(self, entity: pb.Entity, known: Obs | None = None) -> list[str]:
         """Takes in one entity as read; returns fused ids to delete (cascade: a source lost
-        its position). Fused entities are adopted, others without a source ignored."""
+        its position). Fused entities are adopted, others without a source ignored.
+        ``known``: the entity as taken in before, if its source has not changed since."""
         fusion = read_component(entity, FUSION, pb.FusionComponent, self.log)
         if fusion is not None:
             if entity.id not in self.correlator.groups:
                 self.correlator.adopt(entity.id, fusion.source_ids)
             return []
-        source = read_component(entity, SOURCE, pb.SourceComponent, self.log)
+        if known is not None:
+            sensor_type, sensor_id = known.sensor_type, known.sensor_id
+        else:
+            source = read_component(entity, SOURCE, pb.SourceComponent, self.log)
+            sensor_type, sensor_id = (source.sensor_type, source.sensor_id) if source is not None else ("", "")
         position = read_component(entity, POSITION, pb.PositionComponent, self.log)
-        if source is None or not source.sensor_type or position is None:
+        if not sensor_type or position is None:
             self._stamps.pop(entity.id, None)
             return self.correlator.remove(entity.id) if entity.id in self.correlator.tracks else []
         if not valid_position(position.lat, position.lon) or not math.isfinite(position.alt):
@@ -622,8 +630,7 @@ class Fusion(Service):
             self.counters["invalid_positions"] += 1
             return []  # the update is ignored: the last valid position (if any) stands
         self._warned.discard(entity.id)
-        self.correlator.upsert(Obs(entity.id, source.sensor_type, position.lat, position.lon, position.alt,
-                                   source.sensor_id))
+        self.correlator.upsert(Obs(entity.id, sensor_type, position.lat, position.lon, position.alt, sensor_id))
         version = entity.versions.get(POSITION)
         self._stamps[entity.id] = version.physical if version is not None else 0
         return []

@@ -51,7 +51,7 @@ class RadarSim(SensorSim):
         sigma = self.noise_m
         return [(rng.gauss(0.0, sigma), rng.gauss(0.0, sigma)) for _ in range(self.scenario.count)]
 
-    def observe(self, tick: int) -> list[pb.Entity]:
+    def observe(self, tick: int) -> list[bytes]:
         t = self.tick_time(tick)
         shared = self.shared(t)
         plots = []

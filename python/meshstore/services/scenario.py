@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import NamedTuple
 from dataclasses import dataclass, field
 
 from meshstore.validate import is_number
@@ -83,9 +84,9 @@ class BBox:
                 and self.min_lon - tolerance <= lon <= self.max_lon + tolerance)
 
 
-@dataclass(frozen=True)
-class TargetState:
-    """Where target ``index`` is at time ``t``: position (deg), speed (kn), heading (deg)."""
+class TargetState(NamedTuple):
+    """Where target ``index`` is at time ``t``: position (deg), speed (kn), heading (deg).
+    (A tuple: the sims make one per target per tick.)"""
 
     index: int
     lat: float
@@ -101,6 +102,13 @@ class _Target:
     rate_lat: float  # deg/s
     rate_lon: float  # deg/s
     speed_kts: float
+    #: Heading (deg) while moving in each direction: by (lat sign < 0) * 2 + (lon sign < 0).
+    headings: tuple[float, float, float, float]
+
+
+def _heading(north: float, east: float) -> float:
+    """The heading (deg) of a motion of ``north``, ``east`` (any unit; metres/s here)."""
+    return math.degrees(math.atan2(east, north)) % 360.0 if (north or east) else 0.0
 
 
 def _fold(u: float, span: float, edge: str) -> tuple[float, float]:
@@ -139,7 +147,8 @@ class Scenario:
     def _draw(self) -> tuple[_Target, ...]:
         rng = random.Random(self.seed)
         b = self.bbox
-        lon_scale = M_PER_DEG * max(math.cos(math.radians(b.center[0])), 1e-6)
+        cos_center = math.cos(math.radians(b.center[0]))
+        lon_scale = M_PER_DEG * max(cos_center, 1e-6)
         targets = []
         for _ in range(self.count):
             lat0 = rng.uniform(b.min_lat, b.max_lat)
@@ -147,8 +156,10 @@ class Scenario:
             heading = math.radians(rng.uniform(0.0, 360.0))
             speed = rng.uniform(self.speed_min, self.speed_max)
             mps = speed * KNOT_MPS
-            targets.append(_Target(lat0, lon0, mps * math.cos(heading) / M_PER_DEG,
-                                   mps * math.sin(heading) / lon_scale, speed))
+            rate_lat, rate_lon = mps * math.cos(heading) / M_PER_DEG, mps * math.sin(heading) / lon_scale
+            targets.append(_Target(lat0, lon0, rate_lat, rate_lon, speed,
+                                   tuple(_heading(rate_lat * lat_sign, rate_lon * lon_sign * cos_center)
+                                         for lat_sign in (1.0, -1.0) for lon_sign in (1.0, -1.0))))
         return tuple(targets)
 
     def state(self, index: int, t: float) -> TargetState:
@@ -157,10 +168,7 @@ class Scenario:
         b = self.bbox
         lat_off, lat_sign = _fold(target.lat0 - b.min_lat + target.rate_lat * t, b.max_lat - b.min_lat, self.edge)
         lon_off, lon_sign = _fold(target.lon0 - b.min_lon + target.rate_lon * t, b.max_lon - b.min_lon, self.edge)
-        # Heading from the current direction of travel on each axis (metres/s north and east).
-        north = target.rate_lat * lat_sign
-        east = target.rate_lon * lon_sign * math.cos(math.radians(b.center[0]))
-        heading = math.degrees(math.atan2(east, north)) % 360.0 if (north or east) else 0.0
+        heading = target.headings[(lat_sign < 0) * 2 + (lon_sign < 0)]
         return TargetState(index, b.min_lat + lat_off, b.min_lon + lon_off, target.speed_kts, heading)
 
     def states(self, t: float) -> list[TargetState]:

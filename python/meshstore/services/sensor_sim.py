@@ -3,7 +3,8 @@
 Each tick it upserts one TRACK entity per target (``<prefix>-<n>``) with position,
 velocity (knots, degrees true) and ``SourceComponent{sensor_id, sensor_type="eo"}``, as
 one batch: one PublishEntities stream per tick (the store's ingest path), a few
-messages of up to 1,024 entities (``StoreClient.publish``). The first tick creates the
+messages of up to 1,024 entities (``StoreClient.publish``), encoded without a message
+object per report (the tick's shared part is encoded once and appended). The first tick creates the
 entities; later ticks carry the same keys, and the unchanged ones (type, source) cost
 the store nothing. Each write can set an expiry (``ttl``), so the tracks of a sim that
 stops disappear (and fusion cascade-deletes what it built on them).
@@ -78,27 +79,27 @@ class SensorSim(Service):
         """Wall-clock time of tick ``tick``."""
         return tick / self.rate
 
-    def observe(self, tick: int) -> list[pb.Entity]:
-        """The entities this sensor reports at ``tick`` (a pure function of the tick)."""
+    def observe(self, tick: int) -> list[bytes]:
+        """The entities this sensor reports at ``tick``, encoded (a pure function of the
+        tick): what it publishes, built without a message per report."""
         t = self.tick_time(tick)
         shared = self.shared(t)
         return [self.report(state.index, shared, position=pb.PositionComponent(lat=state.lat, lon=state.lon),
                             velocity=pb.VelocityComponent(speed=state.speed_kts, heading=state.heading_deg))
                 for state in self.scenario.states(t - SCENARIO_EPOCH)]
 
-    def shared(self, t: float) -> pb.Entity:
+    def shared(self, t: float) -> bytes:
         """What every report of the tick at ``t`` carries alike (type, source, expiry),
-        built once per tick rather than once per target."""
+        encoded once per tick rather than once per target."""
         entity = make_entity("", pb.ENTITY_TYPE_TRACK, source=self.source())
         if self.ttl:
             entity.expiry_time.CopyFrom(timestamp(t + self.ttl))
-        return entity
+        return entity.SerializeToString()
 
-    def report(self, index: int, shared: pb.Entity, **components: Message) -> pb.Entity:
-        """Target ``index``'s track: ``components`` and what ``shared`` carries."""
-        entity = make_entity(self.track_id(index), **components)
-        entity.MergeFrom(shared)
-        return entity
+    def report(self, index: int, shared: bytes, **components: Message) -> bytes:
+        """Target ``index``'s track, encoded: ``components`` and what ``shared`` carries
+        (two encoded messages in a row parse as the two merged)."""
+        return make_entity(self.track_id(index), **components).SerializeToString() + shared
 
     async def _main(self) -> None:
         self.event(logging.INFO, "simulating", tracks=self.scenario.count, rate=self.rate, seed=self.scenario.seed,
@@ -130,7 +131,7 @@ class SensorSim(Service):
                 self.event(logging.WARNING, "store rejected tracks", tick=tick, rejected=summary.rejected,
                            first_error=summary.errors[0] if summary.errors else "")
             if self.last_tick is None:
-                self.event(logging.INFO, "tracks created", count=len(entities), first=entities[0].id if entities else None)
+                self.event(logging.INFO, "tracks created", count=len(entities), first=self.track_id(0))
             self.last_tick = tick
             tick += 1
 
