@@ -175,35 +175,57 @@ impl Watch {
         if q.closed || self.is_behind() {
             return false;
         }
-        if !self.spec.min_interval.is_zero() {
-            let now = Instant::now();
-            if let Some(held) = q.held.get_mut(&event.id) {
-                held.event = Event { kind: held.event.kind.then(event.kind), ..event };
-                q.coalesced += 1;
-                return false;
+        let now = Instant::now();
+        match self.pace(&mut q, event, now) {
+            Ok(event) => {
+                let first_seq = event.seq;
+                self.enqueue(&mut q, Slot { event, first_seq }, now)
             }
-            if let Some(&last) = q.last_sent.get(&event.id) {
-                if now < last + self.spec.min_interval {
-                    q.held_serial += 1;
-                    let serial = q.held_serial;
-                    q.held_due.push(Reverse((last + self.spec.min_interval, serial)));
-                    q.held_ids.insert(serial, event.id.clone());
-                    let first_seq = event.seq;
-                    q.held.insert(event.id.clone(), Slot { event, first_seq });
-                    // Waiting consumers must learn the new due time: a sleeping poll
-                    // re-computes its deadline, an armed async consumer re-arms.
-                    self.ready.notify_one();
-                    wake_rust(&mut q);
-                    return std::mem::take(&mut q.armed);
-                }
-            }
-            q.last_sent.insert(event.id.clone(), now);
+            Err(newly_held) => newly_held && std::mem::take(&mut q.armed),
         }
-        let first_seq = event.seq;
-        self.enqueue(&mut q, Slot { event, first_seq })
     }
 
-    fn enqueue(&self, q: &mut Queue, slot: Slot) -> bool {
+    /// `min_interval`: an event of an entity sent less than the interval ago is held
+    /// until then (folded into the one held already, if any). Returns the event if it
+    /// goes now, else whether it was newly held (its consumer was told the new due time).
+    fn pace(&self, q: &mut Queue, event: Event, now: Instant) -> Result<Event, bool> {
+        if self.spec.min_interval.is_zero() {
+            return Ok(event);
+        }
+        if let Some(held) = q.held.get_mut(&event.id) {
+            held.event = Event { kind: held.event.kind.then(event.kind), ..event };
+            q.coalesced += 1;
+            return Err(false);
+        }
+        if let Some(&last) = q.last_sent.get(&event.id) {
+            if now < last + self.spec.min_interval {
+                q.held_serial += 1;
+                let serial = q.held_serial;
+                q.held_due.push(Reverse((last + self.spec.min_interval, serial)));
+                q.held_ids.insert(serial, event.id.clone());
+                let first_seq = event.seq;
+                q.held.insert(event.id.clone(), Slot { event, first_seq });
+                // Waiting consumers must learn the new due time: a sleeping poll
+                // re-computes its deadline, an armed async consumer re-arms.
+                self.ready.notify_one();
+                wake_rust(q);
+                return Err(true);
+            }
+        }
+        Ok(event)
+    }
+
+    /// Queues a slot (the queue has room); with `min_interval`, its entity's next event
+    /// waits from now.
+    fn queue_slot(&self, q: &mut Queue, slot: Slot, now: Instant) {
+        if !self.spec.min_interval.is_zero() {
+            q.last_sent.insert(slot.event.id.clone(), now);
+        }
+        q.events.push_back(slot);
+        q.live += 1;
+    }
+
+    fn enqueue(&self, q: &mut Queue, slot: Slot, now: Instant) -> bool {
         if q.live >= self.spec.capacity {
             // Full: fall behind. This change and every later one come from the table's
             // log once the consumer has drained the queue.
@@ -215,8 +237,7 @@ impl Watch {
             wake_rust(q);
             return std::mem::take(&mut q.armed);
         }
-        q.events.push_back(slot);
-        q.live += 1;
+        self.queue_slot(q, slot, now);
         self.ready.notify_one();
         wake_rust(q);
         std::mem::take(&mut q.armed)
@@ -241,12 +262,17 @@ impl Watch {
     }
 
     /// Queues the events read from the log by one catch-up step (the queue has room: the
-    /// caller reads at most `spec.capacity` after `catch_up_from`).
+    /// caller reads at most `spec.capacity` after `catch_up_from`), paced by
+    /// `min_interval` as live events are: a watcher behind gets an entity no more often.
     pub fn push_caught_up(&self, events: Vec<Event>) -> bool {
         let mut q = self.queue.lock();
         q.caught_up += events.len() as u64;
-        q.live += events.len();
-        q.events.extend(events.into_iter().map(|event| Slot { first_seq: event.seq, event }));
+        let now = Instant::now();
+        for event in events {
+            if let Ok(event) = self.pace(&mut q, event, now) {
+                self.queue_slot(&mut q, Slot { first_seq: event.seq, event }, now);
+            }
+        }
         self.ready.notify_one();
         wake_rust(&mut q);
         std::mem::take(&mut q.armed)
@@ -293,8 +319,7 @@ impl Watch {
             q.held_due.pop();
             let id = q.held_ids.remove(&serial).expect("held serial has an id");
             if let Some(slot) = q.held.remove(&id) {
-                q.last_sent.insert(id, now);
-                wake |= self.enqueue(q, slot);
+                wake |= self.enqueue(q, slot, now);
             }
         }
         wake

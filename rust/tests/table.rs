@@ -1667,6 +1667,25 @@ fn a_catch_up_step_reads_a_bounded_part_of_the_log_however_large_the_queue() {
 }
 
 #[test]
+fn a_watcher_behind_gets_an_entity_no_more_often_than_its_min_interval() {
+    let mut a = Node::new("a");
+    let w = a.t.watch(WatchSpec { capacity: 2, min_interval: Duration::from_secs(3600), ..spec() }, false, None).unwrap();
+    a.put(&entity("e1", vec![("position", position(1.0))]));
+    assert_eq!(w.poll(10, Duration::ZERO).len(), 1, "e1 sent: its next event waits an hour");
+    for (id, lat) in [("e2", 2.0), ("e3", 3.0), ("e1", 11.0), ("e4", 4.0)] {
+        a.put(&entity(id, vec![("position", position(lat))]));
+    }
+    assert!(w.is_behind());
+    let mut caught: Vec<String> = w.poll(10, Duration::ZERO).into_iter().map(|e| e.id.to_string()).collect();
+    while w.is_behind() {
+        a.t.catch_up(&w);
+        caught.extend(w.poll(10, Duration::ZERO).into_iter().map(|e| e.id.to_string()));
+    }
+    assert_eq!(caught, ["e2", "e3", "e4"], "e1's catch-up event is held like a live one");
+    assert_eq!(w.stats().held, 1);
+}
+
+#[test]
 fn a_snapshot_larger_than_the_queue_is_caught_up_as_created() {
     let mut a = Node::new("a");
     for i in 0..5 {
