@@ -397,3 +397,9 @@ def test_serve_refuses_a_malformed_peer(tmp_path: pathlib.Path) -> None:
     result = subprocess.run([*CLI, "serve", "--port", "0", "--peer", "nowhere"], capture_output=True, text=True,
                             timeout=TIMEOUT, env=cli_env())
     assert_one_line_error(result, 2, "--peer must be HOST:PORT")
+
+
+def test_serve_refuses_an_empty_watch_queue() -> None:
+    result = subprocess.run([*CLI, "serve", "--in-memory", "--port", "0", "--watch-queue", "0"], capture_output=True,
+                            text=True, timeout=TIMEOUT, env=cli_env())
+    assert_one_line_error(result, 2, "watch_queue must be an int >= 1")

@@ -71,7 +71,7 @@ class ServerThread:
 
 @contextlib.contextmanager
 def running_server(**store_options: Any) -> Iterator[ServerThread]:
-    server_kwargs = {k: store_options.pop(k) for k in ("max_message_bytes",) if k in store_options}
+    server_kwargs = {k: store_options.pop(k) for k in ("max_message_bytes", "watch_queue") if k in store_options}
     store = Store(node_id=store_options.pop("node_id", "srv"), **store_options)
     server = ServerThread(store, **server_kwargs)
     try:
@@ -493,6 +493,24 @@ def test_watch_projects_components(server: ServerThread) -> None:
     (event,) = stream.wait(1)
     assert list(event.entity.components) == [THREAT]
     stream.close()
+
+
+def test_a_stream_past_its_watch_queue_catches_up_to_the_final_state() -> None:
+    # A consumer that does not read: HTTP/2 flow control stops the stream, and its queue
+    # of 16 events fills; it falls behind, then ends on every entity's last write.
+    with running_server(watch_queue=16) as server:
+        call = server.stub.WatchEntities(store_pb2.WatchEntitiesRequest(type_filter=TRACK), timeout=30)
+        wait_for(lambda: server.store.stats()["watchers"] == 1, what="watch registered")
+        pad = {"classification": entity_pb2.ClassificationComponent(label="x" * 1000)}
+        for round_ in range(10):
+            server.store.put_many([track(f"t{i}", lat=float(round_), **pad) for i in range(200)])
+        latest: dict[str, float] = {}
+        for ev in call:
+            latest[ev.entity.id] = position(ev.entity)[0]
+            if len(latest) == 200 and set(latest.values()) == {9.0}:
+                break
+        call.cancel()
+        assert server.store.stats()["coalesced"] > 0  # 2,000 changes did not fit in 16 slots
 
 
 def test_watch_min_interval_coalesces_per_entity(server: ServerThread) -> None:

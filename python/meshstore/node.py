@@ -49,7 +49,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from meshstore.grpc.client import ClientSecurity
-from meshstore.grpc.server import DEFAULT_MAX_MESSAGE_BYTES, GrpcServer, check_listen_options
+from meshstore.grpc.server import DEFAULT_MAX_MESSAGE_BYTES, WATCH_QUEUE, GrpcServer, check_listen_options
 from meshstore.http.server import HttpServer
 from meshstore.logs import event as log_event
 from meshstore.mesh.discovery import PeerDiscovery, Resolver, split_address
@@ -79,6 +79,8 @@ class NodeOptions:
     - ``bandwidth_bps``, ``burst_bytes``: each peer link's budget (``BudgetConfig``; 0:
       unlimited, and a burst of one second of bandwidth);
     - ``grace``: seconds in-flight calls get at shutdown (``drain``'s default);
+    - ``watch_queue``: events each gRPC watch stream queues before it falls behind (and
+      catches up from the change log with each entity's latest state);
     - ``reflection``: offer gRPC server reflection;
     - ``relay_options``: further keyword arguments of the node's ``Relay`` (batch size,
       backoff, intervals, ``channel_factory``...);
@@ -103,6 +105,7 @@ class NodeOptions:
     bandwidth_bps: float = 0
     burst_bytes: float = 0
     grace: float = 5.0
+    watch_queue: int = WATCH_QUEUE
     reflection: bool = True
     relay_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     http_host: str = "127.0.0.1"
@@ -116,7 +119,7 @@ class NodeOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.host, str):
             raise TypeError(f"host must be a str, got {type(self.host).__name__}")
-        check_listen_options(self.port, self.max_message_bytes)
+        check_listen_options(self.port, self.max_message_bytes, self.watch_queue)
         if isinstance(self.peers, str) or not all(isinstance(p, str) and p.strip() for p in self.peers):
             raise ValueError(f"peers must be a list of 'host:port' strings, got {self.peers!r}")
         peers = tuple(p.strip() for p in self.peers)
@@ -315,7 +318,8 @@ class Node:
             raise RuntimeError("a stopped node cannot start again: make a new one")
         o = self.options
         server = GrpcServer(self.store, o.host, o.port, o.max_message_bytes, reflection=o.reflection,
-                            extra_stats=self._stats_values, mesh=self.receiver, security=o.security)
+                            extra_stats=self._stats_values, mesh=self.receiver, security=o.security,
+                            watch_queue=o.watch_queue)
         self.receiver.server = server
         try:
             await server.start()

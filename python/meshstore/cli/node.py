@@ -127,6 +127,10 @@ def serve_cmd(
     max_message_bytes: Annotated[int, typer.Option(
         "--max-message-bytes", envvar="MESHSTORE_MAX_MESSAGE_BYTES", show_envvar=True,
         help="Largest gRPC message accepted; bigger ones get RESOURCE_EXHAUSTED.")] = 4 * 1024 * 1024,
+    watch_queue: Annotated[int, typer.Option(
+        "--watch-queue", envvar="MESHSTORE_WATCH_QUEUE", show_envvar=True, metavar="N",
+        help="Events each watch stream queues before it falls behind; a stream behind catches up "
+             "with each entity's latest state (bounds memory per stuck watcher).")] = 8192,  # grpc.server.WATCH_QUEUE
     max_entity_bytes: Annotated[int, typer.Option(
         "--max-entity-bytes", envvar="MESHSTORE_MAX_ENTITY_BYTES", show_envvar=True,
         help="Largest entity the store accepts (INVALID_ARGUMENT beyond).")] = 1 << 20,
@@ -213,6 +217,7 @@ def serve_cmd(
         raise CliError(str(exc), EXIT_USAGE) from None
     try:
         options = NodeOptions(host=host, port=port, max_message_bytes=max_message_bytes, grace=grace,
+                              watch_queue=watch_queue,
                               peers=_peer_list(peers, "--peer"), peer_dns=_peer_list(peer_dns, "--peer-dns"),
                               peer_dns_interval=peer_dns_interval, bandwidth_bps=bandwidth_bps, burst_bytes=burst_bytes,
                               http_host=http_host, http_port=http_port, metrics_host=metrics_host,

@@ -55,10 +55,10 @@ DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 #: Threads of the server's runtime.
 WORKERS = 2
 #: Events each watch stream queues before it falls behind (and catches up from the change
-#: log). Bigger than a Python watcher's: a consumer keeping up with 1,000-entity batches
-#: must never fall behind for a burst. A stuck stream's queue holds this many events; the
-#: entity snapshots they point to are shared by every stream, so 100 stuck streams cost
-#: about 100 x 8192 x 100 bytes beside them.
+#: log), by default. Bigger than a Python watcher's: a consumer keeping up with
+#: 1,000-entity batches must never fall behind for a burst. A stuck stream's queue holds
+#: this many events; the entity snapshots they point to are shared by every stream, so 100
+#: stuck streams cost about 100 x 8192 x 100 bytes beside them.
 WATCH_QUEUE = 8192
 
 
@@ -124,12 +124,15 @@ def address_of(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-def check_listen_options(port: Any, max_message_bytes: Any) -> None:
-    """ValueError unless ``port`` is an int in 0..65535 and ``max_message_bytes`` >= 1024."""
+def check_listen_options(port: Any, max_message_bytes: Any, watch_queue: Any = WATCH_QUEUE) -> None:
+    """ValueError unless ``port`` is an int in 0..65535, ``max_message_bytes`` >= 1024 and
+    ``watch_queue`` >= 1."""
     if not is_number(port, integer=True) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an int in 0..65535, got {port!r}")
     if not is_number(max_message_bytes, integer=True) or max_message_bytes < 1024:
         raise ValueError(f"max_message_bytes must be an int >= 1024, got {max_message_bytes!r}")
+    if not is_number(watch_queue, integer=True) or watch_queue < 1:
+        raise ValueError(f"watch_queue must be an int >= 1, got {watch_queue!r}")
 
 
 class GrpcServer:
@@ -145,7 +148,8 @@ class GrpcServer:
     def __init__(self, store: Store, host: str = "127.0.0.1", port: int = 0,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, *, reflection: bool = True,
                  extra_stats: Callable[[], Mapping[str, float]] | None = None,
-                 mesh: MeshHooks | None = None, security: ServerSecurity | None = None) -> None:
+                 mesh: MeshHooks | None = None, security: ServerSecurity | None = None,
+                 watch_queue: int = WATCH_QUEUE) -> None:
         check_listen_options(port, max_message_bytes)
         self.security = security
         self.store = store
@@ -153,6 +157,7 @@ class GrpcServer:
         self.port = port
         self.max_message_bytes = max_message_bytes
         self.reflection = reflection
+        self.watch_queue = watch_queue
         self.extra_stats = extra_stats
         self.mesh: MeshHooks = mesh or _NoMesh()
         self._core: _CoreServer | None = None
@@ -186,7 +191,7 @@ class GrpcServer:
         try:
             self._core = await asyncio.to_thread(
                 _CoreServer, self.store._core, _Hooks(self), host, self.port, self.max_message_bytes,
-                self.reflection, WATCH_QUEUE, WORKERS, tls, policy)
+                self.reflection, self.watch_queue, WORKERS, tls, policy)
         except OSError:
             self._state = "stopped"
             raise
