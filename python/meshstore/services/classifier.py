@@ -44,7 +44,7 @@ import math
 from dataclasses import dataclass
 
 from meshstore.grpc.client import DEFAULT_ADDR, Backoff, StoreClient, UpdateBatcher
-from meshstore.components import CLASSIFICATION, THREAT, VELOCITY, pack
+from meshstore.components import CLASSIFICATION, THREAT, VELOCITY, make_entity
 from meshstore.errors import InvalidEntityError, NotFoundError
 from meshstore.pb import entity_pb2 as pb
 from meshstore.pb import store_pb2
@@ -122,10 +122,9 @@ def plan_write(entity: pb.Entity, thresholds: Thresholds = Thresholds(),
     same_threat = threat is not None and threat.level == wanted.level
     if same_class and same_threat:
         return None
-    write = pb.Entity(id=entity.id)
-    write.components[CLASSIFICATION].CopyFrom(pack(pb.ClassificationComponent(label=wanted.label,
-                                                                              confidence=wanted.confidence)))
-    write.components[THREAT].CopyFrom(pack(pb.ThreatComponent(level=wanted.level)))
+    write = make_entity(entity.id, **{CLASSIFICATION: pb.ClassificationComponent(label=wanted.label,
+                                                                                 confidence=wanted.confidence),
+                                      THREAT: pb.ThreatComponent(level=wanted.level)})
     for key in WRITES:
         write.versions[key].CopyFrom(base_version(entity, key))
     return write
@@ -209,10 +208,14 @@ class Classifier(Service):
                 self._written[entity.id] = result.entity.versions[CLASSIFICATION]
                 self._answered[entity.id] = result.entity.versions[VELOCITY]
             self.lag.since(entity.versions[VELOCITY].physical)
-            cls = pb.ClassificationComponent()
-            write.components[CLASSIFICATION].Unpack(cls)
-            level = pb.ThreatComponent()
-            write.components[THREAT].Unpack(level)
-            self.event(logging.INFO, "classified", entity_id=entity.id, label=cls.label,
-                       confidence=round(cls.confidence, 2), threat=pb.ThreatLevel.Name(level.level),
-                       applied=",".join(result.applied))
+            if self.log.isEnabledFor(logging.INFO):  # a burst of new tracks decodes nothing for it
+                self._log_classified(write, result.applied)
+
+    def _log_classified(self, write: pb.Entity, applied: list[str]) -> None:
+        cls = pb.ClassificationComponent()
+        write.components[CLASSIFICATION].Unpack(cls)
+        level = pb.ThreatComponent()
+        write.components[THREAT].Unpack(level)
+        self.event(logging.INFO, "classified", entity_id=write.id, label=cls.label,
+                   confidence=round(cls.confidence, 2), threat=pb.ThreatLevel.Name(level.level),
+                   applied=",".join(applied))
