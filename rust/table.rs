@@ -127,6 +127,23 @@ fn prepare(bytes: &[u8], registry: &Registry, max_entity_bytes: usize, max_id_by
     prepare_cells(&e, registry)
 }
 
+/// A stamp for a local change of entity `stored`: the clock's, unless the entity holds a
+/// delete stamped at or after it (from a clock far ahead): then just after the entity's
+/// latest stamp, so the change outlives the delete it saw (the clock itself never jumps).
+/// Fails only if no such stamp exists (a delete at the end of time); the caller counts it.
+fn stamp_after(clock: &mut Clock, stored: Option<&EntityState>) -> Result<Timestamp> {
+    let (Some(latest), Some(state)) = (stored.and_then(|s| s.max_stamp()), stored.filter(|s| s.deleted.is_some())) else {
+        return Ok(clock.now());
+    };
+    let ts = clock.now_after(latest);
+    if ts <= latest {
+        let id = &state.id;
+        let msg = format!("entity '{id}' was deleted at the end of the clock's range; it cannot be written again");
+        return Err(Error::invalid(Some(id), None, msg));
+    }
+    Ok(ts)
+}
+
 /// Names the batch item an error is about.
 fn at_item(i: usize, e: Error) -> Error {
     match e {
@@ -420,7 +437,9 @@ impl Table {
         if !checked {
             self.check_bases(&p)?;
         }
-        let stored = self.entities.get(&p.id);
+        // Everything that can refuse the write reads the stored entity through this one
+        // lookup (failures are counted through `self.counters` alone: the borrow holds).
+        let stored = self.entities.get(&p.id).map(|s| &**s);
         let was_alive = stored.is_some_and(|s| s.is_alive());
         match mode {
             WriteMode::Create if was_alive => return Err(Error::AlreadyExists(p.id.to_string())),
@@ -449,7 +468,7 @@ impl Table {
         }
         // The type/expiry register: written when the entity (re)starts a life or the
         // write changes either. A new life does not inherit the expiry of the old one.
-        let current = stored.filter(|_| was_alive).map_or(Meta::default(), |s| s.meta(&self.registry));
+        let current = stored.filter(|_| was_alive).map_or(Meta::default(), EntityState::current_meta);
         let mut meta = Meta {
             etype: if p.etype != 0 { p.etype } else { current.etype },
             expiry: p.expiry.unwrap_or(current.expiry),
@@ -463,7 +482,7 @@ impl Table {
             if write_meta {
                 sizes.push((meta_key(), META_SIBLING_BYTES));
             }
-            self.check_size(&p.id, &sizes)?;
+            self.size_check(&p.id, stored, &sizes).inspect_err(|_| self.counters.rejected += 1)?;
         }
         self.counters.writes += 1;
         self.counters.stale_keys += stale.len() as u64;
@@ -476,7 +495,7 @@ impl Table {
         if self.counter.checked_add(needed).is_none() {
             return self.invalid(Some(&p.id), None, "this node's dot counter is exhausted; restart it with a new incarnation".into());
         }
-        let ts = self.stamp_for(&p.id)?;
+        let ts = stamp_after(&mut self.clock, stored).inspect_err(|_| self.counters.rejected += 1)?;
         let incarnation = self.opts.incarnation;
         let mut new_sibs = Vec::with_capacity(needed as usize);
         for c in p.cells.into_iter().filter(|c| applied.contains(&c.key)) {
@@ -502,7 +521,10 @@ impl Table {
             state.ctx.add(&s.dot());
             state.replace_key(s);
         }
-        state.refresh(&registry);
+        // Only the register's value feeds what `refresh` derives.
+        if write_meta {
+            state.refresh(&registry);
+        }
         state.source = ts.node;
         if !was_alive {
             self.dead.remove(&p.id);
@@ -512,11 +534,14 @@ impl Table {
         // What a projected watcher needs to know: the keys this write changed, and the
         // type. A new expiry alone is not news to it: sims move every track's expiry on
         // every tick, and a classifier reading velocities must not wake for that.
-        let mut changed = applied.clone();
-        if write_meta && meta.etype != current.etype {
-            changed.push(meta_key());
-        }
-        let snapshot = self.record(&p.id, Some(kind), true, Some(&changed)).expect("a snapshot was asked for");
+        let with_type: Vec<Sym>;
+        let changed = if write_meta && meta.etype != current.etype {
+            with_type = applied.iter().copied().chain([meta_key()]).collect();
+            &with_type
+        } else {
+            &applied
+        };
+        let snapshot = self.record(&p.id, Some(kind), true, Some(changed)).expect("a snapshot was asked for");
         Ok(WriteOutcome { id: p.id, snapshot, registry, applied, stale, unchanged, created: !was_alive })
     }
 
@@ -525,31 +550,14 @@ impl Table {
         self.commit(p, mode, strict)
     }
 
-    /// A stamp for a local change of entity `id`: the clock's, unless the entity holds a
-    /// delete stamped at or after it (from a clock far ahead): then just after the
-    /// entity's latest stamp, so the change outlives the delete it saw (the clock itself
-    /// never jumps). Fails only if no such stamp exists (a delete at the end of time).
-    fn stamp_for(&mut self, id: &str) -> Result<Timestamp> {
-        let state = self.entities.get(id);
-        let (Some(latest), Some(_)) = (state.and_then(|s| s.max_stamp()), state.and_then(|s| s.deleted)) else {
-            return Ok(self.clock.now());
-        };
-        let ts = self.clock.now_after(latest);
-        if ts <= latest {
-            let msg = format!("entity '{id}' was deleted at the end of the clock's range; it cannot be written again");
-            return self.invalid(Some(id), None, msg);
-        }
-        Ok(ts)
-    }
-
     /// Fails if replacing the keys in `writes` (key, bytes of its new value) would take
-    /// the entity's replica state past the size limit: the values it keeps, the new ones,
-    /// and its context with this node's entry.
-    fn check_size(&mut self, id: &Arc<str>, writes: &[(Sym, usize)]) -> Result<()> {
+    /// entity `id` (`stored`) past the size limit: the values it keeps, the new ones,
+    /// and its context with this node's entry. The caller counts the refusal.
+    fn size_check(&self, id: &str, stored: Option<&EntityState>, writes: &[(Sym, usize)]) -> Result<()> {
         let written = |key: Sym| writes.iter().any(|w| w.0 == key);
         let own = Dot { node: self.node(), incarnation: self.opts.incarnation, counter: 1 };
         let mut total = id.len() + writes.iter().map(|w| w.1).sum::<usize>();
-        match self.entities.get(id) {
+        match stored {
             Some(s) => {
                 total += s.sibs.iter().filter(|x| !written(x.key)).map(Sibling::bytes).sum::<usize>();
                 total += (s.ctx.len() + !s.ctx.contains(&own) as usize) * CONTEXT_ENTRY_BYTES;
@@ -558,7 +566,7 @@ impl Table {
         }
         if total > self.opts.max_entity_bytes {
             let msg = format!("entity '{id}' would hold {total} bytes, over the limit of {}", self.opts.max_entity_bytes);
-            return self.invalid(Some(id), None, msg);
+            return Err(Error::invalid(Some(id), None, msg));
         }
         Ok(())
     }
@@ -588,8 +596,11 @@ impl Table {
                 }
             }
             if !p.cells.is_empty() {
-                let sizes = sizes.clone();
-                self.check_size(&p.id, &sizes).map_err(|e| at_item(i, e))?;
+                let stored = self.entities.get(&p.id).map(|s| &**s);
+                self.size_check(&p.id, stored, sizes).map_err(|e| {
+                    self.counters.rejected += 1;
+                    at_item(i, e)
+                })?;
             }
         }
         Ok(())
@@ -605,8 +616,8 @@ impl Table {
         let Some(state) = self.entities.get(id).filter(|s| s.is_alive()) else {
             return Err(Error::NotFound(id.into()));
         };
+        let ts = stamp_after(&mut self.clock, Some(state)).inspect_err(|_| self.counters.rejected += 1)?;
         let id = state.id.clone();
-        let ts = self.stamp_for(&id)?;
         let expiry_before = self.live_expiry(&id);
         let counter = self.next_dot()?;
         let record = DeleteRecord { ts, incarnation: self.opts.incarnation, counter };
