@@ -144,6 +144,17 @@ fn stamp_after(clock: &mut Clock, stored: Option<&EntityState>) -> Result<Timest
     Ok(ts)
 }
 
+/// Gives `state`'s latest change the table's next seq (`seq`): its entry in the change
+/// log moves there.
+fn next_seq(log: &mut BTreeMap<u64, Arc<str>>, seq: &mut u64, state: &mut EntityState) {
+    *seq = seq.saturating_add(1);
+    if state.seq != 0 {
+        log.remove(&state.seq);
+    }
+    state.seq = *seq;
+    log.insert(*seq, state.id.clone());
+}
+
 /// Names the batch item an error is about.
 fn at_item(i: usize, e: Error) -> Error {
     match e {
@@ -496,6 +507,7 @@ impl Table {
             return self.invalid(Some(&p.id), None, "this node's dot counter is exhausted; restart it with a new incarnation".into());
         }
         let ts = stamp_after(&mut self.clock, stored).inspect_err(|_| self.counters.rejected += 1)?;
+        let expiry_before = stored.filter(|s| s.is_alive()).and_then(|s| s.expiry);
         let incarnation = self.opts.incarnation;
         let mut new_sibs = Vec::with_capacity(needed as usize);
         for c in p.cells.into_iter().filter(|c| applied.contains(&c.key)) {
@@ -510,9 +522,8 @@ impl Table {
             let (key, type_url) = (meta_key(), meta_url());
             new_sibs.push(Sibling { key, type_url, ts, incarnation, counter, value: meta.to_bytes().into() });
         }
-        let expiry_before = self.live_expiry(&p.id);
-        let state =
-            Arc::make_mut(self.entities.entry(p.id.clone()).or_insert_with(|| Arc::new(EntityState::new(p.id.clone(), ts.node))));
+        let entry = self.entities.entry(p.id.clone()).or_insert_with(|| Arc::new(EntityState::new(p.id.clone(), ts.node)));
+        let state = Arc::make_mut(entry);
         // Exactly the room the new values need: a vector doubling past five values would
         // cost a track hundreds of bytes of empty slots.
         let added = new_sibs.iter().filter(|s| state.key_range(s.key).is_empty()).count();
@@ -526,10 +537,17 @@ impl Table {
             state.refresh(&registry);
         }
         state.source = ts.node;
+        next_seq(&mut self.log, &mut self.seq, state);
+        // The entity is alive now: its expiry is the register's. (What `note_expiry` does,
+        // from values at hand instead of two more lookups.)
+        let expiry_after = state.expiry;
+        let snapshot = entry.clone();
+        if expiry_after != expiry_before {
+            self.expiry_changes.push((p.id.clone(), expiry_after));
+        }
         if !was_alive {
             self.dead.remove(&p.id);
         }
-        self.note_expiry(&p.id, expiry_before);
         let kind = if was_alive { EventKind::Updated } else { EventKind::Created };
         // What a projected watcher needs to know: the keys this write changed, and the
         // type. A new expiry alone is not news to it: sims move every track's expiry on
@@ -541,7 +559,7 @@ impl Table {
         } else {
             &applied
         };
-        let snapshot = self.record(&p.id, Some(kind), true, Some(changed)).expect("a snapshot was asked for");
+        self.announce(&snapshot, kind, Some(changed));
         Ok(WriteOutcome { id: p.id, snapshot, registry, applied, stale, unchanged, created: !was_alive })
     }
 
@@ -630,7 +648,7 @@ impl Table {
         let wall = self.clock.wall_ns();
         self.dead.insert(id.clone(), wall);
         self.note_expiry(&id, expiry_before);
-        self.record(&id, Some(EventKind::Deleted), false, None);
+        self.record(&id, Some(EventKind::Deleted));
         Ok(())
     }
 
@@ -644,31 +662,25 @@ impl Table {
         false
     }
 
-    /// Gives a stored entity's latest change the next seq and tells the watchers.
-    /// Returns a snapshot of it if `snapshot` is asked for (or None).
-    /// `changed`: the keys the change touched, when known (a projected watcher that reads
-    /// none of them is not told of an update).
-    fn record(&mut self, id: &Arc<str>, kind: Option<EventKind>, snapshot: bool, changed: Option<&[Sym]>) -> Option<Arc<EntityState>> {
-        self.seq = self.seq.saturating_add(1);
+    /// Gives a stored entity's latest change the next seq and tells the watchers (`kind`:
+    /// the event it is; None: none, e.g. a merge that only widened the context).
+    fn record(&mut self, id: &Arc<str>, kind: Option<EventKind>) {
         let entry = self.entities.get_mut(id).expect("a recorded entity is stored");
-        let state = Arc::make_mut(entry);
-        if state.seq != 0 {
-            self.log.remove(&state.seq);
-        }
-        state.seq = self.seq;
-        self.log.insert(self.seq, state.id.clone());
+        next_seq(&mut self.log, &mut self.seq, Arc::make_mut(entry));
         if let Some(kind) = kind {
-            self.counters.events[kind as usize - 1] += 1;
+            let snapshot = entry.clone();
+            self.announce(&snapshot, kind, None);
         }
-        let emit = kind.filter(|_| !self.watchers.is_empty());
-        if !snapshot && emit.is_none() {
-            return None;
+    }
+
+    /// Counts a change and tells the watchers of it. `changed`: the keys the change
+    /// touched, when known (a projected watcher that reads none of them is not told of an
+    /// update).
+    fn announce(&mut self, snapshot: &Arc<EntityState>, kind: EventKind, changed: Option<&[Sym]>) {
+        self.counters.events[kind as usize - 1] += 1;
+        if !self.watchers.is_empty() {
+            self.emit(snapshot, kind, changed);
         }
-        let snap = entry.clone();
-        if let Some(kind) = emit {
-            self.emit(&snap, kind, changed);
-        }
-        Some(snap)
     }
 
     fn live_expiry(&self, id: &str) -> Option<WallTime> {
@@ -838,7 +850,7 @@ impl Table {
             self.dead.entry(remote.id.clone()).or_insert(wall);
         }
         self.note_expiry(&remote.id, expiry_before);
-        self.record(&remote.id, kind, false, None);
+        self.record(&remote.id, kind);
         true
     }
 
