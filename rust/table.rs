@@ -488,12 +488,9 @@ impl Table {
         let write_meta = !was_alive || meta.etype != current.etype || meta.expiry != current.expiry;
         let changed = !applied.is_empty() || write_meta;
         if !checked && changed {
-            let mut sizes: Vec<(Sym, usize)> =
-                p.cells.iter().filter(|c| applied.contains(&c.key)).map(|c| (c.key, c.bytes())).collect();
-            if write_meta {
-                sizes.push((meta_key(), META_SIBLING_BYTES));
-            }
-            self.size_check(&p.id, stored, &sizes).inspect_err(|_| self.counters.rejected += 1)?;
+            let cells = p.cells.iter().filter(|c| applied.contains(&c.key)).map(|c| (c.key, c.bytes()));
+            let sizes = cells.chain(write_meta.then_some((meta_key(), META_SIBLING_BYTES)));
+            self.size_check(&p.id, stored, sizes).inspect_err(|_| self.counters.rejected += 1)?;
         }
         self.counters.writes += 1;
         self.counters.stale_keys += stale.len() as u64;
@@ -508,27 +505,28 @@ impl Table {
         }
         let ts = stamp_after(&mut self.clock, stored).inspect_err(|_| self.counters.rejected += 1)?;
         let expiry_before = stored.filter(|s| s.is_alive()).and_then(|s| s.expiry);
+        // The write's dots, in order: its applied cells', then the register's.
+        let first = self.counter + 1;
+        for _ in 0..needed {
+            self.next_dot()?;
+        }
         let incarnation = self.opts.incarnation;
-        let mut new_sibs = Vec::with_capacity(needed as usize);
-        for c in p.cells.into_iter().filter(|c| applied.contains(&c.key)) {
-            let counter = self.next_dot()?;
-            new_sibs.push(Sibling { key: c.key, type_url: c.type_url, ts, incarnation, counter, value: c.value });
+        if write_meta && !was_alive {
+            meta.created_at = Some(wall_time_of(ts.physical));
         }
-        if write_meta {
-            if !was_alive {
-                meta.created_at = Some(wall_time_of(ts.physical));
-            }
-            let counter = self.next_dot()?;
-            let (key, type_url) = (meta_key(), meta_url());
-            new_sibs.push(Sibling { key, type_url, ts, incarnation, counter, value: meta.to_bytes().into() });
-        }
+        let register = write_meta.then(|| {
+            let counter = first + applied.len() as u64;
+            Sibling { key: meta_key(), type_url: meta_url(), ts, incarnation, counter, value: meta.to_bytes().into() }
+        });
         let entry = self.entities.entry(p.id.clone()).or_insert_with(|| Arc::new(EntityState::new(p.id.clone(), ts.node)));
         let state = Arc::make_mut(entry);
         // Exactly the room the new values need: a vector doubling past five values would
         // cost a track hundreds of bytes of empty slots.
-        let added = new_sibs.iter().filter(|s| state.key_range(s.key).is_empty()).count();
+        let added = applied.iter().chain(register.as_ref().map(|r| &r.key)).filter(|&&k| state.key_range(k).is_empty()).count();
         state.sibs.reserve_exact(added);
-        for s in new_sibs {
+        let cells = p.cells.into_iter().filter(|c| applied.contains(&c.key));
+        let new_sibs = cells.zip(first..).map(|(c, counter)| Sibling { key: c.key, type_url: c.type_url, ts, incarnation, counter, value: c.value });
+        for s in new_sibs.chain(register) {
             state.ctx.add(&s.dot());
             state.replace_key(s);
         }
@@ -571,10 +569,10 @@ impl Table {
     /// Fails if replacing the keys in `writes` (key, bytes of its new value) would take
     /// entity `id` (`stored`) past the size limit: the values it keeps, the new ones,
     /// and its context with this node's entry. The caller counts the refusal.
-    fn size_check(&self, id: &str, stored: Option<&EntityState>, writes: &[(Sym, usize)]) -> Result<()> {
-        let written = |key: Sym| writes.iter().any(|w| w.0 == key);
+    fn size_check(&self, id: &str, stored: Option<&EntityState>, writes: impl Iterator<Item = (Sym, usize)> + Clone) -> Result<()> {
+        let written = |key: Sym| writes.clone().any(|w| w.0 == key);
         let own = Dot { node: self.node(), incarnation: self.opts.incarnation, counter: 1 };
-        let mut total = id.len() + writes.iter().map(|w| w.1).sum::<usize>();
+        let mut total = id.len() + writes.clone().map(|w| w.1).sum::<usize>();
         match stored {
             Some(s) => {
                 total += s.sibs.iter().filter(|x| !written(x.key)).map(Sibling::bytes).sum::<usize>();
@@ -615,7 +613,7 @@ impl Table {
             }
             if !p.cells.is_empty() {
                 let stored = self.entities.get(&p.id).map(|s| &**s);
-                self.size_check(&p.id, stored, sizes).map_err(|e| {
+                self.size_check(&p.id, stored, sizes.iter().copied()).map_err(|e| {
                     self.counters.rejected += 1;
                     at_item(i, e)
                 })?;
