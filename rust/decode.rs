@@ -186,18 +186,14 @@ fn entry<'a>(msg: &'a [u8], field: &str) -> Result<(&'a str, &'a [u8]), String> 
     Ok((key, value))
 }
 
-/// Keeps the last entry of each key (proto3 map semantics), sorted by key.
+/// Keeps the last entry of each key (proto3 map semantics), sorted by key, in place.
 fn last_per_key<T>(mut entries: Vec<(&str, T)>) -> Vec<(&str, T)> {
-    // A stable sort keeps equal keys in arrival order; then the last of each run wins.
+    // Reversed, a stable sort puts the last arrival of each key first in its run, and
+    // `dedup_by` keeps the first of a run.
+    entries.reverse();
     entries.sort_by(|a, b| a.0.cmp(b.0));
-    let mut out: Vec<(&str, T)> = Vec::with_capacity(entries.len());
-    for e in entries {
-        match out.last_mut() {
-            Some(last) if last.0 == e.0 => *last = e,
-            _ => out.push(e),
-        }
-    }
-    out
+    entries.dedup_by(|later, kept| later.0 == kept.0);
+    entries
 }
 
 pub fn decode_entity(msg: &[u8]) -> Result<RawEntity<'_>, String> {

@@ -275,6 +275,11 @@ impl EntityState {
         Meta::parse(&Self::winner(&self.sibs[r], reg).value).unwrap_or_default()
     }
 
+    /// The register's value as `refresh` last read it (no decoding).
+    pub fn current_meta(&self) -> Meta {
+        Meta { etype: self.etype, expiry: self.expiry, created_at: self.created_at }
+    }
+
     /// Re-reads the type/expiry register after a change.
     pub fn refresh(&mut self, reg: &Registry) {
         let m = self.meta(reg);

@@ -128,6 +128,34 @@ fn prepare(bytes: &[u8], registry: &Registry, max_entity_bytes: usize, max_id_by
     prepare_cells(&e, registry)
 }
 
+/// A stamp for a local change of entity `stored`: the clock's, unless the entity holds a
+/// delete stamped at or after it (from a clock far ahead): then just after the entity's
+/// latest stamp, so the change outlives the delete it saw (the clock itself never jumps).
+/// Fails only if no such stamp exists (a delete at the end of time); the caller counts it.
+fn stamp_after(clock: &mut Clock, stored: Option<&EntityState>) -> Result<Timestamp> {
+    let (Some(latest), Some(state)) = (stored.and_then(|s| s.max_stamp()), stored.filter(|s| s.deleted.is_some())) else {
+        return Ok(clock.now());
+    };
+    let ts = clock.now_after(latest);
+    if ts <= latest {
+        let id = &state.id;
+        let msg = format!("entity '{id}' was deleted at the end of the clock's range; it cannot be written again");
+        return Err(Error::invalid(Some(id), None, msg));
+    }
+    Ok(ts)
+}
+
+/// Gives `state`'s latest change the table's next seq (`seq`): its entry in the change
+/// log moves there.
+fn next_seq(log: &mut BTreeMap<u64, Arc<str>>, seq: &mut u64, state: &mut EntityState) {
+    *seq = seq.saturating_add(1);
+    if state.seq != 0 {
+        log.remove(&state.seq);
+    }
+    state.seq = *seq;
+    log.insert(*seq, state.id.clone());
+}
+
 /// Names the batch item an error is about.
 fn at_item(i: usize, e: Error) -> Error {
     match e {
@@ -421,7 +449,9 @@ impl Table {
         if !checked {
             self.check_bases(&p)?;
         }
-        let stored = self.entities.get(&p.id);
+        // Everything that can refuse the write reads the stored entity through this one
+        // lookup (failures are counted through `self.counters` alone: the borrow holds).
+        let stored = self.entities.get(&p.id).map(|s| &**s);
         let was_alive = stored.is_some_and(|s| s.is_alive());
         match mode {
             WriteMode::Create if was_alive => return Err(Error::AlreadyExists(p.id.to_string())),
@@ -450,7 +480,7 @@ impl Table {
         }
         // The type/expiry register: written when the entity (re)starts a life or the
         // write changes either. A new life does not inherit the expiry of the old one.
-        let current = stored.filter(|_| was_alive).map_or(Meta::default(), |s| s.meta(&self.registry));
+        let current = stored.filter(|_| was_alive).map_or(Meta::default(), EntityState::current_meta);
         let mut meta = Meta {
             etype: if p.etype != 0 { p.etype } else { current.etype },
             expiry: p.expiry.unwrap_or(current.expiry),
@@ -459,12 +489,9 @@ impl Table {
         let write_meta = !was_alive || meta.etype != current.etype || meta.expiry != current.expiry;
         let changed = !applied.is_empty() || write_meta;
         if !checked && changed {
-            let mut sizes: Vec<(Sym, usize)> =
-                p.cells.iter().filter(|c| applied.contains(&c.key)).map(|c| (c.key, c.bytes())).collect();
-            if write_meta {
-                sizes.push((meta_key(), META_SIBLING_BYTES));
-            }
-            self.check_size(&p.id, &sizes)?;
+            let cells = p.cells.iter().filter(|c| applied.contains(&c.key)).map(|c| (c.key, c.bytes()));
+            let sizes = cells.chain(write_meta.then_some((meta_key(), META_SIBLING_BYTES)));
+            self.size_check(&p.id, stored, sizes).inspect_err(|_| self.counters.rejected += 1)?;
         }
         self.counters.writes += 1;
         self.counters.stale_keys += stale.len() as u64;
@@ -477,47 +504,61 @@ impl Table {
         if self.counter.checked_add(needed).is_none() {
             return self.invalid(Some(&p.id), None, "this node's dot counter is exhausted; restart it with a new incarnation".into());
         }
-        let ts = self.stamp_for(&p.id)?;
+        let ts = stamp_after(&mut self.clock, stored).inspect_err(|_| self.counters.rejected += 1)?;
+        let expiry_before = stored.filter(|s| s.is_alive()).and_then(|s| s.expiry);
+        // The write's dots, in order: its applied cells', then the register's.
+        let first = self.counter + 1;
+        for _ in 0..needed {
+            self.next_dot()?;
+        }
         let incarnation = self.opts.incarnation;
-        let mut new_sibs = Vec::with_capacity(needed as usize);
-        for c in p.cells.into_iter().filter(|c| applied.contains(&c.key)) {
-            let counter = self.next_dot()?;
-            new_sibs.push(Sibling { key: c.key, type_url: c.type_url, ts, incarnation, counter, value: c.value });
+        if write_meta && !was_alive {
+            meta.created_at = Some(wall_time_of(ts.physical));
         }
-        if write_meta {
-            if !was_alive {
-                meta.created_at = Some(wall_time_of(ts.physical));
-            }
-            let counter = self.next_dot()?;
-            let (key, type_url) = (meta_key(), meta_url());
-            new_sibs.push(Sibling { key, type_url, ts, incarnation, counter, value: meta.to_bytes().into() });
-        }
-        let expiry_before = self.live_expiry(&p.id);
-        let state =
-            Arc::make_mut(self.entities.entry(p.id.clone()).or_insert_with(|| Arc::new(EntityState::new(p.id.clone(), ts.node))));
+        let register = write_meta.then(|| {
+            let counter = first + applied.len() as u64;
+            Sibling { key: meta_key(), type_url: meta_url(), ts, incarnation, counter, value: meta.to_bytes().into() }
+        });
+        let entry = self.entities.entry(p.id.clone()).or_insert_with(|| Arc::new(EntityState::new(p.id.clone(), ts.node)));
+        let state = Arc::make_mut(entry);
         // Exactly the room the new values need: a vector doubling past five values would
         // cost a track hundreds of bytes of empty slots.
-        let added = new_sibs.iter().filter(|s| state.key_range(s.key).is_empty()).count();
+        let added = applied.iter().chain(register.as_ref().map(|r| &r.key)).filter(|&&k| state.key_range(k).is_empty()).count();
         state.sibs.reserve_exact(added);
-        for s in new_sibs {
+        let cells = p.cells.into_iter().filter(|c| applied.contains(&c.key));
+        let new_sibs = cells.zip(first..).map(|(c, counter)| Sibling { key: c.key, type_url: c.type_url, ts, incarnation, counter, value: c.value });
+        for s in new_sibs.chain(register) {
             state.ctx.add(&s.dot());
             state.replace_key(s);
         }
-        state.refresh(&registry);
+        // Only the register's value feeds what `refresh` derives.
+        if write_meta {
+            state.refresh(&registry);
+        }
         state.source = ts.node;
+        next_seq(&mut self.log, &mut self.seq, state);
+        // The entity is alive now: its expiry is the register's. (What `note_expiry` does,
+        // from values at hand instead of two more lookups.)
+        let expiry_after = state.expiry;
+        let snapshot = entry.clone();
+        if expiry_after != expiry_before {
+            self.expiry_changes.push((p.id.clone(), expiry_after));
+        }
         if !was_alive {
             self.dead.remove(&p.id);
         }
-        self.note_expiry(&p.id, expiry_before);
         let kind = if was_alive { EventKind::Updated } else { EventKind::Created };
         // What a projected watcher needs to know: the keys this write changed, and the
         // type. A new expiry alone is not news to it: sims move every track's expiry on
         // every tick, and a classifier reading velocities must not wake for that.
-        let mut changed = applied.clone();
-        if write_meta && meta.etype != current.etype {
-            changed.push(meta_key());
-        }
-        let snapshot = self.record(&p.id, Some(kind), true, Some(&changed)).expect("a snapshot was asked for");
+        let with_type: Vec<Sym>;
+        let changed = if write_meta && meta.etype != current.etype {
+            with_type = applied.iter().copied().chain([meta_key()]).collect();
+            &with_type
+        } else {
+            &applied
+        };
+        self.announce(&snapshot, kind, Some(changed));
         Ok(WriteOutcome { id: p.id, snapshot, registry, applied, stale, unchanged, created: !was_alive })
     }
 
@@ -526,31 +567,14 @@ impl Table {
         self.commit(p, mode, strict)
     }
 
-    /// A stamp for a local change of entity `id`: the clock's, unless the entity holds a
-    /// delete stamped at or after it (from a clock far ahead): then just after the
-    /// entity's latest stamp, so the change outlives the delete it saw (the clock itself
-    /// never jumps). Fails only if no such stamp exists (a delete at the end of time).
-    fn stamp_for(&mut self, id: &str) -> Result<Timestamp> {
-        let state = self.entities.get(id);
-        let (Some(latest), Some(_)) = (state.and_then(|s| s.max_stamp()), state.and_then(|s| s.deleted)) else {
-            return Ok(self.clock.now());
-        };
-        let ts = self.clock.now_after(latest);
-        if ts <= latest {
-            let msg = format!("entity '{id}' was deleted at the end of the clock's range; it cannot be written again");
-            return self.invalid(Some(id), None, msg);
-        }
-        Ok(ts)
-    }
-
     /// Fails if replacing the keys in `writes` (key, bytes of its new value) would take
-    /// the entity's replica state past the size limit: the values it keeps, the new ones,
-    /// and its context with this node's entry.
-    fn check_size(&mut self, id: &Arc<str>, writes: &[(Sym, usize)]) -> Result<()> {
-        let written = |key: Sym| writes.iter().any(|w| w.0 == key);
+    /// entity `id` (`stored`) past the size limit: the values it keeps, the new ones,
+    /// and its context with this node's entry. The caller counts the refusal.
+    fn size_check(&self, id: &str, stored: Option<&EntityState>, writes: impl Iterator<Item = (Sym, usize)> + Clone) -> Result<()> {
+        let written = |key: Sym| writes.clone().any(|w| w.0 == key);
         let own = Dot { node: self.node(), incarnation: self.opts.incarnation, counter: 1 };
-        let mut total = id.len() + writes.iter().map(|w| w.1).sum::<usize>();
-        match self.entities.get(id) {
+        let mut total = id.len() + writes.clone().map(|w| w.1).sum::<usize>();
+        match stored {
             Some(s) => {
                 total += s.sibs.iter().filter(|x| !written(x.key)).map(Sibling::bytes).sum::<usize>();
                 total += (s.ctx.len() + !s.ctx.contains(&own) as usize) * CONTEXT_ENTRY_BYTES;
@@ -559,7 +583,7 @@ impl Table {
         }
         if total > self.opts.max_entity_bytes {
             let msg = format!("entity '{id}' would hold {total} bytes, over the limit of {}", self.opts.max_entity_bytes);
-            return self.invalid(Some(id), None, msg);
+            return Err(Error::invalid(Some(id), None, msg));
         }
         Ok(())
     }
@@ -589,8 +613,11 @@ impl Table {
                 }
             }
             if !p.cells.is_empty() {
-                let sizes = sizes.clone();
-                self.check_size(&p.id, &sizes).map_err(|e| at_item(i, e))?;
+                let stored = self.entities.get(&p.id).map(|s| &**s);
+                self.size_check(&p.id, stored, sizes.iter().copied()).map_err(|e| {
+                    self.counters.rejected += 1;
+                    at_item(i, e)
+                })?;
             }
         }
         Ok(())
@@ -606,8 +633,8 @@ impl Table {
         let Some(state) = self.entities.get(id).filter(|s| s.is_alive()) else {
             return Err(Error::NotFound(id.into()));
         };
+        let ts = stamp_after(&mut self.clock, Some(state)).inspect_err(|_| self.counters.rejected += 1)?;
         let id = state.id.clone();
-        let ts = self.stamp_for(&id)?;
         let expiry_before = self.live_expiry(&id);
         let counter = self.next_dot()?;
         let record = DeleteRecord { ts, incarnation: self.opts.incarnation, counter };
@@ -620,7 +647,7 @@ impl Table {
         let wall = self.clock.wall_ns();
         self.dead.insert(id.clone(), wall);
         self.note_expiry(&id, expiry_before);
-        self.record(&id, Some(EventKind::Deleted), false, None);
+        self.record(&id, Some(EventKind::Deleted));
         Ok(())
     }
 
@@ -648,31 +675,25 @@ impl Table {
         self.expiries.take_notice()
     }
 
-    /// Gives a stored entity's latest change the next seq and tells the watchers.
-    /// Returns a snapshot of it if `snapshot` is asked for (or None).
-    /// `changed`: the keys the change touched, when known (a projected watcher that reads
-    /// none of them is not told of an update).
-    fn record(&mut self, id: &Arc<str>, kind: Option<EventKind>, snapshot: bool, changed: Option<&[Sym]>) -> Option<Arc<EntityState>> {
-        self.seq = self.seq.saturating_add(1);
+    /// Gives a stored entity's latest change the next seq and tells the watchers (`kind`:
+    /// the event it is; None: none, e.g. a merge that only widened the context).
+    fn record(&mut self, id: &Arc<str>, kind: Option<EventKind>) {
         let entry = self.entities.get_mut(id).expect("a recorded entity is stored");
-        let state = Arc::make_mut(entry);
-        if state.seq != 0 {
-            self.log.remove(&state.seq);
-        }
-        state.seq = self.seq;
-        self.log.insert(self.seq, state.id.clone());
+        next_seq(&mut self.log, &mut self.seq, Arc::make_mut(entry));
         if let Some(kind) = kind {
-            self.counters.events[kind as usize - 1] += 1;
+            let snapshot = entry.clone();
+            self.announce(&snapshot, kind, None);
         }
-        let emit = kind.filter(|_| !self.watchers.is_empty());
-        if !snapshot && emit.is_none() {
-            return None;
+    }
+
+    /// Counts a change and tells the watchers of it. `changed`: the keys the change
+    /// touched, when known (a projected watcher that reads none of them is not told of an
+    /// update).
+    fn announce(&mut self, snapshot: &Arc<EntityState>, kind: EventKind, changed: Option<&[Sym]>) {
+        self.counters.events[kind as usize - 1] += 1;
+        if !self.watchers.is_empty() {
+            self.emit(snapshot, kind, changed);
         }
-        let snap = entry.clone();
-        if let Some(kind) = emit {
-            self.emit(&snap, kind, changed);
-        }
-        Some(snap)
     }
 
     fn live_expiry(&self, id: &str) -> Option<WallTime> {
@@ -840,7 +861,7 @@ impl Table {
             self.dead.entry(remote.id.clone()).or_insert(wall);
         }
         self.note_expiry(&remote.id, expiry_before);
-        self.record(&remote.id, kind, false, None);
+        self.record(&remote.id, kind);
         true
     }
 

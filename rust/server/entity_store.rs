@@ -298,6 +298,14 @@ impl Tally {
             self.summary.errors.push(message);
         }
     }
+
+    /// Adds a later part of the stream's counts.
+    fn add(&mut self, later: Tally) {
+        let (s, l) = (&mut self.summary, later.summary);
+        (s.applied, s.stale, s.rejected) = (s.applied + l.applied, s.stale + l.stale, s.rejected + l.rejected);
+        let room = PUBLISH_MAX_ERRORS.saturating_sub(s.errors.len());
+        s.errors.extend(l.errors.into_iter().take(room));
+    }
 }
 
 /// Entities of a publish stream checked outside the table lock, waiting to be applied.
@@ -316,7 +324,7 @@ struct Publisher {
     tally: Tally,
     rules: WriteRules,
     chunk: Chunk,
-    applying: Option<tokio::task::JoinHandle<Result<Vec<CoreResult<WriteOutcome>>, Status>>>,
+    applying: Option<tokio::task::JoinHandle<Result<Tally, Status>>>,
 }
 
 impl Publisher {
@@ -367,8 +375,8 @@ impl Publisher {
     /// Waits for the chunk being applied and counts its outcomes.
     async fn settle(&mut self) -> Result<(), Status> {
         if let Some(applying) = self.applying.take() {
-            let results = applying.await.map_err(|e| Status::internal(format!("publish failed: {e}")))??;
-            results.into_iter().for_each(|r| self.tally.count(r));
+            let applied = applying.await.map_err(|e| Status::internal(format!("publish failed: {e}")))??;
+            self.tally.add(applied);
         }
         Ok(())
     }
@@ -384,13 +392,19 @@ impl Publisher {
 }
 
 /// Upserts a chunk in one table call, each entity on its own (checked against the state
-/// the ones before it left): the good ones apply and each bad one is counted.
-async fn apply(ctx: Arc<Context>, chunk: Chunk) -> Result<Vec<CoreResult<WriteOutcome>>, Status> {
-    ctx.write(move |t| {
-        t.count_rejected(chunk.rejected);
-        Ok(chunk.prepared.into_iter().map(|p| t.commit(p, WriteMode::Put, false)).collect())
-    })
-    .await
+/// the ones before it left): the good ones apply and each bad one is counted. The
+/// outcomes are counted and dropped after the lock, on the thread that made them (a
+/// thread freeing another's allocations pays for it).
+async fn apply(ctx: Arc<Context>, chunk: Chunk) -> Result<Tally, Status> {
+    let results = ctx
+        .write(move |t| {
+            t.count_rejected(chunk.rejected);
+            Ok(chunk.prepared.into_iter().map(|p| t.commit(p, WriteMode::Put, false)).collect::<Vec<_>>())
+        })
+        .await?;
+    let mut tally = Tally::default();
+    results.into_iter().for_each(|r| tally.count(r));
+    Ok(tally)
 }
 
 async fn publish(ctx: Arc<Context>, req: Request<Streaming<Bytes>>, peer: SocketAddr) -> Reply {
