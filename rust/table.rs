@@ -541,9 +541,7 @@ impl Table {
         // from values at hand instead of two more lookups.)
         let expiry_after = state.expiry;
         let snapshot = entry.clone();
-        if expiry_after != expiry_before {
-            self.expiry_changes.push((p.id.clone(), expiry_after));
-        }
+        self.expiries.moved(&p.id, expiry_before, expiry_after);
         if !was_alive {
             self.dead.remove(&p.id);
         }
