@@ -465,7 +465,7 @@ class UpdateBatcher:
     ``update`` answers (or raises) exactly as ``StoreClient.update`` would for its entity.
     ``components``: what the entity in each answer holds (all keys when empty)."""
 
-    def __init__(self, client: StoreClient, *, components: Iterable[str] = (), max_batch: int = 512) -> None:
+    def __init__(self, client: StoreClient, *, components: Iterable[str] = (), max_batch: int = 2048) -> None:
         self.client = client
         self.components = list(components)
         self.max_batch = max_batch

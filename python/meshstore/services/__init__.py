@@ -152,7 +152,7 @@ class PerEntity:
     UpdateEntities call of an ``UpdateBatcher`` takes: a burst of new tracks is written
     in calls that full."""
 
-    def __init__(self, service: Service, limit: int = 512) -> None:
+    def __init__(self, service: Service, limit: int = 2048) -> None:
         self.service = service
         self.superseded = 0
         self.failed = 0
