@@ -11,7 +11,7 @@ use crate::entity::WallTime;
 use crate::error::Result;
 use crate::table::Table;
 use parking_lot::Mutex;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 /// How long a write waits for a storage writer that is `max_pending` changes behind.
