@@ -167,7 +167,7 @@ class PerEntity:
             self._waiting[key] = job
             return
         await self._slots.acquire()
-        self._running[key] = asyncio.create_task(self._run(key, job), name=f"{self.service.name}-{key}")
+        self._running[key] = asyncio.create_task(self._run(key, job))
 
     async def _run(self, key: str, job: Callable[[], Awaitable[None]] | None) -> None:
         try:
@@ -202,9 +202,15 @@ class Service:
 
     Subclasses implement ``_main()`` (runs until cancelled) and may override
     ``_cleanup()``. ``run()`` returns normally once ``stop()`` is called; ``counters``
-    holds what the service did (for logs, the demo's summary and tests)."""
+    holds what the service did (for logs, the demo's summary and tests).
+
+    What a service does to one track is logged at DEBUG: a burst of thousands of new
+    tracks would otherwise flood the log and cost the service a good share of its CPU.
+    At INFO, a ``progress`` line every ``progress_every`` seconds says what changed since
+    the last one (counter increments, lag p50/p99), and nothing when nothing did."""
 
     name = "service"
+    progress_every = 10.0
 
     def __init__(self, store: str = DEFAULT_ADDR, *, client: StoreClient | None = None,
                  backoff: Backoff | None = None) -> None:
@@ -236,6 +242,7 @@ class Service:
         self._stopping = False
         self._started_at = time.monotonic()
         self.event(logging.INFO, "starting", store=self.store_address)
+        progress = asyncio.create_task(self._report_progress(), name=f"{self.name}-progress")
         try:
             await self._main()
         except asyncio.CancelledError:
@@ -245,6 +252,7 @@ class Service:
             if task is not None:
                 task.uncancel()
         finally:
+            progress.cancel()
             try:
                 await self._cleanup()
             finally:
@@ -262,6 +270,18 @@ class Service:
         while not task.done():
             task.cancel()
             await asyncio.wait([task], timeout=1.0)
+
+    async def _report_progress(self) -> None:
+        reported = self.counters.copy()
+        while True:
+            await asyncio.sleep(self.progress_every)
+            changed = {key: n - reported[key] for key, n in sorted(self.counters.items()) if n != reported[key]}
+            if changed:
+                reported = self.counters.copy()
+                lag = self.lag.summary()
+                self.event(logging.INFO, "progress", in_last_s=self.progress_every, **changed,
+                           **({"lag_ms_p50": lag["lag_ms_p50"], "lag_ms_p99": lag["lag_ms_p99"]}
+                              if lag["lag_samples"] else {}))
 
     async def _main(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -208,7 +208,7 @@ class Classifier(Service):
                 self._written[entity.id] = result.entity.versions[CLASSIFICATION]
                 self._answered[entity.id] = result.entity.versions[VELOCITY]
             self.lag.since(entity.versions[VELOCITY].physical)
-            if self.log.isEnabledFor(logging.INFO):  # a burst of new tracks decodes nothing for it
+            if self.log.isEnabledFor(logging.DEBUG):  # a burst of new tracks decodes nothing for it
                 self._log_classified(write, result.applied)
 
     def _log_classified(self, write: pb.Entity, applied: list[str]) -> None:
@@ -216,6 +216,6 @@ class Classifier(Service):
         write.components[CLASSIFICATION].Unpack(cls)
         level = pb.ThreatComponent()
         write.components[THREAT].Unpack(level)
-        self.event(logging.INFO, "classified", entity_id=write.id, label=cls.label,
+        self.event(logging.DEBUG, "classified", entity_id=write.id, label=cls.label,
                    confidence=round(cls.confidence, 2), threat=pb.ThreatLevel.Name(level.level),
                    applied=",".join(applied))

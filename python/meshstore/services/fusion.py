@@ -586,7 +586,7 @@ class Fusion(Service):
         if ev.type == store_pb2.EVENT_TYPE_DELETED:
             doomed = self.forget(entity.id)
             if doomed:
-                self.event(logging.INFO, "source track gone: deleting its fused track", entity_id=entity.id,
+                self.event(logging.DEBUG, "source track gone: deleting its fused track", entity_id=entity.id,
                            fused=",".join(doomed))
             self._doom(doomed, "cascade")
             return
@@ -723,7 +723,9 @@ class Fusion(Service):
         publish of the fused tracks that differ from what was written. StoreUnavailableError
         leaves what was not done queued for the next pass."""
         async with self._lock:
+            started = time.perf_counter()
             result = self.correlator.correlate()
+            correlated = time.perf_counter()
             self.last_pass = result
             self.counters["passes"] += 1
             self._doom(result.removed, "dissolved")
@@ -733,6 +735,9 @@ class Fusion(Service):
             self._unsynced.update(result.changed)
             await self._delete_doomed()
             await self._write_unsynced()
+            self.event(logging.DEBUG, "pass", full=result.full, groups=len(result.fused), changed=len(result.changed),
+                       dissolved=len(result.removed), correlate_ms=round((correlated - started) * 1e3, 1),
+                       total_ms=round((time.perf_counter() - started) * 1e3, 1))
             return result
 
     async def _delete_doomed(self) -> None:
@@ -746,7 +751,7 @@ class Fusion(Service):
                 pass
             else:
                 self.counters["deleted_" + why] += 1
-                self.event(logging.INFO, "fused track deleted", fused=fid, reason=why)
+                self.event(logging.DEBUG, "fused track deleted", fused=fid, reason=why)
             self._doomed.pop(fid, None)
 
     async def _write_unsynced(self) -> None:
@@ -775,8 +780,9 @@ class Fusion(Service):
         for f, state in writes:
             if f.id not in self._written:
                 self.counters["fused_created"] += 1
-                self.event(logging.INFO, "fused track", fused=f.id, sources=",".join(f.source_ids),
-                           confidence=f.confidence)
+                if self.log.isEnabledFor(logging.DEBUG):
+                    self.event(logging.DEBUG, "fused track", fused=f.id, sources=",".join(f.source_ids),
+                               confidence=f.confidence)
             self._written[f.id] = state
             # The lag of an answer to a sensor write: from the newest source position in it.
             stamp = max(self._stamps.get(sid, 0) for sid in f.source_ids)

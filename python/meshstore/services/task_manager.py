@@ -247,7 +247,7 @@ class TaskManager(Service):
             self._answered.pop(entity.id, None)
             if entity.id in self.deadlines:
                 self._disarm(entity.id)
-                self.event(logging.INFO, "entity deleted: approval timer cancelled", entity_id=entity.id)
+                self.event(logging.DEBUG, "entity deleted: approval timer cancelled", entity_id=entity.id)
             return
         self.counters["events"] += 1
         written = self._written.get(entity.id)
@@ -267,11 +267,11 @@ class TaskManager(Service):
                 return
             if APPROVAL in applied and p.approval is not None and p.approval.state == pb.APPROVAL_STATE_PENDING:
                 self.counters["approvals_requested"] += 1
-                self.event(logging.INFO, "approval requested", entity_id=entity.id,
+                self.event(logging.DEBUG, "approval requested", entity_id=entity.id,
                            timeout_s=p.approval.timeout_seconds)
             elif APPROVAL in applied and p.approval is not None:
                 self.counters["approvals_withdrawn"] += 1
-                self.event(logging.INFO, "approval withdrawn: threat below HIGH", entity_id=entity.id)
+                self.event(logging.DEBUG, "approval withdrawn: threat below HIGH", entity_id=entity.id)
             elif p.approval is not None and APPROVAL not in applied:
                 return  # the request lost to a newer approval: its event decides
         if p.deadline == CANCEL:
@@ -300,10 +300,11 @@ class TaskManager(Service):
             self.lag.since(threat.physical)
         if TASK in result.applied:
             self._written[write.id] = result.entity.versions[TASK]
-            task = pb.TaskComponent()
-            write.components[TASK].Unpack(task)
             self.counters["task_changes"] += 1
-            self.event(logging.INFO, "task", entity_id=write.id, state=task.state)
+            if self.log.isEnabledFor(logging.DEBUG):  # a burst of new tracks decodes nothing for it
+                task = pb.TaskComponent()
+                write.components[TASK].Unpack(task)
+                self.event(logging.DEBUG, "task", entity_id=write.id, state=task.state)
         return result.applied
 
     # ---- timeouts --------------------------------------------------------------------
@@ -347,7 +348,7 @@ class TaskManager(Service):
             return
         if APPROVAL in result.applied:
             self.counters["approvals_timed_out"] += 1
-            self.event(logging.INFO, "approval timed out", entity_id=entity_id,
+            self.event(logging.DEBUG, "approval timed out", entity_id=entity_id,
                        timeout_s=approval.timeout_seconds)
         else:
-            self.event(logging.INFO, "approval decided before its timeout", entity_id=entity_id)
+            self.event(logging.DEBUG, "approval decided before its timeout", entity_id=entity_id)
