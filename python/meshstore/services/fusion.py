@@ -70,6 +70,7 @@ import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from meshstore.grpc.client import DEFAULT_ADDR, Backoff, StoreClient, StoreUnavailableError
 from meshstore.components import FUSION, POSITION, SOURCE, make_entity
@@ -99,9 +100,8 @@ DEFAULT_SIGMA = 100.0
 FUSED_PREFIX = "fused-"
 
 
-@dataclass(frozen=True)
-class Obs:
-    """A source track as fusion sees it."""
+class Obs(NamedTuple):
+    """A source track as fusion sees it. (Tuples: fusion makes one per position update.)"""
 
     id: str
     sensor_type: str
@@ -111,8 +111,7 @@ class Obs:
     sensor_id: str = ""
 
 
-@dataclass(frozen=True)
-class FusedTrack:
+class FusedTrack(NamedTuple):
     id: str
     source_ids: tuple[str, ...]
     lat: float
@@ -264,14 +263,6 @@ class _TrackGrid:
             cell.discard(track_id)
             if not cell:
                 del self.cells[key]
-
-    def near(self, track_id: str) -> Iterable[str]:
-        """The ids in the 3x3 cells around the track's (itself included)."""
-        cells = self.cells
-        for key in self.geometry.around(self.where[track_id]):
-            members = cells.get(key)
-            if members:
-                yield from members
 
 
 # ---- the correlator ------------------------------------------------------------------------
@@ -443,14 +434,16 @@ class Correlator:
         checking = set(fids)
         kept: dict[str, float | None] = {}
         freed: set[str] = set()
-        member_of = self._member_of
+        member_of, groups, tracks = self._member_of, self.groups, self.tracks
         for fid in fids:
-            ids = self.groups[fid]
-            members = [self.tracks.get(sid) for sid in ids]
-            ok = not (len(members) < 2 or any(m is None for m in members)
-                      or len({m.sensor_type for m in members}) != len(members)
-                      or any((g := member_of.get(sid)) is not None and g != fid and (g in kept or g not in checking)
-                             for sid in ids))
+            ids = groups[fid]
+            members = [tracks.get(sid) for sid in ids]
+            ok = len(members) >= 2 and None not in members and len({m.sensor_type for m in members}) == len(members)
+            for sid in ids if ok else ():
+                g = member_of.get(sid)
+                if g is not None and g != fid and (g in kept or g not in checking):
+                    ok = False
+                    break
             spread = self._spread(members) if ok else math.inf
             if spread > limit:
                 self._dissolve(fid)
@@ -466,21 +459,26 @@ class Correlator:
         """The candidate pairs with a free track of ``seeds`` (through the track grid),
         as the full pass has them: (lower id, higher id), by distance, then ids."""
         tracks, member_of, limit, dist = self.tracks, self._member_of, self.max_distance, distance_m
+        cells, where, around = self._grid.cells, self._grid.where, self._grid.geometry.around
         found = set()
         for sid in seeds:
             t = tracks.get(sid)
             if t is None or sid in member_of:
                 continue
-            for uid in self._grid.near(sid):
-                if uid == sid or uid in member_of:
+            for key in around(where[sid]):  # the grid's ``near``, inline: the burst of new tracks runs this
+                cell = cells.get(key)
+                if not cell:
                     continue
-                u = tracks[uid]
-                if u.sensor_type == t.sensor_type:
-                    continue
-                a, b = (t, u) if sid < uid else (u, t)  # the distance's rounding depends on the order
-                d = dist(a.lat, a.lon, b.lat, b.lon)
-                if d <= limit:
-                    found.add((d, a.id, b.id))
+                for uid in cell:
+                    if uid == sid or uid in member_of:
+                        continue
+                    u = tracks[uid]
+                    if u.sensor_type == t.sensor_type:
+                        continue
+                    a, b = (t, u) if sid < uid else (u, t)  # the distance's rounding depends on the order
+                    d = dist(a.lat, a.lon, b.lat, b.lon)
+                    if d <= limit:
+                        found.add((d, a.id, b.id))
         return [(tracks[a], tracks[b]) for _, a, b in sorted(found)]
 
     def _greedy(self, pairs: Iterable[tuple[Obs, Obs]]) -> list[list[Obs]]:
@@ -510,8 +508,9 @@ class Correlator:
         pass fuses it. ``spread``: their ``_spread`` if already known."""
         ref = members[0].lon
         total = lat = lon = alt = 0.0
+        sigmas, default_sigma = self.sigmas, self.default_sigma
         for m in members:
-            w = 1.0 / self.sigma(m.sensor_type) ** 2
+            w = 1.0 / sigmas.get(m.sensor_type, default_sigma) ** 2
             total += w
             lat += w * m.lat
             lon += w * (ref + ((m.lon - ref + 180.0) % 360.0 - 180.0))  # unwrap across the antimeridian
@@ -537,11 +536,10 @@ def _fused_entity(f: FusedTrack) -> pb.Entity:
 def _dots(entity: pb.Entity) -> tuple:
     """The dot (node, incarnation, counter) of the position and the source as shown: a
     value's dot names that one write, so the same dots mean the same values."""
-    out = []
-    for key in (POSITION, SOURCE):
-        v = entity.versions.get(key)
-        out.append(None if v is None else (v.node, v.incarnation, v.counter))
-    return tuple(out)
+    versions = entity.versions
+    p, s = versions.get(POSITION), versions.get(SOURCE)
+    return (None if p is None else (p.node, p.incarnation, p.counter),
+            None if s is None else (s.node, s.incarnation, s.counter))
 
 
 class Fusion(Service):
@@ -590,19 +588,22 @@ class Fusion(Service):
                            fused=",".join(doomed))
             self._doom(doomed, "cascade")
             return
-        self.counters["events"] += 1
+        counters = self.counters
+        counters["events"] += 1
         if FUSION in entity.components:
-            self.counters["skipped_echo"] += 1
+            counters["skipped_echo"] += 1
             return
         dots = _dots(entity)
         seen = self._seen.get(entity.id)
         if seen == dots:
-            self.counters["skipped_unchanged"] += 1
+            counters["skipped_unchanged"] += 1
             return
         self._seen[entity.id] = dots
         # A moved track whose source is the one taken in before: not parsed again.
         known = self.correlator.tracks.get(entity.id) if seen is not None and seen[1] == dots[1] else None
-        self._doom(self.ingest(entity, known), "cascade")
+        doomed = self.ingest(entity, known)
+        if doomed:
+            self._doom(doomed, "cascade")
 
     def ingest(self, entity: pb.Entity, known: Obs | None = None) -> list[str]:
         """Takes in one entity as read; returns fused ids to delete (cascade: a source lost
@@ -619,20 +620,23 @@ class Fusion(Service):
             source = read_component(entity, SOURCE, pb.SourceComponent, self.log)
             sensor_type, sensor_id = (source.sensor_type, source.sensor_id) if source is not None else ("", "")
         position = read_component(entity, POSITION, pb.PositionComponent, self.log)
+        entity_id = entity.id
         if not sensor_type or position is None:
-            self._stamps.pop(entity.id, None)
-            return self.correlator.remove(entity.id) if entity.id in self.correlator.tracks else []
-        if not valid_position(position.lat, position.lon) or not math.isfinite(position.alt):
-            if entity.id not in self._warned:
-                self._warned.add(entity.id)
+            self._stamps.pop(entity_id, None)
+            return self.correlator.remove(entity_id) if entity_id in self.correlator.tracks else []
+        lat, lon, alt = position.lat, position.lon, position.alt
+        if not valid_position(lat, lon) or not math.isfinite(alt):
+            if entity_id not in self._warned:
+                self._warned.add(entity_id)
                 self.event(logging.WARNING, "ignoring track with a non-finite or out-of-range position",
-                           entity_id=entity.id, lat=position.lat, lon=position.lon, alt=position.alt)
+                           entity_id=entity_id, lat=lat, lon=lon, alt=alt)
             self.counters["invalid_positions"] += 1
             return []  # the update is ignored: the last valid position (if any) stands
-        self._warned.discard(entity.id)
-        self.correlator.upsert(Obs(entity.id, sensor_type, position.lat, position.lon, position.alt, sensor_id))
+        if self._warned:
+            self._warned.discard(entity_id)
+        self.correlator.upsert(Obs(entity_id, sensor_type, lat, lon, alt, sensor_id))
         version = entity.versions.get(POSITION)
-        self._stamps[entity.id] = version.physical if version is not None else 0
+        self._stamps[entity_id] = version.physical if version is not None else 0
         return []
 
     def forget(self, entity_id: str) -> list[str]:
