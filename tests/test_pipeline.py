@@ -265,6 +265,37 @@ def test_pipeline_end_to_end(make_store: Any) -> None:
         timers.stop()
 
 
+def test_services_log_each_track_at_debug_and_their_progress_at_info(make_store: Any) -> None:
+    """A burst of new tracks must not flood an INFO log: what a service did to one track
+    is a DEBUG line; INFO gets one ``progress`` line per period with what changed."""
+    store = make_store(node_id="progress")
+
+    async def run() -> None:
+        with captured_logs() as logs:
+            async with pipeline_server(store) as server:
+                classifier = Classifier(server.address, backoff=FAST)
+                classifier.progress_every = 0.2
+                running = Running()
+                running.start(classifier)
+                for i in range(5):
+                    store.put(manual(f"t{i}", 10.0 + i, 10.0, speed=60 * (i + 1)))
+                def progress() -> list[str]:
+                    return [line for line in logs.lines if " INFO progress " in line]
+                await eventually(lambda: sum(int(line.split("writes=")[1].split()[0]) for line in progress()
+                                             if "writes=" in line) == 5, what="progress lines adding up to 5 writes")
+                assert any("lag_ms_p99=" in line for line in progress())
+                await asyncio.sleep(5 * classifier.progress_every)  # the echoes of its writes come in
+                reported = len(progress())
+                await asyncio.sleep(3 * classifier.progress_every)
+                assert len(progress()) == reported, "a progress line without news"
+                await running.stop(classifier)
+        info = [line for line in logs.lines if line.startswith("meshstore.services.classifier INFO")]
+        assert not any(" classified " in line for line in info), info
+        assert sum(logs.has("DEBUG classified", f"entity_id=t{i}") for i in range(5)) == 5
+
+    asyncio.run(run())
+
+
 def test_bad_input_and_a_store_that_goes_away(make_store: Any) -> None:
     store = make_store(node_id="outage")
     scenario = Scenario(seed=5, count=3)
