@@ -372,9 +372,6 @@ class Correlator:
             if self._member_of.get(sid) == fid:
                 del self._member_of[sid]
 
-    def sigma(self, sensor_type: str) -> float:
-        return self.sigmas.get(sensor_type, self.default_sigma)
-
     # ---- a pass --------------------------------------------------------------------
 
     def _spread(self, members: Sequence[Obs]) -> float:
