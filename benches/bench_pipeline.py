@@ -28,9 +28,10 @@ and what the watcher does with each are the same; only gRPC's cost per message d
 (over half a core at 3,000 targets with one message per event, taken from the pipeline
 it measures on a 2-core machine). Per target (the EO track with a velocity, the one the
 classifiers classify: meshstore ``eo-<n>``, the seed ``track-<n>``) it notes on its own
-clock when it first sees the track (its CREATED event: its first sensor write), when it first sees it with a
-``classification`` component, and when it first sees a fused entity (one with a
-``fusion`` component: both systems' fusion write one) whose ``source_ids`` list it.
+clock when it first sees the track (its CREATED event: its first sensor write), when it
+first sees it with a ``classification`` component, and when it first sees a fused entity
+(one with a ``fusion`` component: both systems' fusion write one) whose ``source_ids``
+list it.
 
 - classification lag: classification seen - first write seen. For a new track the sensor
   write that leads to its classification is its first; meshstore's classifier writes

@@ -35,7 +35,8 @@ from meshstore.grpc.client import (
     error_from_rpc,
 )
 from meshstore.components import (
-    APPROVAL, CLASSIFICATION, POSITION, SOURCE, TASK, TASK_CATALOG, THREAT, VELOCITY, make_entity, pack, unpack,
+    APPROVAL, CLASSIFICATION, POSITION, SOURCE, TASK, TASK_CATALOG, THREAT, VELOCITY, EntityEncoder, make_entity, pack,
+    unpack,
 )
 from meshstore.errors import (
     AlreadyExistsError, ClockSkewError, CursorExpiredError, InvalidEntityError, NotFoundError, StaleWriteError,
@@ -155,6 +156,19 @@ def test_bbox_validation() -> None:
         Scenario(speed_min=100, speed_max=50)
     with pytest.raises(ValueError):
         Scenario(edge="teleport")
+
+
+def test_entity_encoder_encodes_what_make_entity_builds_whatever_the_shape() -> None:
+    encoder = EntityEncoder(pb.ENTITY_TYPE_TRACK)
+    shapes = [
+        {"position": pb.PositionComponent(lat=1, lon=2), "velocity": pb.VelocityComponent(speed=3)},
+        {"position": pb.PositionComponent(lat=4, lon=5)},  # fewer keys: velocity must not stay
+        {"source": pb.SourceComponent(sensor_id="s")},  # as many keys, another one
+        {"position": pb.PositionComponent(lat=6), "velocity": pb.VelocityComponent(heading=7)},
+    ]
+    for i, components in enumerate(shapes):
+        encoded = encoder.encode(f"t{i}", **components)
+        assert pb.Entity.FromString(encoded) == make_entity(f"t{i}", pb.ENTITY_TYPE_TRACK, **components)
 
 
 def test_sensor_sim_reports_the_ground_truth() -> None:

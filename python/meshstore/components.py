@@ -62,3 +62,24 @@ def make_entity(entity_id: str, entity_type: int = entity_pb2.ENTITY_TYPE_UNSPEC
     for key, message in components.items():
         _pack_into(entity.components[key], message)
     return entity
+
+
+class EntityEncoder:
+    """Encodes many entities of one shape through one reused message: ``encode(id,
+    **components)`` gives what ``make_entity(id, entity_type, **components)`` would
+    serialize to. A new Entity and its map entries for every entity cost about as much
+    as encoding the components (the sims and fusion encode thousands a tick)."""
+
+    def __init__(self, entity_type: int = entity_pb2.ENTITY_TYPE_UNSPECIFIED) -> None:
+        self._entity = entity_pb2.Entity(type=entity_type)
+
+    def encode(self, entity_id: str, **components: Message) -> bytes:
+        entity = self._entity
+        packed = entity.components
+        if len(packed) != len(components) or any(key not in packed for key in components):
+            entity.ClearField("components")  # another shape: no key of the last one stays
+            packed = entity.components  # (the cleared map is a new container)
+        entity.id = entity_id
+        for key, message in components.items():
+            _pack_into(packed[key], message)
+        return entity.SerializeToString()

@@ -73,7 +73,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from meshstore.grpc.client import DEFAULT_ADDR, Backoff, StoreClient, StoreUnavailableError
-from meshstore.components import FUSION, POSITION, SOURCE, make_entity
+from meshstore.components import FUSION, POSITION, SOURCE, EntityEncoder
 from meshstore.errors import NotFoundError
 from meshstore.pb import entity_pb2 as pb
 from meshstore.pb import store_pb2
@@ -523,24 +523,6 @@ class Correlator:
 # ---- the service -------------------------------------------------------------------------
 
 
-class _FusedEncoder:
-    """A fused track's entity, encoded: one Entity refilled for each (a new message and
-    map entries per fused track cost more than its pass)."""
-
-    def __init__(self) -> None:
-        self._entity = make_entity("", pb.ENTITY_TYPE_TRACK, fusion=pb.FusionComponent(),
-                                   position=pb.PositionComponent())
-        self._fusion = self._entity.components[FUSION]
-        self._position = self._entity.components[POSITION]
-
-    def __call__(self, f: FusedTrack) -> bytes:
-        self._entity.id = f.id
-        self._fusion.value = pb.FusionComponent(source_ids=f.source_ids, fused_lat=f.lat, fused_lon=f.lon,
-                                                confidence=f.confidence).SerializeToString()
-        self._position.value = pb.PositionComponent(lat=f.lat, lon=f.lon, alt=f.alt).SerializeToString()
-        return self._entity.SerializeToString()
-
-
 def _dots(entity: pb.Entity) -> tuple:
     """The dot (node, incarnation, counter) of the position and the source as shown: a
     value's dot names that one write, so the same dots mean the same values."""
@@ -577,7 +559,7 @@ class Fusion(Service):
         #: source track id -> its position's HLC physical time (Unix ns) as taken in
         self._stamps: dict[str, int] = {}
         self._warned: set[str] = set()
-        self._encode = _FusedEncoder()
+        self._encoder = EntityEncoder(pb.ENTITY_TYPE_TRACK)
         self._ready = False
         self.stream = None
         self.last_pass: PassResult | None = None
@@ -658,6 +640,12 @@ class Fusion(Service):
         if entity_id in self.correlator.groups:
             self._unsynced.add(entity_id)
         return self.correlator.remove(entity_id)
+
+    def _encode(self, f: FusedTrack) -> bytes:
+        return self._encoder.encode(
+            f.id, fusion=pb.FusionComponent(source_ids=f.source_ids, fused_lat=f.lat, fused_lon=f.lon,
+                                            confidence=f.confidence),
+            position=pb.PositionComponent(lat=f.lat, lon=f.lon, alt=f.alt))
 
     def _doom(self, fids: Iterable[str], why: str) -> None:
         for fid in fids:

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from google.protobuf.message import Message
 
 from meshstore.grpc.client import DEFAULT_ADDR, Backoff, StoreClient, StoreUnavailableError
-from meshstore.components import make_entity
+from meshstore.components import EntityEncoder, make_entity
 from meshstore.pb import entity_pb2 as pb
 from meshstore.services import Service, timestamp
 from meshstore.services.scenario import SCENARIO_EPOCH, Scenario
@@ -68,8 +68,7 @@ class SensorSim(Service):
         self.last_tick: int | None = None
         self._skipped_unlogged = 0
         self._skip_logged_at = -math.inf
-        #: One Entity per set of component keys, refilled for every report (see ``report``).
-        self._scratch: dict[tuple[str, ...], pb.Entity] = {}
+        self._encoder = EntityEncoder()
 
     def track_id(self, index: int) -> str:
         return f"{self.prefix}-{index}"
@@ -100,18 +99,8 @@ class SensorSim(Service):
 
     def report(self, index: int, shared: bytes, **components: Message) -> bytes:
         """Target ``index``'s track, encoded: ``components`` and what ``shared`` carries
-        (two encoded messages in a row parse as the two merged). The message it encodes is
-        reused from report to report (a key holds the same type each time): building a new
-        Entity and its map entries cost half of a tick's reports."""
-        keys = tuple(components)
-        entity = self._scratch.get(keys)
-        if entity is None:
-            entity = self._scratch[keys] = make_entity("", **components)
-        entity.id = self.track_id(index)
-        packed = entity.components
-        for key, message in components.items():
-            packed[key].value = message.SerializeToString()
-        return entity.SerializeToString() + shared
+        (two encoded messages in a row parse as the two merged)."""
+        return self._encoder.encode(self.track_id(index), **components) + shared
 
     async def _main(self) -> None:
         self.event(logging.INFO, "simulating", tracks=self.scenario.count, rate=self.rate, seed=self.scenario.seed,
