@@ -7,6 +7,8 @@
 //! - `decode`: entity wire bytes read in place (the write and merge paths).
 //! - `entity`: one entity's CRDT state (siblings, context, delete) and its wire form.
 //! - `expiry`: the due-time index of entity expiries (one host timer, not one per entity).
+//! - `fusion`: the fusion service's correlator (grid, incremental passes, fused tracks).
+//! - `fusion_wire`: fusion's intake of watch batches and its fused entities on the wire.
 //! - `approval`: operator decisions on a pending approval.
 //! - `table`: the entity table (writes, merges, deletes, context summary, change log).
 //! - `watch`: bounded watcher queues that fall behind and catch up from the log.
@@ -22,6 +24,8 @@ pub mod durable;
 pub mod entity;
 pub mod error;
 pub mod expiry;
+pub mod fusion;
+pub mod fusion_wire;
 pub mod histogram;
 pub mod hlc;
 pub mod intern;
@@ -38,6 +42,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[cfg(feature = "python")]
 mod python;
+#[cfg(feature = "python")]
+mod py_fusion;
 #[cfg(feature = "python")]
 mod py_server;
 #[cfg(feature = "server")]

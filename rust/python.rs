@@ -721,6 +721,13 @@ fn backup_data_dir(py: Python<'_>, dir: &str, dest: &str) -> PyResult<u64> {
     py.allow_threads(|| storage::backup(Path::new(dir), Path::new(dest))).map_err(|e| py_err(py, Error::Storage(e.0)))
 }
 
+/// A batched watch message's (events other than heartbeats, highest seq), without
+/// decoding its entities.
+#[pyfunction]
+fn event_batch_summary(batch: &[u8]) -> PyResult<(u64, u64)> {
+    crate::wire::event_batch_summary(batch).map_err(|e| PyValueError::new_err(format!("watch batch does not parse: {e}")))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(stored_node_id, m)?)?;
@@ -731,5 +738,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyEvent>()?;
     m.add_class::<WatchHandle>()?;
     m.add_class::<crate::py_server::PyGrpcServer>()?;
+    m.add_function(wrap_pyfunction!(event_batch_summary, m)?)?;
+    crate::py_fusion::register(m)?;
     Ok(())
 }

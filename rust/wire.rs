@@ -53,6 +53,30 @@ pub fn scan<'a>(msg: &'a [u8], mut visit: impl FnMut(u32, Field<'a>)) -> Result<
     Ok(())
 }
 
+/// An `EntityEventBatch`'s (events other than heartbeats, highest seq), read without
+/// decoding the entities: what a batched watch's cursor needs.
+pub fn event_batch_summary(batch: &[u8]) -> Result<(u64, u64), String> {
+    const HEARTBEAT: u64 = 4; // store.v1.EventType
+    let mut events = Vec::new();
+    scan(batch, |n, f| {
+        if let (1, Field::Bytes(ev)) = (n, f) {
+            events.push(ev)
+        }
+    })?;
+    let (mut count, mut last) = (0, 0);
+    for ev in events {
+        let (mut kind, mut seq) = (0, 0);
+        scan(ev, |n, f| match (n, f) {
+            (1, Field::Varint(v)) => kind = v,
+            (4, Field::Varint(v)) => seq = v,
+            _ => {}
+        })?;
+        count += u64::from(kind != HEARTBEAT);
+        last = last.max(seq);
+    }
+    Ok((count, last))
+}
+
 // ---- writing -------------------------------------------------------------------------
 
 pub fn key_len(tag: u32) -> usize {
@@ -127,6 +151,16 @@ mod tests {
         assert!(scan(&[0x0b], |_, _| {}).is_err()); // group
         assert!(scan(&[0x00, 0x00], |_, _| {}).is_err()); // field number 0
         assert!(scan(&[0xff; 11], |_, _| {}).is_err());
+    }
+
+    #[test]
+    fn event_batch_summary_counts_events_but_heartbeats_and_finds_the_last_seq() {
+        use crate::pb::store::v1::{EntityEvent, EntityEventBatch};
+        use prost::Message;
+        let ev = |kind, seq| EntityEvent { r#type: kind, seq, ..EntityEvent::default() };
+        let batch = EntityEventBatch { events: vec![ev(2, 7), ev(3, 9), ev(4, 12)] }.encode_to_vec();
+        assert_eq!(event_batch_summary(&batch), Ok((2, 12)));
+        assert!(event_batch_summary(b"\x0a\x05\x01").is_err());
     }
 
     #[test]

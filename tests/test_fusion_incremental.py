@@ -244,7 +244,7 @@ def test_the_service_writes_what_full_passes_give(make_store: Any) -> None:
                 expected = reference.correlate(full=True)
                 result = await fusion.run_pass()
                 assert not result.full
-                assert _as_stored(result.fused) == _as_stored(expected.fused), f"step {step}"
+                assert _as_stored(fusion.correlator.fused) == _as_stored(expected.fused), f"step {step}"
                 assert _stored_fused(store) == _as_stored(expected.fused), f"step {step}: the store"
             assert fusion.counters["deleted_dissolved"] + fusion.counters["deleted_cascade"] > 0
             assert fusion.counters["fused_created"] > 50

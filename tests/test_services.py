@@ -601,16 +601,16 @@ def test_fusion_ignores_non_finite_positions_and_tracks_without_position_or_sour
         caplog: pytest.LogCaptureFixture) -> None:
     fusion = Fusion("127.0.0.1:1")  # never run: only its handling of entities
     with caplog.at_level(logging.WARNING, "meshstore.services.fusion"):
-        assert fusion.ingest(_track("eo-1", "eo", 10.0, 10.0)) == []
-        assert fusion.ingest(_track("eo-1", "eo", float("nan"), 10.0)) == []
-        assert fusion.ingest(_track("eo-1", "eo", 10.0, float("inf"))) == []
-        assert fusion.ingest(_track("eo-2", "eo", float("-inf"), 1.0)) == []
-        assert fusion.ingest(_track("eo-3", "eo", 95.0, 1.0)) == []  # out of range
-        fusion.ingest(_track("no-source", None, 10.0, 10.0))
-        fusion.ingest(_track("no-position", "radar", None))
+        fusion.take_listed(_track("eo-1", "eo", 10.0, 10.0))
+        fusion.take_listed(_track("eo-1", "eo", float("nan"), 10.0))
+        fusion.take_listed(_track("eo-1", "eo", 10.0, float("inf")))
+        fusion.take_listed(_track("eo-2", "eo", float("-inf"), 1.0))
+        fusion.take_listed(_track("eo-3", "eo", 95.0, 1.0))  # out of range
+        fusion.take_listed(_track("no-source", None, 10.0, 10.0))
+        fusion.take_listed(_track("no-position", "radar", None))
         odd = _track("odd", "radar", None)
         odd.components[POSITION].CopyFrom(pack(pb.VelocityComponent(speed=1)))
-        fusion.ingest(odd)
+        fusion.take_listed(odd)
     assert set(fusion.correlator.tracks) == {"eo-1"}
     assert fusion.correlator.tracks["eo-1"].lat == 10.0  # the last valid position stands
     assert caplog.text.count("non-finite or out-of-range position") == 3  # once per entity, not per update
@@ -619,7 +619,7 @@ def test_fusion_ignores_non_finite_positions_and_tracks_without_position_or_sour
     fused = make_entity(fused_id(["eo-1", "radar-1"]), TRACK,
                         fusion=pb.FusionComponent(source_ids=["eo-1", "radar-1"]),
                         position=pb.PositionComponent(lat=10, lon=10))
-    fusion.ingest(fused)
+    fusion.take_listed(fused)
     assert fusion.correlator.groups == {fused.id: ("eo-1", "radar-1")}
     assert fusion.correlator.correlate().removed == [fused.id]  # radar-1 is not there: dissolved
 

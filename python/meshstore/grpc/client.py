@@ -54,6 +54,7 @@ from meshstore.grpc.status import (  # noqa: F401 - re-exported: a client's erro
     error_for,
     error_from_rpc,
 )
+from meshstore._core import event_batch_summary
 from meshstore.logs import event as log_event
 from meshstore.pb import entity_pb2, store_pb2, store_pb2_grpc
 
@@ -235,6 +236,7 @@ PUBLISH_MAX_ENTITIES = 1024
 #: default), and small enough that the store applies one while the next is on the wire.
 PUBLISH_MAX_BYTES = 1 << 20
 _PUBLISH_ENTITIES = "/store.v1.EntityStoreService/PublishEntities"
+_WATCH_ENTITY_BATCHES = "/store.v1.EntityStoreService/WatchEntityBatches"
 #: A repeated field's framing per entity: a tag byte and a length varint (<= 4 bytes up to 256 MiB).
 _ENTRY_OVERHEAD = 5
 
@@ -280,6 +282,7 @@ class StoreClient:
         self._channel: grpc.aio.Channel | None = None
         self._stub: store_pb2_grpc.EntityStoreServiceStub | None = None
         self._publish_entities: grpc.aio.StreamUnaryMultiCallable
+        self._watch_batches: grpc.aio.UnaryStreamMultiCallable
         self._closed = False
         #: The last store identity seen (node id), to tell a restarted store from a new one.
         self.node_id: str | None = None
@@ -292,8 +295,10 @@ class StoreClient:
     def stub(self) -> store_pb2_grpc.EntityStoreServiceStub:
         return self._connect()[0]
 
-    def _connect(self) -> tuple[store_pb2_grpc.EntityStoreServiceStub, grpc.aio.StreamUnaryMultiCallable]:
-        """The stub and the byte-level PublishEntities, on a channel opened at first use."""
+    def _connect(self) -> tuple[store_pb2_grpc.EntityStoreServiceStub, grpc.aio.StreamUnaryMultiCallable,
+                                grpc.aio.UnaryStreamMultiCallable]:
+        """The stub and the byte-level PublishEntities and WatchEntityBatches, on a channel
+        opened at first use."""
         if self._closed:
             raise RuntimeError(f"store client {self.name!r} is closed")
         if self._stub is None:
@@ -305,7 +310,12 @@ class StoreClient:
             self._publish_entities = self._channel.stream_unary(
                 _PUBLISH_ENTITIES, request_serializer=store_pb2.PublishRequestView.SerializeToString,
                 response_deserializer=store_pb2.PublishSummary.FromString)
-        return self._stub, self._publish_entities
+            # WatchEntityBatches as the bytes of each message: a consumer that hands them
+            # to the core (fusion) never decodes them in Python.
+            self._watch_batches = self._channel.unary_stream(
+                _WATCH_ENTITY_BATCHES, request_serializer=store_pb2.WatchEntitiesRequest.SerializeToString,
+                response_deserializer=None)
+        return self._stub, self._publish_entities, self._watch_batches
 
     async def close(self) -> None:
         self._closed = True
@@ -416,7 +426,7 @@ class StoreClient:
         message is awaited until the stream takes it (HTTP/2 flow control), and then the
         summary, so a store that applies slowly slows the publisher down instead of
         messages piling up in memory."""
-        _, publish_entities = self._connect()
+        _, publish_entities, _ = self._connect()
         call = publish_entities(timeout=max(self.rpc_timeout, 30.0), wait_for_ready=False)
         encoded = (e if isinstance(e, bytes) else e.SerializeToString() for e in entities)
         try:
@@ -559,7 +569,45 @@ class WatchStream:
         self._nacked = True
 
     def __aiter__(self) -> AsyncIterator[store_pb2.EntityEvent]:
-        return self._run()
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[store_pb2.EntityEvent]:
+        async for batch in self._run():
+            for ev in store_pb2.EntityEventBatch.FromString(batch).events:
+                if ev.type == store_pb2.EVENT_TYPE_HEARTBEAT:
+                    self._advance(ev.seq)
+                    continue
+                self._nacked = False
+                self.events += 1
+                yield ev
+                if self._nacked:
+                    # The rest of the batch comes again: the cursor stops before this event.
+                    log_event(log, logging.INFO, "event not handled; resuming from before it",
+                              client=self.client.name, entity_id=ev.entity.id, cursor=self.cursor)
+                    break
+                self._advance(ev.seq)
+
+    def batches(self) -> AsyncIterator[bytes]:
+        """``async for batch in stream.batches()``: each message as its bytes (an encoded
+        EntityEventBatch, heartbeats included), for a consumer that decodes them itself
+        (``meshstore._core``). A batch counts as handled once the consumer asks for the
+        next; ``nack()`` resumes from before it."""
+        return self._batches()
+
+    async def _batches(self) -> AsyncIterator[bytes]:
+        async for batch in self._run():
+            events, last_seq = event_batch_summary(batch)
+            self.events += events
+            yield batch
+            if self._nacked:
+                log_event(log, logging.INFO, "batch not handled; resuming from before it",
+                          client=self.client.name, cursor=self.cursor)
+                continue
+            self._advance(last_seq)
+
+    def _advance(self, seq: int) -> None:
+        if self.cursor is None or seq > self.cursor:
+            self.cursor = seq
 
     def _request(self) -> store_pb2.WatchEntitiesRequest:
         request = store_pb2.WatchEntitiesRequest(
@@ -585,7 +633,9 @@ class WatchStream:
             if isinstance(result, int):
                 self.cursor = result
 
-    async def _run(self) -> AsyncIterator[store_pb2.EntityEvent]:
+    async def _run(self) -> AsyncIterator[bytes]:
+        """The watch's messages as bytes, across reconnects; the consumer moves the cursor
+        (``_advance``) and sets ``_nacked`` to resume from it."""
         client = self.client
         first = True
         while True:
@@ -599,15 +649,14 @@ class WatchStream:
                 self.cursor = info.seq  # live from here; a reconnect resumes from it
             request = self._request()
             # The batched form: every event ready at the server in one message.
-            call = client.stub.WatchEntityBatches(request, wait_for_ready=False)
+            call = client._connect()[2](request, wait_for_ready=False)
             log_event(log, logging.INFO if not first else logging.DEBUG,
                       "watch resumed" if not first else "watching", client=client.name, store=client.address,
                       since_seq=request.since_seq if request.HasField("since_seq") else None,
                       include_existing=request.include_existing)
             first = False
             try:
-                reconnect = False
-                while not reconnect:
+                while True:
                     try:
                         # asyncio.timeout, not wait_for: on 3.11 wait_for drops a
                         # cancellation that races with the read completing.
@@ -622,23 +671,11 @@ class WatchStream:
                                   client=client.name, cursor=self.cursor)
                         break
                     self.connected = True
-                    for ev in batch.events:
-                        if ev.type == store_pb2.EVENT_TYPE_HEARTBEAT:
-                            if self.cursor is None or ev.seq > self.cursor:
-                                self.cursor = ev.seq
-                            continue
+                    yield batch
+                    if self._nacked:
                         self._nacked = False
-                        self.events += 1
-                        yield ev
-                        if self._nacked:
-                            # The rest of the batch comes again: the cursor stops before this event.
-                            log_event(log, logging.INFO, "event not handled; resuming from before it",
-                                      client=client.name, entity_id=ev.entity.id, cursor=self.cursor)
-                            await asyncio.sleep(client.backoff.delay(0, client._rng))
-                            reconnect = True
-                            break
-                        if self.cursor is None or ev.seq > self.cursor:
-                            self.cursor = ev.seq
+                        await asyncio.sleep(client.backoff.delay(0, client._rng))
+                        break
             except grpc.RpcError as err:
                 exc = error_from_rpc(err, "WatchEntities", client.address)
                 if isinstance(exc, CursorExpiredError):
