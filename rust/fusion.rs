@@ -1,6 +1,6 @@
 //! fusion: the correlator of the fusion service. Source tracks in, fused tracks out; no I/O.
 //!
-//! The rules (documented for users in docs/ and in `meshstore.services.fusion`):
+//! The rules (as `meshstore.services.fusion` documents them for users):
 //! - candidates are pairs of tracks of different sensor types within `max_distance`
 //!   metres (equirectangular distance), found through a grid of cells never smaller than
 //!   that distance (3x3 neighbourhood, longitude wrapping at the antimeridian);
@@ -317,6 +317,10 @@ impl Correlator {
 
     pub fn fused(&self) -> &AHashMap<Id, Fused> {
         &self.fused
+    }
+
+    pub fn group_count(&self) -> usize {
+        self.groups.len()
     }
 
     pub fn has_group(&self, fid: &str) -> bool {

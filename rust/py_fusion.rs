@@ -106,7 +106,7 @@ impl PyCorrelator {
 
     #[getter]
     fn group_count(&self) -> usize {
-        self.feed.correlator.fused().len()
+        self.feed.correlator.group_count()
     }
 
     // ---- the service's feed --------------------------------------------------------

@@ -624,6 +624,28 @@ def test_fusion_ignores_non_finite_positions_and_tracks_without_position_or_sour
     assert fusion.correlator.correlate().removed == [fused.id]  # radar-1 is not there: dissolved
 
 
+def test_correlator_refuses_bad_settings() -> None:
+    for kwargs, why in (({"max_distance": 0.0}, "max distance must be > 0 metres"),
+                        ({"max_distance": float("nan")}, "max distance must be > 0 metres"),
+                        ({"max_distance": "far"}, "must be numbers"),
+                        ({"hysteresis": 0.9}, "hysteresis must be >= 1")):
+        with pytest.raises(ValueError, match=why):
+            Fusion("127.0.0.1:1", **kwargs)
+
+
+def test_fusion_refuses_a_watch_batch_that_does_not_parse_and_keeps_its_state(
+        caplog: pytest.LogCaptureFixture) -> None:
+    fusion = Fusion("127.0.0.1:1")  # never run: its intake only
+    fusion.take_listed(_track("eo-1", "eo", 10.0, 10.0))
+    before = fusion.correlator.tracks
+    nested = b"\x0a\x7f" + b"\x12\x7d" * 60  # an event whose entity claims more bytes than there are
+    with caplog.at_level(logging.ERROR, "meshstore.services.fusion"):
+        for garbage in (b"\xff\xff\xff", nested, b"\x0a\x03\x12\x01\xff"):
+            fusion.take_batch(garbage)
+    assert fusion.counters["bad_batches"] == 3 and caplog.text.count("watch batch does not parse") == 3
+    assert fusion.correlator.tracks == before and fusion.counters["events"] == 0
+
+
 # ---- client -------------------------------------------------------------------------------
 
 
@@ -735,6 +757,10 @@ def test_commands_refuse_bad_input_before_connecting() -> None:
     assert result.exit_code == 2 and "bbox latitudes" in result.output
     result = runner.invoke(_app(), ["fusion", "--sigma", "eo=fast"])
     assert result.exit_code == 2 and "not a number" in result.output
+    for option, value, why in (("--max-distance", "0", "Invalid value"), ("--hysteresis", "0.5", "Invalid value"),
+                               ("--max-distance", "nan", "max distance must be > 0 metres")):  # past the range check
+        result = runner.invoke(_app(), ["fusion", option, value])
+        assert result.exit_code == 2 and why in result.output and "Traceback" not in result.output
     result = runner.invoke(_app(), ["classifier", "--low", "500"])
     assert result.exit_code == 2 and "0 < low < medium < high" in result.output
     result = runner.invoke(_app(), ["radar-sim", "--speed-min", "900", "--speed-max", "10"], env={"MESHSTORE_BBOX_MIN_LAT": "x"})

@@ -261,8 +261,14 @@ class Fusion(Service):
 
     def take_batch(self, batch: bytes) -> None:
         """Takes in one message of the batched watch (an encoded EntityEventBatch; no
-        I/O); cascade deletes are queued."""
-        counts, cascades, notices, _ = self._feed.take_batch(batch)
+        I/O); cascade deletes are queued. One that does not parse is logged and skipped,
+        whole: the core decodes a batch before it takes anything in."""
+        try:
+            counts, cascades, notices, _ = self._feed.take_batch(batch)
+        except ValueError as exc:
+            self.counters["bad_batches"] += 1
+            self.event(logging.ERROR, "watch batch does not parse: skipped", error=str(exc), size=len(batch))
+            return
         for key, n in zip(("events", "skipped_echo", "skipped_unchanged", "invalid_positions"), counts):
             if n:
                 self.counters[key] += n
@@ -312,7 +318,7 @@ class Fusion(Service):
         for entity in entities:
             self.take_listed(entity)
         self._ready = True
-        self.event(logging.INFO, "snapshot", tracks=self._feed.track_count, fused=len(self._feed.groups()),
+        self.event(logging.INFO, "snapshot", tracks=self._feed.track_count, fused=self._feed.group_count,
                    seq=info.seq)
         return info.seq
 
