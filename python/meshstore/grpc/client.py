@@ -36,6 +36,7 @@ What it adds over a bare stub:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -572,20 +573,21 @@ class WatchStream:
         return self._events()
 
     async def _events(self) -> AsyncIterator[store_pb2.EntityEvent]:
-        async for batch in self._run():
-            for ev in store_pb2.EntityEventBatch.FromString(batch).events:
-                if ev.type == store_pb2.EVENT_TYPE_HEARTBEAT:
+        async with contextlib.aclosing(self._run()) as batches:  # closing this closes the call at once
+            async for batch in batches:
+                for ev in store_pb2.EntityEventBatch.FromString(batch).events:
+                    if ev.type == store_pb2.EVENT_TYPE_HEARTBEAT:
+                        self._advance(ev.seq)
+                        continue
+                    self._nacked = False
+                    self.events += 1
+                    yield ev
+                    if self._nacked:
+                        # The rest of the batch comes again: the cursor stops before this event.
+                        log_event(log, logging.INFO, "event not handled; resuming from before it",
+                                  client=self.client.name, entity_id=ev.entity.id, cursor=self.cursor)
+                        break
                     self._advance(ev.seq)
-                    continue
-                self._nacked = False
-                self.events += 1
-                yield ev
-                if self._nacked:
-                    # The rest of the batch comes again: the cursor stops before this event.
-                    log_event(log, logging.INFO, "event not handled; resuming from before it",
-                              client=self.client.name, entity_id=ev.entity.id, cursor=self.cursor)
-                    break
-                self._advance(ev.seq)
 
     def batches(self) -> AsyncIterator[bytes]:
         """``async for batch in stream.batches()``: each message as its bytes (an encoded
@@ -595,15 +597,16 @@ class WatchStream:
         return self._batches()
 
     async def _batches(self) -> AsyncIterator[bytes]:
-        async for batch in self._run():
-            events, last_seq = event_batch_summary(batch)
-            self.events += events
-            yield batch
-            if self._nacked:
-                log_event(log, logging.INFO, "batch not handled; resuming from before it",
-                          client=self.client.name, cursor=self.cursor)
-                continue
-            self._advance(last_seq)
+        async with contextlib.aclosing(self._run()) as batches:
+            async for batch in batches:
+                events, last_seq = event_batch_summary(batch)
+                self.events += events
+                yield batch
+                if self._nacked:
+                    log_event(log, logging.INFO, "batch not handled; resuming from before it",
+                              client=self.client.name, cursor=self.cursor)
+                    continue
+                self._advance(last_seq)
 
     def _advance(self, seq: int) -> None:
         if self.cursor is None or seq > self.cursor:
