@@ -1,6 +1,7 @@
 """meshstore.services.PerEntity (events handled concurrently across entities, in order
-per entity, the latest waiting one kept) and what the classifier builds on it: its own
-echo dropped, its lag recorded, over a real server."""
+per entity, the latest waiting one kept, no task for an event that needs nothing) and
+what the classifier builds on it: its own echo dropped, its lag recorded, over a real
+server."""
 
 from __future__ import annotations
 
@@ -22,16 +23,27 @@ def arun(coro: Any, timeout: float = 30.0) -> Any:
 
 
 class Recorder(Service):
+    """Its events are their own jobs (None: an event that needs nothing); ``prepared``
+    lists the events it looked at, in order."""
+
     name = "recorder"
 
     def __init__(self) -> None:
         super().__init__(client=object())  # never talks to a store
         self.log.setLevel(logging.CRITICAL)
+        self.prepared: list[Any] = []
+
+    def prepare(self, ev: Any) -> Any:
+        self.prepared.append(ev)
+        if ev == "bug":
+            raise ValueError("a bug in one look")
+        return ev
 
 
 def test_entities_run_concurrently_each_in_order_keeping_the_latest_waiting_event() -> None:
     async def scenario() -> None:
-        workers = PerEntity(Recorder(), limit=8)
+        recorder = Recorder()
+        workers = PerEntity(recorder, limit=8)
         gates = {key: asyncio.Event() for key in "ab"}
         done: list[tuple[str, int]] = []
         running: set[str] = set()
@@ -46,10 +58,11 @@ def test_entities_run_concurrently_each_in_order_keeping_the_latest_waiting_even
                 running.discard(key)
             return run
 
-        await workers.submit("a", job("a", 1))
-        await workers.submit("b", job("b", 1))
-        await workers.submit("a", job("a", 2))  # waits behind a1...
-        await workers.submit("a", job("a", 3))  # ...and replaces a2: it carried an older state
+        a1, b1, a2, a3 = job("a", 1), job("b", 1), job("a", 2), job("a", 3)
+        await workers.submit("a", a1)
+        await workers.submit("b", b1)
+        await workers.submit("a", a2)  # waits behind a1...
+        await workers.submit("a", a3)  # ...and replaces a2: it carried an older state
         await eventually(lambda: len(running) == 2, what="a and b at once")
         gates["a"].set()
         gates["b"].set()
@@ -57,6 +70,12 @@ def test_entities_run_concurrently_each_in_order_keeping_the_latest_waiting_even
         assert max(overlap) == 2
         assert [d for d in done if d[0] == "a"] == [("a", 1), ("a", 3)]
         assert workers.superseded == 1
+        assert recorder.prepared == [a1, b1, a3]  # a3 looked at once a1 was done; a2 never
+        # An event that needs nothing costs no task; a bug in a look is counted, stops nothing.
+        tasks = len(asyncio.all_tasks())
+        await workers.submit("c", None)
+        await workers.submit("d", "bug")
+        assert len(asyncio.all_tasks()) == tasks and not workers._running and workers.failed == 1
 
     arun(scenario())
 

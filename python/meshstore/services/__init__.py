@@ -141,16 +141,25 @@ class Lag:
         return {"lag_ms_p50": round(at(0.50), 1), "lag_ms_p99": round(at(0.99), 1), "lag_samples": len(ordered)}
 
 
+#: What a service does about one event beyond looking at it: ``await job()``.
+Job = Callable[[], Awaitable[None]]
+
+
 class PerEntity:
-    """Runs a service's handling of watch events concurrently across entities (at most
-    ``limit`` at once: the watch waits beyond that) and in order per entity, so a
-    service never waits a round trip per event. An entity's events that arrive while one
-    of its own is being handled wait, and only the latest of them is kept: each carries
-    the entity's whole (projected) state, so it supersedes the ones before it
-    (``superseded`` counts them). A handler's unexpected exception is logged and counted
-    in ``failed``; it never stops the others. The default limit is what one
-    UpdateEntities call of an ``UpdateBatcher`` takes: a burst of new tracks is written
-    in calls that full."""
+    """Handles a service's watch events concurrently across entities (at most ``limit``
+    at once: the watch waits beyond that) and in order per entity, so a service never
+    waits a round trip per event.
+
+    Each event is first looked at where it arrives, synchronously: ``service.prepare(ev)``
+    returns the job it needs (a write), or None when it needs nothing more, as most do
+    (the echo of the service's own write, a write that would change nothing); those cost
+    no task. A job runs as a task through ``service.until_done(ev, job)``. An entity's
+    events that arrive while its job runs wait, and only the latest of them is kept: each
+    carries the entity's whole (projected) state, so it supersedes the ones before it
+    (``superseded`` counts them); it is prepared when the job is done, so it sees what that
+    job recorded. An unexpected exception is logged and counted in ``failed``; it never
+    stops the others. The default limit is what one UpdateEntities call of an
+    ``UpdateBatcher`` takes: a burst of new tracks is written in calls that full."""
 
     def __init__(self, service: Service, limit: int = 2048) -> None:
         self.service = service
@@ -158,27 +167,43 @@ class PerEntity:
         self.failed = 0
         self._slots = asyncio.Semaphore(limit)
         self._running: dict[str, asyncio.Task] = {}
-        self._waiting: dict[str, Callable[[], Awaitable[None]]] = {}
+        self._waiting: dict[str, Any] = {}
 
-    async def submit(self, key: str, job: Callable[[], Awaitable[None]]) -> None:
-        """Runs ``job()`` after the running one of ``key``, if any; waits for a free slot."""
+    async def submit(self, key: str, ev: Any) -> None:
+        """Handles ``ev`` after the job running for ``key``, if any; waits for a free slot."""
         if key in self._running:
             self.superseded += key in self._waiting
-            self._waiting[key] = job
+            self._waiting[key] = ev
+            return
+        job = self._prepare(key, ev)
+        if job is None:
             return
         await self._slots.acquire()
-        self._running[key] = asyncio.create_task(self._run(key, job))
+        self._running[key] = asyncio.create_task(self._run(key, ev, job))
 
-    async def _run(self, key: str, job: Callable[[], Awaitable[None]] | None) -> None:
+    def _prepare(self, key: str, ev: Any) -> Job | None:
+        try:
+            return self.service.prepare(ev)
+        except Exception as exc:  # noqa: BLE001 - one entity's bug must not stop the service
+            self._failed(key, exc)
+            return None
+
+    def _failed(self, key: str, exc: Exception) -> None:
+        self.failed += 1
+        self.service.event(logging.ERROR, "handling an event failed", entity_id=key,
+                           error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+
+    async def _run(self, key: str, ev: Any, job: Job | None) -> None:
         try:
             while job is not None:
                 try:
-                    await job()
+                    await self.service.until_done(ev, job)
                 except Exception as exc:  # noqa: BLE001 - one entity's bug must not stop the service
-                    self.failed += 1
-                    self.service.event(logging.ERROR, "handling an event failed", entity_id=key,
-                                       error=f"{type(exc).__name__}: {exc}", exc_info=exc)
-                job = self._waiting.pop(key, None)
+                    self._failed(key, exc)
+                job = None
+                while job is None and key in self._waiting:
+                    ev = self._waiting.pop(key)
+                    job = self._prepare(key, ev)
         finally:
             del self._running[key]
             self._slots.release()
@@ -286,22 +311,28 @@ class Service:
     async def _main(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    async def handle(self, ev: Any) -> None:  # pragma: no cover - for services that watch
+    def prepare(self, ev: Any) -> Job | None:  # pragma: no cover - for services that watch
+        """Looks at one watch event (no I/O): the job it needs, or None (see ``PerEntity``)."""
         raise NotImplementedError
 
-    async def handle_until_done(self, ev: Any) -> None:
-        """``handle(ev)``, again once the store is back if it went away (writes are checked
-        against the versions read, so a retry of a view gone stale is refused as stale)."""
+    async def until_done(self, ev: Any, job: Job) -> None:
+        """``job()``; if the store went away, again once it is back, prepared anew from
+        ``ev`` (writes are checked against the versions read, so a retry of a view gone
+        stale is refused as stale)."""
         from meshstore.grpc.client import StoreUnavailableError
 
         while True:
             try:
-                return await self.handle(ev)
+                return await job()
             except StoreUnavailableError as exc:
                 self.counters["retries"] += 1
                 self.event(logging.WARNING, "write failed, store unavailable; will retry",
                            entity_id=ev.entity.id, error=str(exc))
                 await self.client.wait_ready()
+            retry = self.prepare(ev)
+            if retry is None:
+                return
+            job = retry
 
     async def _cleanup(self) -> None:
         pass

@@ -48,7 +48,7 @@ from meshstore.components import CLASSIFICATION, THREAT, VELOCITY, make_entity
 from meshstore.errors import InvalidEntityError, NotFoundError
 from meshstore.pb import entity_pb2 as pb
 from meshstore.pb import store_pb2
-from meshstore.services import PerEntity, Service, base_version, newer, read_component
+from meshstore.services import Job, PerEntity, Service, base_version, newer, read_component
 from meshstore.validate import is_number
 
 __all__ = ["Classification", "Classifier", "Thresholds", "classify", "plan_write"]
@@ -161,7 +161,7 @@ class Classifier(Service):
                                         components=WATCHED,
                                         min_interval=self.min_interval, on_reset=self._forget)
         async for ev in self.stream:
-            await self.workers.submit(ev.entity.id, functools.partial(self.handle_until_done, ev))
+            await self.workers.submit(ev.entity.id, ev)
 
     async def _cleanup(self) -> None:
         await self.workers.close()
@@ -171,24 +171,26 @@ class Classifier(Service):
         self._written.clear()
         self._answered.clear()
 
-    async def handle(self, ev: store_pb2.EntityEvent) -> None:
+    def prepare(self, ev: store_pb2.EntityEvent) -> Job | None:
+        """The write ``ev`` calls for (None: an echo, an old view, nothing to change)."""
         entity = ev.entity
         if ev.type == store_pb2.EVENT_TYPE_DELETED:
             self._written.pop(entity.id, None)
             self._answered.pop(entity.id, None)
-            return
+            return None
         self.counters["events"] += 1
         written = self._written.get(entity.id)
         if written is not None and written == entity.versions.get(CLASSIFICATION) \
                 and self._answered.get(entity.id) == entity.versions.get(VELOCITY):
             self.counters["skipped_echo"] += 1
-            return
+            return None
         if written is not None and newer(written, entity.versions.get(CLASSIFICATION)):
             self.counters["skipped_old_view"] += 1
-            return
+            return None
         write = plan_write(entity, self.thresholds, self.log)
-        if write is None:
-            return
+        return None if write is None else functools.partial(self._write, entity, write)
+
+    async def _write(self, entity: pb.Entity, write: pb.Entity) -> None:
         self.keys_written.update(write.components.keys())
         try:
             result = await self.updates.update(write)

@@ -53,7 +53,16 @@ from meshstore.errors import InvalidEntityError, NotFoundError
 from meshstore.eventloop import EventLoop, default_loop
 from meshstore.pb import entity_pb2 as pb
 from meshstore.pb import store_pb2
-from meshstore.services import PerEntity, Service, base_version, newer, read_component, timestamp, timestamp_seconds
+from meshstore.services import (
+    Job,
+    PerEntity,
+    Service,
+    base_version,
+    newer,
+    read_component,
+    timestamp,
+    timestamp_seconds,
+)
 from meshstore.validate import is_number
 
 __all__ = ["CATALOGS", "Plan", "TaskManager", "plan"]
@@ -229,7 +238,7 @@ class TaskManager(Service):
         timeouts = asyncio.create_task(self._timeout_worker(), name="task-manager-timeouts")
         try:
             async for ev in self.stream:
-                await self.workers.submit(ev.entity.id, functools.partial(self.handle_until_done, ev))
+                await self.workers.submit(ev.entity.id, ev)
         finally:
             timeouts.cancel()
             await asyncio.gather(timeouts, return_exceptions=True)
@@ -240,7 +249,9 @@ class TaskManager(Service):
         for entity_id in list(self.deadlines):  # the loop is shared: leave no timer behind
             self._disarm(entity_id)
 
-    async def handle(self, ev: store_pb2.EntityEvent) -> None:
+    def prepare(self, ev: store_pb2.EntityEvent) -> Job | None:
+        """The write ``ev`` calls for (None: nothing to write; a timer is set or cancelled
+        here when that is all it needs)."""
         entity = ev.entity
         if ev.type == store_pb2.EVENT_TYPE_DELETED:
             self._written.pop(entity.id, None)
@@ -248,36 +259,43 @@ class TaskManager(Service):
             if entity.id in self.deadlines:
                 self._disarm(entity.id)
                 self.event(logging.DEBUG, "entity deleted: approval timer cancelled", entity_id=entity.id)
-            return
+            return None
         self.counters["events"] += 1
         written = self._written.get(entity.id)
         if written is not None and newer(written, entity.versions.get(TASK)):
             self.counters["skipped_old_view"] += 1
-            return
+            return None
         now = self.clock()
         p = plan(entity, now, self.approval_timeout, self.log)
         if p is None:
             if THREAT not in entity.components:
                 self._disarm(entity.id)
-            return
+            return None
         write = task_write(entity, p, now, self.log)
-        if write is not None:
-            applied = await self._write(write)
-            if applied is None:
-                return
-            if APPROVAL in applied and p.approval is not None and p.approval.state == pb.APPROVAL_STATE_PENDING:
-                self.counters["approvals_requested"] += 1
-                self.event(logging.DEBUG, "approval requested", entity_id=entity.id,
-                           timeout_s=p.approval.timeout_seconds)
-            elif APPROVAL in applied and p.approval is not None:
-                self.counters["approvals_withdrawn"] += 1
-                self.event(logging.DEBUG, "approval withdrawn: threat below HIGH", entity_id=entity.id)
-            elif p.approval is not None and APPROVAL not in applied:
-                return  # the request lost to a newer approval: its event decides
+        if write is None:
+            self._set_timer(entity.id, p)
+            return None
+        return functools.partial(self._apply, entity.id, p, write)
+
+    async def _apply(self, entity_id: str, p: Plan, write: pb.Entity) -> None:
+        applied = await self._write(write)
+        if applied is None:
+            return
+        if APPROVAL in applied and p.approval is not None and p.approval.state == pb.APPROVAL_STATE_PENDING:
+            self.counters["approvals_requested"] += 1
+            self.event(logging.DEBUG, "approval requested", entity_id=entity_id, timeout_s=p.approval.timeout_seconds)
+        elif APPROVAL in applied and p.approval is not None:
+            self.counters["approvals_withdrawn"] += 1
+            self.event(logging.DEBUG, "approval withdrawn: threat below HIGH", entity_id=entity_id)
+        elif p.approval is not None and APPROVAL not in applied:
+            return  # the request lost to a newer approval: its event decides
+        self._set_timer(entity_id, p)
+
+    def _set_timer(self, entity_id: str, p: Plan) -> None:
         if p.deadline == CANCEL:
-            self._disarm(entity.id)
+            self._disarm(entity_id)
         else:
-            self._arm(entity.id, float(p.deadline))
+            self._arm(entity_id, float(p.deadline))
 
     async def _write(self, write: pb.Entity) -> list[str] | None:
         self.keys_written.update(write.components.keys())
