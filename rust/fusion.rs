@@ -138,7 +138,10 @@ impl Cells {
     }
 
     fn around(&self, (row, col): Cell) -> impl Iterator<Item = Cell> + '_ {
-        (-1..=1).flat_map(move |dr| self.col_offsets.iter().map(move |dc| (row + dr, (col + dc).rem_euclid(self.cols))))
+        // A row beyond i64 holds no track (a tiny max_distance saturates rows at its edge).
+        (-1..=1)
+            .filter_map(move |dr| row.checked_add(dr))
+            .flat_map(move |r| self.col_offsets.iter().map(move |dc| (r, (col + dc).rem_euclid(self.cols))))
     }
 }
 

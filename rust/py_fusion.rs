@@ -52,9 +52,14 @@ impl PyCorrelator {
 
     // ---- the correlator ------------------------------------------------------------
 
+    /// Adds or moves a source track; ValueError for a position not finite or out of range.
     #[pyo3(signature = (id, sensor_type, lat, lon, alt=0.0, sensor_id=""))]
-    fn upsert(&mut self, id: &str, sensor_type: &str, lat: f64, lon: f64, alt: f64, sensor_id: &str) {
+    fn upsert(&mut self, id: &str, sensor_type: &str, lat: f64, lon: f64, alt: f64, sensor_id: &str) -> PyResult<()> {
+        if !fusion::valid_position(lat, lon) || !alt.is_finite() {
+            return Err(PyValueError::new_err(format!("track {id:?}: position ({lat}, {lon}, {alt}) is not finite or out of range")));
+        }
         self.feed.correlator.upsert(Obs { id: id.into(), sensor_type: sensor_type.into(), lat, lon, alt, sensor_id: sensor_id.into() });
+        Ok(())
     }
 
     /// Forgets a source track; returns the fused ids built on it (now dissolved).

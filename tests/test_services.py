@@ -633,6 +633,19 @@ def test_correlator_refuses_bad_settings() -> None:
             Fusion("127.0.0.1:1", **kwargs)
 
 
+def test_correlator_refuses_a_track_without_a_valid_position() -> None:
+    c = Correlator(500.0)
+    c.upsert(Obs("eo-1", "eo", 10.0, 10.0))
+    for lat, lon, alt in ((float("nan"), 1.0, 0.0), (95.0, 1.0, 0.0), (1.0, float("inf"), 0.0), (1.0, 1.0, float("nan"))):
+        with pytest.raises(ValueError, match="not finite or out of range"):
+            c.upsert(Obs("eo-1", "eo", lat, lon, alt))
+    assert c.tracks == {"eo-1": Obs("eo-1", "eo", 10.0, 10.0)}
+    tiny = Correlator(1e-300)  # cells at the edge of the grid's integers: no overflow
+    tiny.upsert(Obs("eo-1", "eo", 10.0, 10.0))
+    tiny.upsert(Obs("radar-1", "radar", 10.0, 10.0))
+    assert list(tiny.correlate().fused) == [fused_id(["eo-1", "radar-1"])]
+
+
 def test_fusion_refuses_a_watch_batch_that_does_not_parse_and_keeps_its_state(
         caplog: pytest.LogCaptureFixture) -> None:
     fusion = Fusion("127.0.0.1:1")  # never run: its intake only
