@@ -13,6 +13,7 @@
 //! `stop(grace)` stops accepting and gives in-flight calls `grace`, then drops them.
 pub mod auth;
 pub mod rpc;
+mod conn;
 mod entity_store;
 mod mesh;
 mod watch_stream;
@@ -336,9 +337,10 @@ impl Server {
             }
             let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
-                // Small messages must not wait for Nagle's algorithm.
-                s.inspect(|s| {
+                s.map(|s| {
+                    // Small messages must not wait for Nagle's algorithm.
                     let _ = s.set_nodelay(true);
+                    conn::Conn(s)
                 })
             });
             let mut builder = tonic::transport::Server::builder();
