@@ -340,7 +340,7 @@ impl Server {
                 s.map(|s| {
                     // Small messages must not wait for Nagle's algorithm.
                     let _ = s.set_nodelay(true);
-                    conn::Conn(s)
+                    conn::Conn::new(s)
                 })
             });
             let mut builder = tonic::transport::Server::builder();
