@@ -37,19 +37,13 @@ pub struct Conn {
     io: TcpStream,
     /// PING acks accepted from h2 and not yet on the socket.
     held: Vec<u8>,
-    /// When `held` goes out if no write takes it first (one timer per connection, reset
-    /// for each held ack: no allocation per call).
-    due: Pin<Box<Sleep>>,
-    /// Whether `due` is set for what is held now.
-    armed: bool,
+    /// When `held` goes out if no write takes it first.
+    due: Option<Pin<Box<Sleep>>>,
 }
 
 impl Conn {
-    /// Takes an accepted connection (in the runtime: the delay's timer is made here).
     pub fn new(io: TcpStream) -> Self {
-        // Small messages must not wait for Nagle's algorithm.
-        let _ = io.set_nodelay(true);
-        Conn { io, held: Vec::new(), due: Box::pin(tokio::time::sleep(ACK_DELAY)), armed: false }
+        Conn { io, held: Vec::new(), due: None }
     }
 
     /// Writes what is held (all of it, or Pending with the socket's waker set).
@@ -61,7 +55,7 @@ impl Conn {
             }
             self.held.drain(..n);
         }
-        self.armed = false;
+        self.due = None;
         Poll::Ready(Ok(()))
     }
 }
@@ -82,7 +76,7 @@ impl AsyncRead for Conn {
 impl AsyncWrite for Conn {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.held.len() + buf.len() <= MAX_HELD && only_ping_acks(buf) {
+        if only_ping_acks(buf) && this.held.len() + buf.len() <= MAX_HELD {
             this.held.extend_from_slice(buf);
             return Poll::Ready(Ok(buf.len()));
         }
@@ -95,11 +89,11 @@ impl AsyncWrite for Conn {
             let held = this.held.len();
             this.held.drain(..n.min(held));
             if n > held {
-                this.armed = false;
+                this.due = None;
                 return Poll::Ready(Ok(n - held));
             }
         }
-        this.armed = false;
+        this.due = None;
         Pin::new(&mut this.io).poll_write(cx, buf)
     }
 
@@ -107,11 +101,8 @@ impl AsyncWrite for Conn {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.held.is_empty() {
-            if !this.armed {
-                this.due.as_mut().reset(tokio::time::Instant::now() + ACK_DELAY);
-                this.armed = true;
-            }
-            ready!(this.due.as_mut().poll(cx));
+            let due = this.due.get_or_insert_with(|| Box::pin(tokio::time::sleep(ACK_DELAY)));
+            ready!(due.as_mut().poll(cx));
             ready!(this.poll_write_held(cx))?;
         }
         Pin::new(&mut this.io).poll_flush(cx)
