@@ -11,6 +11,7 @@
 //! - `fusion_wire`: fusion's intake of watch batches and its fused entities on the wire.
 //! - `approval`: operator decisions on a pending approval.
 //! - `table`: the entity table (writes, merges, deletes, context summary, change log).
+//! - `feed`: the table's recent changes, kept once for every watcher to read.
 //! - `watch`: bounded watcher queues that fall behind and catch up from the log.
 //! - `store`: the table and its storage as every front end shares them.
 //! - `storage`: the data dir (SQLite, WAL) a table is saved to and loaded from.
@@ -24,6 +25,7 @@ pub mod durable;
 pub mod entity;
 pub mod error;
 pub mod expiry;
+pub mod feed;
 pub mod fusion;
 pub mod fusion_wire;
 pub mod histogram;

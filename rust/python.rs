@@ -218,7 +218,9 @@ impl WatchHandle {
                 let _ = store.run(|t| t.catch_up(watch));
             }
             let events = watch.poll(max, deadline.saturating_duration_since(Instant::now()));
-            if !events.is_empty() || watch.is_closed() || Instant::now() >= deadline {
+            // Behind and nothing queued: catch up before giving up, even at the deadline.
+            let done = Instant::now() >= deadline && !watch.is_behind();
+            if !events.is_empty() || watch.is_closed() || done {
                 return events;
             }
         };

@@ -19,10 +19,11 @@ use crate::hlc::{Clock, Timestamp, WallClock};
 use crate::intern::{intern, Sym};
 use crate::strategy::{Registry, Rule};
 use crate::storage::{NodeState, Stored};
-use crate::watch::{Event, EventKind, Watch, WatchSpec, WatchStats};
+use crate::feed::{Change, Feed};
+use crate::watch::{Event, EventKind, Mark, Watch, WatchSpec, WatchStats};
 use ahash::AHashMap;
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 /// A merged state may hold concurrent siblings of several writers, each within the
 /// limit: replicas accept states up to this many times `max_entity_bytes`.
@@ -30,6 +31,10 @@ pub const MERGE_SLACK: usize = 4;
 
 /// Entities a watcher that fell behind reads from the log per catch-up step.
 const CATCH_UP_STEP: usize = 256;
+/// The feed keeps this many watch queues' worth of changes: a watcher whose queue is
+/// full still finds the changes that do not fit (and falls behind from the first of
+/// them, the queue full) rather than a position already dropped.
+const FEED_QUEUES: usize = 2;
 
 /// What a new type/expiry register value counts for in size limits: at most, so a
 /// rewrite of an accepted entity is never refused for the register's sake (its value
@@ -301,10 +306,15 @@ pub struct Table {
     /// whether the summary changed since.
     persist: Option<Persist>,
     watchers: Vec<Arc<Watch>>,
-    /// The watchers that are not behind: the only ones a change is pushed to.
-    active: Vec<Arc<Watch>>,
+    /// How many watchers have a projection (changes then keep the keys they touched).
+    projected: usize,
+    /// The recent changes the watchers read, and those of the current operation, not
+    /// yet published to it (`publish`).
+    feed: Arc<Feed>,
+    fresh: Vec<Arc<Change>>,
     /// Changes watchers were told of, in all and per entity type (what a watcher that
-    /// fell behind skipped is the difference since it did).
+    /// fell behind skipped is the difference since it did). `changes` numbers the
+    /// feed's positions.
     changes: u64,
     changes_by_type: AHashMap<i32, u64>,
     next_watch_id: u64,
@@ -332,7 +342,9 @@ impl Table {
             replicating: false,
             persist: None,
             watchers: Vec::new(),
-            active: Vec::new(),
+            projected: 0,
+            feed: Arc::default(),
+            fresh: Vec::new(),
             changes: 0,
             changes_by_type: AHashMap::new(),
             next_watch_id: 1,
@@ -441,7 +453,9 @@ impl Table {
 
     /// Applies a prepared write. Fails only before changing anything.
     pub fn commit(&mut self, p: Prepared, mode: WriteMode, strict: bool) -> Result<WriteOutcome> {
-        self.apply(p, mode, strict, false)
+        let out = self.apply(p, mode, strict, false);
+        self.publish();
+        out
     }
 
     /// `commit`; `checked`: the caller already checked bases and sizes (`check_batch`).
@@ -593,7 +607,9 @@ impl Table {
             prepared.push(self.prepare(bytes).map_err(|e| at_item(i, e))?);
         }
         self.check_batch(&prepared)?;
-        self.apply_batch(prepared)
+        let out = self.apply_batch(prepared);
+        self.publish();
+        out
     }
 
     /// Checks a prepared batch against the stored state (bases, sizes), as if its items
@@ -646,6 +662,7 @@ impl Table {
         self.dead.insert(id.clone(), wall);
         self.note_expiry(&id, expiry_before);
         self.record(&id, Some(EventKind::Deleted));
+        self.publish();
         Ok(())
     }
 
@@ -794,7 +811,9 @@ impl Table {
                 self.counters.skewed_stamps += 1;
             }
         }
-        Ok(self.join_state(remote))
+        let changed = self.join_state(remote);
+        self.publish();
+        Ok(changed)
     }
 
     /// Refuses writes of this incarnation that it never made.
@@ -991,7 +1010,7 @@ impl Table {
         let wall = self.clock.wall_ns();
         // A watcher that fell behind still has to read the deletes from where it fell
         // behind: they wait for it, as for a peer that has not acknowledged them.
-        let behind = self.watchers.iter().filter_map(|w| w.catch_from()).min().unwrap_or(u64::MAX);
+        let behind = self.watchers.iter().map(|w| w.unread_from()).min().unwrap_or(u64::MAX);
         let expiry = self.opts.peer_expiry_ns;
         let mut gone = Vec::new();
         self.dead.retain(|id, died| {
@@ -1035,7 +1054,9 @@ impl Table {
                 return Err(Error::CursorExpired { seq, floor: self.floor });
             }
         }
-        let w = Arc::new(Watch::new(self.next_watch_id, spec));
+        self.feed.keep_at_least(FEED_QUEUES * spec.capacity);
+        let start = self.mark(spec.type_filter);
+        let w = Watch::new(self.next_watch_id, spec, self.feed.clone(), start);
         self.next_watch_id += 1;
         if include_existing && since.is_none() {
             w.set_snapshot_until(self.seq);
@@ -1055,17 +1076,13 @@ impl Table {
                     (false, false) => continue,
                 };
                 if w.matches(s.shown_type()) {
-                    w.push(event_for(&w, s, kind, &self.registry, None));
+                    // (A snapshot that does not fit is caught up, not counted as folded.)
+                    w.push(event_for(&w, s, kind, &self.registry));
                 }
             }
         }
-        if w.is_behind() {
-            // The snapshot did not fit: the rest of it is caught up (not counted as folded).
-            w.set_behind_mark(self.changes_for(w.spec.type_filter));
-        } else {
-            self.active.push(w.clone());
-        }
         self.watchers.push(w.clone());
+        self.projected += w.spec.projection.is_some() as usize;
         Ok(w)
     }
 
@@ -1076,7 +1093,33 @@ impl Table {
             }
             w.id != id
         });
-        self.active.retain(|w| w.id != id);
+        self.projected = self.watchers.iter().filter(|w| w.spec.projection.is_some()).count();
+        if self.watchers.is_empty() {
+            // Old changes must not keep old states alive (a write would copy them).
+            self.feed.clear();
+        }
+    }
+
+    /// Where a watcher of `type_filter` reads the feed from, as of now.
+    fn mark(&self, type_filter: i32) -> Mark {
+        Mark { position: self.changes, seq: self.seq, matched: self.changes_for(type_filter) }
+    }
+
+    /// Publishes the current operation's changes to the feed (once per operation: a
+    /// batch takes the feed's lock once) and wakes the watchers waiting for them; every
+    /// public operation that changes entities ends with it.
+    fn publish(&mut self) {
+        if self.watchers.is_empty() {
+            return;
+        }
+        let head = self.changes - self.fresh.len() as u64;
+        for w in self.feed.publish(head, self.seq, self.fresh.drain(..)) {
+            if let Some(w) = w.upgrade() {
+                if w.wake() {
+                    self.wake.push(w.id);
+                }
+            }
+        }
     }
 
     /// Changes watchers of `type_filter` were told of (see `changes`).
@@ -1095,39 +1138,21 @@ impl Table {
         s
     }
 
-    /// Pushes a change to the watchers that are not behind: one that fell behind reads
-    /// it from the log later, so however many are stuck, a change costs nothing for them.
+    /// Adds a change to the feed's next publication: the watchers read it from there,
+    /// so whatever their number, a change costs one entry.
     fn emit(&mut self, state: &Arc<EntityState>, kind: EventKind, changed: Option<&[Sym]>) {
         let etype = state.shown_type();
-        let meta = meta_key();
         self.changes += 1;
         *self.changes_by_type.entry(etype).or_default() += 1;
-        let mut dropped = false;
-        let shared = Arc::default();
-        for w in &self.active {
-            if !w.matches(etype) {
-                continue;
-            }
-            // An update of keys a projected watcher does not read changes nothing it sees.
-            if let (EventKind::Updated, Some(keys), Some(projection)) = (kind, changed, &w.spec.projection) {
-                if !keys.iter().any(|k| *k == meta || projection.contains(k)) {
-                    continue;
-                }
-            }
-            if w.push(event_for(w, state, kind, &self.registry, Some(&shared))) {
-                self.wake.push(w.id);
-            }
-            if w.is_behind() {
-                // This change did not fit: it is the first one the watcher skips.
-                w.set_behind_mark(self.changes_for(w.spec.type_filter) - 1);
-                dropped = true;
-            }
-            dropped |= w.is_closed();
-        }
-        if dropped {
-            self.active.retain(|w| !w.is_behind() && !w.is_closed());
-            self.watchers.retain(|w| !w.is_closed());
-        }
+        self.fresh.push(Arc::new(Change {
+            seq: state.seq,
+            kind,
+            etype,
+            state: state.clone(),
+            changed: changed.filter(|_| self.projected > 0).map(Arc::from),
+            registry: self.registry.clone(),
+            encoded: Arc::default(),
+        }));
     }
 
     /// Catches a watcher that fell behind up from the change log, once its consumer has
@@ -1157,15 +1182,10 @@ impl Table {
                 (true, true) => EventKind::Created,
                 (true, false) => EventKind::Updated,
             };
-            events.push(event_for(w, s, kind, &self.registry, None));
+            events.push(event_for(w, s, kind, &self.registry));
         }
-        if w.push_caught_up(events) {
-            self.wake.push(w.id);
-        }
-        w.caught_up(next, self.changes_for(w.spec.type_filter));
-        if next.is_none() {
-            self.active.push(w.clone());
-        }
+        w.push_caught_up(events);
+        w.caught_up(next, self.mark(w.spec.type_filter));
     }
 
     pub fn watchers(&self) -> &[Arc<Watch>] {
@@ -1187,17 +1207,10 @@ impl Table {
     }
 }
 
-/// The event for one watcher: a shared snapshot, encoded only when delivered.
-/// An event of `s` for `w`; `shared`: the encoding cell of this change for watchers
-/// without a projection (see `Event::encoded`), None for one of its own.
-fn event_for(w: &Watch, s: &Arc<EntityState>, kind: EventKind, registry: &Arc<Registry>,
-             shared: Option<&Arc<OnceLock<Vec<u8>>>>) -> Event {
-    let encoded = match (&w.spec.projection, shared) {
-        (None, Some(cell)) => cell.clone(),
-        _ => Arc::default(),
-    };
+/// The event of `s` for `w` (snapshot and catch-up: encoded for this watcher alone).
+fn event_for(w: &Watch, s: &Arc<EntityState>, kind: EventKind, registry: &Arc<Registry>) -> Event {
     Event {
-        encoded,
+        encoded: Arc::default(),
         seq: s.seq,
         cursor: s.seq,
         kind,

@@ -1,8 +1,10 @@
 //! Watchers: a bounded event queue per subscriber that never drops silently.
 //!
-//! When a queue is full its watcher falls *behind*: writes stop queueing events for it
-//! (they skip it with one atomic load, so a stuck watcher costs a writer nothing), and
-//! once its consumer has drained the queue it *catches up* from the table's change log
+//! A watcher fills its queue itself, from the table's feed (`feed`), when its consumer
+//! asks for events: writes never touch it, so a hundred watchers cost a writer what one
+//! does. When the queue is full and more changes wait, or the feed has dropped changes
+//! the watcher did not read, it falls *behind*, and once its consumer has drained the
+//! queue it *catches up* from the table's change log
 //! (`Table::catch_up`): the latest state of every entity changed since it fell behind,
 //! in change order, as UPDATED (DELETED if gone), like a resume. Every change skipped
 //! meanwhile and not delivered one by one is counted (`coalesced`). Memory is then
@@ -15,7 +17,8 @@
 //! `cursor`: the highest seq such that every change up to it has been delivered (the
 //! first change folded into each pending slot bounds it). Resuming from the last
 //! delivered cursor misses nothing; it equals the change seq when nothing was reordered.
-use crate::entity::{EntityState, View};
+use crate::entity::{meta_key, EntityState, View};
+use crate::feed::{Change, Feed, Unread};
 use crate::strategy::Registry;
 use crate::intern::Sym;
 use parking_lot::{Condvar, Mutex};
@@ -23,7 +26,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use crate::wire::{put_bytes_field, put_len_prefix, put_varint_field};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
@@ -67,6 +70,21 @@ pub struct Event {
 }
 
 impl Event {
+    /// The event `w` sees of a change (its projection; the shared encoding if none).
+    pub fn of(change: &Change, w: &WatchSpec) -> Event {
+        Event {
+            seq: change.seq,
+            cursor: change.seq,
+            kind: change.kind,
+            id: change.state.id.clone(),
+            source: change.state.source,
+            state: change.state.clone(),
+            projection: w.projection.clone(),
+            registry: change.registry.clone(),
+            encoded: if w.projection.is_none() { change.encoded.clone() } else { Arc::default() },
+        }
+    }
+
     /// The entity (user view, projected) as `entity.v1.Entity` bytes.
     pub fn entity_bytes(&self) -> &[u8] {
         self.encoded.get_or_init(|| {
@@ -122,6 +140,15 @@ struct Queue {
     held_due: BinaryHeap<Reverse<(Instant, u64)>>,
     held_ids: HashMap<u64, Arc<str>>,
     held_serial: u64,
+    /// The feed position of the next change to read.
+    position: u64,
+    /// The seq of the last change read from the feed (or caught up to): every change
+    /// after it is still to be read.
+    read_seq: u64,
+    /// The table's count of changes of the watched type up to `position`.
+    matched: u64,
+    /// Registered with the feed to be woken by its next change.
+    parked: bool,
     /// A Python async consumer waits to be told when the queue stops being empty.
     armed: bool,
     /// A Rust async consumer's waker (`poll_ready`), woken on the same occasions.
@@ -132,6 +159,9 @@ struct Queue {
 pub struct Watch {
     pub id: u64,
     pub spec: WatchSpec,
+    feed: Arc<Feed>,
+    /// Itself, as the feed parks it.
+    me: Weak<Watch>,
     queue: Mutex<Queue>,
     ready: Condvar,
     /// Mirrors of "behind" and "closed", read without the queue lock.
@@ -148,20 +178,45 @@ pub struct WatchStats {
     pub coalescing: bool,
 }
 
+/// Where a watcher starts (or resumes after a catch-up) reading the feed.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Mark {
+    /// The feed position of the next change.
+    pub position: u64,
+    /// The table's seq: every change after it is still to be read.
+    pub seq: u64,
+    /// The table's count of changes of the watched type so far.
+    pub matched: u64,
+}
+
 impl Watch {
-    pub fn new(id: u64, spec: WatchSpec) -> Self {
-        Watch {
+    pub fn new(id: u64, spec: WatchSpec, feed: Arc<Feed>, start: Mark) -> Arc<Self> {
+        let queue = Queue { position: start.position, read_seq: start.seq, matched: start.matched, ..Queue::default() };
+        Arc::new_cyclic(|me| Watch {
             id,
             spec,
-            queue: Mutex::new(Queue::default()),
+            feed,
+            me: me.clone(),
+            queue: Mutex::new(queue),
             ready: Condvar::new(),
             behind: AtomicBool::new(false),
             closed: AtomicBool::new(false),
-        }
+        })
     }
 
     pub fn matches(&self, etype: i32) -> bool {
         self.spec.type_filter == 0 || self.spec.type_filter == etype
+    }
+
+    /// Whether a change (of the watched type) is news to this watcher: an update of keys
+    /// a projected watcher does not read changes nothing it sees.
+    fn wants(&self, c: &Change) -> bool {
+        match (c.kind, &c.changed, &self.spec.projection) {
+            (EventKind::Updated, Some(keys), Some(projection)) => {
+                keys.iter().any(|k| *k == meta_key() || projection.contains(k))
+            }
+            _ => true,
+        }
     }
 
     /// Whether writes skip this watcher (its queue filled up: it catches up later).
@@ -169,33 +224,86 @@ impl Watch {
         self.behind.load(Ordering::Acquire)
     }
 
-    /// Queues an event. Returns true if an armed async consumer must be woken.
-    pub fn push(&self, event: Event) -> bool {
+    /// Queues an event of the initial snapshot (`Table::watch`, before any consumer).
+    pub fn push(&self, event: Event) {
         let mut q = self.queue.lock();
         if q.closed || self.is_behind() {
-            return false;
+            return;
         }
         let now = Instant::now();
-        match self.pace(&mut q, event, now) {
-            Ok(event) => {
-                let first_seq = event.seq;
-                self.enqueue(&mut q, Slot { event, first_seq }, now)
-            }
-            Err(newly_held) => newly_held && std::mem::take(&mut q.armed),
+        if let Ok(event) = self.pace(&mut q, event, now) {
+            self.enqueue(&mut q, Slot { first_seq: event.seq, event }, now);
         }
+    }
+
+    /// Fills the queue from the feed, from the watcher's position on; falls behind if
+    /// the queue fills up while changes remain, or the feed dropped some unread. With
+    /// `park` and nothing to deliver, registers with the feed to be woken by its next
+    /// change (`wake`).
+    fn pull(&self, q: &mut Queue, now: Instant, park: bool) {
+        loop {
+            if q.closed || self.is_behind() {
+                return;
+            }
+            let me = (park && !q.parked && q.live == 0).then_some(&self.me);
+            let room = self.spec.capacity.saturating_sub(q.live);
+            let changes = match self.feed.read(q.position, room + 1, me) {
+                Unread::Dropped => return self.fall_behind(q, q.read_seq + 1),
+                Unread::UpToDate(seq) => {
+                    q.read_seq = q.read_seq.max(seq);
+                    q.parked |= me.is_some();
+                    return;
+                }
+                Unread::Changes(changes) => changes,
+            };
+            for c in changes {
+                let matched = self.matches(c.etype);
+                if matched && self.wants(&c) {
+                    match self.pace(q, Event::of(&c, &self.spec), now) {
+                        Ok(_) if q.live >= self.spec.capacity => return self.fall_behind(q, c.seq),
+                        Ok(event) => {
+                            self.queue_slot(q, Slot { first_seq: event.seq, event }, now);
+                        }
+                        Err(_) => {}
+                    }
+                }
+                q.position += 1;
+                q.read_seq = c.seq;
+                q.matched += matched as u64;
+            }
+        }
+    }
+
+    /// The queue is full (or the feed dropped what the watcher had to read): from
+    /// `from`, changes come from the table's log once the consumer has drained it.
+    fn fall_behind(&self, q: &mut Queue, from: u64) {
+        q.catch_from = from;
+        q.caught_up = 0;
+        q.behind_mark = q.matched;
+        self.behind.store(true, Ordering::Release);
+    }
+
+    /// The feed has new changes: wakes the consumer. Returns true if an armed async
+    /// (Python) consumer must be woken.
+    pub fn wake(&self) -> bool {
+        let mut q = self.queue.lock();
+        q.parked = false;
+        self.ready.notify_one();
+        wake_rust(&mut q);
+        std::mem::take(&mut q.armed)
     }
 
     /// `min_interval`: an event of an entity sent less than the interval ago is held
     /// until then (folded into the one held already, if any). Returns the event if it
     /// goes now, else whether it was newly held (its consumer was told the new due time).
-    fn pace(&self, q: &mut Queue, event: Event, now: Instant) -> Result<Event, bool> {
+    fn pace(&self, q: &mut Queue, event: Event, now: Instant) -> Result<Event, ()> {
         if self.spec.min_interval.is_zero() {
             return Ok(event);
         }
         if let Some(held) = q.held.get_mut(&event.id) {
             held.event = Event { kind: held.event.kind.then(event.kind), ..event };
             q.coalesced += 1;
-            return Err(false);
+            return Err(());
         }
         if let Some(&last) = q.last_sent.get(&event.id) {
             if now < last + self.spec.min_interval {
@@ -205,11 +313,7 @@ impl Watch {
                 q.held_ids.insert(serial, event.id.clone());
                 let first_seq = event.seq;
                 q.held.insert(event.id.clone(), Slot { event, first_seq });
-                // Waiting consumers must learn the new due time: a sleeping poll
-                // re-computes its deadline, an armed async consumer re-arms.
-                self.ready.notify_one();
-                wake_rust(q);
-                return Err(true);
+                return Err(());
             }
         }
         Ok(event)
@@ -225,27 +329,22 @@ impl Watch {
         q.live += 1;
     }
 
-    fn enqueue(&self, q: &mut Queue, slot: Slot, now: Instant) -> bool {
+    fn enqueue(&self, q: &mut Queue, slot: Slot, now: Instant) {
         if q.live >= self.spec.capacity {
-            // Full: fall behind. This change and every later one come from the table's
-            // log once the consumer has drained the queue.
-            q.catch_from = slot.first_seq;
-            q.caught_up = 0;
-            self.behind.store(true, Ordering::Release);
-            // The consumer must learn it has to catch up even if it is waiting.
-            self.ready.notify_one();
-            wake_rust(q);
-            return std::mem::take(&mut q.armed);
+            return self.fall_behind(q, slot.first_seq);
         }
         self.queue_slot(q, slot, now);
-        self.ready.notify_one();
-        wake_rust(q);
-        std::mem::take(&mut q.armed)
     }
 
-    /// While behind: the seq its catch-up has still to read the log from.
-    pub fn catch_from(&self) -> Option<u64> {
-        self.is_behind().then(|| self.queue.lock().catch_from)
+    /// The lowest seq this watcher may still have to read from the table's log (a delete
+    /// from it on must not be forgotten yet).
+    pub fn unread_from(&self) -> u64 {
+        let q = self.queue.lock();
+        if self.is_behind() {
+            return q.catch_from;
+        }
+        // A consumer waiting has read everything: it must not hold deletes back.
+        self.feed.read_up_to(q.position).unwrap_or(q.read_seq).max(q.read_seq) + 1
     }
 
     /// Marks changes up to `seq` as the initial snapshot (before any event is pushed).
@@ -264,7 +363,7 @@ impl Watch {
     /// Queues the events read from the log by one catch-up step (the queue has room: the
     /// caller reads at most `spec.capacity` after `catch_up_from`), paced by
     /// `min_interval` as live events are: a watcher behind gets an entity no more often.
-    pub fn push_caught_up(&self, events: Vec<Event>) -> bool {
+    pub fn push_caught_up(&self, events: Vec<Event>) {
         let mut q = self.queue.lock();
         q.caught_up += events.len() as u64;
         let now = Instant::now();
@@ -273,14 +372,6 @@ impl Watch {
                 self.queue_slot(&mut q, Slot { first_seq: event.seq, event }, now);
             }
         }
-        self.ready.notify_one();
-        wake_rust(&mut q);
-        std::mem::take(&mut q.armed)
-    }
-
-    /// Records the table's count of matching changes as the watcher fell behind.
-    pub fn set_behind_mark(&self, changes: u64) {
-        self.queue.lock().behind_mark = changes;
     }
 
     /// Changes skipped while behind and not delivered one by one, given the table's
@@ -293,25 +384,26 @@ impl Watch {
         changes.saturating_sub(q.behind_mark).saturating_sub(q.caught_up)
     }
 
-    /// Ends a catch-up step: `next` is where the next step reads from, None once the
-    /// log is read to its end (`changes`: the table's count of matching changes; the
-    /// watcher is plain again: called under the table lock, so no write comes in
-    /// between).
-    pub fn caught_up(&self, next: Option<u64>, changes: u64) {
+    /// Ends a catch-up step: `next` is where the next step reads from; None once the
+    /// log is read to its end, and the watcher reads the feed again from `now` (called
+    /// under the table lock, so no write comes in between).
+    pub fn caught_up(&self, next: Option<u64>, now: Mark) {
         let mut q = self.queue.lock();
         match next {
             Some(seq) => q.catch_from = seq,
             None => {
-                let skipped = changes.saturating_sub(q.behind_mark);
+                let skipped = now.matched.saturating_sub(q.behind_mark);
                 q.coalesced += skipped.saturating_sub(q.caught_up);
                 q.caught_up = 0;
+                q.position = now.position;
+                q.read_seq = now.seq;
+                q.matched = now.matched;
                 self.behind.store(false, Ordering::Release);
             }
         }
     }
 
-    fn release_held(&self, q: &mut Queue, now: Instant) -> bool {
-        let mut wake = false;
+    fn release_held(&self, q: &mut Queue, now: Instant) {
         while let Some(&Reverse((due, serial))) = q.held_due.peek() {
             if due > now {
                 break;
@@ -319,10 +411,9 @@ impl Watch {
             q.held_due.pop();
             let id = q.held_ids.remove(&serial).expect("held serial has an id");
             if let Some(slot) = q.held.remove(&id) {
-                wake |= self.enqueue(q, slot, now);
+                self.enqueue(q, slot, now);
             }
         }
-        wake
     }
 
     /// When the next held event falls due (the consumer must look again by itself then).
@@ -359,6 +450,7 @@ impl Watch {
         loop {
             let now = Instant::now();
             self.release_held(&mut q, now);
+            self.pull(&mut q, now, true);
             // Behind with an empty queue: return so the caller catches up.
             if q.live > 0 || q.closed || now >= deadline || self.catch_up_due(&q) {
                 return self.take(&mut q, max.max(1));
@@ -375,6 +467,7 @@ impl Watch {
         let mut q = self.queue.lock();
         let now = Instant::now();
         self.release_held(&mut q, now);
+        self.pull(&mut q, now, true);
         if q.live > 0 || q.closed || self.catch_up_due(&q) {
             return (true, None);
         }
@@ -389,6 +482,7 @@ impl Watch {
         let mut q = self.queue.lock();
         let now = Instant::now();
         self.release_held(&mut q, now);
+        self.pull(&mut q, now, true);
         if q.live > 0 || q.closed || self.catch_up_due(&q) {
             return (true, None);
         }
@@ -412,8 +506,12 @@ impl Watch {
         self.closed.load(Ordering::Acquire)
     }
 
+    /// The watcher's counters, once it has read the feed (a consumer that does not read
+    /// shows its queue full, and behind once the changes overflow it). With nothing
+    /// queued, held or behind, every change published so far has been delivered.
     pub fn stats(&self) -> WatchStats {
-        let q = self.queue.lock();
+        let mut q = self.queue.lock();
+        self.pull(&mut q, Instant::now(), false);
         WatchStats {
             queued: q.live,
             held: q.held.len(),
@@ -436,90 +534,161 @@ mod tests {
     use super::*;
     use crate::intern::intern;
 
-    fn ev(seq: u64, id: &str, kind: EventKind) -> Event {
-        let state = Arc::new(EntityState::new(Arc::from(id), intern("n")));
-        let registry = Arc::new(Registry::default());
-        Event {
-            seq,
-            cursor: seq,
-            kind,
-            id: Arc::from(id),
-            source: intern("n"),
-            state,
-            projection: None,
-            registry,
-            encoded: Arc::default(),
+    /// The table's side of a feed, in miniature: publishes one change per write.
+    #[derive(Default)]
+    struct Writer {
+        feed: Arc<Feed>,
+        head: u64,
+    }
+
+    impl Writer {
+        fn write(&mut self, seq: u64, id: &str, kind: EventKind) -> Vec<Weak<Watch>> {
+            let change = Change {
+                seq,
+                kind,
+                etype: 1,
+                state: Arc::new(EntityState::new(Arc::from(id), intern("n"))),
+                changed: None,
+                registry: Arc::new(Registry::default()),
+                encoded: Arc::default(),
+            };
+            self.head += 1;
+            self.feed.publish(self.head - 1, seq, std::iter::once(Arc::new(change)))
+        }
+
+        fn watch(&self, capacity: usize, min_interval: Duration) -> Arc<Watch> {
+            self.feed.keep_at_least(2 * capacity);
+            let spec = WatchSpec { type_filter: 0, projection: None, min_interval, capacity };
+            Watch::new(1, spec, self.feed.clone(), Mark { position: self.head, ..Mark::default() })
         }
     }
 
-    fn watch(capacity: usize, min_interval: Duration) -> Watch {
-        Watch::new(1, WatchSpec { type_filter: 0, projection: None, min_interval, capacity })
+    fn seqs(events: Vec<Event>) -> Vec<(u64, u64)> {
+        events.into_iter().map(|e| (e.seq, e.cursor)).collect()
     }
 
     #[test]
     fn a_full_queue_falls_behind_and_asks_for_a_catch_up_once_drained() {
-        let w = watch(2, Duration::ZERO);
-        w.push(ev(1, "a", EventKind::Created));
-        w.push(ev(2, "b", EventKind::Created));
-        w.push(ev(3, "a", EventKind::Updated)); // full: behind from seq 3
-        w.set_behind_mark(2); // the table had counted 3 matching changes; this one was skipped
+        let mut t = Writer::default();
+        let w = t.watch(2, Duration::ZERO);
+        t.write(1, "a", EventKind::Created);
+        t.write(2, "b", EventKind::Created);
+        t.write(3, "a", EventKind::Updated); // no room: behind from seq 3 once read
+        assert_eq!(seqs(w.poll(10, Duration::ZERO)), [(1, 1), (2, 2)]);
         assert!(w.is_behind() && w.stats().coalescing);
-        assert!(!w.push(ev(4, "c", EventKind::Created)), "skipped while behind");
-        assert_eq!(w.catch_up_from(), None, "not before the queue is drained");
-        let got: Vec<_> = w.poll(10, Duration::ZERO).into_iter().map(|e| (e.seq, e.cursor)).collect();
-        assert_eq!(got, [(1, 1), (2, 2)]);
+        assert_eq!(w.unread_from(), 3, "the log is read from the first change not queued");
         assert_eq!(w.catch_up_from(), Some((3, 0)));
         // The table queues what changed since (here: a and c), then it is plain again.
-        w.push_caught_up(vec![ev(3, "a", EventKind::Updated), ev(4, "c", EventKind::Updated)]);
-        w.caught_up(None, 4);
+        t.write(4, "c", EventKind::Created);
+        w.push_caught_up(vec![Event::of(&change(3, "a"), &w.spec), Event::of(&change(4, "c"), &w.spec)]);
+        w.caught_up(None, Mark { position: t.head, seq: 4, matched: 4 });
         assert!(!w.is_behind());
-        assert_eq!(w.poll(10, Duration::ZERO).iter().map(|e| (e.seq, e.cursor)).collect::<Vec<_>>(), [(3, 3), (4, 4)]);
-        w.push(ev(5, "a", EventKind::Updated));
-        assert_eq!(w.stats().queued, 1, "queues again");
+        assert_eq!(seqs(w.poll(10, Duration::ZERO)), [(3, 3), (4, 4)]);
+        t.write(5, "a", EventKind::Updated);
+        assert_eq!(w.stats().queued, 1, "reads the feed again");
         assert_eq!(w.stats().coalesced, 0, "every skipped change was delivered");
+    }
+
+    fn change(seq: u64, id: &str) -> Change {
+        Change {
+            seq,
+            kind: EventKind::Updated,
+            etype: 1,
+            state: Arc::new(EntityState::new(Arc::from(id), intern("n"))),
+            changed: None,
+            registry: Arc::new(Registry::default()),
+            encoded: Arc::default(),
+        }
     }
 
     #[test]
     fn skipped_changes_not_delivered_one_by_one_count_as_coalesced() {
-        let w = watch(1, Duration::ZERO);
-        w.push(ev(1, "a", EventKind::Created));
-        w.push(ev(2, "a", EventKind::Updated)); // behind
-        w.set_behind_mark(1);
+        let mut t = Writer::default();
+        let w = t.watch(1, Duration::ZERO);
+        t.write(1, "a", EventKind::Created);
+        t.write(2, "a", EventKind::Updated);
+        assert_eq!(w.poll(10, Duration::ZERO).len(), 1); // change 2 found no room
         assert_eq!(w.folded_since_behind(4), 3, "three changes skipped, none delivered yet");
-        w.poll(10, Duration::ZERO);
-        w.catch_up_from();
-        w.push_caught_up(vec![ev(4, "a", EventKind::Updated)]);
-        w.caught_up(None, 4);
+        assert!(w.catch_up_from().is_some());
+        w.push_caught_up(vec![Event::of(&change(4, "a"), &w.spec)]);
+        w.caught_up(None, Mark { position: 4, seq: 4, matched: 4 });
         assert_eq!(w.stats().coalesced, 2, "three changes of a, one event");
     }
 
     #[test]
+    fn a_position_the_feed_dropped_falls_behind_from_the_last_change_read() {
+        let mut t = Writer::default();
+        let w = t.watch(2, Duration::ZERO);
+        t.write(1, "a", EventKind::Created);
+        assert_eq!(w.stats().queued, 1);
+        for seq in 2..=6 {
+            t.write(seq, "b", EventKind::Updated); // the feed keeps the last 4
+        }
+        assert_eq!(seqs(w.poll(10, Duration::ZERO)), [(1, 1)]);
+        assert_eq!(w.catch_up_from(), Some((2, 0)));
+    }
+
+    #[test]
+    fn a_type_filter_skips_other_changes_without_using_the_queue() {
+        let mut t = Writer::default();
+        t.feed.keep_at_least(8);
+        let spec = WatchSpec { type_filter: 2, projection: None, min_interval: Duration::ZERO, capacity: 1 };
+        let w = Watch::new(1, spec, t.feed.clone(), Mark::default());
+        for seq in 1..=5 {
+            t.write(seq, "a", EventKind::Updated); // type 1
+        }
+        let s = w.stats();
+        assert_eq!((s.queued, s.coalescing), (0, false));
+        assert_eq!(w.unread_from(), 6, "read past them");
+    }
+
+    #[test]
     fn min_interval_holds_then_releases_latest() {
-        let w = watch(100, Duration::from_millis(30));
-        w.push(ev(1, "a", EventKind::Updated));
-        w.push(ev(2, "a", EventKind::Updated));
-        w.push(ev(3, "a", EventKind::Updated));
+        let mut t = Writer::default();
+        let w = t.watch(100, Duration::from_millis(30));
+        for seq in 1..=3 {
+            t.write(seq, "a", EventKind::Updated);
+        }
         assert_eq!(w.poll(10, Duration::ZERO).iter().map(|e| e.seq).collect::<Vec<_>>(), [1]);
         let later = w.poll(10, Duration::from_secs(2));
         assert_eq!(later.iter().map(|e| e.seq).collect::<Vec<_>>(), [3]);
     }
 
     #[test]
-    fn arm_reports_wake_once() {
-        let w = watch(10, Duration::ZERO);
+    fn an_armed_consumer_is_woken_once_by_the_next_publication() {
+        let mut t = Writer::default();
+        let w = t.watch(10, Duration::ZERO);
         assert_eq!(w.arm(), (false, None));
-        assert!(w.push(ev(1, "a", EventKind::Created)));
-        assert!(!w.push(ev(2, "a", EventKind::Updated)), "already woken");
+        let parked = t.write(1, "a", EventKind::Created);
+        assert_eq!(parked.len(), 1);
+        assert!(parked[0].upgrade().unwrap().wake(), "armed: its consumer is told");
+        assert!(t.write(2, "a", EventKind::Updated).is_empty(), "woken already");
         assert!(w.arm().0);
     }
 
     #[test]
-    fn close_wakes_a_blocked_poll() {
-        let w = Arc::new(watch(10, Duration::ZERO));
+    fn a_publication_wakes_a_blocked_poll() {
+        let mut t = Writer::default();
+        let w = t.watch(10, Duration::ZERO);
         let w2 = w.clone();
-        let t = std::thread::spawn(move || w2.poll(1, Duration::from_secs(30)));
+        let reader = std::thread::spawn(move || w2.poll(1, Duration::from_secs(30)));
+        while t.feed.parked() == 0 {
+            std::thread::sleep(Duration::from_millis(1)); // until the poll waits
+        }
+        for parked in t.write(1, "a", EventKind::Created) {
+            parked.upgrade().unwrap().wake();
+        }
+        assert_eq!(seqs(reader.join().unwrap()), [(1, 1)]);
+    }
+
+    #[test]
+    fn close_wakes_a_blocked_poll() {
+        let t = Writer::default();
+        let w = t.watch(10, Duration::ZERO);
+        let w2 = w.clone();
+        let reader = std::thread::spawn(move || w2.poll(1, Duration::from_secs(30)));
         std::thread::sleep(Duration::from_millis(20));
         w.close();
-        assert!(t.join().unwrap().is_empty());
+        assert!(reader.join().unwrap().is_empty());
     }
 }

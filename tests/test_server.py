@@ -501,7 +501,9 @@ def test_a_stream_past_its_watch_queue_catches_up_to_the_final_state() -> None:
     with running_server(watch_queue=16) as server:
         call = server.stub.WatchEntities(store_pb2.WatchEntitiesRequest(type_filter=TRACK), timeout=30)
         wait_for(lambda: server.store.stats()["watchers"] == 1, what="watch registered")
-        pad = {"classification": entity_pb2.ClassificationComponent(label="x" * 1000)}
+        # 16 MB in all: past any flow-control window the client may grow, so the
+        # stream stops while its queue has 16 slots.
+        pad = {"classification": entity_pb2.ClassificationComponent(label="x" * 8000)}
         for round_ in range(10):
             server.store.put_many([track(f"t{i}", lat=float(round_), **pad) for i in range(200)])
         latest: dict[str, float] = {}

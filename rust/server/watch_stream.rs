@@ -141,7 +141,7 @@ impl WatchStream {
                     // if nothing is queued or held back for this watcher.
                     let seq = self.ctx.store.seq();
                     let pending = self.watch.stats();
-                    if pending.queued > 0 {
+                    if pending.queued > 0 || pending.coalescing {
                         continue;
                     }
                     if pending.held == 0 {
