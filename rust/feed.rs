@@ -8,9 +8,11 @@
 //! that wait (each once per wait, not once per change).
 //!
 //! Positions count the changes announced to watchers (`Table::changes`): the feed holds
-//! positions `first..first + len`. It keeps the last `keep` changes (the largest watch
-//! queue); a watcher whose position has been dropped falls behind and catches up from
-//! the table's log, as one whose queue filled up does.
+//! positions `first..first + len`. It drops a change once every watcher reading it has
+//! read it (a change kept holds its entity's state, which the next write of the entity
+//! would then have to copy), and keeps at most the last `keep` changes (twice the largest
+//! watch queue): a watcher whose position has been dropped unread falls behind and
+//! catches up from the table's log, as one whose queue filled up does.
 //!
 //! Lock order: a watcher's queue, then the feed. Publishing takes the feed lock alone
 //! and wakes the parked watchers after releasing it.
@@ -18,6 +20,7 @@ use crate::entity::EntityState;
 use crate::intern::Sym;
 use crate::strategy::Registry;
 use crate::watch::{EventKind, Watch};
+use ahash::AHashMap;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::sync::{Arc, OnceLock, Weak};
@@ -52,6 +55,8 @@ struct Ring {
     /// has read up to it (the changes in between announced nothing).
     seq: u64,
     keep: usize,
+    /// The next position of each watcher reading the feed (not behind), by watch id.
+    readers: AHashMap<u64, u64>,
     /// Watchers whose consumer waits for the next change.
     parked: Vec<Weak<Watch>>,
 }
@@ -87,10 +92,27 @@ impl Feed {
         }
         debug_assert_eq!(r.first + r.changes.len() as u64, head, "positions are contiguous");
         r.changes.extend(fresh);
-        let excess = r.changes.len().saturating_sub(r.keep);
-        r.changes.drain(..excess);
-        r.first += excess as u64;
+        // What every reader has read goes (a reader whose position is dropped already
+        // falls behind when it next reads), and what is past `keep`.
+        let first = r.first;
+        let end = first + r.changes.len() as u64;
+        let read = r.readers.values().copied().filter(|&p| p >= first).min().unwrap_or(end);
+        let drop = ((read - first) as usize).max(r.changes.len().saturating_sub(r.keep));
+        r.changes.drain(..drop);
+        r.first += drop as u64;
         std::mem::take(&mut r.parked)
+    }
+
+    /// Watch `id` reads the feed from `position` on (registered, or caught up).
+    pub fn join(&self, id: u64, position: u64) {
+        self.ring.lock().readers.insert(id, position);
+    }
+
+    /// Watch `id` no longer reads the feed (behind, or closed).
+    pub fn leave(&self, id: u64) {
+        let mut r = self.ring.lock();
+        r.readers.remove(&id);
+        r.parked.retain(|w| w.upgrade().is_some_and(|w| w.id != id));
     }
 
     /// The table's seq a watcher at `position` has read up to, if it has read every
@@ -109,10 +131,11 @@ impl Feed {
         r.parked.clear();
     }
 
-    /// Up to `max` changes from `position` on; with none, `park` is registered to be
-    /// returned by the next `publish` with changes (checked and parked under one lock:
-    /// no change can slip in between).
-    pub fn read(&self, position: u64, max: usize, park: Option<&Weak<Watch>>) -> Unread {
+    /// Up to `max` changes for watch `id` from `position` on (the watcher reads them:
+    /// its position moves past them); with none, `park` is registered to be returned by
+    /// the next `publish` with changes (checked and parked under one lock: no change can
+    /// slip in between).
+    pub fn read(&self, id: u64, position: u64, max: usize, park: Option<&Weak<Watch>>) -> Unread {
         let mut r = self.ring.lock();
         if position < r.first {
             return Unread::Dropped;
@@ -124,11 +147,65 @@ impl Feed {
             }
             return Unread::UpToDate(r.seq);
         }
-        Unread::Changes(r.changes.range(from..).take(max).cloned().collect())
+        let unread: Vec<_> = r.changes.range(from..).take(max).cloned().collect();
+        r.readers.insert(id, position + unread.len() as u64);
+        Unread::Changes(unread)
     }
 
     #[cfg(test)]
     pub fn parked(&self) -> usize {
         self.ring.lock().parked.len()
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.ring.lock().changes.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::intern::intern;
+
+    fn change(seq: u64) -> Arc<Change> {
+        Arc::new(Change {
+            seq,
+            kind: EventKind::Updated,
+            etype: 1,
+            state: Arc::new(EntityState::new(Arc::from("a"), intern("n"))),
+            changed: None,
+            registry: Arc::default(),
+            encoded: Arc::default(),
+        })
+    }
+
+    #[test]
+    fn a_change_every_reader_has_read_is_dropped_at_the_next_publication() {
+        let feed = Feed::default();
+        feed.keep_at_least(100);
+        feed.join(1, 0);
+        feed.join(2, 0);
+        feed.publish(0, 1, [change(1), change(2)].into_iter());
+        assert!(matches!(feed.read(1, 0, 10, None), Unread::Changes(c) if c.len() == 2));
+        feed.publish(2, 3, [change(3)].into_iter());
+        assert_eq!(feed.len(), 3, "reader 2 has read nothing yet");
+        assert!(matches!(feed.read(2, 0, 10, None), Unread::Changes(c) if c.len() == 3));
+        feed.publish(3, 4, [change(4)].into_iter());
+        assert_eq!(feed.len(), 2, "both read 1 and 2; reader 1 has still to read 3");
+        feed.leave(1);
+        feed.publish(4, 5, [change(5)].into_iter());
+        assert_eq!(feed.len(), 2, "reader 2 has still to read 4 and 5");
+    }
+
+    #[test]
+    fn past_keep_a_change_goes_read_or_not_and_its_reader_learns_it_was_dropped() {
+        let feed = Feed::default();
+        feed.keep_at_least(2);
+        feed.join(1, 0);
+        feed.publish(0, 3, [change(1), change(2), change(3)].into_iter());
+        assert_eq!(feed.len(), 2);
+        assert!(matches!(feed.read(1, 0, 10, None), Unread::Dropped));
+        assert!(matches!(feed.read(1, 3, 10, None), Unread::UpToDate(3)));
     }
 }

@@ -192,6 +192,7 @@ pub struct Mark {
 impl Watch {
     pub fn new(id: u64, spec: WatchSpec, feed: Arc<Feed>, start: Mark) -> Arc<Self> {
         let queue = Queue { position: start.position, read_seq: start.seq, matched: start.matched, ..Queue::default() };
+        feed.join(id, start.position);
         Arc::new_cyclic(|me| Watch {
             id,
             spec,
@@ -247,7 +248,7 @@ impl Watch {
             }
             let me = (park && !q.parked && q.live == 0).then_some(&self.me);
             let room = self.spec.capacity.saturating_sub(q.live);
-            let changes = match self.feed.read(q.position, room + 1, me) {
+            let changes = match self.feed.read(self.id, q.position, room + 1, me) {
                 Unread::Dropped => return self.fall_behind(q, q.read_seq + 1),
                 Unread::UpToDate(seq) => {
                     q.read_seq = q.read_seq.max(seq);
@@ -281,6 +282,7 @@ impl Watch {
         q.caught_up = 0;
         q.behind_mark = q.matched;
         self.behind.store(true, Ordering::Release);
+        self.feed.leave(self.id);
     }
 
     /// The feed has new changes: wakes the consumer. Returns true if an armed async
@@ -399,6 +401,7 @@ impl Watch {
                 q.read_seq = now.seq;
                 q.matched = now.matched;
                 self.behind.store(false, Ordering::Release);
+                self.feed.join(self.id, now.position);
             }
         }
     }
@@ -496,6 +499,7 @@ impl Watch {
         let mut q = self.queue.lock();
         q.closed = true;
         self.closed.store(true, Ordering::Release);
+        self.feed.leave(self.id);
         q.events.clear();
         q.live = 0;
         self.ready.notify_all();
