@@ -37,13 +37,19 @@ pub struct Conn {
     io: TcpStream,
     /// PING acks accepted from h2 and not yet on the socket.
     held: Vec<u8>,
-    /// When `held` goes out if no write takes it first.
-    due: Option<Pin<Box<Sleep>>>,
+    /// When `held` goes out if no write takes it first (one timer per connection, reset
+    /// for each held ack: no allocation per call).
+    due: Pin<Box<Sleep>>,
+    /// Whether `due` is set for what is held now.
+    armed: bool,
 }
 
 impl Conn {
+    /// Takes an accepted connection (in the runtime: the delay's timer is made here).
     pub fn new(io: TcpStream) -> Self {
-        Conn { io, held: Vec::new(), due: None }
+        // Small messages must not wait for Nagle's algorithm.
+        let _ = io.set_nodelay(true);
+        Conn { io, held: Vec::new(), due: Box::pin(tokio::time::sleep(ACK_DELAY)), armed: false }
     }
 
     /// Writes what is held (all of it, or Pending with the socket's waker set).
@@ -55,7 +61,7 @@ impl Conn {
             }
             self.held.drain(..n);
         }
-        self.due = None;
+        self.armed = false;
         Poll::Ready(Ok(()))
     }
 }
@@ -76,7 +82,7 @@ impl AsyncRead for Conn {
 impl AsyncWrite for Conn {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if only_ping_acks(buf) && this.held.len() + buf.len() <= MAX_HELD {
+        if this.held.len() + buf.len() <= MAX_HELD && only_ping_acks(buf) {
             this.held.extend_from_slice(buf);
             return Poll::Ready(Ok(buf.len()));
         }
@@ -89,11 +95,11 @@ impl AsyncWrite for Conn {
             let held = this.held.len();
             this.held.drain(..n.min(held));
             if n > held {
-                this.due = None;
+                this.armed = false;
                 return Poll::Ready(Ok(n - held));
             }
         }
-        this.due = None;
+        this.armed = false;
         Pin::new(&mut this.io).poll_write(cx, buf)
     }
 
@@ -101,8 +107,11 @@ impl AsyncWrite for Conn {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.held.is_empty() {
-            let due = this.due.get_or_insert_with(|| Box::pin(tokio::time::sleep(ACK_DELAY)));
-            ready!(due.as_mut().poll(cx));
+            if !this.armed {
+                this.due.as_mut().reset(tokio::time::Instant::now() + ACK_DELAY);
+                this.armed = true;
+            }
+            ready!(this.due.as_mut().poll(cx));
             ready!(this.poll_write_held(cx))?;
         }
         Pin::new(&mut this.io).poll_flush(cx)

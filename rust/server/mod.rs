@@ -337,11 +337,7 @@ impl Server {
             }
             let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
-                s.map(|s| {
-                    // Small messages must not wait for Nagle's algorithm.
-                    let _ = s.set_nodelay(true);
-                    conn::Conn::new(s)
-                })
+                s.map(conn::Conn::new)
             });
             let mut builder = tonic::transport::Server::builder();
             if let Some(tls) = &opts.tls {
