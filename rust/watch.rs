@@ -220,7 +220,8 @@ impl Watch {
         }
     }
 
-    /// Whether writes skip this watcher (its queue filled up: it catches up later).
+    /// Whether the watcher is behind: it catches up from the log before it reads the feed
+    /// again.
     pub fn is_behind(&self) -> bool {
         self.behind.load(Ordering::Acquire)
     }
@@ -232,7 +233,7 @@ impl Watch {
             return;
         }
         let now = Instant::now();
-        if let Ok(event) = self.pace(&mut q, event, now) {
+        if let Some(event) = self.pace(&mut q, event, now) {
             self.enqueue(&mut q, Slot { first_seq: event.seq, event }, now);
         }
     }
@@ -261,11 +262,9 @@ impl Watch {
                 let matched = self.matches(c.etype);
                 if matched && self.wants(&c) {
                     match self.pace(q, Event::of(&c, &self.spec), now) {
-                        Ok(_) if q.live >= self.spec.capacity => return self.fall_behind(q, c.seq),
-                        Ok(event) => {
-                            self.queue_slot(q, Slot { first_seq: event.seq, event }, now);
-                        }
-                        Err(_) => {}
+                        Some(_) if q.live >= self.spec.capacity => return self.fall_behind(q, c.seq),
+                        Some(event) => self.queue_slot(q, Slot { first_seq: event.seq, event }, now),
+                        None => {}
                     }
                 }
                 q.position += 1;
@@ -297,15 +296,15 @@ impl Watch {
 
     /// `min_interval`: an event of an entity sent less than the interval ago is held
     /// until then (folded into the one held already, if any). Returns the event if it
-    /// goes now, else whether it was newly held (its consumer was told the new due time).
-    fn pace(&self, q: &mut Queue, event: Event, now: Instant) -> Result<Event, ()> {
+    /// goes now (the consumer, who paces as it reads, then looks at the next due time).
+    fn pace(&self, q: &mut Queue, event: Event, now: Instant) -> Option<Event> {
         if self.spec.min_interval.is_zero() {
-            return Ok(event);
+            return Some(event);
         }
         if let Some(held) = q.held.get_mut(&event.id) {
             held.event = Event { kind: held.event.kind.then(event.kind), ..event };
             q.coalesced += 1;
-            return Err(());
+            return None;
         }
         if let Some(&last) = q.last_sent.get(&event.id) {
             if now < last + self.spec.min_interval {
@@ -315,10 +314,10 @@ impl Watch {
                 q.held_ids.insert(serial, event.id.clone());
                 let first_seq = event.seq;
                 q.held.insert(event.id.clone(), Slot { event, first_seq });
-                return Err(());
+                return None;
             }
         }
-        Ok(event)
+        Some(event)
     }
 
     /// Queues a slot (the queue has room); with `min_interval`, its entity's next event
@@ -370,7 +369,7 @@ impl Watch {
         q.caught_up += events.len() as u64;
         let now = Instant::now();
         for event in events {
-            if let Ok(event) = self.pace(&mut q, event, now) {
+            if let Some(event) = self.pace(&mut q, event, now) {
                 self.queue_slot(&mut q, Slot { first_seq: event.seq, event }, now);
             }
         }
