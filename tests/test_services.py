@@ -279,6 +279,29 @@ def test_classifier_writes_only_its_keys_with_the_versions_it_read(store: Store)
     assert store.update(cl.plan_write(read2)).stale == [THREAT]
 
 
+def test_a_write_retried_after_an_outage_counts_its_event_once(store: Store) -> None:
+    from meshstore.pb import store_pb2
+
+    async def scenario() -> None:
+        async with serving(store) as addr:
+            classifier = cl.Classifier(addr, backoff=Backoff(0.01, 0.05))
+            store.put(make_entity("t1", TRACK, velocity=pb.VelocityComponent(speed=500, heading=0)))
+            ev = store_pb2.EntityEvent(type=store_pb2.EVENT_TYPE_CREATED, entity=store.get("t1"))
+            job = classifier.prepare(ev)
+            assert job is not None and classifier.counters["events"] == 1
+
+            async def unavailable() -> None:
+                raise StoreUnavailableError("connection refused")
+
+            await classifier.until_done(ev, unavailable)  # retried: prepared anew, written
+            assert classifier.counters["retries"] == 1
+            assert classifier.counters["events"] == 1
+            assert unpack(store.get("t1"), CLASSIFICATION, pb.ClassificationComponent).label == "very-fast-mover"
+            await classifier.client.close()
+
+    arun(scenario())
+
+
 def test_classifier_skips_what_would_change_nothing(store: Store) -> None:
     read = _read_track(store, "t1", velocity=pb.VelocityComponent(speed=200))
     store.update(cl.plan_write(read))

@@ -329,7 +329,10 @@ class Service:
                 self.event(logging.WARNING, "write failed, store unavailable; will retry",
                            entity_id=ev.entity.id, error=str(exc))
                 await self.client.wait_ready()
+            # The same event looked at again: what prepare counts per event is not counted twice.
+            events = self.counters["events"]
             retry = self.prepare(ev)
+            self.counters["events"] = events
             if retry is None:
                 return
             job = retry
