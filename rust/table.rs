@@ -458,6 +458,15 @@ impl Table {
         out
     }
 
+    /// Applies prepared writes one by one, each against the state the ones before it
+    /// left (one failing leaves the others), and publishes them to the watchers at once.
+    pub fn commit_each(&mut self, batch: impl IntoIterator<Item = Result<Prepared>>, mode: WriteMode,
+                       strict: bool) -> Vec<Result<WriteOutcome>> {
+        let out = batch.into_iter().map(|p| p.and_then(|p| self.apply(p, mode, strict, false))).collect();
+        self.publish();
+        out
+    }
+
     /// `commit`; `checked`: the caller already checked bases and sizes (`check_batch`).
     fn apply(&mut self, p: Prepared, mode: WriteMode, strict: bool, checked: bool) -> Result<WriteOutcome> {
         if !checked {
@@ -781,6 +790,20 @@ impl Table {
     /// Joins a replica's state received from node `source` (empty: the node of its latest
     /// change). Returns true if ours changed.
     pub fn merge(&mut self, bytes: &[u8], source: &str) -> Result<bool> {
+        let changed = self.join_replica(bytes, source);
+        self.publish();
+        changed
+    }
+
+    /// `merge` of each state of a batch (one refused leaves the others), published to the
+    /// watchers at once.
+    pub fn merge_each<'a>(&mut self, states: impl IntoIterator<Item = &'a [u8]>, source: &str) -> Vec<Result<bool>> {
+        let out = states.into_iter().map(|s| self.join_replica(s, source)).collect();
+        self.publish();
+        out
+    }
+
+    fn join_replica(&mut self, bytes: &[u8], source: &str) -> Result<bool> {
         let limit = self.opts.max_entity_bytes.saturating_mul(MERGE_SLACK);
         if bytes.len() > limit {
             return self.invalid(None, None, format!("replica state is {} bytes, over the limit of {limit}", bytes.len()));
@@ -811,9 +834,7 @@ impl Table {
                 self.counters.skewed_stamps += 1;
             }
         }
-        let changed = self.join_state(remote);
-        self.publish();
-        Ok(changed)
+        Ok(self.join_state(remote))
     }
 
     /// Refuses writes of this incarnation that it never made.

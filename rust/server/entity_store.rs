@@ -161,11 +161,11 @@ async fn update_many(ctx: Arc<Context>, req: Request<Bytes>) -> Reply {
         .write(move |t| {
             t.count_rejected(refused);
             let view = View { full: false, projection: projection.as_deref() };
-            Ok(prepared
+            Ok(t.commit_each(prepared, WriteMode::Update, strict)
                 .into_iter()
-                .map(|p| {
+                .map(|result| {
                     let mut out = Vec::new();
-                    match p.and_then(|p| t.commit(p, WriteMode::Update, strict)) {
+                    match result {
                         Ok(o) => {
                             update_keys(&o).encode(&mut out).expect("a Vec grows");
                             put_bytes_field(&mut out, 1, &o.snapshot.to_bytes(view, &o.registry));
@@ -399,7 +399,7 @@ async fn apply(ctx: Arc<Context>, chunk: Chunk) -> Result<Tally, Status> {
     let results = ctx
         .write(move |t| {
             t.count_rejected(chunk.rejected);
-            Ok(chunk.prepared.into_iter().map(|p| t.commit(p, WriteMode::Put, false)).collect::<Vec<_>>())
+            Ok(t.commit_each(chunk.prepared.into_iter().map(Ok), WriteMode::Put, false))
         })
         .await?;
     let mut tally = Tally::default();

@@ -287,7 +287,8 @@ impl PushStream {
         let merged = self
             .ctx
             .write(move |t| {
-                let results: Vec<_> = states.iter().map(|s| t.merge(s, &source).map_err(|e| (e, s.len()))).collect();
+                let merged = t.merge_each(states.iter().map(|s| &s[..]), &source);
+                let results: Vec<_> = merged.into_iter().zip(&states).map(|(r, s)| r.map_err(|e| (e, s.len()))).collect();
                 // A summary is adopted only after a stream whose every state merged.
                 let refused = results.iter().any(|r| r.is_err());
                 let adopted = match adopt.filter(|_| !refused) {
