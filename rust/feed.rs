@@ -164,20 +164,25 @@ impl Feed {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::intern::intern;
 
-    fn change(seq: u64) -> Arc<Change> {
-        Arc::new(Change {
+    /// An update of entity `id` (type 1, from node "n") at `seq`, for tests.
+    pub(crate) fn update(seq: u64, id: &str) -> Change {
+        Change {
             seq,
             kind: EventKind::Updated,
             etype: 1,
-            state: Arc::new(EntityState::new(Arc::from("a"), intern("n"))),
+            state: Arc::new(EntityState::new(Arc::from(id), intern("n"))),
             changed: None,
             registry: Arc::default(),
             encoded: Arc::default(),
-        })
+        }
+    }
+
+    fn change(seq: u64) -> Arc<Change> {
+        Arc::new(update(seq, "a"))
     }
 
     #[test]

@@ -535,7 +535,7 @@ fn wake_rust(q: &mut Queue) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::intern::intern;
+    use crate::feed::tests::update as change;
 
     /// The table's side of a feed, in miniature: publishes one change per write.
     #[derive(Default)]
@@ -546,15 +546,7 @@ mod tests {
 
     impl Writer {
         fn write(&mut self, seq: u64, id: &str, kind: EventKind) -> Vec<Weak<Watch>> {
-            let change = Change {
-                seq,
-                kind,
-                etype: 1,
-                state: Arc::new(EntityState::new(Arc::from(id), intern("n"))),
-                changed: None,
-                registry: Arc::new(Registry::default()),
-                encoded: Arc::default(),
-            };
+            let change = Change { kind, ..change(seq, id) };
             self.head += 1;
             self.feed.publish(self.head - 1, seq, std::iter::once(Arc::new(change)))
         }
@@ -590,18 +582,6 @@ mod tests {
         t.write(5, "a", EventKind::Updated);
         assert_eq!(w.stats().queued, 1, "reads the feed again");
         assert_eq!(w.stats().coalesced, 0, "every skipped change was delivered");
-    }
-
-    fn change(seq: u64, id: &str) -> Change {
-        Change {
-            seq,
-            kind: EventKind::Updated,
-            etype: 1,
-            state: Arc::new(EntityState::new(Arc::from(id), intern("n"))),
-            changed: None,
-            registry: Arc::new(Registry::default()),
-            encoded: Arc::default(),
-        }
     }
 
     #[test]
