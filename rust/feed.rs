@@ -27,10 +27,10 @@ use std::sync::{Arc, OnceLock, Weak};
 
 /// One change as every watcher sees it.
 pub struct Change {
-    pub seq: u64,
     pub kind: EventKind,
     /// The entity type shown (what type filters match).
     pub etype: i32,
+    /// The entity after the change (its `seq` is the change's).
     pub state: Arc<EntityState>,
     /// The keys an update touched, kept only while a watcher has a projection (None:
     /// unknown or not needed, every projected watcher is told).
@@ -170,11 +170,12 @@ pub(crate) mod tests {
 
     /// An update of entity `id` (type 1, from node "n") at `seq`, for tests.
     pub(crate) fn update(seq: u64, id: &str) -> Change {
+        let mut state = EntityState::new(Arc::from(id), intern("n"));
+        state.seq = seq;
         Change {
-            seq,
             kind: EventKind::Updated,
             etype: 1,
-            state: Arc::new(EntityState::new(Arc::from(id), intern("n"))),
+            state: Arc::new(state),
             changed: None,
             registry: Arc::default(),
             encoded: Arc::default(),

@@ -253,7 +253,7 @@ impl WatchHandle {
         self.watch.is_closed()
     }
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.core.get().store.table.lock().watch_stats(&self.watch);
+        let s = self.core.get().store.watch_stats(&self.watch);
         let d = PyDict::new(py);
         d.set_item("queued", s.queued)?;
         d.set_item("held", s.held)?;
@@ -647,6 +647,8 @@ impl Core {
             d.set_item("storage_bytes", s.storage_bytes)?;
             d.set_item("max_pending", durable.max_pending)?;
         }
+        let watchers = self.store.table.lock().watchers().to_vec();
+        let watch_stats: Vec<_> = watchers.iter().map(|w| self.store.watch_stats(w)).collect();
         let t = self.store.table.lock();
         if let Some(committed) = self.committed_seq() {
             d.set_item("pending_changes", t.seq().saturating_sub(committed))?;
@@ -671,9 +673,9 @@ impl Core {
         d.set_item("contexts_adopted", c.adopted)?;
         d.set_item("tombstones_collected", c.collected)?;
         d.set_item("expired", c.expired)?;
-        d.set_item("watchers", t.watchers().len())?;
-        d.set_item("coalesced", t.watchers().iter().map(|w| t.watch_stats(w).coalesced).sum::<u64>())?;
-        d.set_item("watch_queued", t.watchers().iter().map(|w| t.watch_stats(w).queued).sum::<usize>())?;
+        d.set_item("watchers", watchers.len())?;
+        d.set_item("coalesced", watch_stats.iter().map(|s| s.coalesced).sum::<u64>())?;
+        d.set_item("watch_queued", watch_stats.iter().map(|s| s.queued).sum::<usize>())?;
         d.set_item("events_created", c.events[0])?;
         d.set_item("events_updated", c.events[1])?;
         d.set_item("events_deleted", c.events[2])?;

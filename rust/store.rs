@@ -10,6 +10,7 @@ use crate::durable::Durable;
 use crate::entity::WallTime;
 use crate::error::Result;
 use crate::table::Table;
+use crate::watch::{Watch, WatchStats};
 use parking_lot::Mutex;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -89,5 +90,14 @@ impl Store {
 
     pub fn seq(&self) -> u64 {
         self.table.lock().seq()
+    }
+
+    /// A watcher's counters. It first reads the feed as its consumer would, outside the
+    /// table lock (a hundred stuck watchers filling their queues must not stall writers);
+    /// the lock is then taken to add the changes it skipped while behind.
+    pub fn watch_stats(&self, w: &Watch) -> WatchStats {
+        let mut s = w.stats();
+        s.coalesced += self.table.lock().folded(w);
+        s
     }
 }

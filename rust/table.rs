@@ -20,7 +20,7 @@ use crate::intern::{intern, Sym};
 use crate::strategy::{Registry, Rule};
 use crate::storage::{NodeState, Stored};
 use crate::feed::{Change, Feed};
-use crate::watch::{Event, EventKind, Mark, Watch, WatchSpec, WatchStats};
+use crate::watch::{Event, EventKind, Mark, Watch, WatchSpec};
 use ahash::AHashMap;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -1098,7 +1098,7 @@ impl Table {
                 };
                 if w.matches(s.shown_type()) {
                     // (A snapshot that does not fit is caught up, not counted as folded.)
-                    w.push(event_for(&w, s, kind, &self.registry));
+                    w.push(Event::new(s, kind, &self.registry, &w.spec, None));
                 }
             }
         }
@@ -1152,11 +1152,9 @@ impl Table {
         }
     }
 
-    /// A watcher's counters, with the changes it skipped so far while behind.
-    pub fn watch_stats(&self, w: &Watch) -> WatchStats {
-        let mut s = w.stats();
-        s.coalesced += w.folded_since_behind(self.changes_for(w.spec.type_filter));
-        s
+    /// The changes `w` skipped so far while behind (not yet in its `coalesced`).
+    pub fn folded(&self, w: &Watch) -> u64 {
+        w.folded_since_behind(self.changes_for(w.spec.type_filter))
     }
 
     /// Adds a change to the feed's next publication: the watchers read it from there,
@@ -1166,7 +1164,6 @@ impl Table {
         self.changes += 1;
         *self.changes_by_type.entry(etype).or_default() += 1;
         self.fresh.push(Arc::new(Change {
-            seq: state.seq,
             kind,
             etype,
             state: state.clone(),
@@ -1203,7 +1200,7 @@ impl Table {
                 (true, true) => EventKind::Created,
                 (true, false) => EventKind::Updated,
             };
-            events.push(event_for(w, s, kind, &self.registry));
+            events.push(Event::new(s, kind, &self.registry, &w.spec, None));
         }
         w.push_caught_up(events);
         w.caught_up(next, self.mark(w.spec.type_filter));
@@ -1228,17 +1225,3 @@ impl Table {
     }
 }
 
-/// The event of `s` for `w` (snapshot and catch-up: encoded for this watcher alone).
-fn event_for(w: &Watch, s: &Arc<EntityState>, kind: EventKind, registry: &Arc<Registry>) -> Event {
-    Event {
-        encoded: Arc::default(),
-        seq: s.seq,
-        cursor: s.seq,
-        kind,
-        id: s.id.clone(),
-        source: s.source,
-        state: s.clone(),
-        projection: w.spec.projection.clone(),
-        registry: registry.clone(),
-    }
-}

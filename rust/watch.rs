@@ -70,19 +70,27 @@ pub struct Event {
 }
 
 impl Event {
-    /// The event `w` sees of a change (its projection; the shared encoding if none).
-    pub fn of(change: &Change, w: &WatchSpec) -> Event {
+    /// The event a watcher with `spec` sees of `state` after a change of `kind`. `shared`
+    /// is the unprojected encoding every watcher of that change shares; None (snapshot,
+    /// catch-up) encodes for this watcher alone.
+    pub fn new(state: &Arc<EntityState>, kind: EventKind, registry: &Arc<Registry>, spec: &WatchSpec,
+               shared: Option<&Arc<OnceLock<Vec<u8>>>>) -> Event {
         Event {
-            seq: change.seq,
-            cursor: change.seq,
-            kind: change.kind,
-            id: change.state.id.clone(),
-            source: change.state.source,
-            state: change.state.clone(),
-            projection: w.projection.clone(),
-            registry: change.registry.clone(),
-            encoded: if w.projection.is_none() { change.encoded.clone() } else { Arc::default() },
+            seq: state.seq,
+            cursor: state.seq,
+            kind,
+            id: state.id.clone(),
+            source: state.source,
+            state: state.clone(),
+            projection: spec.projection.clone(),
+            registry: registry.clone(),
+            encoded: shared.filter(|_| spec.projection.is_none()).cloned().unwrap_or_default(),
         }
+    }
+
+    /// The event a watcher with `spec` sees of a change from the feed.
+    pub fn of(change: &Change, spec: &WatchSpec) -> Event {
+        Event::new(&change.state, change.kind, &change.registry, spec, Some(&change.encoded))
     }
 
     /// The entity (user view, projected) as `entity.v1.Entity` bytes.
@@ -262,13 +270,13 @@ impl Watch {
                 let matched = self.matches(c.etype);
                 if matched && self.wants(&c) {
                     match self.pace(q, Event::of(&c, &self.spec), now) {
-                        Some(_) if q.live >= self.spec.capacity => return self.fall_behind(q, c.seq),
+                        Some(_) if q.live >= self.spec.capacity => return self.fall_behind(q, c.state.seq),
                         Some(event) => self.queue_slot(q, Slot { first_seq: event.seq, event }, now),
                         None => {}
                     }
                 }
                 q.position += 1;
-                q.read_seq = c.seq;
+                q.read_seq = c.state.seq;
                 q.matched += matched as u64;
             }
         }
