@@ -6,12 +6,16 @@
 // Built in GOPATH mode against a build of the seed (boshu2/lattice-lab) made by its build
 // script: `source $LATTICE_BUILD/env.sh && go build -o loadgen benches/loadgen/main.go`.
 //
-//	loadgen -addr HOST:PORT -clients N -tracks 1000 -duration 5 -warmup 1
+//	loadgen -addr HOST:PORT -clients N -tracks 1000 -duration 5 -warmup 1 [-rate R]
 //
 // Set-up creates the tracks (AlreadyExists is fine); then each client, a goroutine with a
 // connection of its own, updates its share of the tracks (track i is client i mod N's) one
-// call at a time, with lat/lon moving on every write. After the warm-up, calls that end
-// inside the measured window are counted and timed. Errors are counted, never fatal; the
+// call at a time, with lat/lon moving on every write: as fast as the server answers
+// (closed loop), or with -rate R at R updates/s in all, each client on a fixed schedule
+// (a call late on it goes at once, so the load offered stays R while the server keeps
+// up; a call is timed from when it is sent, as the sleep before it overshoots by up to
+// a timer tick). After the warm-up, calls that end inside the measured
+// window are counted and timed. Errors are counted, never fatal; the
 // first is printed to stderr. stdout gets "window start" and "window end" as the window
 // opens and closes (so the caller can read the server's CPU time at those moments), then
 // one JSON line: updates_per_s, p50_ms, p99_ms, errors, clients, updates, seconds and
@@ -98,12 +102,21 @@ func (c *client) create() {
 	}
 }
 
-func (c *client) run(phase *atomic.Int32) {
+// run updates the client's tracks until stopped: back to back, or one every `interval`
+// (when > 0) on a schedule that never slips.
+func (c *client) run(phase *atomic.Int32, interval time.Duration) {
+	due := time.Now()
 	for i := 0; phase.Load() != stopped; i++ {
 		t := c.tracks[i%len(c.tracks)]
 		t.lat += t.dLat
 		t.lon += t.dLon
 		req := &storev1.UpdateEntityRequest{Entity: entity(t)}
+		if interval > 0 {
+			due = due.Add(interval)
+			if wait := time.Until(due); wait > 0 {
+				time.Sleep(wait)
+			}
+		}
 		start := time.Now()
 		_, err := c.store.UpdateEntity(context.Background(), req)
 		elapsed := time.Since(start)
@@ -152,10 +165,15 @@ func main() {
 	nTracks := flag.Int("tracks", 1000, "tracks to update, spread over the clients")
 	duration := flag.Float64("duration", 5, "seconds of the measured window")
 	warmup := flag.Float64("warmup", 1, "seconds of load before the window opens")
+	rate := flag.Float64("rate", 0, "updates/s in all, spread over the clients on a fixed schedule (0: as fast as answered)")
 	flag.Parse()
-	if *nClients < 1 || *nTracks < *nClients {
-		fmt.Fprintln(os.Stderr, "loadgen: need 1 <= clients <= tracks")
+	if *nClients < 1 || *nTracks < *nClients || *rate < 0 {
+		fmt.Fprintln(os.Stderr, "loadgen: need 1 <= clients <= tracks and rate >= 0")
 		os.Exit(2)
+	}
+	var interval time.Duration
+	if *rate > 0 {
+		interval = time.Duration(float64(*nClients) / *rate * float64(time.Second))
 	}
 
 	rng := rand.New(rand.NewSource(1))
@@ -190,7 +208,7 @@ func main() {
 	var phase atomic.Int32
 	for _, c := range clients {
 		wg.Add(1)
-		go func() { defer wg.Done(); c.run(&phase) }()
+		go func() { defer wg.Done(); c.run(&phase, interval) }()
 	}
 	time.Sleep(time.Duration(*warmup * float64(time.Second)))
 	start := time.Now()
