@@ -12,8 +12,9 @@
 // connection of its own, updates its share of the tracks (track i is client i mod N's) one
 // call at a time, with lat/lon moving on every write: as fast as the server answers
 // (closed loop), or with -rate R at R updates/s in all, each client on a fixed schedule
-// (a call late on it goes at once, so the load offered stays R while the server keeps
-// up; a call is timed from when it is sent, as the sleep before it overshoots by up to
+// (the clients start together, so calls come in bursts of N, as from sensors that tick
+// together; a call late on it goes at once, so the load offered stays R while the server
+// keeps up; a call is timed from when it is sent, as the sleep before it overshoots by up to
 // a timer tick). After the warm-up, calls that end inside the measured
 // window are counted and timed. Errors are counted, never fatal; the
 // first is printed to stderr. stdout gets "window start" and "window end" as the window
