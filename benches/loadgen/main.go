@@ -11,12 +11,12 @@
 // Set-up creates the tracks (AlreadyExists is fine); then each client, a goroutine with a
 // connection of its own, updates its share of the tracks (track i is client i mod N's) one
 // call at a time, with lat/lon moving on every write: as fast as the server answers
-// (closed loop), or with -rate R at R updates/s in all, each client on a fixed schedule
-// (the clients start together, so calls come in bursts of N, as from sensors that tick
-// together; a call late on it goes at once, so the load offered stays R while the server
-// keeps up; a call is timed from when it is sent, as the sleep before it overshoots by up to
-// a timer tick). After the warm-up, calls that end inside the measured
-// window are counted and timed. Errors are counted, never fatal; the
+// (closed loop), or with -rate R at R updates/s in all. Paced clients keep a fixed
+// schedule and start together, so calls come in bursts of N, as from sensors that tick
+// together; a call that is late goes at once, so the load offered stays R while the
+// server keeps up. A call is timed from when it is sent (the sleep before it may overshoot
+// by a timer tick). After the warm-up, calls that end inside the measured window are
+// counted and timed. Errors are counted, never fatal; the
 // first is printed to stderr. stdout gets "window start" and "window end" as the window
 // opens and closes (so the caller can read the server's CPU time at those moments), then
 // one JSON line: updates_per_s, p50_ms, p99_ms, errors, clients, updates, seconds and
