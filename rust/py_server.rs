@@ -130,7 +130,7 @@ impl PyGrpcServer {
     /// identity, identity per token SHA-256), enforced before every call (see
     /// `crate::server::auth`); None allows every call.
     #[new]
-    #[pyo3(signature = (core, host_hooks, host, port, max_message_bytes, reflection, watch_queue, workers = 2, tls = None, policy = None))]
+    #[pyo3(signature = (core, host_hooks, host, port, max_message_bytes, reflection, watch_queue, workers = None, tls = None, policy = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -141,7 +141,7 @@ impl PyGrpcServer {
         max_message_bytes: usize,
         reflection: bool,
         watch_queue: usize,
-        workers: usize,
+        workers: Option<usize>,
         tls: Option<(Vec<u8>, Vec<u8>, Option<Vec<u8>>, bool)>,
         policy: Option<(Roles, Roles, HashMap<String, String>)>,
     ) -> PyResult<Self> {
@@ -157,6 +157,12 @@ impl PyGrpcServer {
     #[getter]
     fn port(&self) -> u16 {
         self.server.port()
+    }
+
+    /// The threads serving connections (`workers`, or one per CPU the process may use).
+    #[getter]
+    fn workers(&self) -> usize {
+        self.server.workers()
     }
 
     /// Health NOT_SERVING, open streams ended, new ones refused (still listening).

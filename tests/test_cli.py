@@ -80,10 +80,10 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *
 class Served:
     """``meshstore serve --port 0`` in a subprocess, its log in a file."""
 
-    def __init__(self, tmp: pathlib.Path, *args: str, **env: str) -> None:
+    def __init__(self, tmp: pathlib.Path, *args: str, prefix: list[str] | None = None, **env: str) -> None:
         self.log_path = tmp / f"serve-{time.monotonic_ns()}.log"
         self.log = self.log_path.open("w")
-        self.proc = subprocess.Popen([*CLI, "serve", "--port", "0", "--node-id", NODE, *args],
+        self.proc = subprocess.Popen([*(prefix or []), *CLI, "serve", "--port", "0", "--node-id", NODE, *args],
                                      stdout=subprocess.DEVNULL, stderr=self.log, env=cli_env(**env), text=True)
         match = wait_for(lambda: re.search(r"msg=listening address=(\S+) node_id=(\S+)", self.text())
                          or self.proc.poll() is not None, what="server listening")
@@ -397,6 +397,41 @@ def test_serve_refuses_a_malformed_peer(tmp_path: pathlib.Path) -> None:
     result = subprocess.run([*CLI, "serve", "--port", "0", "--peer", "nowhere"], capture_output=True, text=True,
                             timeout=TIMEOUT, env=cli_env())
     assert_one_line_error(result, 2, "--peer must be HOST:PORT")
+
+
+def grpc_threads(pid: int) -> int:
+    """The threads of process ``pid`` serving gRPC connections (the runtime names them)."""
+    return sum((task / "comm").read_text().strip() == "meshstore-grpc"
+               for task in pathlib.Path(f"/proc/{pid}/task").iterdir())
+
+
+def test_serve_runs_the_grpc_threads_asked_for_and_one_per_usable_cpu_by_default(tmp_path: pathlib.Path) -> None:
+    asked = Served(tmp_path, "--in-memory", "--grpc-workers", "3")
+    # Pinned to one CPU, the default is one thread, whatever the machine has.
+    assert shutil.which("taskset"), "taskset (util-linux) is needed"
+    pinned = Served(tmp_path, "--in-memory", prefix=["taskset", "-c", "0"])
+    from_env = Served(tmp_path, "--in-memory", MESHSTORE_GRPC_WORKERS="2")
+    try:
+        for server, threads in ((asked, 3), (pinned, 1), (from_env, 2)):
+            assert f"grpc_workers={threads} " in server.text()
+            assert grpc_threads(server.proc.pid) == threads
+            track = make_entity("w1", entity_pb2.ENTITY_TYPE_TRACK, position=entity_pb2.PositionComponent(lat=1.0))
+            server.stub.CreateEntity(store_pb2.CreateEntityRequest(entity=track), timeout=TIMEOUT)
+            got = server.stub.GetEntity(store_pb2.GetEntityRequest(id="w1"), timeout=TIMEOUT)
+            assert got.components["position"] == track.components["position"]
+    finally:
+        assert asked.stop() == 0 and pinned.stop() == 0 and from_env.stop() == 0
+
+
+@pytest.mark.parametrize("args,env,says", [
+    (["--grpc-workers", "0"], {}, "--grpc-workers"),
+    (["--grpc-workers", "5000"], {}, "--grpc-workers"),
+    ([], {"MESHSTORE_GRPC_WORKERS": "many"}, "--grpc-workers"),
+], ids=["zero", "too-many", "env-not-a-number"])
+def test_serve_refuses_a_bad_grpc_thread_count(args: list[str], env: dict[str, str], says: str) -> None:
+    result = subprocess.run([*CLI, "serve", "--in-memory", "--port", "0", *args], capture_output=True, text=True,
+                            timeout=TIMEOUT, env=cli_env(**env))
+    assert_one_line_error(result, 2, says)
 
 
 def test_serve_refuses_an_empty_watch_queue() -> None:

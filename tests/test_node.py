@@ -55,7 +55,9 @@ async def stats(address: str) -> store_pb2.GetStatsResponse:
 
 def test_options_are_checked_when_the_node_is_made() -> None:
     for bad in ({"port": 70000}, {"port": -1}, {"max_message_bytes": 10}, {"grace": -1},
-                {"peers": "127.0.0.1:1"}, {"peers": ["127.0.0.1:1", " 127.0.0.1:1"]}, {"peers": [""]}):
+                {"peers": "127.0.0.1:1"}, {"peers": ["127.0.0.1:1", " 127.0.0.1:1"]}, {"peers": [""]},
+                {"grpc_workers": 0}, {"grpc_workers": 1025}, {"grpc_workers": 1.5}, {"grpc_workers": True},
+                {"grpc_workers": "2"}):
         with pytest.raises(ValueError):
             NodeOptions(**bad)
     with pytest.raises(TypeError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +25,7 @@ from meshstore import Store
 from meshstore.components import APPROVAL, POSITION, THREAT, make_entity, pack, type_url, unpack
 from meshstore.errors import NotFoundError
 from meshstore.pb import entity_pb2, store_pb2, store_pb2_grpc
-from meshstore.grpc.server import SERVICE_NAME, UPDATE_RESULT_METADATA
+from meshstore.grpc.server import SERVICE_NAME, UPDATE_RESULT_METADATA, GrpcServer
 from meshstore.grpc.status import status_for
 from meshstore.node import Node
 
@@ -717,6 +718,24 @@ def test_port_zero_binds_a_free_port_and_a_taken_port_is_an_error(server: Server
             server.call(Node(store=other, port=70000).start())
     finally:
         other.close()
+
+
+def test_a_server_checks_its_options_when_made_and_says_how_many_threads_serve() -> None:
+    store = Store(node_id="opts")
+    try:
+        for bad in ({"workers": 0}, {"workers": 1025}, {"workers": 2.0}, {"watch_queue": 0}):
+            with pytest.raises(ValueError):
+                GrpcServer(store, **bad)
+        server = GrpcServer(store)
+        assert server.workers is None
+        asyncio.run(server.start())
+        try:
+            # One per CPU this process may use (a CPU quota may lower it further).
+            assert 1 <= server.workers <= len(os.sched_getaffinity(0))
+        finally:
+            asyncio.run(server.stop(0))
+    finally:
+        store.close()
 
 
 # ---- structured logs --------------------------------------------------------------------

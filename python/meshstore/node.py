@@ -82,6 +82,8 @@ class NodeOptions:
     - ``watch_queue``: events each gRPC watch stream queues before it falls behind (and
       catches up from the change log with each entity's latest state);
     - ``reflection``: offer gRPC server reflection;
+    - ``grpc_workers``: threads serving gRPC connections (None: one per CPU the process
+      may use; the ``listening`` log line says how many);
     - ``relay_options``: further keyword arguments of the node's ``Relay`` (batch size,
       backoff, intervals, ``channel_factory``...);
     - ``http_host``, ``http_port``: where the HTTP API and web page listen (port None:
@@ -107,6 +109,7 @@ class NodeOptions:
     grace: float = 5.0
     watch_queue: int = WATCH_QUEUE
     reflection: bool = True
+    grpc_workers: int | None = None
     relay_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     http_host: str = "127.0.0.1"
     http_port: int | None = None
@@ -119,7 +122,7 @@ class NodeOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.host, str):
             raise TypeError(f"host must be a str, got {type(self.host).__name__}")
-        check_listen_options(self.port, self.max_message_bytes, self.watch_queue)
+        check_listen_options(self.port, self.max_message_bytes, self.watch_queue, self.grpc_workers)
         if isinstance(self.peers, str) or not all(isinstance(p, str) and p.strip() for p in self.peers):
             raise ValueError(f"peers must be a list of 'host:port' strings, got {self.peers!r}")
         peers = tuple(p.strip() for p in self.peers)
@@ -319,7 +322,7 @@ class Node:
         o = self.options
         server = GrpcServer(self.store, o.host, o.port, o.max_message_bytes, reflection=o.reflection,
                             extra_stats=self._stats_values, mesh=self.receiver, security=o.security,
-                            watch_queue=o.watch_queue)
+                            watch_queue=o.watch_queue, workers=o.grpc_workers)
         self.receiver.server = server
         try:
             await server.start()
@@ -349,7 +352,7 @@ class Node:
                 if storage is not None else dict(data_dir="none (in memory)"))
         log_event(log, logging.INFO, "listening", address=self.address, node_id=self.store.node_id,
                   http=self.http_address or "none", metrics=self.metrics_address or "none",
-                  max_message_bytes=o.max_message_bytes,
+                  max_message_bytes=o.max_message_bytes, grpc_workers=server.workers,
                   peers=",".join(self._relay.peers) if self._relay is not None else "none", **kept, pid=os.getpid())
         if self._relay is not None and self._owns_relay:
             await self._relay.start()

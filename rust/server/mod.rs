@@ -71,8 +71,10 @@ pub struct ServerOptions {
     pub reflection: bool,
     /// Each watch stream's queue bound before it coalesces (per entity).
     pub watch_queue: usize,
-    /// Runtime worker threads.
-    pub workers: usize,
+    /// Threads of the runtime that serves every connection (None: one per CPU the
+    /// process may use, as `std::thread::available_parallelism` counts them: affinity
+    /// and cgroup quota included).
+    pub workers: Option<usize>,
     pub authorize: Option<Authorize>,
     /// TLS (mutual with a client CA); None: plaintext.
     pub tls: Option<auth::Tls>,
@@ -280,6 +282,7 @@ pub struct Server {
     runtime: tokio::runtime::Runtime,
     fanout: parking_lot::Mutex<Option<tokio::runtime::Runtime>>,
     port: u16,
+    workers: usize,
     health: tokio::sync::Mutex<tonic_health::server::HealthReporter>,
     stop: parking_lot::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     serving: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -309,8 +312,9 @@ impl Server {
         let listener = bind(&opts.host, opts.port)?;
         listener.set_nonblocking(true).map_err(|e| e.to_string())?;
         let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+        let workers = opts.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(opts.workers.max(1))
+            .worker_threads(workers)
             .thread_name("meshstore-grpc")
             .enable_all()
             .build()
@@ -390,6 +394,7 @@ impl Server {
             runtime,
             fanout: parking_lot::Mutex::new(Some(fanout)),
             port,
+            workers,
             health: tokio::sync::Mutex::new(reporter),
             stop: parking_lot::Mutex::new(Some(stop_tx)),
             abort: serving.abort_handle(),
@@ -399,6 +404,11 @@ impl Server {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The threads serving connections.
+    pub fn workers(&self) -> usize {
+        self.workers
     }
 
     /// Health NOT_SERVING; open watch, publish and mesh streams ended; new ones refused.

@@ -41,7 +41,7 @@ fn serve(authorize: Option<Authorize>) -> (Server, Arc<Store>) {
         max_message_bytes: 1 << 20,
         reflection: true,
         watch_queue: 1000,
-        workers: 1,
+        workers: Some(1),
         authorize,
         tls: None,
     };

@@ -131,6 +131,10 @@ def serve_cmd(
         "--watch-queue", envvar="MESHSTORE_WATCH_QUEUE", show_envvar=True, metavar="N",
         help="Events each watch stream queues before it falls behind; a stream behind catches up "
              "with each entity's latest state (bounds memory per stuck watcher).")] = 8192,  # grpc.server.WATCH_QUEUE
+    grpc_workers: Annotated[int | None, typer.Option(
+        "--grpc-workers", envvar="MESHSTORE_GRPC_WORKERS", show_envvar=True, min=1, max=1024, metavar="N",
+        help="Threads serving gRPC connections (default: one per CPU this process may use, CPU "
+             "affinity and cgroup quota counted; the listening line says how many).")] = None,  # grpc.server.MAX_WORKERS
     max_entity_bytes: Annotated[int, typer.Option(
         "--max-entity-bytes", envvar="MESHSTORE_MAX_ENTITY_BYTES", show_envvar=True,
         help="Largest entity the store accepts (INVALID_ARGUMENT beyond).")] = 1 << 20,
@@ -217,7 +221,7 @@ def serve_cmd(
         raise CliError(str(exc), EXIT_USAGE) from None
     try:
         options = NodeOptions(host=host, port=port, max_message_bytes=max_message_bytes, grace=grace,
-                              watch_queue=watch_queue,
+                              watch_queue=watch_queue, grpc_workers=grpc_workers,
                               peers=_peer_list(peers, "--peer"), peer_dns=_peer_list(peer_dns, "--peer-dns"),
                               peer_dns_interval=peer_dns_interval, bandwidth_bps=bandwidth_bps, burst_bytes=burst_bytes,
                               http_host=http_host, http_port=http_port, metrics_host=metrics_host,

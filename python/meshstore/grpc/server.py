@@ -52,8 +52,8 @@ MESH_SERVICE_NAME = "mesh.v1.MeshService"
 #: UpdateEntity's response metadata key: a serialized store.v1.UpdateResult (no entity).
 UPDATE_RESULT_METADATA = "meshstore-update-result-bin"
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-#: Threads of the server's runtime.
-WORKERS = 2
+#: The most threads a server may be given: a typo must not start a million.
+MAX_WORKERS = 1024
 #: Events each watch stream queues before it falls behind (and catches up from the change
 #: log), by default. Bigger than a Python watcher's: a consumer keeping up with
 #: 1,000-entity batches must never fall behind for a burst. A stuck stream's queue holds
@@ -124,15 +124,18 @@ def address_of(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-def check_listen_options(port: Any, max_message_bytes: Any, watch_queue: Any = WATCH_QUEUE) -> None:
-    """ValueError unless ``port`` is an int in 0..65535, ``max_message_bytes`` >= 1024 and
-    ``watch_queue`` >= 1."""
+def check_listen_options(port: Any, max_message_bytes: Any, watch_queue: Any = WATCH_QUEUE,
+                         workers: Any = None) -> None:
+    """ValueError unless ``port`` is an int in 0..65535, ``max_message_bytes`` >= 1024,
+    ``watch_queue`` >= 1 and ``workers`` None or an int in 1..MAX_WORKERS."""
     if not is_number(port, integer=True) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an int in 0..65535, got {port!r}")
     if not is_number(max_message_bytes, integer=True) or max_message_bytes < 1024:
         raise ValueError(f"max_message_bytes must be an int >= 1024, got {max_message_bytes!r}")
     if not is_number(watch_queue, integer=True) or watch_queue < 1:
         raise ValueError(f"watch_queue must be an int >= 1, got {watch_queue!r}")
+    if workers is not None and (not is_number(workers, integer=True) or not 1 <= workers <= MAX_WORKERS):
+        raise ValueError(f"workers must be None (one per CPU) or an int in 1..{MAX_WORKERS}, got {workers!r}")
 
 
 class GrpcServer:
@@ -140,7 +143,9 @@ class GrpcServer:
     relay), health (SERVING for the server and each service until shutdown) and, with
     ``reflection``, server reflection, over ``store``.
 
-    ``port`` 0 picks any free port (``.port`` says which once started). ``extra_stats``:
+    ``port`` 0 picks any free port (``.port`` says which once started). ``workers``: the
+    threads serving connections (None: one per CPU the process may use, affinity and
+    cgroup quota counted; ``.workers`` says how many once started). ``extra_stats``:
     numbers GetStats adds to the store's and the server's. ``security``: TLS and the
     roles policy, enforced by the core before any handler (None: plaintext, every call
     allowed); binding beyond loopback without TLS logs a warning."""
@@ -149,8 +154,8 @@ class GrpcServer:
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, *, reflection: bool = True,
                  extra_stats: Callable[[], Mapping[str, float]] | None = None,
                  mesh: MeshHooks | None = None, security: ServerSecurity | None = None,
-                 watch_queue: int = WATCH_QUEUE) -> None:
-        check_listen_options(port, max_message_bytes)
+                 watch_queue: int = WATCH_QUEUE, workers: int | None = None) -> None:
+        check_listen_options(port, max_message_bytes, watch_queue, workers)
         self.security = security
         self.store = store
         self.host = host
@@ -158,6 +163,7 @@ class GrpcServer:
         self.max_message_bytes = max_message_bytes
         self.reflection = reflection
         self.watch_queue = watch_queue
+        self.workers = workers
         self.extra_stats = extra_stats
         self.mesh: MeshHooks = mesh or _NoMesh()
         self._core: _CoreServer | None = None
@@ -191,11 +197,12 @@ class GrpcServer:
         try:
             self._core = await asyncio.to_thread(
                 _CoreServer, self.store._core, _Hooks(self), host, self.port, self.max_message_bytes,
-                self.reflection, self.watch_queue, WORKERS, tls, policy)
+                self.reflection, self.watch_queue, self.workers, tls, policy)
         except OSError:
             self._state = "stopped"
             raise
         self.port = self._core.port
+        self.workers = self._core.workers
         self._state = "started"
         return self
 
