@@ -19,7 +19,7 @@
 // counted and timed. Errors are counted, never fatal; the
 // first is printed to stderr. stdout gets "window start" and "window end" as the window
 // opens and closes (so the caller can read the server's CPU time at those moments), then
-// one JSON line: updates_per_s, p50_ms, p99_ms, errors, clients, updates, seconds and
+// one JSON line: updates_per_s, p50_ms, p99_ms, p999_ms, errors, clients, updates, seconds and
 // last_write_visible (each client's last update read back with GetEntity: the server kept
 // the position it was sent).
 package main
@@ -232,6 +232,7 @@ func main() {
 		"updates_per_s":      math.Round(float64(len(all)) / seconds),
 		"p50_ms":             quantile(all, 0.50),
 		"p99_ms":             quantile(all, 0.99),
+		"p999_ms":            quantile(all, 0.999),
 		"errors":             errorCount.Load(),
 		"clients":            *nClients,
 		"updates":            len(all),
