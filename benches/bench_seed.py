@@ -15,8 +15,8 @@ ends is counted and timed. The clients call back to back (closed loop: each serv
 at its own top rate, so their latencies are taken at different loads), and once more
 paced at each of BSEED_PACED_RATES updates/s in all (the same load for every server:
 latency like for like; the highest is near the seed's top rate on a 2-vCPU machine, and
-a server that cannot keep up shows a lower rate than asked). The server's CPU time (utime + stime from /proc) is read as the
-window opens and closes, for CPU per update. Each server's figures are the median of its
+a server that cannot keep up shows a lower rate than asked). The server's CPU time
+(utime + stime from /proc) is read as the window opens and closes, for CPU per update. Each server's figures are the median of its
 rounds; the ratio meshstore/seed is the median of the rounds' ratios. Every round must
 be free of errors, and each client's last position must read back as sent.
 

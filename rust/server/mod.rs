@@ -282,7 +282,6 @@ pub struct Server {
     runtime: tokio::runtime::Runtime,
     fanout: parking_lot::Mutex<Option<tokio::runtime::Runtime>>,
     port: u16,
-    workers: usize,
     health: tokio::sync::Mutex<tonic_health::server::HealthReporter>,
     stop: parking_lot::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     serving: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -394,7 +393,6 @@ impl Server {
             runtime,
             fanout: parking_lot::Mutex::new(Some(fanout)),
             port,
-            workers,
             health: tokio::sync::Mutex::new(reporter),
             stop: parking_lot::Mutex::new(Some(stop_tx)),
             abort: serving.abort_handle(),
@@ -408,7 +406,7 @@ impl Server {
 
     /// The threads serving connections.
     pub fn workers(&self) -> usize {
-        self.workers
+        self.runtime.metrics().num_workers()
     }
 
     /// Health NOT_SERVING; open watch, publish and mesh streams ended; new ones refused.
