@@ -140,13 +140,33 @@ class Interop:
             server.stop()
 
 
+# Lines of each server's and service's output a failed test prints (its whole log stays in tmp_path).
+FAILURE_TAIL = 40
+# Whether a test's call failed, for its fixture's teardown.
+FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    if call.when == "call":
+        item.stash[FAILED] = outcome.get_result().failed
+
+
 @pytest.fixture
-def interop(lattice_bin: pathlib.Path, tmp_path: pathlib.Path) -> Iterator[Interop]:
+def interop(lattice_bin: pathlib.Path, tmp_path: pathlib.Path, request: pytest.FixtureRequest) -> Iterator[Interop]:
     env = Interop(lattice_bin, tmp_path)
     try:
         yield env
     finally:
         env.close()
+        if request.node.stash.get(FAILED, False):
+            # Shown under "Captured stdout teardown": what each service said last.
+            logs = [(s.log_path.name, s.text().splitlines(), s.log_path) for s in env.servers]
+            logs += [(p.name, p.lines, p.log_path) for p in env.procs]
+            for name, lines, path in logs:
+                print(f"---- {name} (last {FAILURE_TAIL} lines; all in {path})")
+                print("\n".join(lines[-FAILURE_TAIL:]))
 
 
 def entities(server: Served) -> dict[str, entity_pb2.Entity]:
