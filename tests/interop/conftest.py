@@ -161,7 +161,7 @@ def interop(lattice_bin: pathlib.Path, tmp_path: pathlib.Path, request: pytest.F
     finally:
         env.close()
         if request.node.stash.get(FAILED, False):
-            # Shown under "Captured stdout teardown": what each service said last.
+            # Shown under "Captured stdout teardown": what each server and service said last.
             logs = [(s.log_path.name, s.text().splitlines(), s.log_path) for s in env.servers]
             logs += [(p.name, p.lines, p.log_path) for p in env.procs]
             for name, lines, path in logs:
