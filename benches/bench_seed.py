@@ -16,9 +16,10 @@ at its own top rate, so their latencies are taken at different loads), and once 
 paced at each of BSEED_PACED_RATES updates/s in all (the same load for every server:
 latency like for like; the highest is near the seed's top rate on a 2-vCPU machine, and
 a server that cannot keep up shows a lower rate than asked). The server's CPU time
-(utime + stime from /proc) is read as the window opens and closes, for CPU per update. Each server's figures are the median of its
-rounds; the ratio meshstore/seed is the median of the rounds' ratios. Every round must
-be free of errors, and each client's last position must read back as sent.
+(utime + stime from /proc) is read as the window opens and closes, for CPU per update.
+Each server's figures are the median of its rounds; the ratio meshstore/seed is the
+median of the rounds' ratios. Every round must be free of errors, and each client's last
+position must read back as sent.
 
 Needs the seed built by its build script (``make bench-seed LATTICE_GIT=<git dir of a
 boshu2/lattice-lab snapshot> LATTICE_BUILD=<build dir> LATTICE_BUILD_SCRIPT=<its build

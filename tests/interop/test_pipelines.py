@@ -79,8 +79,8 @@ def outcome(server: Served, labels: set[str]) -> list[str]:
         assert unpack(e, CLASSIFICATION, pb.ClassificationComponent).label in labels
     assert any(FUSION in e.components for e in tracks), "no fused track"
     high = sorted(e.id for e in moving if level(e) == pb.THREAT_LEVEL_HIGH)
-    speeds = sorted(round(unpack(e, VELOCITY, pb.VelocityComponent).speed) for e in moving)
-    assert high, f"no HIGH track; speeds (kn) {speeds}, levels {sorted(level(e) for e in moving)}"
+    assert high, (f"no HIGH track; speeds (kn) {sorted(round(unpack(e, VELOCITY, pb.VelocityComponent).speed) for e in moving)}"
+                  f", levels {sorted(level(e) for e in moving)}")
     for e in moving:
         if e.id in high:
             state = unpack(e, APPROVAL, pb.ApprovalComponent)
