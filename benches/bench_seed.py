@@ -1,14 +1,18 @@
 """BSEED: unary UpdateEntity throughput of meshstore against the seed system's own server.
 
 One Go load generator (benches/loadgen, built here against the seed's generated gRPC
-client) drives three servers, each a fresh subprocess on a free 127.0.0.1 port:
+client) drives four servers, each a fresh subprocess on a free 127.0.0.1 port:
 
 - ``seed``: the seed's ``entity-store`` (in memory, like every seed store);
+- ``grpc-go bare``: benches/bareserver, the seed's generated service on grpc-go with no
+  store behind it (it keeps the last entity sent per id and answers it): the floor of
+  the seed's stack, so the seed's rate over it says how much of the seed's time is its
+  own code, and meshstore's how it compares with the framework itself;
 - ``meshstore memory``: ``meshstore serve --in-memory``, like for like with it;
 - ``meshstore commit``: ``meshstore serve`` with a data dir and ``--durability commit``
   (its default: a write is answered once on disk).
 
-For 1 and 8 clients (a connection each), BSEED_ROUNDS rounds run the three servers in
+For 1 and 8 clients (a connection each), BSEED_ROUNDS rounds run the four servers in
 turn (interleaved, so drift on a shared machine hits them alike): 1,000 tracks created,
 BSEED_WARMUP s of load, then a BSEED_SECONDS s window in which every UpdateEntity that
 ends is counted and timed. The clients call back to back (closed loop: each server runs
@@ -17,8 +21,8 @@ paced at each of BSEED_PACED_RATES updates/s in all (the same load for every ser
 latency like for like; the highest is near the seed's top rate on a 2-vCPU machine, and
 a server that cannot keep up shows a lower rate than asked). The server's CPU time
 (utime + stime from /proc) is read as the window opens and closes, for CPU per update.
-Each server's figures are the median of its rounds; the ratio meshstore/seed is the
-median of the rounds' ratios. Every round must be free of errors, and each client's last
+Each server's figures are the median of its rounds; its ratio to the seed is the median
+of the rounds' ratios. Every round must be free of errors, and each client's last
 position must read back as sent.
 
 Needs the seed built by its build script (``make bench-seed LATTICE_GIT=<git dir of a
@@ -49,6 +53,7 @@ from bench_http import cpu_seconds
 from pytest_benchmark.fixture import BenchmarkFixture
 
 LOADGEN = pathlib.Path(__file__).resolve().parent / "loadgen" / "main.go"
+BARE_SERVER = pathlib.Path(__file__).resolve().parent / "bareserver" / "main.go"
 ROUNDS = int(os.environ.get("BSEED_ROUNDS", 5))
 SECONDS = float(os.environ.get("BSEED_SECONDS", 5))
 WARMUP = float(os.environ.get("BSEED_WARMUP", 1))
@@ -78,33 +83,44 @@ def entity_store() -> pathlib.Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def loadgen(entity_store: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    # entity_store first: without the seed's build there is nothing to build against (skip).
-    out = tmp_path_factory.mktemp("loadgen") / "loadgen"
-    build = os.environ["LATTICE_BUILD"]
-    done = subprocess.run(["bash", "-c", 'source "$1/env.sh" && go build -o "$2" "$3"', "bash", build, str(out),
-                           str(LOADGEN)], capture_output=True, text=True, timeout=300)
+def go_build(source: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """Builds one of benches' Go programs against the seed's build (GOPATH mode, its env.sh)."""
+    out = tmp_path_factory.mktemp(source.parent.name) / source.parent.name
+    done = subprocess.run(["bash", "-c", 'source "$1/env.sh" && go build -o "$2" "$3"', "bash",
+                           os.environ["LATTICE_BUILD"], str(out), str(source)], capture_output=True, text=True,
+                          timeout=300)
     if done.returncode != 0:
-        raise RuntimeError(f"go build of {LOADGEN} failed: {done.stderr[-2000:]}")
+        raise RuntimeError(f"go build of {source} failed: {done.stderr[-2000:]}")
     return out
 
 
+# entity_store first in both: without the seed's build there is nothing to build against (skip).
+@pytest.fixture(scope="module")
+def loadgen(entity_store: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return go_build(LOADGEN, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def bare_server(entity_store: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return go_build(BARE_SERVER, tmp_path_factory)
+
+
 def free_port() -> int:
-    # The seed's entity-store takes only a port ($PORT); the kernel picks a free one here.
+    # The Go servers take only a port ($PORT); the kernel picks a free one here.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 @contextlib.contextmanager
-def seed_served(entity_store: pathlib.Path, tmp: pathlib.Path) -> Iterator[tuple[str, int]]:
-    """The seed's entity-store in a subprocess (it binds every interface; the load goes to
-    127.0.0.1); yields its address once it accepts connections, and its pid. SIGTERM at the end."""
+def go_served(binary: pathlib.Path, tmp: pathlib.Path) -> Iterator[tuple[str, int]]:
+    """A Go server that takes its port from $PORT (the seed's entity-store, which binds
+    every interface, or the bare server) in a subprocess; yields its 127.0.0.1 address once
+    it accepts connections, and its pid. SIGTERM at the end."""
     port = free_port()
-    log_path = tmp / "entity-store.log"
+    log_path = tmp / f"{binary.name}.log"
     with log_path.open("w") as log:
-        proc = subprocess.Popen([str(entity_store)], env={**os.environ, "PORT": str(port)},
+        proc = subprocess.Popen([str(binary)], env={**os.environ, "PORT": str(port)},
                                 stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
@@ -112,7 +128,7 @@ def seed_served(entity_store: pathlib.Path, tmp: pathlib.Path) -> Iterator[tuple
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
                 break
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"entity-store did not start: {log_path.read_text()}")
+                raise RuntimeError(f"{binary.name} did not start: {log_path.read_text()}")
             time.sleep(0.05)
         yield f"127.0.0.1:{port}", proc.pid
     finally:
@@ -127,9 +143,10 @@ def meshstore_served(tmp: pathlib.Path, *serve_args: str) -> Iterator[tuple[str,
         yield m.group(1), pid
 
 
-def servers(entity_store: pathlib.Path) -> dict[str, Server]:
+def servers(entity_store: pathlib.Path, bare_server: pathlib.Path) -> dict[str, Server]:
     return {
-        "seed": lambda tmp: seed_served(entity_store, tmp),
+        "seed": lambda tmp: go_served(entity_store, tmp),
+        "grpc-go bare": lambda tmp: go_served(bare_server, tmp),
         "meshstore memory": lambda tmp: meshstore_served(tmp, "--in-memory"),
         "meshstore commit": lambda tmp: meshstore_served(tmp, "--data-dir", str(tmp / "data"),
                                                          "--durability", "commit"),
@@ -161,10 +178,9 @@ def run_load(loadgen: pathlib.Path, addr: str, pid: int, clients: int, rate: flo
     return result
 
 
-def interleaved(loadgen: pathlib.Path, entity_store: pathlib.Path, clients: int, rate: float,
+def interleaved(loadgen: pathlib.Path, table: dict[str, Server], clients: int, rate: float,
                 tmp: pathlib.Path) -> dict[str, list[dict]]:
     """ROUNDS rounds, each running every server in turn, a fresh one each time."""
-    table = servers(entity_store)
     runs: dict[str, list[dict]] = {name: [] for name in table}
     for r in range(ROUNDS):
         for name, serve in table.items():
@@ -181,10 +197,10 @@ def interleaved(loadgen: pathlib.Path, entity_store: pathlib.Path, clients: int,
 @pytest.mark.parametrize("clients,rate", [(1, 0), (8, 0), *((8, r) for r in PACED_RATES)],
                          ids=["1", "8", *(f"8-paced-{r:g}" for r in PACED_RATES)])
 def test_bseed_unary_update_vs_seed(benchmark: BenchmarkFixture, clients: int, rate: float, loadgen: pathlib.Path,
-                                    entity_store: pathlib.Path, tmp_path: pathlib.Path,
+                                    entity_store: pathlib.Path, bare_server: pathlib.Path, tmp_path: pathlib.Path,
                                     bench_report: Callable[[str], None]) -> None:
-    runs = benchmark.pedantic(interleaved, args=(loadgen, entity_store, clients, rate, tmp_path), rounds=1,
-                              iterations=1)
+    table = servers(entity_store, bare_server)
+    runs = benchmark.pedantic(interleaved, args=(loadgen, table, clients, rate, tmp_path), rounds=1, iterations=1)
 
     seed = runs["seed"]
     info = benchmark.extra_info
