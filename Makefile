@@ -51,8 +51,9 @@ interop:
 	LATTICE_BIN="$(abspath $(LATTICE_SRC))/bin" $(PY) -m pytest tests/interop -v $(PYTEST_ARGS)
 
 # BSEED (benches/bench_seed.py): unary UpdateEntity throughput of meshstore serve against
-# the seed system's own entity-store, one Go load generator built against the seed's
-# generated client. Builds the seed as `interop` does, from the same variables.
+# the seed system's own entity-store and a bare grpc-go server of the same API (the floor
+# of the seed's stack), one Go load generator built against the seed's generated client.
+# Builds the seed as `interop` does, from the same variables.
 bench-seed:
 	@if [ -z "$(LATTICE_GIT)" ] || [ -z "$(LATTICE_BUILD)" ] || [ -z "$(LATTICE_BUILD_SCRIPT)" ]; then \
 	  echo "usage: make bench-seed LATTICE_GIT=<git dir of a boshu2/lattice-lab snapshot>" \
