@@ -337,7 +337,7 @@ from pytest_benchmark.fixture import BenchmarkFixture  # noqa: E402
 
 from bench_grpc import serve_process, stop_process  # noqa: E402
 from bench_http import cpu_seconds  # noqa: E402
-from bench_seed import free_port, seed_served  # noqa: E402
+from bench_seed import free_port, go_served  # noqa: E402
 
 sys.path.insert(0, str(HERE.parent / "tests"))
 from helpers import Lines  # noqa: E402
@@ -696,7 +696,7 @@ def run_seed(targets: int, tmp: pathlib.Path) -> dict:
     bin_dir = seed_bin()
     interval = 1.0 / RATE
     procs = Procs(tmp)
-    with seed_served(bin_dir / "entity-store", tmp) as (addr, store_pid):
+    with go_served(bin_dir / "entity-store", tmp) as (addr, store_pid):
         env = {**cli_env(), "STORE_ADDR": addr}
         watcher = Watcher(addr, "seed", targets, tmp)
         try:
