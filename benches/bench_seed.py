@@ -52,8 +52,9 @@ from bench_grpc import serve_process, stop_process
 from bench_http import cpu_seconds
 from pytest_benchmark.fixture import BenchmarkFixture
 
-LOADGEN = pathlib.Path(__file__).resolve().parent / "loadgen" / "main.go"
-BARE_SERVER = pathlib.Path(__file__).resolve().parent / "bareserver" / "main.go"
+BENCHES = pathlib.Path(__file__).resolve().parent
+LOADGEN = BENCHES / "loadgen" / "main.go"
+BARE_SERVER = BENCHES / "bareserver" / "main.go"
 ROUNDS = int(os.environ.get("BSEED_ROUNDS", 5))
 SECONDS = float(os.environ.get("BSEED_SECONDS", 5))
 WARMUP = float(os.environ.get("BSEED_WARMUP", 1))
